@@ -1,0 +1,65 @@
+// MoeRunner: one per (activation dtype, weight dtype, output dtype); enumerates tactics, sizes the
+// workspace and runs a whole MoE call (or a single GEMM for profiling) on a CUDA stream.
+//
+// Python binding (cutlass_moe._C.MoeRunner), pointers passed as integers (0 = null):
+//   MoeRunner(act_dtype: int, weight_dtype: int, out_dtype: int)        DType values
+//   .tactics(gemm: int) -> list[dict]      runnable on the current device; gemm is 1 or 2
+//   .all_tactics(gemm: int) -> list[dict]  compiled into this build, runnable or not
+//       dict keys: name, gemm, tile_m, tile_n, tile_k, warp_m, warp_n, warp_k, stages,
+//                  smem_bytes, threads, runnable
+//   .workspace_size(num_tokens, hidden_size, inter_size, num_experts, top_k, activation) -> int
+//   .run_moe(num_tokens, hidden_size, inter_size, num_experts, top_k, expert_start, activation,
+//            input, token_selected_experts, token_final_scales, fc1_weights, fc2_weights,
+//            fc1_bias, fc2_bias, swiglu_alpha, swiglu_beta, swiglu_limit, output,
+//            workspace, workspace_bytes, tactic1: str, tactic2: str, stream: int) -> None
+//   .prepare_gemm_profile(gemm, num_tokens, hidden_size, inter_size, num_experts, top_k,
+//            activation, weights, workspace, workspace_bytes, seed, stream) -> None
+//       writes synthetic routing (seed 0: balanced rows per expert; otherwise uniform random
+//       experts drawn from the seed) and random GEMM inputs into the workspace.
+//   .run_gemm_profile(gemm, tactic: str, num_tokens, hidden_size, inter_size, num_experts, top_k,
+//            activation, workspace, workspace_bytes, stream) -> None
+//       runs only that GEMM on what prepare_gemm_profile left in the workspace (for the tuner).
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "cutlass_moe/problem.h"
+#include "cutlass_moe/tactic.h"
+
+namespace cutlass_moe {
+
+class MoeRunner {
+ public:
+  MoeRunner(DType act_dtype, DType weight_dtype, DType out_dtype);
+  ~MoeRunner();
+
+  DType act_dtype() const { return act_dtype_; }
+  DType weight_dtype() const { return weight_dtype_; }
+  DType out_dtype() const { return out_dtype_; }
+
+  // Tactics for GEMM `gemm` (1 or 2): all compiled ones, or only those this device can run.
+  std::vector<TacticDescriptor> tactics(int gemm, bool runnable_only) const;
+
+  size_t workspace_size(const MoeProblem& problem) const;
+
+  void run_moe(const MoeProblem& problem, const MoePointers& ptrs, const std::string& tactic1,
+               const std::string& tactic2, cudaStream_t stream) const;
+
+  void prepare_gemm_profile(int gemm, const MoeProblem& problem, const void* weights,
+                            void* workspace, size_t workspace_bytes, uint64_t seed,
+                            cudaStream_t stream) const;
+
+  void run_gemm_profile(int gemm, const std::string& tactic, const MoeProblem& problem,
+                        void* workspace, size_t workspace_bytes, cudaStream_t stream) const;
+
+ private:
+  struct Impl;
+  DType act_dtype_, weight_dtype_, out_dtype_;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace cutlass_moe

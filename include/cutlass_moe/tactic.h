@@ -1,0 +1,63 @@
+// Tactics: compiled grouped-GEMM configurations, described by stable names.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+#include <string>
+
+#include "cutlass_moe/problem.h"
+
+namespace cutlass_moe {
+
+// What a tactic is; `name` is stable across builds and is what caches store.
+struct TacticDescriptor {
+  std::string name;  // e.g. "sm80_bf16_bf16_m64n128k64_w32x64x64_s4"
+  DType act_dtype = DType::kBFloat16;
+  DType weight_dtype = DType::kBFloat16;
+  int tile_m = 0, tile_n = 0, tile_k = 0;
+  int warp_m = 0, warp_n = 0, warp_k = 0;
+  int stages = 0;
+  int threads = 0;
+  int smem_bytes = 0;
+  int gemms = 0;          // bit 0: GEMM1, bit 1: GEMM2
+  bool runnable = false;  // fits this device's shared memory and occupancy
+};
+
+// Device-resident arguments of one grouped GEMM: D_e = A_e (M_e x K, row-major) * B_e (K x N,
+// column-major, i.e. the expert weight [N, K] row-major) for e < problem_count. Problem sizes,
+// pointers and leading dimensions live in device memory and are written by a device kernel.
+struct GroupedGemmArgs {
+  int problem_count = 0;
+  void* problem_sizes = nullptr;  // cutlass::gemm::GemmCoord[problem_count]
+  void** ptr_a = nullptr;
+  void** ptr_b = nullptr;
+  void** ptr_d = nullptr;
+  int64_t* lda = nullptr;
+  int64_t* ldb = nullptr;
+  int64_t* ldd = nullptr;
+};
+
+// One compiled tactic: its static description and entry points. Generated registry tables list
+// these (see tools/generate_kernels.py).
+struct GemmTactic {
+  const char* name;
+  DType act_dtype;
+  DType weight_dtype;
+  int tile_m, tile_n, tile_k;
+  int warp_m, warp_n, warp_k;
+  int stages;
+  int threads;
+  int smem_bytes;  // sizeof(SharedStorage)
+  int gemms;       // bit 0: usable for GEMM1, bit 1: usable for GEMM2
+  // Raises the kernel's dynamic shared-memory limit on the current device and returns its
+  // occupancy (blocks per SM); 0 when it cannot run there.
+  int (*prepare)();
+  // Launches the grouped kernel with `threadblock_count` persistent blocks.
+  void (*launch)(const GroupedGemmArgs& args, int threadblock_count, cudaStream_t stream);
+};
+
+// Registry generated at build time: every tactic compiled into this build.
+const GemmTactic* const* gemm_tactics(int* count);
+
+}  // namespace cutlass_moe

@@ -1,0 +1,541 @@
+// MoeRunner: workspace layout, tactic lookup and the launch sequence of one MoE call.
+//
+//   routing -> gather -> grouped-GEMM arguments -> GEMM1 -> activation -> GEMM2 -> finalize
+//
+// Every launch's grid depends only on host-known sizes; rows per expert exist only on the device,
+// where a small kernel writes the grouped GEMMs' problem sizes and pointers. No host sync.
+#include "cutlass_moe/runner.h"
+
+#include <algorithm>
+#include <map>
+#include <mutex>
+#include <sstream>
+#include <stdexcept>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "cutlass/gemm_coord.h"
+#include "cutlass_moe/activation.h"
+#include "cutlass_moe/cuda_check.h"
+#include "cutlass_moe/finalize.h"
+#include "cutlass_moe/routing.h"
+
+namespace cutlass_moe {
+namespace {
+
+constexpr size_t kWorkspaceAlignment = 256;
+
+size_t align_up(size_t bytes) {
+  return (bytes + kWorkspaceAlignment - 1) / kWorkspaceAlignment * kWorkspaceAlignment;
+}
+
+const char* dtype_name(DType t) {
+  switch (t) {
+    case DType::kFloat16:
+      return "fp16";
+    case DType::kBFloat16:
+      return "bf16";
+    case DType::kFloat32:
+      return "fp32";
+    case DType::kInt8:
+      return "int8";
+  }
+  return "unknown";
+}
+
+// Byte offsets of one grouped GEMM's device-resident arguments inside the workspace.
+struct GemmArgsLayout {
+  size_t problem_sizes, ptr_a, ptr_b, ptr_d, lda, ldb, ldd;
+};
+
+// Device-side view of one grouped GEMM's argument arrays.
+struct GemmArgsDevice {
+  cutlass::gemm::GemmCoord* problem_sizes;
+  void** ptr_a;
+  void** ptr_b;
+  void** ptr_d;
+  int64_t* lda;
+  int64_t* ldb;
+  int64_t* ldd;
+};
+
+// Where everything lives in the caller's workspace. A pure function of the problem's shapes.
+struct WorkspaceLayout {
+  size_t expert_first_token_offset = 0;
+  size_t permuted_to_source = 0;
+  size_t source_to_permuted = 0;
+  size_t permuted_expert = 0;
+  size_t routing_scratch = 0;
+  size_t routing_scratch_bytes = 0;
+  GemmArgsLayout gemm[2] = {};
+  size_t gathered = 0;  // [T*k, H]: GEMM1's A; reused as GEMM2's output once GEMM1 is done
+  size_t fc1_out = 0;   // [T*k, N1]
+  size_t act_out = 0;   // [T*k, I]
+  size_t total = 0;
+
+  static WorkspaceLayout make(const MoeProblem& p, size_t elem_bytes) {
+    WorkspaceLayout w;
+    size_t cursor = 0;
+    auto take = [&cursor](size_t bytes) {
+      size_t at = cursor;
+      cursor += align_up(bytes);
+      return at;
+    };
+    const size_t rows = static_cast<size_t>(p.expanded_rows());
+    const size_t experts = static_cast<size_t>(p.num_experts);
+    w.expert_first_token_offset = take((experts + 1) * sizeof(int64_t));
+    w.permuted_to_source = take(rows * sizeof(int32_t));
+    w.source_to_permuted = take(rows * sizeof(int32_t));
+    w.permuted_expert = take(rows * sizeof(int32_t));
+    w.routing_scratch_bytes = routing_scratch_size(p.expanded_rows(), p.num_experts);
+    w.routing_scratch = take(w.routing_scratch_bytes);
+    for (GemmArgsLayout& g : w.gemm) {
+      g.problem_sizes = take(experts * sizeof(cutlass::gemm::GemmCoord));
+      g.ptr_a = take(experts * sizeof(void*));
+      g.ptr_b = take(experts * sizeof(void*));
+      g.ptr_d = take(experts * sizeof(void*));
+      g.lda = take(experts * sizeof(int64_t));
+      g.ldb = take(experts * sizeof(int64_t));
+      g.ldd = take(experts * sizeof(int64_t));
+    }
+    w.gathered = take(rows * static_cast<size_t>(p.hidden_size) * elem_bytes);
+    w.fc1_out = take(rows * static_cast<size_t>(p.fc1_out_size()) * elem_bytes);
+    w.act_out = take(rows * static_cast<size_t>(p.inter_size) * elem_bytes);
+    w.total = cursor;
+    return w;
+  }
+
+  GemmArgsDevice gemm_device(int index, char* base) const {
+    const GemmArgsLayout& g = gemm[index];
+    return {reinterpret_cast<cutlass::gemm::GemmCoord*>(base + g.problem_sizes),
+            reinterpret_cast<void**>(base + g.ptr_a),
+            reinterpret_cast<void**>(base + g.ptr_b),
+            reinterpret_cast<void**>(base + g.ptr_d),
+            reinterpret_cast<int64_t*>(base + g.lda),
+            reinterpret_cast<int64_t*>(base + g.ldb),
+            reinterpret_cast<int64_t*>(base + g.ldd)};
+  }
+
+  GroupedGemmArgs gemm_args(int index, char* base, int problem_count) const {
+    GemmArgsDevice d = gemm_device(index, base);
+    GroupedGemmArgs a;
+    a.problem_count = problem_count;
+    a.problem_sizes = d.problem_sizes;
+    a.ptr_a = d.ptr_a;
+    a.ptr_b = d.ptr_b;
+    a.ptr_d = d.ptr_d;
+    a.lda = d.lda;
+    a.ldb = d.ldb;
+    a.ldd = d.ldd;
+    return a;
+  }
+};
+
+// Both GEMMs' operands in bytes; GEMM2's A is the activation output (or GEMM1's output directly
+// when there is no elementwise stage).
+struct GemmOperands {
+  const char* gathered;
+  const char* fc1_weights;
+  char* fc1_out;
+  const char* gemm2_a;
+  const char* fc2_weights;
+  char* fc2_out;
+};
+
+// One thread per expert writes both grouped GEMMs' problem sizes, pointers and strides from the
+// routed row offsets.
+__global__ void write_grouped_gemm_args_kernel(const int64_t* __restrict__ expert_first_token_offset,
+                                               int num_experts, int64_t hidden, int64_t fc1_cols,
+                                               int64_t inter, int elem_bytes, GemmOperands ops,
+                                               GemmArgsDevice gemm1, GemmArgsDevice gemm2) {
+  const int e = blockIdx.x * blockDim.x + threadIdx.x;
+  if (e >= num_experts) return;
+  const int64_t first_row = expert_first_token_offset[e];
+  const int rows = static_cast<int>(expert_first_token_offset[e + 1] - first_row);
+  const int64_t eb = elem_bytes;
+
+  gemm1.problem_sizes[e] = cutlass::gemm::GemmCoord(rows, static_cast<int>(fc1_cols),
+                                                    static_cast<int>(hidden));
+  gemm1.ptr_a[e] = const_cast<char*>(ops.gathered + first_row * hidden * eb);
+  gemm1.ptr_b[e] = const_cast<char*>(ops.fc1_weights + e * fc1_cols * hidden * eb);
+  gemm1.ptr_d[e] = ops.fc1_out + first_row * fc1_cols * eb;
+  gemm1.lda[e] = hidden;
+  gemm1.ldb[e] = hidden;
+  gemm1.ldd[e] = fc1_cols;
+
+  gemm2.problem_sizes[e] = cutlass::gemm::GemmCoord(rows, static_cast<int>(hidden),
+                                                    static_cast<int>(inter));
+  gemm2.ptr_a[e] = const_cast<char*>(ops.gemm2_a + first_row * inter * eb);
+  gemm2.ptr_b[e] = const_cast<char*>(ops.fc2_weights + e * hidden * inter * eb);
+  gemm2.ptr_d[e] = ops.fc2_out + first_row * hidden * eb;
+  gemm2.lda[e] = inter;
+  gemm2.ldb[e] = inter;
+  gemm2.ldd[e] = hidden;
+}
+
+uint32_t hash_u32(uint64_t x) {
+  x ^= x >> 33;
+  x *= 0xff51afd7ed558ccdULL;
+  x ^= x >> 33;
+  x *= 0xc4ceb9fe1a85ec53ULL;
+  x ^= x >> 33;
+  return static_cast<uint32_t>(x);
+}
+
+__device__ uint32_t device_hash_u32(uint64_t x) {
+  x ^= x >> 33;
+  x *= 0xff51afd7ed558ccdULL;
+  x ^= x >> 33;
+  x *= 0xc4ceb9fe1a85ec53ULL;
+  x ^= x >> 33;
+  return static_cast<uint32_t>(x);
+}
+
+// Synthetic routing for profiling: seed 0 spreads rows evenly over experts; any other seed draws
+// each row's expert uniformly. One block: profiling shapes are small enough.
+__global__ void synthetic_offsets_kernel(int64_t rows, int num_experts, uint64_t seed,
+                                         int* __restrict__ counts,
+                                         int64_t* __restrict__ expert_first_token_offset) {
+  for (int e = threadIdx.x; e < num_experts; e += blockDim.x) counts[e] = 0;
+  __syncthreads();
+  if (seed == 0) {
+    for (int e = threadIdx.x; e < num_experts; e += blockDim.x) {
+      counts[e] = static_cast<int>(rows / num_experts + (e < rows % num_experts ? 1 : 0));
+    }
+  } else {
+    for (int64_t r = threadIdx.x; r < rows; r += blockDim.x) {
+      atomicAdd(&counts[device_hash_u32(seed * 0x9e3779b97f4a7c15ULL + r) % num_experts], 1);
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int64_t total = 0;
+    for (int e = 0; e < num_experts; ++e) {
+      expert_first_token_offset[e] = total;
+      total += counts[e];
+    }
+    expert_first_token_offset[num_experts] = total;
+  }
+}
+
+// Fills a 16-bit buffer with values uniform in [-1, 1) (never zeros: they time faster).
+template <typename Element>
+__global__ void fill_random_kernel(Element* __restrict__ data, int64_t count, uint64_t seed) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < count;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const float u = (device_hash_u32(seed ^ (i * 0x9e3779b97f4a7c15ULL)) >> 8) * (1.0f / 16777216.0f);
+    data[i] = Element(2.0f * u - 1.0f);
+  }
+}
+
+// Shared-memory, occupancy and SM count of one device, computed once per device.
+struct DeviceState {
+  int sm_count = 0;
+  std::vector<int> blocks_per_sm;  // per entry of MoeRunner::Impl::tactics
+};
+
+int current_device() {
+  int device = 0;
+  CUTLASS_MOE_CHECK_CUDA(cudaGetDevice(&device));
+  return device;
+}
+
+std::string tactic_names(const std::vector<const GemmTactic*>& tactics) {
+  std::ostringstream out;
+  for (size_t i = 0; i < tactics.size(); ++i) out << (i ? ", " : "") << tactics[i]->name;
+  return out.str();
+}
+
+}  // namespace
+
+struct MoeRunner::Impl {
+  std::vector<const GemmTactic*> tactics;  // compiled for this runner's dtypes
+  mutable std::mutex mutex;
+  mutable std::map<int, DeviceState> devices;
+
+  const DeviceState& device_state() const {
+    const int device = current_device();
+    std::lock_guard<std::mutex> lock(mutex);
+    auto found = devices.find(device);
+    if (found != devices.end()) return found->second;
+    DeviceState state;
+    CUTLASS_MOE_CHECK_CUDA(
+        cudaDeviceGetAttribute(&state.sm_count, cudaDevAttrMultiProcessorCount, device));
+    for (const GemmTactic* t : tactics) state.blocks_per_sm.push_back(t->prepare());
+    return devices.emplace(device, std::move(state)).first->second;
+  }
+
+  // The tactic named `name`, checked to exist for this configuration, to serve GEMM `gemm` and
+  // to run on the current device. Returns its index in `tactics`.
+  size_t find(const std::string& name, int gemm, const DeviceState& state) const {
+    for (size_t i = 0; i < tactics.size(); ++i) {
+      if (name != tactics[i]->name) continue;
+      if (!(tactics[i]->gemms & (1 << (gemm - 1)))) {
+        throw InvalidArgument("tactic '" + name + "' cannot serve GEMM" + std::to_string(gemm));
+      }
+      if (state.blocks_per_sm[i] <= 0) {
+        throw InvalidArgument("tactic '" + name + "' needs " +
+                              std::to_string(tactics[i]->smem_bytes) +
+                              " bytes of shared memory per block, more than this GPU allows");
+      }
+      return i;
+    }
+    throw InvalidArgument("unknown tactic '" + name + "' for GEMM" + std::to_string(gemm) +
+                          "; compiled tactics: " + tactic_names(tactics));
+  }
+
+  // Persistent blocks for one grouped GEMM: a full wave, but no more than the tiles that can
+  // exist (each non-empty expert adds at most one partial row tile), since idle blocks still walk
+  // the problem list.
+  int threadblock_count(size_t index, const DeviceState& state, int64_t rows, int num_experts,
+                        int64_t n) const {
+    const GemmTactic* t = tactics[index];
+    const int64_t wave = static_cast<int64_t>(state.sm_count) * state.blocks_per_sm[index];
+    const int64_t row_tiles = (rows + t->tile_m - 1) / t->tile_m + std::min<int64_t>(num_experts, rows);
+    const int64_t col_tiles = (n + t->tile_n - 1) / t->tile_n;
+    return static_cast<int>(std::max<int64_t>(1, std::min(wave, row_tiles * col_tiles)));
+  }
+
+  void launch(size_t index, int gemm, const GroupedGemmArgs& args, int threadblocks,
+              cudaStream_t stream) const {
+    try {
+      tactics[index]->launch(args, threadblocks, stream);
+    } catch (const std::exception& e) {
+      throw std::runtime_error(std::string("GEMM") + std::to_string(gemm) + " with tactic '" +
+                               tactics[index]->name + "' failed: " + e.what());
+    }
+  }
+};
+
+MoeRunner::MoeRunner(DType act_dtype, DType weight_dtype, DType out_dtype)
+    : act_dtype_(act_dtype), weight_dtype_(weight_dtype), out_dtype_(out_dtype),
+      impl_(new Impl) {
+  const bool act_ok = act_dtype == DType::kFloat16 || act_dtype == DType::kBFloat16;
+  const bool out_ok = out_dtype == act_dtype || out_dtype == DType::kFloat32;
+  if (!act_ok || weight_dtype != act_dtype || !out_ok) {
+    throw InvalidArgument(std::string("unsupported dtype configuration (activation ") +
+                          dtype_name(act_dtype) + ", weights " + dtype_name(weight_dtype) +
+                          ", output " + dtype_name(out_dtype) +
+                          "): supported are fp16 or bf16 activations with weights of the same "
+                          "dtype and output in that dtype or fp32");
+  }
+  int count = 0;
+  const GemmTactic* const* all = gemm_tactics(&count);
+  for (int i = 0; i < count; ++i) {
+    if (all[i]->act_dtype == act_dtype && all[i]->weight_dtype == weight_dtype) {
+      impl_->tactics.push_back(all[i]);
+    }
+  }
+}
+
+MoeRunner::~MoeRunner() = default;
+
+std::vector<TacticDescriptor> MoeRunner::tactics(int gemm, bool runnable_only) const {
+  if (gemm != 1 && gemm != 2) throw InvalidArgument("gemm must be 1 or 2");
+  std::vector<TacticDescriptor> out;
+  // Without a device, every compiled tactic is listed as not runnable.
+  int device_count = 0;
+  const bool have_device = cudaGetDeviceCount(&device_count) == cudaSuccess && device_count > 0;
+  if (!have_device) (void)cudaGetLastError();
+  const DeviceState* state = have_device ? &impl_->device_state() : nullptr;
+  for (size_t i = 0; i < impl_->tactics.size(); ++i) {
+    const GemmTactic* t = impl_->tactics[i];
+    if (!(t->gemms & (1 << (gemm - 1)))) continue;
+    TacticDescriptor d;
+    d.name = t->name;
+    d.act_dtype = t->act_dtype;
+    d.weight_dtype = t->weight_dtype;
+    d.tile_m = t->tile_m;
+    d.tile_n = t->tile_n;
+    d.tile_k = t->tile_k;
+    d.warp_m = t->warp_m;
+    d.warp_n = t->warp_n;
+    d.warp_k = t->warp_k;
+    d.stages = t->stages;
+    d.threads = t->threads;
+    d.smem_bytes = t->smem_bytes;
+    d.gemms = t->gemms;
+    d.runnable = state != nullptr && state->blocks_per_sm[i] > 0;
+    if (runnable_only && !d.runnable) continue;
+    out.push_back(d);
+  }
+  return out;
+}
+
+namespace {
+
+void check_problem(const MoeProblem& p) {
+  std::ostringstream err;
+  if (p.num_tokens < 0) err << "num_tokens must be >= 0 (got " << p.num_tokens << "); ";
+  if (p.hidden_size < 8 || p.hidden_size % 8 != 0) {
+    err << "hidden_size must be a positive multiple of 8 (got " << p.hidden_size << "); ";
+  }
+  if (p.inter_size < 8 || p.inter_size % 8 != 0) {
+    err << "inter_size must be a positive multiple of 8 (got " << p.inter_size << "); ";
+  }
+  if (p.num_experts < 1) err << "num_experts must be >= 1 (got " << p.num_experts << "); ";
+  if (p.top_k < 1) err << "top_k must be >= 1 (got " << p.top_k << "); ";
+  if (p.expert_start < 0) err << "expert_start must be >= 0 (got " << p.expert_start << "); ";
+  const int act = static_cast<int>(p.activation);
+  if (act < static_cast<int>(Activation::kIdentity) || act > static_cast<int>(Activation::kGeglu)) {
+    err << "unknown activation " << act << "; ";
+  }
+  // GEMM sizes are 32-bit in CUTLASS's GemmCoord.
+  constexpr int64_t kMaxDim = (int64_t(1) << 31) - 1;
+  if (p.expanded_rows() > kMaxDim || p.fc1_out_size() > kMaxDim) {
+    err << "num_tokens * top_k and 2 * inter_size must stay below 2^31; ";
+  }
+  const std::string msg = err.str();
+  if (!msg.empty()) throw InvalidArgument(msg.substr(0, msg.size() - 2));
+}
+
+}  // namespace
+
+size_t MoeRunner::workspace_size(const MoeProblem& problem) const {
+  check_problem(problem);
+  return WorkspaceLayout::make(problem, dtype_size(act_dtype_)).total;
+}
+
+void MoeRunner::run_moe(const MoeProblem& p, const MoePointers& ptrs, const std::string& tactic1,
+                        const std::string& tactic2, cudaStream_t stream) const {
+  check_problem(p);
+  const WorkspaceLayout layout = WorkspaceLayout::make(p, dtype_size(act_dtype_));
+  const DeviceState& state = impl_->device_state();
+  const size_t t1 = impl_->find(tactic1, 1, state);
+  const size_t t2 = impl_->find(tactic2, 2, state);
+  if (p.num_tokens == 0) return;
+
+  if (!ptrs.input || !ptrs.token_selected_experts || !ptrs.token_final_scales ||
+      !ptrs.fc1_weights || !ptrs.fc2_weights || !ptrs.output || !ptrs.workspace) {
+    throw InvalidArgument(
+        "input, token_selected_experts, token_final_scales, fc1/fc2 weights, output and "
+        "workspace must be non-null");
+  }
+  if (ptrs.workspace_bytes < layout.total) {
+    throw InvalidArgument("workspace has " + std::to_string(ptrs.workspace_bytes) +
+                          " bytes, the call needs " + std::to_string(layout.total));
+  }
+
+  char* base = static_cast<char*>(ptrs.workspace);
+  auto* offsets = reinterpret_cast<int64_t*>(base + layout.expert_first_token_offset);
+  auto* permuted_to_source = reinterpret_cast<int32_t*>(base + layout.permuted_to_source);
+  auto* source_to_permuted = reinterpret_cast<int32_t*>(base + layout.source_to_permuted);
+  auto* permuted_expert = reinterpret_cast<int32_t*>(base + layout.permuted_expert);
+  const int64_t rows = p.expanded_rows();
+
+  launch_routing(ptrs.token_selected_experts, p.num_tokens, p.top_k, p.num_experts,
+                 p.expert_start, offsets, permuted_to_source, source_to_permuted,
+                 permuted_expert, base + layout.routing_scratch, layout.routing_scratch_bytes,
+                 stream);
+  launch_gather_rows(act_dtype_, ptrs.input, permuted_to_source, offsets, p.num_experts,
+                     p.num_tokens, p.top_k, p.hidden_size, base + layout.gathered, stream);
+
+  // The elementwise stage is skipped only when it would copy GEMM1's output unchanged.
+  const bool needs_activation = p.activation != Activation::kIdentity || ptrs.fc1_bias != nullptr;
+  GemmOperands ops;
+  ops.gathered = base + layout.gathered;
+  ops.fc1_weights = static_cast<const char*>(ptrs.fc1_weights);
+  ops.fc1_out = base + layout.fc1_out;
+  ops.gemm2_a = needs_activation ? base + layout.act_out : base + layout.fc1_out;
+  ops.fc2_weights = static_cast<const char*>(ptrs.fc2_weights);
+  ops.fc2_out = base + layout.gathered;  // GEMM1 has consumed the gathered input by then
+  constexpr int kSetupThreads = 128;
+  write_grouped_gemm_args_kernel<<<(p.num_experts + kSetupThreads - 1) / kSetupThreads,
+                                   kSetupThreads, 0, stream>>>(
+      offsets, p.num_experts, p.hidden_size, p.fc1_out_size(), p.inter_size,
+      static_cast<int>(dtype_size(act_dtype_)), ops, layout.gemm_device(0, base),
+      layout.gemm_device(1, base));
+  CUTLASS_MOE_CHECK_LAUNCH("write_grouped_gemm_args_kernel");
+
+  impl_->launch(t1, 1, layout.gemm_args(0, base, p.num_experts),
+                impl_->threadblock_count(t1, state, rows, p.num_experts, p.fc1_out_size()),
+                stream);
+  if (needs_activation) {
+    launch_activation(act_dtype_, p.activation, base + layout.fc1_out, base + layout.act_out,
+                      rows, p.inter_size, offsets, p.num_experts, permuted_expert, ptrs.fc1_bias,
+                      ptrs.swiglu_alpha, ptrs.swiglu_beta, ptrs.swiglu_limit, stream);
+  }
+  impl_->launch(t2, 2, layout.gemm_args(1, base, p.num_experts),
+                impl_->threadblock_count(t2, state, rows, p.num_experts, p.hidden_size), stream);
+  launch_finalize(act_dtype_, out_dtype_, base + layout.gathered, source_to_permuted,
+                  ptrs.token_selected_experts, ptrs.token_final_scales, ptrs.fc2_bias,
+                  p.expert_start, p.num_tokens, p.top_k, p.hidden_size, ptrs.output, stream);
+}
+
+void MoeRunner::prepare_gemm_profile(int gemm, const MoeProblem& p, const void* weights,
+                                     void* workspace, size_t workspace_bytes, uint64_t seed,
+                                     cudaStream_t stream) const {
+  check_problem(p);
+  if (gemm != 1 && gemm != 2) throw InvalidArgument("gemm must be 1 or 2");
+  const WorkspaceLayout layout = WorkspaceLayout::make(p, dtype_size(act_dtype_));
+  if (!weights || !workspace) throw InvalidArgument("weights and workspace must be non-null");
+  if (workspace_bytes < layout.total) {
+    throw InvalidArgument("workspace has " + std::to_string(workspace_bytes) +
+                          " bytes, profiling needs " + std::to_string(layout.total));
+  }
+  char* base = static_cast<char*>(workspace);
+  auto* offsets = reinterpret_cast<int64_t*>(base + layout.expert_first_token_offset);
+  const int64_t rows = p.expanded_rows();
+  // The routing scratch is unused while profiling; it holds the per-expert counts here.
+  if (layout.routing_scratch_bytes < p.num_experts * sizeof(int)) {
+    throw std::logic_error("routing scratch too small for profiling counts");
+  }
+  synthetic_offsets_kernel<<<1, 256, 0, stream>>>(
+      rows, p.num_experts, seed, reinterpret_cast<int*>(base + layout.routing_scratch), offsets);
+  CUTLASS_MOE_CHECK_LAUNCH("synthetic_offsets_kernel");
+
+  GemmOperands ops;
+  ops.gathered = base + layout.gathered;
+  ops.fc1_weights = static_cast<const char*>(gemm == 1 ? weights : nullptr);
+  ops.fc1_out = base + layout.fc1_out;
+  ops.gemm2_a = base + layout.act_out;
+  ops.fc2_weights = static_cast<const char*>(gemm == 2 ? weights : nullptr);
+  ops.fc2_out = base + layout.gathered;
+  constexpr int kSetupThreads = 128;
+  write_grouped_gemm_args_kernel<<<(p.num_experts + kSetupThreads - 1) / kSetupThreads,
+                                   kSetupThreads, 0, stream>>>(
+      offsets, p.num_experts, p.hidden_size, p.fc1_out_size(), p.inter_size,
+      static_cast<int>(dtype_size(act_dtype_)), ops, layout.gemm_device(0, base),
+      layout.gemm_device(1, base));
+  CUTLASS_MOE_CHECK_LAUNCH("write_grouped_gemm_args_kernel");
+
+  const size_t input_offset = gemm == 1 ? layout.gathered : layout.act_out;
+  const int64_t input_count = rows * (gemm == 1 ? p.hidden_size : p.inter_size);
+  if (input_count > 0) {
+    const uint64_t fill_seed = hash_u32(seed + 0x5eed) | (uint64_t(gemm) << 40);
+    constexpr int kFillThreads = 256;
+    const int blocks = static_cast<int>(
+        std::min<int64_t>((input_count + kFillThreads - 1) / kFillThreads, 4096));
+    if (act_dtype_ == DType::kFloat16) {
+      fill_random_kernel<<<blocks, kFillThreads, 0, stream>>>(
+          reinterpret_cast<__half*>(base + input_offset), input_count, fill_seed);
+    } else {
+      fill_random_kernel<<<blocks, kFillThreads, 0, stream>>>(
+          reinterpret_cast<__nv_bfloat16*>(base + input_offset), input_count, fill_seed);
+    }
+    CUTLASS_MOE_CHECK_LAUNCH("fill_random_kernel");
+  }
+}
+
+void MoeRunner::run_gemm_profile(int gemm, const std::string& tactic, const MoeProblem& p,
+                                 void* workspace, size_t workspace_bytes,
+                                 cudaStream_t stream) const {
+  check_problem(p);
+  if (gemm != 1 && gemm != 2) throw InvalidArgument("gemm must be 1 or 2");
+  const WorkspaceLayout layout = WorkspaceLayout::make(p, dtype_size(act_dtype_));
+  if (!workspace || workspace_bytes < layout.total) {
+    throw InvalidArgument("workspace is null or smaller than the " +
+                          std::to_string(layout.total) + " bytes profiling needs");
+  }
+  const DeviceState& state = impl_->device_state();
+  const size_t index = impl_->find(tactic, gemm, state);
+  if (p.num_tokens == 0) return;
+  char* base = static_cast<char*>(workspace);
+  const int64_t n = gemm == 1 ? p.fc1_out_size() : p.hidden_size;
+  impl_->launch(index, gemm, layout.gemm_args(gemm - 1, base, p.num_experts),
+                impl_->threadblock_count(index, state, p.expanded_rows(), p.num_experts, n),
+                stream);
+}
+
+}  // namespace cutlass_moe
