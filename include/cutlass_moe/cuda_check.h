@@ -33,5 +33,12 @@ class InvalidArgument : public std::invalid_argument {
     }                                                                                   \
   } while (0)
 
-// After a <<<...>>> launch: reports configuration errors of that launch.
-#define CUTLASS_MOE_CHECK_LAUNCH(name) CUTLASS_MOE_CHECK_CUDA(cudaGetLastError())
+// After a <<<...>>> launch: reports (and clears) a launch error, naming the kernel.
+#define CUTLASS_MOE_CHECK_LAUNCH(name)                                                  \
+  do {                                                                                  \
+    cudaError_t cutlass_moe_status_ = cudaGetLastError();                               \
+    if (cutlass_moe_status_ != cudaSuccess) {                                           \
+      ::cutlass_moe::throw_cuda_error(cutlass_moe_status_, "launch of " name, __FILE__, \
+                                      __LINE__);                                        \
+    }                                                                                   \
+  } while (0)

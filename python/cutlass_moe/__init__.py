@@ -1,0 +1,28 @@
+"""cutlass_moe: the fused Mixture-of-Experts layer, compiled ahead of time with CUTLASS.
+
+A drop-in for FlashInfer's ``cutlass_fused_moe``::
+
+    from cutlass_moe import cutlass_fused_moe, ActivationType
+    out = cutlass_fused_moe(x, topk_ids, topk_weights, w31, w2, x.dtype)[0]
+
+Importing this package makes no CUDA call and works without a GPU or a built extension; the op
+then raises a ``RuntimeError`` that says what is missing.
+"""
+
+from __future__ import annotations
+
+from ._ext import build_info
+from ._version import __version__
+from .activation import ActivationType
+from .ops import cutlass_fused_moe
+from .reference import reference_moe
+from .weights import swap_w13_to_w31
+
+__all__ = [
+    "ActivationType",
+    "__version__",
+    "build_info",
+    "cutlass_fused_moe",
+    "reference_moe",
+    "swap_w13_to_w31",
+]

@@ -1,0 +1,231 @@
+"""The compiled extension ``cutlass_moe._C``: lazy loading, runner cache, enum mapping.
+
+Nothing here runs at import time: ``cutlass_moe._C`` is imported on first use, so
+``import cutlass_moe`` works on a machine without a GPU, a driver or a built extension.
+``_C.MoeRunner`` objects are cached, one per (activation, weight, output) dtype triple, and so are
+their tactic descriptors (per GEMM and device). All caches are safe to use from several threads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import threading
+from collections.abc import Iterator
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from ._version import __version__
+from .activation import ActivationType
+
+# DType values of include/cutlass_moe/problem.h (part of the binding's ABI).
+_DTYPE_TO_ENUM: dict[torch.dtype, int] = {
+    torch.float16: 0,
+    torch.bfloat16: 1,
+    torch.float32: 2,
+    torch.int8: 3,
+}
+
+# Activation values of include/cutlass_moe/problem.h (part of the binding's ABI).
+_ACTIVATION_TO_ENUM: dict[ActivationType, int] = {
+    ActivationType.Identity: 0,
+    ActivationType.Relu: 1,
+    ActivationType.Gelu: 2,
+    ActivationType.Silu: 3,
+    ActivationType.Swiglu: 4,
+    ActivationType.Geglu: 5,
+}
+
+_lock = threading.Lock()
+_extension: ModuleType | None = None
+_extension_error: str | None = None
+_generation = 0  # bumped whenever the extension object is replaced (tests); keys caches
+_runners: dict[tuple[int, int, int], Any] = {}
+_tactics: dict[tuple[tuple[int, int, int], int, int], list[dict[str, Any]]] = {}
+
+
+def generation() -> int:
+    """Changes whenever the loaded extension is replaced, so callers can key caches on it."""
+    return _generation
+
+
+def dtype_to_enum(dtype: torch.dtype) -> int:
+    """The C++ ``DType`` value of a torch dtype (fp16=0, bf16=1, fp32=2, int8=3)."""
+    try:
+        return _DTYPE_TO_ENUM[dtype]
+    except KeyError:
+        supported = ", ".join(str(d) for d in _DTYPE_TO_ENUM)
+        raise NotImplementedError(
+            f"dtype {dtype} has no cutlass_moe kernel type; supported: {supported}"
+        ) from None
+
+
+def activation_to_enum(activation_type: ActivationType) -> int:
+    """The C++ ``Activation`` value (Identity=0, Relu=1, Gelu=2, Silu=3, Swiglu=4, Geglu=5)."""
+    try:
+        return _ACTIVATION_TO_ENUM[activation_type]
+    except KeyError:
+        supported = ", ".join(a.name for a in _ACTIVATION_TO_ENUM)
+        raise NotImplementedError(
+            f"activation_type {activation_type!r} is not supported; supported: {supported}"
+        ) from None
+
+
+def activation_name(activation: int) -> str:
+    """The name of a C++ ``Activation`` value (e.g. 4 -> "Swiglu")."""
+    for act, value in _ACTIVATION_TO_ENUM.items():
+        if value == activation:
+            return act.name
+    raise ValueError(f"unknown C++ Activation value {activation}")
+
+
+def _import_extension() -> ModuleType:
+    global _extension, _extension_error
+    if _extension is not None:
+        return _extension
+    with _lock:
+        if _extension is None and _extension_error is None:
+            try:
+                _extension = importlib.import_module("cutlass_moe._C")
+            except ImportError as exc:  # not built, or a shared library it needs is missing
+                _extension_error = (
+                    "the compiled extension cutlass_moe._C is not available "
+                    f"({type(exc).__name__}: {exc}). Install a cutlass-moe wheel built for your "
+                    "CUDA version, or build from source with `pip install -v .` on a machine "
+                    "with the CUDA toolkit."
+                )
+    if _extension is None:
+        raise RuntimeError(_extension_error)
+    return _extension
+
+
+def load_extension() -> ModuleType:
+    """Imports ``cutlass_moe._C`` on first call; ``RuntimeError`` (saying why) when missing."""
+    return _import_extension()
+
+
+def extension_available() -> bool:
+    """True when ``cutlass_moe._C`` imports."""
+    try:
+        _import_extension()
+    except RuntimeError:
+        return False
+    return True
+
+
+def runner_key(
+    act_dtype: torch.dtype, weight_dtype: torch.dtype, out_dtype: torch.dtype
+) -> tuple[int, int, int]:
+    """The (act, weight, out) ``DType`` triple that identifies one ``MoeRunner``."""
+    return (dtype_to_enum(act_dtype), dtype_to_enum(weight_dtype), dtype_to_enum(out_dtype))
+
+
+def get_runner(act_dtype: torch.dtype, weight_dtype: torch.dtype, out_dtype: torch.dtype) -> Any:
+    """The cached ``_C.MoeRunner`` for this dtype triple (created on first use)."""
+    key = runner_key(act_dtype, weight_dtype, out_dtype)
+    runner = _runners.get(key)
+    if runner is not None:
+        return runner
+    ext = _import_extension()
+    with _lock:
+        runner = _runners.get(key)
+        if runner is None:
+            runner = ext.MoeRunner(*key)
+            _runners[key] = runner
+    return runner
+
+
+def tactics(
+    act_dtype: torch.dtype,
+    weight_dtype: torch.dtype,
+    out_dtype: torch.dtype,
+    gemm: int,
+    device: torch.device,
+) -> list[dict[str, Any]]:
+    """Descriptors of the tactics of GEMM ``gemm`` (1 or 2) runnable on ``device``, cached.
+
+    Each is a dict with keys name, gemm, tile_m, tile_n, tile_k, warp_m, warp_n, warp_k, stages,
+    smem_bytes, threads, runnable (see include/cutlass_moe/runner.h). Callers must not mutate it.
+    """
+    if gemm not in (1, 2):
+        raise ValueError(f"gemm must be 1 or 2, got {gemm}")
+    key = (runner_key(act_dtype, weight_dtype, out_dtype), gemm, _device_index(device))
+    cached = _tactics.get(key)
+    if cached is not None:
+        return cached
+    runner = get_runner(act_dtype, weight_dtype, out_dtype)
+    with device_guard(device):
+        descs = [dict(d) for d in runner.tactics(gemm)]
+    with _lock:
+        return _tactics.setdefault(key, descs)
+
+
+def _device_index(device: torch.device) -> int:
+    if device.type != "cuda":
+        return -1
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def device_guard(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """Makes ``device`` current (the C++ side launches on the current device's streams)."""
+    if device.type != "cuda":
+        raise ValueError(f"cutlass_moe runs on CUDA tensors, got a tensor on {device}")
+    return torch.cuda.device(device)
+
+
+def stream_handle(device: torch.device) -> int:
+    """The ``cudaStream_t`` (as an int) of the current torch stream on ``device``."""
+    if device.type != "cuda":
+        raise ValueError(f"cutlass_moe runs on CUDA tensors, got a tensor on {device}")
+    return int(torch.cuda.current_stream(device).cuda_stream)
+
+
+def build_info() -> dict[str, Any]:
+    """What was built and what it runs with.
+
+    With the extension: ``_C.build_info()`` (version, cutlass_version, cuda_version, archs,
+    fast_build, tactic counts per configuration) plus ``extension_available=True``,
+    ``package_version``, ``torch_version`` and ``torch_cuda_version``. Without it:
+    ``extension_available=False`` and ``extension_error`` saying why, plus the Python-side keys.
+    Makes no CUDA call of its own.
+    """
+    info: dict[str, Any] = {
+        "package_version": __version__,
+        "torch_version": torch.__version__,
+        "torch_cuda_version": torch.version.cuda,
+    }
+    try:
+        ext = _import_extension()
+    except RuntimeError as exc:
+        info["extension_available"] = False
+        info["extension_error"] = str(exc)
+        return info
+    native = dict(ext.build_info())
+    native.update(info)
+    native["extension_available"] = True
+    return native
+
+
+@contextlib.contextmanager
+def _replaced_extension(module: ModuleType | None) -> Iterator[None]:
+    """For tests: use ``module`` as the extension (None = missing) and empty the caches."""
+    global _extension, _extension_error, _generation
+    saved = (_extension, _extension_error, dict(_runners), dict(_tactics))
+    with _lock:
+        _generation += 1
+        _extension = module
+        _extension_error = None if module is not None else "cutlass_moe._C is not built (test)"
+        _runners.clear()
+        _tactics.clear()
+    try:
+        yield
+    finally:
+        with _lock:
+            _generation += 1
+            _extension, _extension_error = saved[0], saved[1]
+            _runners.clear()
+            _runners.update(saved[2])
+            _tactics.clear()
+            _tactics.update(saved[3])

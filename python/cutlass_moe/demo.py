@@ -1,0 +1,161 @@
+"""Runs cutlass_fused_moe on a model-shaped layer, checks it against reference_moe and times it.
+
+    python -m cutlass_moe.demo [--model mixtral-8x7b] [--dtype bf16] [--tokens 1 128 4096]
+
+Prints one row per token count (T, latency_us, rel_err, check) and exits 1 if a check fails,
+2 when no CUDA device is available.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from . import _ext
+from .activation import ActivationType
+from .ops import cutlass_fused_moe
+from .reference import reference_moe
+
+logger = logging.getLogger("cutlass_moe.demo")
+
+
+@dataclass(frozen=True)
+class ModelPreset:
+    """One MoE layer's shape (DESIGN.md §9)."""
+
+    num_experts: int
+    hidden_size: int
+    inter_size: int
+    top_k: int
+
+
+MODEL_PRESETS: dict[str, ModelPreset] = {
+    "mixtral-8x7b": ModelPreset(num_experts=8, hidden_size=4096, inter_size=14336, top_k=2),
+    "qwen1.5-moe-a2.7b": ModelPreset(num_experts=60, hidden_size=2048, inter_size=1408, top_k=4),
+    "qwen3-30b-a3b": ModelPreset(num_experts=128, hidden_size=2048, inter_size=768, top_k=8),
+    "deepseek-v2-lite": ModelPreset(num_experts=64, hidden_size=2048, inter_size=1408, top_k=6),
+}
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+#: Relative L2 error thresholds of DESIGN.md §8.
+REL_ERR_THRESHOLD = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+def relative_l2_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """``||out - ref|| / ||ref||`` in float64 (0 when both are empty)."""
+    out64, ref64 = out.double(), ref.double()
+    denom = ref64.norm().item()
+    if denom == 0.0:
+        return 0.0 if out64.norm().item() == 0.0 else float("inf")
+    return (out64 - ref64).norm().item() / denom
+
+
+def make_layer(
+    preset: ModelPreset, dtype: torch.dtype, device: torch.device, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random SwiGLU expert weights ``([E, 2I, H], [E, H, I])`` scaled 1/sqrt(fan_in)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    e, h, i = preset.num_experts, preset.hidden_size, preset.inter_size
+    w1 = torch.randn(e, 2 * i, h, device=device, dtype=dtype, generator=gen) * h**-0.5
+    w2 = torch.randn(e, h, i, device=device, dtype=dtype, generator=gen) * i**-0.5
+    return w1, w2
+
+
+def make_tokens(
+    preset: ModelPreset, num_tokens: int, dtype: torch.dtype, device: torch.device, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random ``x [T, H]`` and softmax/top-k routing ``(ids int32 [T, k], scales f32 [T, k])``."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(num_tokens, preset.hidden_size, device=device, dtype=dtype, generator=gen)
+    logits = torch.randn(num_tokens, preset.num_experts, device=device, generator=gen)
+    scales, ids = torch.softmax(logits, dim=-1).topk(preset.top_k, dim=-1)
+    scales = scales / scales.sum(dim=-1, keepdim=True)
+    return x, ids.to(torch.int32), scales.to(torch.float32)
+
+
+def time_us(fn, warmup: int = 5, repeats: int = 20) -> float:
+    """Median latency of ``fn()`` in microseconds, measured with CUDA events."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) * 1e3)
+    return statistics.median(samples)
+
+
+def run_demo(
+    model: str, dtype_name: str, token_counts: list[int], repeats: int
+) -> list[tuple[int, float, float, bool]]:
+    """Checks and times every token count; returns rows ``(T, latency_us, rel_err, passed)``."""
+    preset = MODEL_PRESETS[model]
+    dtype = _DTYPES[dtype_name]
+    device = torch.device("cuda")
+    w1, w2 = make_layer(preset, dtype, device)
+    threshold = REL_ERR_THRESHOLD[dtype]
+    rows = []
+    for seed, num_tokens in enumerate(token_counts, start=1):
+        x, ids, scales = make_tokens(preset, num_tokens, dtype, device, seed)
+        out = cutlass_fused_moe(x, ids, scales, w1, w2, dtype)[0]
+        ref = reference_moe(x, ids, scales, w1, w2, ActivationType.Swiglu)
+        rel_err = relative_l2_error(out.float(), ref)
+        output = torch.empty_like(out)
+        latency = time_us(
+            lambda x=x, ids=ids, scales=scales, output=output: cutlass_fused_moe(
+                x, ids, scales, w1, w2, dtype, output=output
+            ),
+            repeats=repeats,
+        )
+        passed = rel_err <= threshold
+        if not passed:
+            logger.warning("T=%d: rel_err %.3g exceeds %.1g", num_tokens, rel_err, threshold)
+        rows.append((num_tokens, latency, rel_err, passed))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m cutlass_moe.demo``; returns the exit code."""
+    parser = argparse.ArgumentParser(prog="python -m cutlass_moe.demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=sorted(MODEL_PRESETS), default="mixtral-8x7b")
+    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 128, 4096])
+    parser.add_argument("--repeats", type=int, default=20, help="timed runs (median reported)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    if any(t < 0 for t in args.tokens):
+        parser.error("--tokens must be >= 0")
+    if args.repeats < 1:
+        parser.error("--repeats must be >= 1")
+
+    if not torch.cuda.is_available():
+        logger.error("no CUDA device is available; the demo needs an NVIDIA GPU")
+        return 2
+    if not _ext.extension_available():
+        logger.error("%s", _ext.build_info()["extension_error"])
+        return 2
+
+    preset = MODEL_PRESETS[args.model]
+    logger.info("%s %s on %s: E=%d H=%d I=%d k=%d", args.model, args.dtype,
+                torch.cuda.get_device_name(), preset.num_experts, preset.hidden_size,
+                preset.inter_size, preset.top_k)
+    rows = run_demo(args.model, args.dtype, args.tokens, args.repeats)
+    threshold = REL_ERR_THRESHOLD[_DTYPES[args.dtype]]
+    print(f"{'T':>6} {'latency_us':>12} {'rel_err':>10}  check (rel_err <= {threshold:g})")
+    for num_tokens, latency, rel_err, passed in rows:
+        print(f"{num_tokens:>6} {latency:>12.1f} {rel_err:>10.2e}  {'pass' if passed else 'FAIL'}")
+    return 0 if all(passed for *_, passed in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

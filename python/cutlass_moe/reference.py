@@ -1,0 +1,185 @@
+"""Plain-torch reference of the fused MoE layer (the correctness standard of DESIGN.md §8).
+
+Same semantics as ``cutlass_fused_moe``, computed in ``compute_dtype`` without rounding of
+intermediates:
+
+    out[t] = sum_j s[t, j] * (W2_e @ act(W1_e @ x[t] + b1_e) + b2_e),   e = ids[t, j] - ep_rank*E
+
+where choices whose expert is not on this rank (other ranks' ids, negative or too large ids)
+contribute zero, and ``b2`` is added on ``tp_rank == 0`` only.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .activation import ActivationType, is_gated, require_supported
+
+#: The limit used when clamped SwiGLU is on but no ``swiglu_limit`` was given (no clamping).
+DEFAULT_SWIGLU_LIMIT = torch.finfo(torch.float32).max
+
+
+def reference_moe(
+    input: torch.Tensor,
+    token_selected_experts: torch.Tensor,
+    token_final_scales: torch.Tensor,
+    fc1_expert_weights: torch.Tensor,
+    fc2_expert_weights: torch.Tensor,
+    activation_type: ActivationType = ActivationType.Swiglu,
+    fc1_expert_biases: torch.Tensor | None = None,
+    fc2_expert_biases: torch.Tensor | None = None,
+    swiglu_alpha: torch.Tensor | None = None,
+    swiglu_beta: torch.Tensor | None = None,
+    swiglu_limit: torch.Tensor | None = None,
+    tp_size: int = 1,
+    tp_rank: int = 0,
+    ep_size: int = 1,
+    ep_rank: int = 0,
+    compute_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Reference MoE layer in plain torch (slow, simple, vectorised per expert).
+
+    Args:
+        input: ``[T, H]`` activations (any float dtype).
+        token_selected_experts: ``[T, k]`` integer global expert ids; ids outside this rank's
+            range ``[ep_rank*E, (ep_rank+1)*E)`` contribute zero.
+        token_final_scales: ``[T, k]`` router weights.
+        fc1_expert_weights: ``[E, 2I, H]`` (rows ``[up | gate]``) for gated activations,
+            ``[E, I, H]`` otherwise.
+        fc2_expert_weights: ``[E, H, I]``.
+        activation_type: one of Swiglu, Geglu, Gelu (erf), Relu, Silu, Identity.
+        fc1_expert_biases: optional ``[E, 2I]`` / ``[E, I]``.
+        fc2_expert_biases: optional ``[E, H]``, added only when ``tp_rank == 0``.
+        swiglu_alpha, swiglu_beta, swiglu_limit: optional ``[E]``; any of them switches Swiglu to
+            the clamped form ``g = min(gate, limit); u = clamp(up, -limit, limit) + beta;
+            a = g * sigmoid(alpha * g) * u`` (missing ones default to 1, 0, float32 max).
+        tp_size, tp_rank: tensor parallelism (the weights are this rank's slice of I).
+        ep_size, ep_rank: expert parallelism (the weights are this rank's experts).
+        compute_dtype: dtype of every operation and of the result (float32 or float64).
+
+    Returns:
+        ``[T, H]`` tensor in ``compute_dtype`` on ``input.device``.
+    """
+    act = require_supported(activation_type)
+    if input.dim() != 2:
+        raise ValueError(f"input must be [T, H], got shape {tuple(input.shape)}")
+    num_tokens, hidden_size = input.shape
+    if token_selected_experts.dim() != 2 or token_selected_experts.shape[0] != num_tokens:
+        raise ValueError(
+            f"token_selected_experts must be [T={num_tokens}, k], got "
+            f"{tuple(token_selected_experts.shape)}"
+        )
+    if token_final_scales.shape != token_selected_experts.shape:
+        raise ValueError(
+            f"token_final_scales shape {tuple(token_final_scales.shape)} != "
+            f"token_selected_experts shape {tuple(token_selected_experts.shape)}"
+        )
+    if not 0 <= tp_rank < tp_size or not 0 <= ep_rank < ep_size:
+        raise ValueError(
+            f"need 0 <= tp_rank < tp_size and 0 <= ep_rank < ep_size, got tp {tp_rank}/{tp_size}, "
+            f"ep {ep_rank}/{ep_size}"
+        )
+    num_experts = fc1_expert_weights.shape[0]
+    inter_size = fc2_expert_weights.shape[2]
+    gated = is_gated(act)
+    expected_fc1 = (num_experts, 2 * inter_size if gated else inter_size, hidden_size)
+    if tuple(fc1_expert_weights.shape) != expected_fc1:
+        raise ValueError(
+            f"fc1_expert_weights must be {list(expected_fc1)} for {act.name}, got "
+            f"{list(fc1_expert_weights.shape)}"
+        )
+    if tuple(fc2_expert_weights.shape) != (num_experts, hidden_size, inter_size):
+        raise ValueError(
+            f"fc2_expert_weights must be {[num_experts, hidden_size, inter_size]}, got "
+            f"{list(fc2_expert_weights.shape)}"
+        )
+    clamped = any(t is not None for t in (swiglu_alpha, swiglu_beta, swiglu_limit))
+    if clamped and act != ActivationType.Swiglu:
+        raise ValueError("swiglu_alpha/beta/limit are only valid with ActivationType.Swiglu")
+
+    device = input.device
+    out = torch.zeros(num_tokens, hidden_size, dtype=compute_dtype, device=device)
+    top_k = token_selected_experts.shape[1]
+    if num_tokens == 0 or top_k == 0:
+        return out
+
+    x = input.to(compute_dtype)
+    expert_start = ep_rank * num_experts
+    local_expert = token_selected_experts.reshape(-1).to(torch.int64) - expert_start
+    scales = token_final_scales.reshape(-1).to(compute_dtype)
+    token_of_choice = torch.arange(num_tokens, device=device).repeat_interleave(top_k)
+    kept = torch.nonzero((local_expert >= 0) & (local_expert < num_experts)).squeeze(1)
+    local_expert = local_expert[kept]
+    order = torch.argsort(local_expert, stable=True)
+    kept = kept[order]
+    rows_per_expert = torch.bincount(local_expert, minlength=num_experts).tolist()
+
+    if clamped:
+        alpha = _or_full(swiglu_alpha, num_experts, 1.0, device)
+        beta = _or_full(swiglu_beta, num_experts, 0.0, device)
+        limit = _or_full(swiglu_limit, num_experts, DEFAULT_SWIGLU_LIMIT, device)
+
+    begin = 0
+    for expert, rows in enumerate(rows_per_expert):
+        if rows == 0:
+            continue
+        choices = kept[begin : begin + rows]
+        begin += rows
+        tokens = token_of_choice[choices]
+        h = x.index_select(0, tokens) @ fc1_expert_weights[expert].to(compute_dtype).t()
+        if fc1_expert_biases is not None:
+            h = h + fc1_expert_biases[expert].to(compute_dtype)
+        if clamped:
+            a = _clamped_swiglu(
+                h,
+                alpha[expert].to(compute_dtype),
+                beta[expert].to(compute_dtype),
+                limit[expert].to(compute_dtype),
+            )
+        else:
+            a = apply_activation(h, act)
+        y = a @ fc2_expert_weights[expert].to(compute_dtype).t()
+        if fc2_expert_biases is not None and tp_rank == 0:
+            y = y + fc2_expert_biases[expert].to(compute_dtype)
+        out.index_add_(0, tokens, y * scales[choices].unsqueeze(1))
+    return out
+
+
+def apply_activation(h: torch.Tensor, activation_type: ActivationType) -> torch.Tensor:
+    """The activation on GEMM1's output ``h`` (``[rows, 2I]`` gated as ``[up | gate]``, else
+    ``[rows, I]``); returns ``[rows, I]`` in ``h``'s dtype."""
+    act = require_supported(activation_type)
+    if is_gated(act):
+        up, gate = h.chunk(2, dim=-1)
+        if act == ActivationType.Swiglu:
+            return up * F.silu(gate)
+        return up * F.gelu(gate)
+    if act == ActivationType.Gelu:
+        return F.gelu(h)
+    if act == ActivationType.Relu:
+        return F.relu(h)
+    if act == ActivationType.Silu:
+        return F.silu(h)
+    return h
+
+
+def _clamped_swiglu(
+    h: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, limit: torch.Tensor
+) -> torch.Tensor:
+    up, gate = h.chunk(2, dim=-1)
+    g = torch.minimum(gate, limit)
+    u = torch.maximum(torch.minimum(up, limit), -limit) + beta
+    return g * torch.sigmoid(alpha * g) * u
+
+
+def _or_full(
+    values: torch.Tensor | None, num_experts: int, fill: float, device: torch.device
+) -> torch.Tensor:
+    if values is not None:
+        if values.shape != (num_experts,):
+            raise ValueError(
+                f"swiglu_alpha/beta/limit must be [E={num_experts}], got {tuple(values.shape)}"
+            )
+        return values
+    return torch.full((num_experts,), fill, dtype=torch.float32, device=device)

@@ -1,0 +1,29 @@
+"""Weight layout helpers."""
+
+from __future__ import annotations
+
+import torch
+
+
+def swap_w13_to_w31(w: torch.Tensor, dim: int = -2) -> torch.Tensor:
+    """Swaps the two halves of a fused gate/up weight along ``dim``.
+
+    vLLM and Hugging Face checkpoints store the fused GEMM1 weight gate first ("w13":
+    ``[E, 2I, H]`` with rows ``[gate | up]``); cutlass_moe (like FlashInfer and TensorRT-LLM)
+    expects up first ("w31": rows ``[up | gate]``). The swap is its own inverse, so the same call
+    converts back.
+
+    Args:
+        w: ``[..., 2I, H]`` weight (any dtype); for a fused fc1 bias ``[E, 2I]`` pass ``dim=-1``.
+        dim: the dimension holding the ``2I`` fused rows.
+
+    Returns:
+        A new contiguous tensor of the same shape, dtype and device with the halves swapped.
+    """
+    size = w.shape[dim]
+    if size % 2 != 0:
+        raise ValueError(
+            f"swap_w13_to_w31 needs an even size along dim {dim}, got shape {tuple(w.shape)}"
+        )
+    first, second = w.split(size // 2, dim=dim)
+    return torch.cat((second, first), dim=dim).contiguous()

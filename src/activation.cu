@@ -1,0 +1,253 @@
+// Elementwise stage between GEMM1 and GEMM2: fc1 bias, then the activation (see activation.h).
+//
+// One launch: blockIdx.x = permuted row, blockIdx.y = column tile, each thread one group of
+// kWidth output columns (8 -> 16-byte loads/stores, or 1 for the scalar fallback). Rows at or
+// past expert_first_token_offset[E] exit at once, so the grid depends only on (T*k, I).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime_api.h>
+#include <math_constants.h>
+
+#include <cstdint>
+#include <limits>
+#include <string>
+
+#include "cutlass_moe/activation.h"
+#include "cutlass_moe/cuda_check.h"
+#include "cutlass_moe/problem.h"
+
+namespace cutlass_moe {
+namespace {
+
+constexpr int kWarpSize = 32;
+constexpr int kMaxThreads = 256;
+constexpr int kMaxGridY = 65535;
+constexpr int kVectorBytes = 16;
+constexpr int kVectorWidth = 8;  // 16-bit elements per 16-byte vector
+
+__host__ __device__ constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) {
+  return __float2half_rn(x);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+// kWidth consecutive elements; alignas makes the 8-wide case a single 128-bit access.
+template <typename T, int kWidth>
+struct alignas(sizeof(T) * kWidth) Elements {
+  T v[kWidth];
+};
+
+template <typename T, int kWidth>
+__device__ __forceinline__ void load_floats(const T* src, float (&dst)[kWidth]) {
+  const Elements<T, kWidth> loaded = *reinterpret_cast<const Elements<T, kWidth>*>(src);
+#pragma unroll
+  for (int i = 0; i < kWidth; ++i) dst[i] = to_float(loaded.v[i]);
+}
+
+template <typename T, int kWidth>
+__device__ __forceinline__ void store_floats(T* dst, const float (&src)[kWidth]) {
+  Elements<T, kWidth> packed;
+#pragma unroll
+  for (int i = 0; i < kWidth; ++i) packed.v[i] = from_float<T>(src[i]);
+  *reinterpret_cast<Elements<T, kWidth>*>(dst) = packed;
+}
+
+// Comparisons are written so that NaN propagates, as in the torch reference
+// (fmaxf/fminf would turn NaN into the other operand).
+__device__ __forceinline__ float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+template <Activation kAct>
+__device__ __forceinline__ float activate(float x) {
+  if constexpr (kAct == Activation::kRelu) {
+    return x < 0.0f ? 0.0f : x;
+  } else if constexpr (kAct == Activation::kGelu || kAct == Activation::kGeglu) {
+    constexpr float kInvSqrt2 = 0.70710678118654752440f;
+    return 0.5f * x * (1.0f + erff(x * kInvSqrt2));  // exact (erf) GELU, not the tanh form
+  } else if constexpr (kAct == Activation::kSilu || kAct == Activation::kSwiglu) {
+    return x * sigmoid(x);
+  } else {
+    return x;  // identity
+  }
+}
+
+// Clamped SwiGLU parameters of one expert (gpt-oss). Each pointer is optional on its own; a
+// missing one takes the value that leaves that part of the formula inert: alpha = 1,
+// beta = 0, limit = +inf. With all three at their defaults the result equals plain SwiGLU.
+struct SwigluClamp {
+  const float* alpha;
+  const float* beta;
+  const float* limit;
+  __host__ __device__ bool enabled() const { return alpha != nullptr || beta != nullptr || limit != nullptr; }
+};
+
+template <typename T, Activation kAct, int kWidth>
+__global__ void __launch_bounds__(kMaxThreads)
+    activation_kernel(const T* __restrict__ fc1_out, T* __restrict__ act_out, int64_t inter_size,
+                      const int64_t* __restrict__ expert_first_token_offset, int num_experts,
+                      const int32_t* __restrict__ permuted_expert, const T* __restrict__ fc1_bias,
+                      SwigluClamp clamp) {
+  constexpr bool kGated = kAct == Activation::kSwiglu || kAct == Activation::kGeglu;
+  const int64_t row = blockIdx.x;
+  if (row >= expert_first_token_offset[num_experts]) return;
+  const int64_t col = (static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x) * kWidth;
+  if (col >= inter_size) return;
+
+  const int64_t in_cols = kGated ? 2 * inter_size : inter_size;
+  const bool clamped = kAct == Activation::kSwiglu && clamp.enabled();
+  // Only read the expert id when something per-expert is needed.
+  const int expert = (fc1_bias != nullptr || clamped) ? permuted_expert[row] : 0;
+
+  // Gated: the first I columns are "up", the second I "gate" (FlashInfer / TRT-LLM order).
+  float up[kWidth];
+  float gate[kWidth];
+  load_floats<T, kWidth>(fc1_out + row * in_cols + col, up);
+  if constexpr (kGated) load_floats<T, kWidth>(fc1_out + row * in_cols + inter_size + col, gate);
+  if (fc1_bias != nullptr) {
+    float bias[kWidth];
+    const T* bias_row = fc1_bias + expert * in_cols;
+    load_floats<T, kWidth>(bias_row + col, bias);
+#pragma unroll
+    for (int i = 0; i < kWidth; ++i) up[i] += bias[i];
+    if constexpr (kGated) {
+      load_floats<T, kWidth>(bias_row + inter_size + col, bias);
+#pragma unroll
+      for (int i = 0; i < kWidth; ++i) gate[i] += bias[i];
+    }
+  }
+
+  float result[kWidth];
+  if constexpr (kGated) {
+    if (clamped) {
+      const float alpha = clamp.alpha != nullptr ? clamp.alpha[expert] : 1.0f;
+      const float beta = clamp.beta != nullptr ? clamp.beta[expert] : 0.0f;
+      const float limit = clamp.limit != nullptr ? clamp.limit[expert] : CUDART_INF_F;
+#pragma unroll
+      for (int i = 0; i < kWidth; ++i) {
+        const float g = gate[i] > limit ? limit : gate[i];
+        float u = up[i] > limit ? limit : up[i];
+        u = u < -limit ? -limit : u;
+        result[i] = g * sigmoid(alpha * g) * (u + beta);
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < kWidth; ++i) result[i] = up[i] * activate<kAct>(gate[i]);
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < kWidth; ++i) result[i] = activate<kAct>(up[i]);
+  }
+  store_floats<T, kWidth>(act_out + row * inter_size + col, result);
+}
+
+bool is_aligned(const void* ptr, size_t bytes) {
+  return reinterpret_cast<uintptr_t>(ptr) % bytes == 0;
+}
+
+struct LaunchArgs {
+  const void* fc1_out;
+  void* act_out;
+  int64_t expanded_rows;
+  int64_t inter_size;
+  const int64_t* expert_first_token_offset;
+  int num_experts;
+  const int32_t* permuted_expert;
+  const void* fc1_bias;
+  SwigluClamp clamp;
+  cudaStream_t stream;
+};
+
+template <typename T, Activation kAct, int kWidth>
+void launch_typed(const LaunchArgs& args) {
+  // Spread a row's column groups evenly over the fewest tiles of at most kMaxThreads threads.
+  const int64_t groups = ceil_div(args.inter_size, kWidth);
+  const int64_t tiles = ceil_div(groups, kMaxThreads);
+  if (tiles > kMaxGridY) throw InvalidArgument("activation: inter_size too large");
+  const int threads = static_cast<int>(ceil_div(ceil_div(groups, tiles), kWarpSize) * kWarpSize);
+  const dim3 grid(static_cast<unsigned>(args.expanded_rows), static_cast<unsigned>(tiles));
+  activation_kernel<T, kAct, kWidth><<<grid, threads, 0, args.stream>>>(
+      static_cast<const T*>(args.fc1_out), static_cast<T*>(args.act_out), args.inter_size,
+      args.expert_first_token_offset, args.num_experts, args.permuted_expert,
+      static_cast<const T*>(args.fc1_bias), args.clamp);
+  CUTLASS_MOE_CHECK_LAUNCH("activation_kernel");
+}
+
+template <typename T, Activation kAct>
+void launch_width(const LaunchArgs& args) {
+  const bool vectorised = args.inter_size % kVectorWidth == 0 &&
+                          is_aligned(args.fc1_out, kVectorBytes) &&
+                          is_aligned(args.act_out, kVectorBytes) &&
+                          (args.fc1_bias == nullptr || is_aligned(args.fc1_bias, kVectorBytes));
+  if (vectorised) {
+    launch_typed<T, kAct, kVectorWidth>(args);
+  } else {
+    launch_typed<T, kAct, 1>(args);
+  }
+}
+
+template <typename T>
+void launch_activation_fn(Activation activation, const LaunchArgs& args) {
+  switch (activation) {
+    case Activation::kIdentity:
+      return launch_width<T, Activation::kIdentity>(args);
+    case Activation::kRelu:
+      return launch_width<T, Activation::kRelu>(args);
+    case Activation::kGelu:
+      return launch_width<T, Activation::kGelu>(args);
+    case Activation::kSilu:
+      return launch_width<T, Activation::kSilu>(args);
+    case Activation::kSwiglu:
+      return launch_width<T, Activation::kSwiglu>(args);
+    case Activation::kGeglu:
+      return launch_width<T, Activation::kGeglu>(args);
+  }
+  throw InvalidArgument("activation: unknown activation enum value " +
+                        std::to_string(static_cast<int>(activation)));
+}
+
+}  // namespace
+
+void launch_activation(DType dtype, Activation activation, const void* fc1_out, void* act_out,
+                       int64_t expanded_rows, int64_t inter_size,
+                       const int64_t* expert_first_token_offset, int num_experts,
+                       const int32_t* permuted_expert, const void* fc1_bias,
+                       const float* swiglu_alpha, const float* swiglu_beta,
+                       const float* swiglu_limit, cudaStream_t stream) {
+  if (dtype != DType::kFloat16 && dtype != DType::kBFloat16) {
+    throw InvalidArgument("activation: dtype must be float16 or bfloat16");
+  }
+  if (expanded_rows < 0 || expanded_rows > std::numeric_limits<int32_t>::max()) {
+    throw InvalidArgument("activation: expanded_rows must be in [0, 2^31)");
+  }
+  if (inter_size < 0) throw InvalidArgument("activation: inter_size must be >= 0");
+  if (num_experts < 1) throw InvalidArgument("activation: num_experts must be >= 1");
+  if (expanded_rows == 0 || inter_size == 0) return;
+  if (fc1_out == nullptr || act_out == nullptr || expert_first_token_offset == nullptr) {
+    throw InvalidArgument("activation: a required device pointer is null");
+  }
+  const SwigluClamp clamp{swiglu_alpha, swiglu_beta, swiglu_limit};
+  if ((fc1_bias != nullptr || (activation == Activation::kSwiglu && clamp.enabled())) &&
+      permuted_expert == nullptr) {
+    throw InvalidArgument("activation: permuted_expert is required with a bias or clamped SwiGLU");
+  }
+
+  const LaunchArgs args{fc1_out,          act_out,     expanded_rows,   inter_size,
+                        expert_first_token_offset, num_experts, permuted_expert, fc1_bias,
+                        clamp,            stream};
+  if (dtype == DType::kFloat16) {
+    launch_activation_fn<__half>(activation, args);
+  } else {
+    launch_activation_fn<__nv_bfloat16>(activation, args);
+  }
+}
+
+}  // namespace cutlass_moe

@@ -1,0 +1,106 @@
+"""Shared test helpers: relative error, random MoE problems, a naive reference."""
+
+from __future__ import annotations
+
+import torch
+
+
+def rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """``||out - ref|| / ||ref||`` in float64; 0 for two empty tensors."""
+    out64, ref64 = out.detach().double(), ref.detach().double()
+    denom = ref64.norm().item()
+    if denom == 0.0:
+        return 0.0 if out64.norm().item() == 0.0 else float("inf")
+    return (out64 - ref64).norm().item() / denom
+
+
+def random_routing(
+    num_tokens: int,
+    num_experts: int,
+    top_k: int,
+    device: torch.device | str = "cpu",
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax/top-k routing of random logits: ``(ids int32 [T, k], scales float32 [T, k])``
+    with distinct ids per row and scales summing to 1."""
+    logits = torch.randn(num_tokens, num_experts, device=device, generator=generator)
+    scales, ids = torch.softmax(logits, dim=-1).topk(top_k, dim=-1)
+    scales = scales / scales.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+    return ids.to(torch.int32), scales.to(torch.float32)
+
+
+def random_weights(
+    num_experts: int,
+    hidden_size: int,
+    inter_size: int,
+    gated: bool,
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``fc1 [E, 2I or I, H]`` and ``fc2 [E, H, I]`` drawn from N(0, 1/fan_in)."""
+    n1 = 2 * inter_size if gated else inter_size
+    fc1 = torch.randn(num_experts, n1, hidden_size, device=device, generator=generator)
+    fc2 = torch.randn(num_experts, hidden_size, inter_size, device=device, generator=generator)
+    return (fc1 * hidden_size**-0.5).to(dtype), (fc2 * inter_size**-0.5).to(dtype)
+
+
+def naive_activation(h: torch.Tensor, name: str) -> torch.Tensor:
+    """Activation of one row ``h`` written out from the definitions (gated: ``[up | gate]``)."""
+    if name in ("Swiglu", "Geglu"):
+        half = h.shape[-1] // 2
+        up, gate = h[..., :half], h[..., half:]
+        if name == "Swiglu":
+            return up * gate * torch.sigmoid(gate)
+        return up * 0.5 * gate * (1.0 + torch.erf(gate / 2.0**0.5))
+    if name == "Gelu":
+        return 0.5 * h * (1.0 + torch.erf(h / 2.0**0.5))
+    if name == "Relu":
+        return torch.clamp_min(h, 0.0)
+    if name == "Silu":
+        return h * torch.sigmoid(h)
+    if name == "Identity":
+        return h
+    raise ValueError(name)
+
+
+def naive_moe(
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    scales: torch.Tensor,
+    fc1: torch.Tensor,
+    fc2: torch.Tensor,
+    activation: str,
+    b1: torch.Tensor | None = None,
+    b2: torch.Tensor | None = None,
+    clamp: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    tp_rank: int = 0,
+    ep_rank: int = 0,
+) -> torch.Tensor:
+    """Per-token, per-choice Python loop in float64 (the slowest, plainest definition)."""
+    num_tokens, hidden_size = x.shape
+    num_experts = fc1.shape[0]
+    out = torch.zeros(num_tokens, hidden_size, dtype=torch.float64)
+    for t in range(num_tokens):
+        for j in range(ids.shape[1]):
+            e = int(ids[t, j]) - ep_rank * num_experts
+            if not 0 <= e < num_experts:
+                continue
+            h = fc1[e].double() @ x[t].double()
+            if b1 is not None:
+                h = h + b1[e].double()
+            if clamp is not None:
+                alpha, beta, limit = (float(v[e]) for v in clamp)
+                half = h.shape[0] // 2
+                up, gate = h[:half], h[half:]
+                g = torch.clamp(gate, max=limit)
+                u = torch.clamp(up, -limit, limit) + beta
+                a = g * torch.sigmoid(alpha * g) * u
+            else:
+                a = naive_activation(h, activation)
+            y = fc2[e].double() @ a
+            if b2 is not None and tp_rank == 0:
+                y = y + b2[e].double()
+            out[t] += float(scales[t, j]) * y
+    return out
+

@@ -1,0 +1,28 @@
+"""Test configuration: the `gpu` marker, and finding the package in a source checkout."""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+import sys
+
+import pytest
+import torch
+
+# An installed cutlass_moe (wheel or editable, with its compiled _C) wins; a plain source
+# checkout falls back to python/ (CPU tests only need the Python layer).
+if importlib.util.find_spec("cutlass_moe") is None:
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "python"))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="no CUDA device is available")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

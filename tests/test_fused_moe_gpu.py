@@ -1,0 +1,385 @@
+"""cutlass_fused_moe on a GPU against reference_moe (float32), DESIGN.md §8.
+
+Every output buffer is poisoned with NaN before the run; inputs are random (never zeros) and
+weights are drawn from N(0, 1/fan_in). Thresholds (relative L2): fp16 2e-3, bf16 1e-2.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from _helpers import rel_l2
+from cutlass_moe import ActivationType, _ext, cutlass_fused_moe, ops, reference_moe
+
+pytestmark = pytest.mark.gpu
+
+DEVICE = "cuda"
+TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
+DTYPES = [torch.float16, torch.bfloat16]
+GATED = (ActivationType.Swiglu, ActivationType.Geglu)
+ALL_ACTIVATIONS = [ActivationType.Swiglu, ActivationType.Geglu, ActivationType.Gelu,
+                   ActivationType.Relu, ActivationType.Silu, ActivationType.Identity]
+
+
+@functools.lru_cache(maxsize=2)
+def _weights(num_experts, hidden, inter, gated, dtype, seed=0):
+    """``(fc1, fc2)`` on the GPU, N(0, 1/fan_in); cached so parametrised runs that differ only
+    in tokens share them (at most two sets alive, to bound memory)."""
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    n1 = 2 * inter if gated else inter
+    fc1 = torch.randn(num_experts, n1, hidden, device=DEVICE, dtype=dtype, generator=gen)
+    fc2 = torch.randn(num_experts, hidden, inter, device=DEVICE, dtype=dtype, generator=gen)
+    return fc1.mul_(hidden**-0.5), fc2.mul_(inter**-0.5)
+
+
+def _tokens(num_tokens, hidden, num_experts, top_k, dtype, seed):
+    """Random ``x [T, H]`` and softmax/top-k routing (distinct ids per row)."""
+    gen = torch.Generator(device=DEVICE).manual_seed(1000 + seed)
+    x = torch.randn(num_tokens, hidden, device=DEVICE, dtype=dtype, generator=gen)
+    logits = torch.randn(num_tokens, num_experts, device=DEVICE, generator=gen)
+    scales, ids = torch.softmax(logits, dim=-1).topk(top_k, dim=-1)
+    return x, ids.to(torch.int32), (scales / scales.sum(-1, keepdim=True)).float()
+
+
+def _run(x, ids, scales, fc1, fc2, out_dtype=None, **kwargs):
+    """Runs with a NaN-poisoned ``output=`` and checks it is returned and fully written."""
+    out_dtype = out_dtype or x.dtype
+    output = torch.full((x.shape[0], x.shape[1]), float("nan"), dtype=out_dtype, device=DEVICE)
+    result = cutlass_fused_moe(x, ids, scales, fc1, fc2, out_dtype, output=output, **kwargs)
+    assert isinstance(result, list) and result[0] is output
+    assert not output.isnan().any(), "some output elements were not written"
+    return output
+
+
+def _reference(x, ids, scales, fc1, fc2, **kwargs):
+    only_op = ("tactics", "check_inputs", "workspace_buffer")
+    ref_kwargs = {k: v for k, v in kwargs.items() if k not in only_op}
+    return reference_moe(x, ids, scales, fc1, fc2, **ref_kwargs)
+
+
+def _check(x, ids, scales, fc1, fc2, out_dtype=None, tol=None, **kwargs):
+    out = _run(x, ids, scales, fc1, fc2, out_dtype, **kwargs)
+    ref = _reference(x, ids, scales, fc1, fc2, **kwargs)
+    err = rel_l2(out.float(), ref)
+    assert err <= (tol or TOLERANCE[x.dtype]), f"relative L2 error {err:.3g}"
+    return out, ref
+
+
+# ------------------------------------------------------------------ the core cross product
+
+_CORE_EK = [(1, 1)] + [(e, k) for e in (8, 60, 128) for k in (1, 2, 4, 8)]
+_CORE_T = [0, 1, 7, 64, 1000, 4096]
+# dtype, then E, then k, then T: consecutive cases share cached weights.
+_CORE_CASES = [
+    pytest.param(dtype, e, k, t, id=f"{str(dtype)[6:]}-E{e}-k{k}-T{t}")
+    for dtype in DTYPES for e, k in _CORE_EK for t in _CORE_T
+]
+
+
+@pytest.mark.parametrize("dtype,num_experts,top_k,num_tokens", _CORE_CASES)
+def test_core_cross_product(dtype, num_experts, top_k, num_tokens):
+    hidden, inter = 2048, 1408
+    fc1, fc2 = _weights(num_experts, hidden, inter, True, dtype)
+    x, ids, scales = _tokens(num_tokens, hidden, num_experts, top_k, dtype, seed=num_tokens)
+    out, _ = _check(x, ids, scales, fc1, fc2)
+    assert out.shape == (num_tokens, hidden)
+
+
+_SHAPE_CASES = [
+    pytest.param(dtype, h, i, e, k, t, id=f"{str(dtype)[6:]}-H{h}-I{i}-E{e}-k{k}-T{t}")
+    for dtype in DTYPES
+    for h, i in ((2048, 768), (2880, 2880))
+    for e, k in ((8, 2), (60, 4), (128, 8))
+    for t in (1, 64, 1000)
+]
+
+
+@pytest.mark.parametrize("dtype,hidden,inter,num_experts,top_k,num_tokens", _SHAPE_CASES)
+def test_other_shapes(dtype, hidden, inter, num_experts, top_k, num_tokens):
+    fc1, fc2 = _weights(num_experts, hidden, inter, True, dtype)
+    x, ids, scales = _tokens(num_tokens, hidden, num_experts, top_k, dtype, seed=num_tokens)
+    _check(x, ids, scales, fc1, fc2)
+
+
+# ------------------------------------------------------------------ routing edge cases
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("expert", [0, 5, 7])
+def test_all_tokens_to_one_expert(dtype, expert):
+    fc1, fc2 = _weights(8, 2048, 1408, True, dtype)
+    x, ids, scales = _tokens(1000, 2048, 8, 2, dtype, seed=1)
+    ids[:, 0] = expert
+    ids[:, 1] = (expert + 1 + torch.arange(1000, device=DEVICE) % 7) % 8  # never == expert
+    _check(x, ids, scales, fc1, fc2)
+    _check(x, ids[:, :1].contiguous(), torch.ones_like(scales[:, :1]), fc1, fc2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_experts_with_no_tokens(dtype):
+    fc1, fc2 = _weights(60, 2048, 1408, True, dtype)
+    x, ids, scales = _tokens(300, 2048, 60, 4, dtype, seed=2)
+    ids = (ids % 15) * 4  # only experts 0, 4, ..., 56 (duplicates possible)
+    _check(x, ids, scales, fc1, fc2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_duplicate_ids_in_a_row(dtype):
+    fc1, fc2 = _weights(8, 2048, 1408, True, dtype)
+    x, ids, scales = _tokens(257, 2048, 8, 4, dtype, seed=3)
+    ids[:, 1] = ids[:, 0]
+    ids[::3, :] = 6
+    _check(x, ids, scales, fc1, fc2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("ep_rank", [0, 1, 3])
+def test_expert_parallel_and_out_of_range_ids(dtype, ep_rank):
+    ep_size, local = 4, 8
+    fc1, fc2 = _weights(local, 2048, 1408, True, dtype)
+    x, ids, scales = _tokens(500, 2048, local * ep_size, 4, dtype, seed=4 + ep_rank)
+    ids[0, 0] = -1
+    ids[1, 1] = local * ep_size  # one past the last global expert
+    ids[2, 2] = 2**31 - 1
+    ids[3, 3] = -(2**31)
+    ids[4, :] = -7  # no valid choice at all: a zero row
+    out, _ = _check(x, ids, scales, fc1, fc2, ep_size=ep_size, ep_rank=ep_rank)
+    assert torch.all(out[4] == 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ids_all_on_other_ranks_give_zeros(dtype):
+    fc1, fc2 = _weights(8, 2048, 1408, True, dtype)
+    x, ids, scales = _tokens(64, 2048, 8, 2, dtype, seed=5)
+    out = _run(x, ids + 8, scales, fc1, fc2, ep_size=2, ep_rank=0)
+    assert torch.all(out == 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_int64_ids_and_noncontiguous_input(dtype):
+    fc1, fc2 = _weights(8, 2048, 1408, True, dtype)
+    x, ids, scales = _tokens(100, 2048, 8, 2, dtype, seed=6)
+    ids64 = ids.long()
+    ids64[0, 0] = 2**32 + 1  # out of range: must not alias expert 1
+    x_strided = torch.empty(2048, 100, device=DEVICE, dtype=dtype).t()
+    x_strided.copy_(x)
+    _check(x_strided, ids64, scales.to(dtype), fc1, fc2)
+
+
+# ------------------------------------------------------------------ activations and biases
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ALL_ACTIVATIONS, ids=lambda a: a.name)
+def test_activations_with_biases(dtype, activation):
+    fc1, fc2 = _weights(8, 2048, 768, activation in GATED, dtype, seed=7)
+    x, ids, scales = _tokens(257, 2048, 8, 2, dtype, seed=7)
+    gen = torch.Generator(device=DEVICE).manual_seed(8)
+    b1 = torch.randn(fc1.shape[:2], device=DEVICE, generator=gen).to(dtype) * 0.5
+    b2 = torch.randn(fc2.shape[:2], device=DEVICE, generator=gen).to(dtype) * 0.5
+    _check(x, ids, scales, fc1, fc2, activation_type=activation)
+    _check(x, ids, scales, fc1, fc2, activation_type=activation, fc1_expert_biases=b1,
+           fc2_expert_biases=b2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fc2_bias_only_on_tp_rank0(dtype):
+    fc1, fc2 = _weights(8, 2048, 768, True, dtype, seed=9)
+    x, ids, scales = _tokens(64, 2048, 8, 2, dtype, seed=9)
+    b2 = torch.randn(fc2.shape[:2], device=DEVICE).to(dtype)
+    rank0, _ = _check(x, ids, scales, fc1, fc2, fc2_expert_biases=b2, tp_size=2, tp_rank=0)
+    rank1, _ = _check(x, ids, scales, fc1, fc2, fc2_expert_biases=b2, tp_size=2, tp_rank=1)
+    plain = _run(x, ids, scales, fc1, fc2)
+    assert torch.equal(rank1, plain)
+    assert rel_l2(rank0.float(), plain.float()) > 0.1
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_clamped_swiglu(dtype):
+    fc1, fc2 = _weights(8, 2048, 768, True, dtype, seed=10)
+    x, ids, scales = _tokens(300, 2048, 8, 2, dtype, seed=10)
+    x = x * 3  # so that the limit clamps
+    gen = torch.Generator(device=DEVICE).manual_seed(10)
+    alpha = torch.rand(8, device=DEVICE, generator=gen) + 1.0
+    beta = torch.rand(8, device=DEVICE, generator=gen)
+    limit = torch.rand(8, device=DEVICE, generator=gen) + 1.0
+    out, _ = _check(x, ids, scales, fc1, fc2, swiglu_alpha=alpha, swiglu_beta=beta,
+                    swiglu_limit=limit)
+    assert rel_l2(out.float(), _reference(x, ids, scales, fc1, fc2)) > 0.05
+    _check(x, ids, scales, fc1, fc2, swiglu_limit=limit)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gate_up_order_against_explicit_reference(dtype):
+    """fc1 rows are [up | gate]: out = down @ (silu(gate @ x) * (up @ x))."""
+    num_experts, hidden, inter = 4, 1024, 512
+    gen = torch.Generator(device=DEVICE).manual_seed(11)
+    gate = (torch.randn(num_experts, inter, hidden, device=DEVICE, generator=gen)
+            * hidden**-0.5).to(dtype)
+    up = (torch.randn(num_experts, inter, hidden, device=DEVICE, generator=gen)
+          * hidden**-0.5).to(dtype)
+    down = (torch.randn(num_experts, hidden, inter, device=DEVICE, generator=gen)
+            * inter**-0.5).to(dtype)
+    x, ids, scales = _tokens(96, hidden, num_experts, 2, dtype, seed=11)
+    expected = torch.zeros(96, hidden, device=DEVICE)
+    for e in range(num_experts):
+        for j in range(2):
+            rows = (ids[:, j] == e).nonzero().squeeze(1)
+            xe = x[rows].float()
+            h = torch.nn.functional.silu(xe @ gate[e].float().t()) * (xe @ up[e].float().t())
+            expected[rows] += scales[rows, j, None] * (h @ down[e].float().t())
+    w31 = torch.cat([up, gate], dim=1)
+    out = _run(x, ids, scales, w31, down.contiguous())
+    assert rel_l2(out.float(), expected) <= TOLERANCE[dtype]
+    swapped = _run(x, ids, scales, torch.cat([gate, up], dim=1), down.contiguous())
+    assert rel_l2(swapped.float(), expected) > 0.1
+
+
+# ------------------------------------------------------------------ outputs
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_output_dtype_float32(dtype):
+    fc1, fc2 = _weights(8, 2048, 1408, True, dtype)
+    x, ids, scales = _tokens(200, 2048, 8, 2, dtype, seed=12)
+    out, _ = _check(x, ids, scales, fc1, fc2, out_dtype=torch.float32)
+    assert out.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_allocated_output_and_determinism(dtype):
+    fc1, fc2 = _weights(8, 2048, 1408, True, dtype)
+    x, ids, scales = _tokens(333, 2048, 8, 2, dtype, seed=13)
+    first = cutlass_fused_moe(x, ids, scales, fc1, fc2, dtype)[0]
+    second = cutlass_fused_moe(x, ids, scales, fc1, fc2, dtype)[0]
+    assert first.dtype == dtype and first.shape == x.shape and first.device == x.device
+    assert torch.equal(first, second), "results differ between identical calls"
+    assert rel_l2(first.float(), reference_moe(x, ids, scales, fc1, fc2)) <= TOLERANCE[dtype]
+
+
+def test_zero_tokens():
+    fc1, fc2 = _weights(8, 2048, 1408, True, torch.bfloat16)
+    x, ids, scales = _tokens(0, 2048, 8, 2, torch.bfloat16, seed=0)
+    out = cutlass_fused_moe(x, ids, scales, fc1, fc2, torch.bfloat16)[0]
+    assert out.shape == (0, 2048) and out.is_cuda
+
+
+def test_workspace_buffer():
+    dtype = torch.bfloat16
+    fc1, fc2 = _weights(8, 2048, 1408, True, dtype)
+    x, ids, scales = _tokens(128, 2048, 8, 2, dtype, seed=14)
+    buffer = torch.empty(512 << 20, dtype=torch.uint8, device=DEVICE)
+    _check(x, ids, scales, fc1, fc2, workspace_buffer=buffer)
+    with pytest.raises(ValueError, match="workspace_buffer has 1 bytes"):
+        _run(x, ids, scales, fc1, fc2, workspace_buffer=buffer[:1])
+
+
+# ------------------------------------------------------------------ every tactic
+
+
+def _activations_of(desc):
+    """Activations to check a tactic with: those it declares, else a gated and a plain one."""
+    if "activations" in desc:
+        return [a for a in ALL_ACTIVATIONS
+                if ops.supports_activation(desc, _ext.activation_to_enum(a))]
+    return [ActivationType.Swiglu, ActivationType.Relu]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("gemm", [1, 2])
+def test_every_tactic(dtype, gemm):
+    runner = _ext.get_runner(dtype, dtype, dtype)
+    descs = runner.tactics(gemm)
+    assert descs, f"no runnable GEMM{gemm} tactic"
+    failures = []
+    for desc in descs:
+        for activation in _activations_of(desc):
+            gated = activation in GATED
+            fc1, fc2 = _weights(8, 2048, 1408, gated, dtype, seed=15)
+            act_value = _ext.activation_to_enum(activation)
+            other = [d for d in runner.tactics(3 - gemm) if ops.supports_activation(d, act_value)]
+            other_name = ops.default_tactic(other, 300 * 2 / 8)
+            names = (desc["name"], other_name) if gemm == 1 else (other_name, desc["name"])
+            for num_tokens in (1, 300):
+                x, ids, scales = _tokens(num_tokens, 2048, 8, 2, dtype, seed=num_tokens)
+                try:
+                    out = _run(x, ids, scales, fc1, fc2, tactics=names, activation_type=activation)
+                    err = rel_l2(out.float(), reference_moe(x, ids, scales, fc1, fc2, activation))
+                except (RuntimeError, ValueError) as exc:  # collect: report every bad tactic
+                    failures.append(f"{names} {activation.name} T={num_tokens}: {exc}")
+                    continue
+                if not err <= TOLERANCE[dtype]:
+                    failures.append(f"{names} {activation.name} T={num_tokens}: rel err {err:.3g}")
+    assert not failures, "\n".join(failures)
+
+
+# ------------------------------------------------------------------ graphs, compile, checks
+
+
+def test_cuda_graph_capture_and_replay():
+    dtype = torch.bfloat16
+    fc1, fc2 = _weights(8, 2048, 1408, True, dtype)
+    x, ids, scales = _tokens(64, 2048, 8, 2, dtype, seed=16)
+    static_x, static_ids, static_scales = x.clone(), ids.clone(), scales.clone()
+    static_out = torch.empty(64, 2048, dtype=dtype, device=DEVICE)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside capture (first-call setup)
+        cutlass_fused_moe(static_x, static_ids, static_scales, fc1, fc2, dtype, output=static_out)
+    torch.cuda.current_stream().wait_stream(side)
+
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        cutlass_fused_moe(static_x, static_ids, static_scales, fc1, fc2, dtype, output=static_out)
+
+    for seed in (17, 18, 19):
+        x, ids, scales = _tokens(64, 2048, 8, 2, dtype, seed=seed)
+        static_x.copy_(x)
+        static_ids.copy_(ids)
+        static_scales.copy_(scales)
+        static_out.fill_(float("nan"))
+        graph.replay()
+        eager = cutlass_fused_moe(x, ids, scales, fc1, fc2, dtype)[0]
+        torch.cuda.synchronize()
+        assert torch.equal(static_out, eager)
+
+
+class _MoeBlock(torch.nn.Module):
+    def __init__(self, fc1, fc2, num_experts, top_k):
+        super().__init__()
+        self.fc1 = torch.nn.Parameter(fc1, requires_grad=False)
+        self.fc2 = torch.nn.Parameter(fc2, requires_grad=False)
+        self.num_experts, self.top_k = num_experts, top_k
+
+    def forward(self, x, ids, scales):
+        out = cutlass_fused_moe(x * 2, ids, scales, self.fc1, self.fc2, x.dtype)[0]
+        return out + x
+
+
+def test_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    dtype = torch.bfloat16
+    fc1, fc2 = _weights(8, 2048, 1408, True, dtype)
+    block = _MoeBlock(fc1, fc2, 8, 2)
+    compiled = torch.compile(block, fullgraph=True)
+    with torch.no_grad():
+        for seed, num_tokens in ((20, 64), (21, 64), (22, 200)):
+            x, ids, scales = _tokens(num_tokens, 2048, 8, 2, dtype, seed=seed)
+            torch.testing.assert_close(compiled(x, ids, scales), block(x, ids, scales))
+
+
+def test_check_inputs_rejects_bad_ids(monkeypatch):
+    dtype = torch.bfloat16
+    fc1, fc2 = _weights(8, 2048, 1408, True, dtype)
+    x, ids, scales = _tokens(16, 2048, 8, 2, dtype, seed=23)
+    _check(x, ids, scales, fc1, fc2, check_inputs=True)
+    ids[3, 1] = 8
+    ids[5, 0] = -2
+    with pytest.raises(ValueError, match=r"outside \[0, 8\): -2, 8"):
+        cutlass_fused_moe(x, ids, scales, fc1, fc2, dtype, check_inputs=True)
+    monkeypatch.setenv(ops.CHECK_INPUTS_ENV, "1")
+    with pytest.raises(ValueError, match="outside"):
+        cutlass_fused_moe(x, ids, scales, fc1, fc2, dtype)

@@ -1,0 +1,266 @@
+"""cutlass_fused_moe's dispatch into the extension, on CPU with a fake ``_C``.
+
+The fake runner (tests/_fake_ext.py) reads every tensor through the integer pointers it is given
+and computes the layer with reference_moe, so these tests check the pointers, sizes, options,
+tactics and workspace that the Python layer passes, in the binding's documented order, and that
+the public function traces under torch.compile(fullgraph=True).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+from _fake_ext import FakeMoeRunner, make_fake_extension
+from _helpers import random_routing, random_weights, rel_l2
+from cutlass_moe import ActivationType, _ext, cutlass_fused_moe, ops, reference_moe
+from cutlass_moe.ops import default_tactic
+
+STREAM = 0xC0FFEE
+GATED = (ActivationType.Swiglu, ActivationType.Geglu)
+
+
+@pytest.fixture
+def fake_cpu(monkeypatch):
+    """The fake extension, with the CUDA-only steps (device guard, stream, CUDA check) made
+    CPU-friendly so the whole call path runs on host tensors."""
+    monkeypatch.setattr(_ext, "device_guard", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(_ext, "stream_handle", lambda device: STREAM)
+    monkeypatch.setattr(ops, "_require_cuda", lambda device: None)
+    monkeypatch.delenv(ops.CHECK_INPUTS_ENV, raising=False)
+    FakeMoeRunner.constructed.clear()
+    with _ext._replaced_extension(make_fake_extension()):
+        yield
+
+
+def _runner(act=torch.bfloat16, out=None):
+    return _ext.get_runner(act, act, out or act)
+
+
+def _problem(t=9, e=4, k=2, h=16, i=8, activation=ActivationType.Swiglu, dtype=torch.bfloat16,
+             seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, h, generator=gen).to(dtype)
+    ids, scales = random_routing(t, e, k, generator=gen)
+    fc1, fc2 = random_weights(e, h, i, activation in GATED, dtype, generator=gen)
+    return x, ids, scales, fc1, fc2
+
+
+def _close(out, ref, tol=1e-2):
+    assert out.shape == ref.shape
+    assert rel_l2(out.float(), ref) <= tol
+
+
+@pytest.mark.parametrize("activation", [ActivationType.Swiglu, ActivationType.Geglu,
+                                        ActivationType.Gelu, ActivationType.Relu,
+                                        ActivationType.Silu, ActivationType.Identity])
+@pytest.mark.parametrize("dtype,out_dtype", [(torch.bfloat16, torch.bfloat16),
+                                             (torch.float16, torch.float16),
+                                             (torch.bfloat16, torch.float32)])
+def test_arguments_reach_the_runner(fake_cpu, activation, dtype, out_dtype):
+    x, ids, scales, fc1, fc2 = _problem(activation=activation, dtype=dtype)
+    result = cutlass_fused_moe(x, ids, scales, fc1, fc2, out_dtype, activation_type=activation)
+    assert isinstance(result, list) and len(result) == 1
+    out = result[0]
+    assert out.dtype == out_dtype and out.shape == x.shape
+    _close(out, reference_moe(x, ids, scales, fc1, fc2, activation))
+
+    (call,) = _runner(dtype, out_dtype).calls
+    assert (call["num_tokens"], call["hidden_size"], call["inter_size"], call["num_experts"],
+            call["top_k"], call["expert_start"]) == (9, 16, 8, 4, 2, 0)
+    assert call["activation"] == _ext.activation_to_enum(activation)
+    assert call["input"] == x.data_ptr()
+    assert call["token_selected_experts"] == ids.data_ptr()
+    assert call["token_final_scales"] == scales.data_ptr()
+    assert call["fc1_weights"] == fc1.data_ptr() and call["fc2_weights"] == fc2.data_ptr()
+    assert call["fc1_bias"] == call["fc2_bias"] == 0
+    assert call["swiglu_alpha"] == call["swiglu_beta"] == call["swiglu_limit"] == 0
+    assert call["output"] == out.data_ptr()
+    assert call["stream"] == STREAM
+    assert call["workspace"] != 0 and call["workspace_bytes"] > 0
+
+
+def test_biases_and_tp_rule(fake_cpu):
+    x, ids, scales, fc1, fc2 = _problem(seed=1)
+    b1 = torch.randn(fc1.shape[:2]).to(torch.bfloat16)
+    b2 = torch.randn(fc2.shape[:2]).to(torch.bfloat16)
+    outs = []
+    for rank in (0, 1):
+        out = cutlass_fused_moe(x, ids, scales, fc1, fc2, torch.float32, fc1_expert_biases=b1,
+                                fc2_expert_biases=b2, tp_size=2, tp_rank=rank)[0]
+        _close(out, reference_moe(x, ids, scales, fc1, fc2, fc1_expert_biases=b1,
+                                  fc2_expert_biases=b2, tp_size=2, tp_rank=rank), 1e-5)
+        outs.append(out)
+    calls = _runner(out=torch.float32).calls
+    assert calls[0]["fc1_bias"] == b1.data_ptr() and calls[0]["fc2_bias"] == b2.data_ptr()
+    assert calls[1]["fc1_bias"] == b1.data_ptr() and calls[1]["fc2_bias"] == 0
+    assert rel_l2(outs[0], outs[1]) > 1e-3
+
+
+def test_expert_parallel_rank(fake_cpu):
+    x, ids, scales, fc1, fc2 = _problem(e=4, seed=2)
+    global_ids = ids + 4  # all tokens routed to rank 1 of 2 (E_local = 4)
+    global_ids[0, 0] = 1  # one choice on rank 0: contributes zero on rank 1
+    out = cutlass_fused_moe(x, global_ids, scales, fc1, fc2, torch.float32, ep_size=2,
+                            ep_rank=1)[0]
+    (call,) = _runner(out=torch.float32).calls
+    assert call["expert_start"] == 4
+    _close(out, reference_moe(x, global_ids, scales, fc1, fc2, ep_size=2, ep_rank=1), 1e-5)
+
+
+def test_clamped_swiglu_pointers(fake_cpu):
+    x, ids, scales, fc1, fc2 = _problem(seed=3)
+    x = x * 4
+    limit = torch.full((4,), 0.5)
+    out = cutlass_fused_moe(x, ids, scales, fc1, fc2, torch.float32, swiglu_limit=limit)[0]
+    (call,) = _runner(out=torch.float32).calls
+    assert call["swiglu_limit"] == limit.data_ptr()
+    assert call["swiglu_alpha"] != 0 and call["swiglu_beta"] != 0
+    _close(out, reference_moe(x, ids, scales, fc1, fc2, swiglu_limit=limit), 1e-5)
+    assert rel_l2(out, reference_moe(x, ids, scales, fc1, fc2)) > 1e-2
+
+
+def test_int64_ids_and_low_precision_scales(fake_cpu):
+    x, ids, scales, fc1, fc2 = _problem(seed=4)
+    ids64 = ids.long()
+    ids64[0, 0] = 2**32 + 1  # must not alias expert 1 after narrowing
+    ids64[1, 1] = -5
+    out = cutlass_fused_moe(x, ids64, scales.to(torch.bfloat16), fc1, fc2, torch.float32)[0]
+    _close(out, reference_moe(x, ids64, scales.to(torch.bfloat16), fc1, fc2), 1e-5)
+
+
+@pytest.mark.parametrize("t,e,k", [(1, 8, 2), (64, 8, 2), (1000, 4, 2), (7, 60, 4)])
+def test_default_tactics_follow_the_heuristic(fake_cpu, t, e, k):
+    x, ids, scales, fc1, fc2 = _problem(t=t, e=e, k=k, seed=5)
+    cutlass_fused_moe(x, ids, scales, fc1, fc2, torch.bfloat16)
+    (call,) = _runner().calls
+    runner = _runner()
+    assert call["tactic1"] == default_tactic(runner.tactics(1), t * k / e)
+    assert call["tactic2"] == default_tactic(runner.tactics(2), t * k / e)
+
+
+def test_default_tactic_uses_global_expert_count(fake_cpu):
+    x, ids, scales, fc1, fc2 = _problem(t=64, e=4, k=2, seed=6)
+    cutlass_fused_moe(x, ids, scales, fc1, fc2, torch.bfloat16, ep_size=4, ep_rank=0)
+    (call,) = _runner().calls
+    assert call["tactic1"] == default_tactic(_runner().tactics(1), 64 * 2 / 16)
+
+
+def test_forced_tactics(fake_cpu):
+    x, ids, scales, fc1, fc2 = _problem(seed=7)
+    names = ("fake_g1_m64n256k64_s2", "fake_g2_m16n128k64_s3")
+    out = cutlass_fused_moe(x, ids, scales, fc1, fc2, torch.bfloat16, tactics=names)[0]
+    (call,) = _runner().calls
+    assert (call["tactic1"], call["tactic2"]) == names
+    _close(out, reference_moe(x, ids, scales, fc1, fc2))
+    with pytest.raises(ValueError, match="not a runnable GEMM1 tactic.*available: fake_g1_"):
+        cutlass_fused_moe(x, ids, scales, fc1, fc2, torch.bfloat16,
+                          tactics=("nope", names[1]))
+    with pytest.raises(ValueError, match="GEMM2"):
+        cutlass_fused_moe(x, ids, scales, fc1, fc2, torch.bfloat16,
+                          tactics=(names[0], names[0]))
+    with pytest.raises(ValueError, match="not a runnable"):  # compiled but not runnable
+        cutlass_fused_moe(x, ids, scales, fc1, fc2, torch.bfloat16,
+                          tactics=("fake_g1_m128n256k64_s4", names[1]))
+
+
+def test_zero_tokens_does_not_call_the_extension(fake_cpu):
+    x, ids, scales, fc1, fc2 = _problem(t=0)
+    out = cutlass_fused_moe(x, ids, scales, fc1, fc2, torch.bfloat16)[0]
+    assert out.shape == (0, 16) and out.dtype == torch.bfloat16
+    assert FakeMoeRunner.constructed == []
+
+
+def test_output_written_in_place(fake_cpu):
+    x, ids, scales, fc1, fc2 = _problem(seed=8)
+    output = torch.full((9, 16), float("nan"), dtype=torch.float32)
+    result = cutlass_fused_moe(x, ids, scales, fc1, fc2, torch.float32, output=output)
+    assert result[0] is output
+    assert not output.isnan().any()
+    _close(output, reference_moe(x, ids, scales, fc1, fc2), 1e-5)
+
+
+def test_workspace_buffer(fake_cpu):
+    x, ids, scales, fc1, fc2 = _problem(seed=9)
+    buffer = torch.zeros(1 << 16, dtype=torch.uint8)
+    cutlass_fused_moe(x, ids, scales, fc1, fc2, torch.bfloat16, workspace_buffer=buffer)
+    (call,) = _runner().calls
+    assert call["workspace"] == buffer.data_ptr() and call["workspace_bytes"] == buffer.numel()
+    assert torch.all(buffer == 0xAB)  # the runner wrote into it
+    with pytest.raises(ValueError, match="workspace_buffer has 16 bytes"):
+        cutlass_fused_moe(x, ids, scales, fc1, fc2, torch.bfloat16,
+                          workspace_buffer=torch.empty(16, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="workspace_buffer must be 16-byte aligned"):
+        cutlass_fused_moe(x, ids, scales, fc1, fc2, torch.bfloat16, workspace_buffer=buffer[3:])
+
+
+def test_misaligned_output_rejected(fake_cpu):
+    x, ids, scales, fc1, fc2 = _problem(seed=10)
+    storage = torch.empty(9 * 16 + 8, dtype=torch.bfloat16)
+    output = storage[1:1 + 9 * 16].view(9, 16)  # 2 bytes past a 16-byte boundary
+    with pytest.raises(ValueError, match="output must be 16-byte aligned"):
+        cutlass_fused_moe(x, ids, scales, fc1, fc2, torch.bfloat16, output=output)
+
+
+def test_missing_extension_raises_runtime_error(fake_cpu):
+    x, ids, scales, fc1, fc2 = _problem(seed=11)
+    with _ext._replaced_extension(None), pytest.raises(RuntimeError, match="not built"):
+        cutlass_fused_moe(x, ids, scales, fc1, fc2, torch.bfloat16)
+
+
+class _MoeBlock(torch.nn.Module):
+    def __init__(self, fc1, fc2, num_experts, top_k):
+        super().__init__()
+        self.router = torch.nn.Linear(fc1.shape[2], num_experts, bias=False)
+        self.fc1 = torch.nn.Parameter(fc1, requires_grad=False)
+        self.fc2 = torch.nn.Parameter(fc2, requires_grad=False)
+        self.top_k = top_k
+
+    def forward(self, x):
+        logits = self.router(x.float())
+        scales, ids = torch.softmax(logits, dim=-1).topk(self.top_k, dim=-1)
+        out = cutlass_fused_moe(x, ids.to(torch.int32), scales, self.fc1, self.fc2, x.dtype)[0]
+        return x + out
+
+
+def test_torch_compile_fullgraph_matches_eager(fake_cpu):
+    torch._dynamo.reset()
+    x, _, _, fc1, fc2 = _problem(t=12, seed=12)
+    block = _MoeBlock(fc1, fc2, num_experts=4, top_k=2)
+    with torch.no_grad():
+        eager = block(x)
+        compiled = torch.compile(block, fullgraph=True, backend="aot_eager")(x)
+    torch.testing.assert_close(compiled, eager)
+    assert len(_runner().calls) == 2
+
+
+def test_torch_compile_dynamic_tokens(fake_cpu):
+    torch._dynamo.reset()
+    _, _, _, fc1, fc2 = _problem(seed=13)
+    block = _MoeBlock(fc1, fc2, num_experts=4, top_k=2)
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager", dynamic=True)
+    with torch.no_grad():
+        for t in (3, 17, 40):
+            x = torch.randn(t, 16).to(torch.bfloat16)
+            torch.testing.assert_close(compiled(x), block(x))
+
+
+def test_opcheck(fake_cpu):
+    """torch.library.opcheck: schema (mutations declared), fake kernel, AOT dispatch."""
+    x, ids, scales, fc1, fc2 = _problem(seed=14)
+    b1 = torch.randn(fc1.shape[:2]).to(torch.bfloat16)
+    output = torch.empty(9, 16, dtype=torch.float32)
+    workspace = torch.empty(1 << 14, dtype=torch.uint8)
+    args = (output, x, ids, scales, fc1, fc2, b1, None, None, None, None, workspace,
+            _ext.activation_to_enum(ActivationType.Swiglu), 0, 4, "", "")
+    torch.library.opcheck(torch.ops.cutlass_moe.fused_moe.default, args)
+
+
+def test_weights_that_require_grad(fake_cpu):
+    """Parameters left with requires_grad (a model not in inference mode) still run."""
+    x, ids, scales, fc1, fc2 = _problem(seed=15)
+    w1 = torch.nn.Parameter(fc1)
+    w2 = torch.nn.Parameter(fc2)
+    out = cutlass_fused_moe(x, ids, scales, w1, w2, torch.bfloat16)[0]
+    _close(out, reference_moe(x, ids, scales, fc1, fc2))

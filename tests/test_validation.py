@@ -1,0 +1,466 @@
+"""cutlass_fused_moe's argument checks and the default tactic heuristic (CPU, no extension).
+
+Every check here runs before the extension is touched: the tests replace the extension by
+"missing", so a check that reached it would raise its RuntimeError instead of the expected error.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from cutlass_moe import ActivationType, _ext, cutlass_fused_moe, ops
+from cutlass_moe.ops import default_tactic
+
+E, H, I, K, T = 4, 16, 8, 2, 5
+BF16 = torch.bfloat16
+
+
+@pytest.fixture(autouse=True)
+def _no_extension(monkeypatch):
+    """No extension, and no check of CUDA availability unless a test asks for it."""
+    monkeypatch.delenv(ops.CHECK_INPUTS_ENV, raising=False)
+    with _ext._replaced_extension(None):
+        yield
+
+
+def _args(activation=ActivationType.Swiglu, dtype=BF16, t=T, e=E, h=H, i=I, k=K):
+    gen = torch.Generator().manual_seed(0)
+    n1 = 2 * i if activation in (ActivationType.Swiglu, ActivationType.Geglu) else i
+    return {
+        "input": torch.randn(t, h, generator=gen).to(dtype),
+        "token_selected_experts": torch.randint(0, e, (t, k), generator=gen, dtype=torch.int32),
+        "token_final_scales": torch.rand(t, k, generator=gen),
+        "fc1_expert_weights": (torch.randn(e, n1, h, generator=gen) / 4).to(dtype),
+        "fc2_expert_weights": (torch.randn(e, h, i, generator=gen) / 3).to(dtype),
+        "output_dtype": dtype,
+        "activation_type": activation,
+    }
+
+
+def _call(**overrides):
+    args = _args(overrides.pop("activation_type", ActivationType.Swiglu))
+    args.update(overrides)
+    return cutlass_fused_moe(**args)
+
+
+def _expect(exc, match, **overrides):
+    with pytest.raises(exc, match=match):
+        _call(**overrides)
+
+
+# -------------------------------------------------------------------- unsupported modes
+
+
+@pytest.mark.parametrize(
+    "flag",
+    [
+        "enable_alltoall",
+        "use_deepseek_fp8_block_scale",
+        "use_w4_group_scaling",
+        "use_int8_woq_per_channel",
+        "use_mxfp8_act_scaling",
+        "min_latency_mode",
+        "use_packed_weights",
+        "use_wfp4afp8_humming",
+    ],
+)
+def test_unsupported_flags(flag):
+    _expect(NotImplementedError, f"{flag}.*supports unquantized", **{flag: True})
+
+
+def test_unsupported_quantization_inputs():
+    _expect(NotImplementedError, "quant_scales.*float16/bfloat16",
+            quant_scales=[torch.ones(1)])
+    _expect(NotImplementedError, "input_sf", input_sf=torch.ones(1))
+    _expect(NotImplementedError, "cluster_size=2", cluster_size=2)
+    _expect(NotImplementedError, "tactics=", profile_ids=[0, 3])
+
+
+def test_flashinfer_compatible_no_op_arguments_pass_validation(monkeypatch):
+    """quant_scales=[] / None, profile_ids of -1, enable_pdl etc. reach the device check."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    _expect(RuntimeError, "no CUDA device", quant_scales=[], profile_ids=[-1, -1],
+            enable_pdl=False, use_fused_finalize=False, swizzled_input_sf=False,
+            tune_max_num_tokens=256)
+
+
+@pytest.mark.parametrize("activation", [ActivationType.Relu2, ActivationType.SwigluBias,
+                                        ActivationType.GegluTanh, ActivationType.InvalidType])
+def test_unsupported_activation(activation):
+    with pytest.raises(NotImplementedError, match="Swiglu, Geglu, Gelu, Relu, Silu, Identity"):
+        _call(activation_type=activation)
+
+
+def test_unknown_activation():
+    _expect(ValueError, "activation_type", activation_type=99)
+
+
+def test_activation_from_foreign_enum_and_int(monkeypatch):
+    """Members of another ActivationType enum (e.g. FlashInfer's) are matched by name."""
+    import enum
+
+    class OtherActivationType(enum.IntEnum):
+        Identity = 7  # older FlashInfer value
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    args = _args(ActivationType.Identity)
+    args["activation_type"] = OtherActivationType.Identity
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        cutlass_fused_moe(**args)
+    args["activation_type"] = int(ActivationType.Identity)
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        cutlass_fused_moe(**args)
+
+
+# -------------------------------------------------------------------- dtypes
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float8_e4m3fn, torch.int8])
+def test_unsupported_input_dtype(dtype):
+    args = _args()
+    args["input"] = args["input"].float().to(dtype)
+    with pytest.raises(NotImplementedError, match="float16 or bfloat16 activations"):
+        cutlass_fused_moe(**args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.int8, torch.uint8])
+def test_mixed_or_unsupported_weight_dtype(dtype):
+    args = _args()
+    args["fc1_expert_weights"] = args["fc1_expert_weights"].float().to(dtype)
+    with pytest.raises(NotImplementedError, match="fc1_expert_weights dtype.*same dtype"):
+        cutlass_fused_moe(**args)
+    args = _args()
+    args["fc2_expert_weights"] = args["fc2_expert_weights"].float().to(dtype)
+    with pytest.raises(NotImplementedError, match="fc2_expert_weights dtype"):
+        cutlass_fused_moe(**args)
+
+
+def test_output_dtype():
+    _expect(NotImplementedError, "output_dtype torch.float16.*float32", output_dtype=torch.float16)
+    _expect(NotImplementedError, "output_dtype", output_dtype=torch.float8_e4m3fn)
+
+
+def test_ids_and_scales_dtypes():
+    args = _args()
+    _expect(ValueError, "token_selected_experts must be int32",
+            token_selected_experts=args["token_selected_experts"].float())
+    _expect(ValueError, "token_selected_experts must be int32",
+            token_selected_experts=args["token_selected_experts"].to(torch.int16))
+    _expect(ValueError, "token_final_scales must be float32",
+            token_final_scales=args["token_final_scales"].double())
+    _expect(ValueError, "token_final_scales must be float32",
+            token_final_scales=args["token_final_scales"].to(torch.int32))
+
+
+# -------------------------------------------------------------------- shapes
+
+
+def test_input_shape():
+    _expect(ValueError, r"input must be 2-D \[T, H\], got shape \[1, 5, 16\]",
+            input=torch.randn(1, T, H).to(BF16))
+
+
+def test_ids_shape():
+    _expect(ValueError, r"token_selected_experts must be \[T, k\] with T=5.*got \[4, 2\]",
+            token_selected_experts=torch.zeros(T - 1, K, dtype=torch.int32))
+    _expect(ValueError, r"got \[5\]", token_selected_experts=torch.zeros(T, dtype=torch.int32))
+    _expect(ValueError, "k >= 1", token_selected_experts=torch.zeros(T, 0, dtype=torch.int32),
+            token_final_scales=torch.zeros(T, 0))
+
+
+def test_scales_shape():
+    _expect(ValueError, r"token_final_scales must have the shape.*\[5, 2\], got \[5, 3\]",
+            token_final_scales=torch.rand(T, 3))
+
+
+def test_fc1_shape_gated_and_plain():
+    _expect(ValueError, r"fc1_expert_weights must be \[E, 2\*I, H\].*\[4, 16, 16\].*Swiglu.*"
+            r"got \[4, 8, 16\]", fc1_expert_weights=torch.randn(E, I, H).to(BF16))
+    with pytest.raises(ValueError, match=r"\[E, I, H\] = \[4, 8, 16\] for activation Relu"):
+        args = _args(ActivationType.Relu)
+        args["fc1_expert_weights"] = torch.randn(E, 2 * I, H).to(BF16)
+        cutlass_fused_moe(**args)
+    _expect(ValueError, "fc1_expert_weights must be 3-D",
+            fc1_expert_weights=torch.randn(2 * I, H).to(BF16))
+    _expect(ValueError, r"fc1_expert_weights must be.*got \[4, 16, 24\]",
+            fc1_expert_weights=torch.randn(E, 2 * I, H + 8).to(BF16))
+
+
+def test_fc2_shape():
+    _expect(ValueError, r"fc2_expert_weights must be \[E=4, H=16, I\].*got \[4, 24, 8\]",
+            fc2_expert_weights=torch.randn(E, H + 8, I).to(BF16))
+    _expect(ValueError, r"fc2_expert_weights must be \[E=4.*got \[3, 16, 8\]",
+            fc2_expert_weights=torch.randn(E - 1, H, I).to(BF16))
+    _expect(ValueError, "fc2_expert_weights must be 3-D",
+            fc2_expert_weights=torch.randn(H, I).to(BF16))
+
+
+def test_hidden_and_inter_alignment():
+    with pytest.raises(ValueError, match="H=12.*multiples of 8"):
+        cutlass_fused_moe(**_args(h=12))
+    with pytest.raises(ValueError, match="I=12.*multiples of 8"):
+        cutlass_fused_moe(**_args(i=12))
+
+
+def test_top_k_larger_than_total_experts():
+    with pytest.raises(ValueError, match=r"top_k=5 exceeds.*4\*1=4"):
+        cutlass_fused_moe(**_args(k=5))
+
+
+def test_bias_shapes_and_dtypes():
+    _expect(ValueError, r"fc1_expert_biases must be \[4, 16\], got \[4, 8\]",
+            fc1_expert_biases=torch.zeros(E, I, dtype=BF16))
+    _expect(ValueError, r"fc2_expert_biases must be \[4, 16\], got \[4, 8\]",
+            fc2_expert_biases=torch.zeros(E, I, dtype=BF16))
+    _expect(ValueError, "fc2_expert_biases must have the input dtype",
+            fc2_expert_biases=torch.zeros(E, H))
+
+
+def test_swiglu_parameters():
+    with pytest.raises(ValueError, match="only valid with ActivationType.Swiglu.*Geglu"):
+        _call(activation_type=ActivationType.Geglu, swiglu_limit=torch.ones(E))
+    _expect(ValueError, r"swiglu_alpha must be \[E_local=4\], got \[3\]",
+            swiglu_alpha=torch.ones(E - 1))
+    _expect(ValueError, "swiglu_beta must be float32",
+            swiglu_beta=torch.ones(E, dtype=torch.int32))
+
+
+# -------------------------------------------------------------------- devices and layouts
+
+
+def test_tensors_on_different_devices_are_named():
+    _expect(ValueError, "all tensors must be on input's device cpu.*fc2_expert_weights on meta",
+            fc2_expert_weights=torch.empty(E, H, I, dtype=BF16, device="meta"))
+    _expect(ValueError, "token_final_scales on meta, fc1_expert_biases on meta",
+            token_final_scales=torch.empty(T, K, device="meta"),
+            fc1_expert_biases=torch.empty(E, 2 * I, dtype=BF16, device="meta"))
+
+
+def test_weights_must_be_contiguous():
+    strided = torch.randn(E, 2 * I, 2 * H).to(BF16)[:, :, :H]
+    _expect(ValueError, "fc1_expert_weights must be contiguous", fc1_expert_weights=strided)
+    strided2 = torch.randn(E, I, H).to(BF16).transpose(1, 2)
+    _expect(ValueError, "fc2_expert_weights must be contiguous", fc2_expert_weights=strided2)
+
+
+def test_output_checks():
+    _expect(ValueError, r"output must be \[5, 16\] of dtype torch.bfloat16, got \[5, 8\]",
+            output=torch.empty(T, I, dtype=BF16))
+    _expect(ValueError, "output must be.*got.*torch.float32",
+            output=torch.empty(T, H))
+    _expect(ValueError, "output on meta", output=torch.empty(T, H, dtype=BF16, device="meta"))
+    _expect(ValueError, "output must be contiguous",
+            output=torch.empty(H, T, dtype=BF16).t())
+
+
+def test_workspace_buffer_checks():
+    _expect(ValueError, "workspace_buffer must be a contiguous 1-D uint8",
+            workspace_buffer=torch.empty(16, dtype=torch.float32))
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"tp_size": 0}, "tp_size must be >= 1"),
+        ({"ep_size": 0}, "ep_size must be >= 1"),
+        ({"tp_size": 2, "tp_rank": 2}, r"tp_rank must be in \[0, tp_size=2\), got 2"),
+        ({"ep_size": 2, "ep_rank": 2}, r"ep_rank must be in \[0, ep_size=2\), got 2"),
+        ({"ep_rank": -1}, "ep_rank must be in"),
+        ({"cluster_rank": 1}, "cluster_rank must be 0"),
+        ({"tune_max_num_tokens": 0}, "tune_max_num_tokens"),
+        ({"tactics": ("only_one",)}, "tactics must be"),
+        ({"tactics": "ab"}, "tactics must be"),
+    ],
+)
+def test_parallel_sizes_and_options(kwargs, match):
+    _expect(ValueError, match, **kwargs)
+
+
+# -------------------------------------------------------------------- check_inputs
+
+
+def test_check_inputs_names_bad_ids():
+    ids = torch.zeros(T, K, dtype=torch.int32)
+    ids[0, 1] = 4
+    ids[2, 0] = -3
+    ids[4, 1] = 1000
+    with pytest.raises(ValueError, match=r"3 id\(s\) outside \[0, 4\): -3, 4, 1000"):
+        _call(token_selected_experts=ids, check_inputs=True)
+
+
+def test_check_inputs_uses_global_expert_count_under_ep(monkeypatch):
+    """Ids of other EP ranks are valid ids; only ids outside [0, E*ep_size) are reported."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    ids = torch.full((T, K), 7, dtype=torch.int32)  # rank 1's expert with E=4, ep_size=2
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        _call(token_selected_experts=ids, check_inputs=True, ep_size=2, ep_rank=0)
+    ids[0, 0] = 8
+    with pytest.raises(ValueError, match=r"outside \[0, 8\): 8"):
+        _call(token_selected_experts=ids, check_inputs=True, ep_size=2, ep_rank=0)
+
+
+def test_check_inputs_lists_first_few():
+    ids = torch.arange(100, 100 + T * K, dtype=torch.int64).view(T, K)
+    with pytest.raises(ValueError, match=r"100, 101, .*107 \(and 2 more\)"):
+        _call(token_selected_experts=ids, check_inputs=True)
+
+
+def test_check_inputs_from_environment(monkeypatch):
+    ids = torch.full((T, K), E, dtype=torch.int32)
+    monkeypatch.setenv(ops.CHECK_INPUTS_ENV, "1")
+    with pytest.raises(ValueError, match="outside"):
+        _call(token_selected_experts=ids)
+    monkeypatch.setenv(ops.CHECK_INPUTS_ENV, "0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        _call(token_selected_experts=ids)
+
+
+# -------------------------------------------------------------------- the CUDA check
+
+
+def test_no_cuda_device(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    _expect(RuntimeError, "no CUDA device is available")
+
+
+def test_cpu_tensors_with_cuda_available(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    _expect(ValueError, "needs CUDA tensors, got tensors on cpu")
+
+
+def test_lenient_inputs_pass_validation(monkeypatch):
+    """Non-contiguous input, int64 ids, fp16/bf16 scales are converted silently."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    args = _args()
+    _expect(RuntimeError, "no CUDA device",
+            input=torch.randn(H, T).to(BF16).t(),
+            token_selected_experts=args["token_selected_experts"].long(),
+            token_final_scales=args["token_final_scales"].to(BF16))
+    _expect(RuntimeError, "no CUDA device", output=torch.empty(T, H, dtype=BF16),
+            output_dtype=BF16)
+    _expect(RuntimeError, "no CUDA device", output_dtype=torch.float32)
+
+
+def test_zero_tokens_is_validated(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    args = _args(t=0)
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        cutlass_fused_moe(**args)
+    args["fc2_expert_weights"] = torch.randn(E, H + 8, I).to(BF16)
+    with pytest.raises(ValueError, match="fc2_expert_weights"):
+        cutlass_fused_moe(**args)
+
+
+# -------------------------------------------------------------------- normalisation
+
+
+def _prepared(**overrides):
+    args = _args(overrides.pop("activation_type", ActivationType.Swiglu))
+    args.update(overrides)
+    defaults = {
+        "quant_scales": None, "fc1_expert_biases": None, "fc2_expert_biases": None, "input_sf": None,
+        "swiglu_alpha": None, "swiglu_beta": None, "swiglu_limit": None, "tp_size": 1, "tp_rank": 0,
+        "ep_size": 1, "ep_rank": 0, "cluster_size": 1, "cluster_rank": 0, "output": None,
+        "enable_alltoall": False, "use_deepseek_fp8_block_scale": False, "use_w4_group_scaling": False,
+        "use_int8_woq_per_channel": False, "use_mxfp8_act_scaling": False, "min_latency_mode": False,
+        "use_packed_weights": False, "use_wfp4afp8_humming": False, "tune_max_num_tokens": 8192,
+        "profile_ids": None, "workspace_buffer": None, "tactics": None,
+    }
+    defaults.update(args)
+    return ops._prepare_call(**defaults)
+
+
+def test_prepare_tp_bias_rule_and_expert_start():
+    b2 = torch.randn(E, H).to(BF16)
+    rank0 = _prepared(fc2_expert_biases=b2, tp_size=2, tp_rank=0, ep_size=3, ep_rank=2)
+    rank1 = _prepared(fc2_expert_biases=b2, tp_size=2, tp_rank=1, ep_size=3, ep_rank=2)
+    assert rank0.fc2_expert_biases is not None and rank1.fc2_expert_biases is None
+    assert rank0.expert_start == 2 * E and rank0.num_experts_total == 3 * E
+
+
+def test_prepare_converts_ids_without_aliasing():
+    ids = torch.tensor([[0, 2**32 + 1]] * T, dtype=torch.int64)
+    ids[1, 0] = -(2**40)
+    call = _prepared(token_selected_experts=ids)
+    assert call.token_selected_experts.dtype == torch.int32
+    converted = call.token_selected_experts
+    assert converted[0, 0] == 0
+    assert not (0 <= int(converted[0, 1]) < E) and not (0 <= int(converted[1, 0]) < E)
+
+
+def test_prepare_fills_clamped_swiglu_defaults():
+    call = _prepared(swiglu_limit=torch.full((E,), 7.0, dtype=BF16))
+    assert call.swiglu_limit.dtype == torch.float32 and torch.all(call.swiglu_limit == 7)
+    assert torch.all(call.swiglu_alpha == 1) and torch.all(call.swiglu_beta == 0)
+    plain = _prepared()
+    assert plain.swiglu_alpha is None and plain.swiglu_limit is None
+
+
+def test_prepare_makes_inputs_contiguous_and_float32_scales():
+    call = _prepared(input=torch.randn(H, T).to(BF16).t(),
+                     token_final_scales=torch.rand(T, K).to(torch.float16))
+    assert call.input.is_contiguous()
+    assert call.token_final_scales.dtype == torch.float32
+
+
+# -------------------------------------------------------------------- default_tactic
+
+
+def _descs(tile_ms=(16, 32, 64, 128), stages=(2, 3, 4), tile_ns=(128, 256)):
+    return [
+        {"name": f"t_m{m}_n{n}_s{s}", "gemm": 1, "tile_m": m, "tile_n": n, "tile_k": 64, "warp_m": 32,
+             "warp_n": 64, "warp_k": 64, "stages": s, "smem_bytes": 0, "threads": 128, "runnable": True}
+        for m in tile_ms for n in tile_ns for s in stages
+    ]
+
+
+@pytest.mark.parametrize(
+    "rows,expected",
+    [(0.1, "t_m16_n128_s4"), (1, "t_m16_n128_s4"), (16, "t_m16_n128_s4"),
+     (17, "t_m32_n128_s4"), (64, "t_m64_n128_s4"), (100, "t_m128_n128_s4"),
+     (5000, "t_m128_n128_s4")],
+)
+def test_default_tactic_tile_m(rows, expected):
+    descs = _descs()
+    assert default_tactic(descs, rows) == expected
+    for seed in range(5):  # never simply the first: order does not matter
+        shuffled = list(descs)
+        random.Random(seed).shuffle(shuffled)
+        assert default_tactic(shuffled, rows) == expected
+        assert default_tactic(list(reversed(shuffled)), rows) == expected
+
+
+def test_default_tactic_when_no_tile_is_large_or_small_enough():
+    assert default_tactic(_descs(tile_ms=(64, 128)), 1) == "t_m64_n128_s4"
+    assert default_tactic(_descs(tile_ms=(16, 32)), 1000) == "t_m32_n128_s4"
+    assert default_tactic(_descs(tile_ms=(256,)), 1000) == "t_m256_n128_s4"
+
+
+def test_default_tactic_prefers_more_stages_and_skips_unrunnable():
+    descs = _descs(tile_ms=(64,), stages=(2, 3, 5), tile_ns=(128,))
+    assert default_tactic(descs, 50) == "t_m64_n128_s5"
+    for d in descs:
+        if d["stages"] == 5:
+            d["runnable"] = False
+    assert default_tactic(descs, 50) == "t_m64_n128_s3"
+    for d in descs:
+        d["runnable"] = False
+    with pytest.raises(RuntimeError, match="no runnable tactic"):
+        default_tactic(descs, 50)
+    with pytest.raises(RuntimeError, match="no runnable tactic"):
+        default_tactic([], 50)
+
+
+def test_supports_activation():
+    swiglu, relu = _ext.activation_to_enum(ActivationType.Swiglu), _ext.activation_to_enum(
+        ActivationType.Relu
+    )
+    plain = {"name": "t", "tile_m": 16}
+    assert ops.supports_activation(plain, swiglu) and ops.supports_activation(plain, relu)
+    fused = {"name": "t_swiglu", "activations": [swiglu]}
+    assert ops.supports_activation(fused, swiglu) and not ops.supports_activation(fused, relu)
+    by_name = {"name": "t_gated", "activations": ["swiglu", "Geglu"]}
+    assert ops.supports_activation(by_name, swiglu) and not ops.supports_activation(by_name, relu)
