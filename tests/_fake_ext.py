@@ -14,6 +14,7 @@ import types
 from typing import Any, ClassVar
 
 import torch
+
 from cutlass_moe import _ext
 from cutlass_moe.reference import reference_moe
 

@@ -26,3 +26,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    from _helpers import WORST_ERRORS
+
+    if WORST_ERRORS:
+        worst = ", ".join(f"{k} {v:.3g}" for k, v in sorted(WORST_ERRORS.items()))
+        terminalreporter.write_line(f"worst relative L2 error vs reference_moe: {worst}")

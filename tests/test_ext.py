@@ -6,6 +6,7 @@ import threading
 
 import pytest
 import torch
+
 from _fake_ext import FakeMoeRunner, make_fake_extension
 from cutlass_moe import ActivationType, _ext
 

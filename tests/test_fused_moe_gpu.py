@@ -10,7 +10,8 @@ import functools
 
 import pytest
 import torch
-from _helpers import rel_l2
+
+from _helpers import record_error, rel_l2
 from cutlass_moe import ActivationType, _ext, cutlass_fused_moe, ops, reference_moe
 
 pytestmark = pytest.mark.gpu
@@ -62,7 +63,7 @@ def _reference(x, ids, scales, fc1, fc2, **kwargs):
 def _check(x, ids, scales, fc1, fc2, out_dtype=None, tol=None, **kwargs):
     out = _run(x, ids, scales, fc1, fc2, out_dtype, **kwargs)
     ref = _reference(x, ids, scales, fc1, fc2, **kwargs)
-    err = rel_l2(out.float(), ref)
+    err = record_error(x.dtype, rel_l2(out.float(), ref))
     assert err <= (tol or TOLERANCE[x.dtype]), f"relative L2 error {err:.3g}"
     return out, ref
 
@@ -306,7 +307,8 @@ def test_every_tactic(dtype, gemm):
                 x, ids, scales = _tokens(num_tokens, 2048, 8, 2, dtype, seed=num_tokens)
                 try:
                     out = _run(x, ids, scales, fc1, fc2, tactics=names, activation_type=activation)
-                    err = rel_l2(out.float(), reference_moe(x, ids, scales, fc1, fc2, activation))
+                    err = record_error(dtype, rel_l2(
+                        out.float(), reference_moe(x, ids, scales, fc1, fc2, activation)))
                 except (RuntimeError, ValueError) as exc:  # collect: report every bad tactic
                     failures.append(f"{names} {activation.name} T={num_tokens}: {exc}")
                     continue

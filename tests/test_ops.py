@@ -12,6 +12,7 @@ import contextlib
 
 import pytest
 import torch
+
 from _fake_ext import FakeMoeRunner, make_fake_extension
 from _helpers import random_routing, random_weights, rel_l2
 from cutlass_moe import ActivationType, _ext, cutlass_fused_moe, ops, reference_moe

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+
 from _helpers import naive_moe, random_routing, random_weights, rel_l2
 from cutlass_moe import ActivationType, reference_moe, swap_w13_to_w31
 

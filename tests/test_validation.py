@@ -10,6 +10,7 @@ import random
 
 import pytest
 import torch
+
 from cutlass_moe import ActivationType, _ext, cutlass_fused_moe, ops
 from cutlass_moe.ops import default_tactic
 
