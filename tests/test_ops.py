@@ -254,7 +254,7 @@ def test_opcheck(fake_cpu):
     output = torch.empty(9, 16, dtype=torch.float32)
     workspace = torch.empty(1 << 14, dtype=torch.uint8)
     args = (output, x, ids, scales, fc1, fc2, b1, None, None, None, None, workspace,
-            _ext.activation_to_enum(ActivationType.Swiglu), 0, 4, "", "")
+            _ext.activation_to_enum(ActivationType.Swiglu), 0, 4, 8192, "", "")
     torch.library.opcheck(torch.ops.cutlass_moe.fused_moe.default, args)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 from ._ext import build_info
 from ._version import __version__
 from .activation import ActivationType
+from .autotuner import autotune, clear_tuning_cache, load_tuning_cache, save_tuning_cache
 from .ops import cutlass_fused_moe
 from .reference import reference_moe
 from .weights import swap_w13_to_w31
@@ -21,8 +22,12 @@ from .weights import swap_w13_to_w31
 __all__ = [
     "ActivationType",
     "__version__",
+    "autotune",
     "build_info",
+    "clear_tuning_cache",
     "cutlass_fused_moe",
+    "load_tuning_cache",
     "reference_moe",
+    "save_tuning_cache",
     "swap_w13_to_w31",
 ]

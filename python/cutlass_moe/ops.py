@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from . import _ext
+from . import _ext, autotuner
 from .activation import ActivationType, is_gated, normalize_activation, require_supported
 
 #: Env var that turns on the host-side expert id check for every call (it synchronises).
@@ -88,7 +88,8 @@ _OP_SCHEMA = (
     "Tensor token_final_scales, Tensor fc1_expert_weights, Tensor fc2_expert_weights, "
     "Tensor? fc1_expert_biases, Tensor? fc2_expert_biases, Tensor? swiglu_alpha, "
     "Tensor? swiglu_beta, Tensor? swiglu_limit, Tensor(a11!)? workspace_buffer, "
-    "int activation, int expert_start, int num_experts_total, str tactic1, str tactic2) -> ()"
+    "int activation, int expert_start, int num_experts_total, int tune_max_num_tokens, "
+    "str tactic1, str tactic2) -> ()"
 )
 
 # The op lives as long as this object: keep it at module level.
@@ -112,6 +113,7 @@ def _fused_moe_fake(
     activation: int,
     expert_start: int,
     num_experts_total: int,
+    tune_max_num_tokens: int,
     tactic1: str,
     tactic2: str,
 ) -> None:
@@ -134,6 +136,7 @@ def _run_fused_moe(
     activation: int,
     expert_start: int,
     num_experts_total: int,
+    tune_max_num_tokens: int,
     tactic1: str,
     tactic2: str,
 ) -> None:
@@ -166,8 +169,15 @@ def _run_fused_moe(
     runner = _ext.get_runner(*dtypes)
     with _ext.device_guard(device):
         expected_rows = num_tokens * top_k / max(num_experts_total, 1)
-        tactic1 = _resolve_tactic(dtypes, 1, activation, tactic1, expected_rows, device)
-        tactic2 = _resolve_tactic(dtypes, 2, activation, tactic2, expected_rows, device)
+        if tactic1 and tactic2:
+            tactic1 = _resolve_tactic(dtypes, 1, activation, tactic1, expected_rows, device)
+            tactic2 = _resolve_tactic(dtypes, 2, activation, tactic2, expected_rows, device)
+        else:
+            tactic1, tactic2 = _tuned_tactics(
+                runner, dtypes, activation, device, num_tokens, hidden_size, inter_size,
+                num_experts, top_k, num_experts_total, tune_max_num_tokens,
+                (fc1_expert_weights, fc2_expert_weights), (tactic1, tactic2),
+            )
         workspace_bytes = int(
             runner.workspace_size(
                 num_tokens, hidden_size, inter_size, num_experts, top_k, activation
@@ -256,6 +266,61 @@ def _resolve_tactic(
         name = _choose_tactic(dtypes, gemm, activation, forced, target, device)
         _resolved_tactics[key] = name
     return name
+
+
+def _tuned_tactics(
+    runner: Any,
+    dtypes: tuple[torch.dtype, torch.dtype, torch.dtype],
+    activation: int,
+    device: torch.device,
+    num_tokens: int,
+    hidden_size: int,
+    inter_size: int,
+    num_experts: int,
+    top_k: int,
+    num_experts_total: int,
+    tune_max_num_tokens: int,
+    weights: tuple[torch.Tensor, torch.Tensor],
+    forced: tuple[str, str],
+) -> tuple[str, str]:
+    """Tactics from the AutoTuner (cache, tuning inside ``autotune()``, else the heuristic
+    default); a forced name for one GEMM still wins for that GEMM."""
+    shape = autotuner.ShapeKey(
+        dtypes=autotuner.dtype_tag(dtypes),
+        quant="none",
+        num_experts=num_experts,
+        hidden_size=hidden_size,
+        inter_size=inter_size,
+        top_k=top_k,
+        activation=_ext.activation_name(activation),
+        ep_size=max(1, num_experts_total // max(num_experts, 1)),
+    )
+    expected_rows = num_tokens * top_k / max(num_experts_total, 1)
+
+    def runnable(gemm: int) -> list[str]:
+        return [
+            str(d["name"])
+            for d in _ext.tactics(*dtypes, gemm, device)
+            if d.get("runnable", True) and supports_activation(d, activation)
+        ]
+
+    def default(gemm: int) -> str:
+        return _resolve_tactic(dtypes, gemm, activation, "", expected_rows, device)
+
+    if device.type != "cuda":  # host-memory stand-ins of the extension (tests): no tuning
+        return tuple(
+            _resolve_tactic(dtypes, gemm, activation, forced[gemm - 1], expected_rows, device)
+            for gemm in (1, 2)
+        )
+    tuned = autotuner.get_tuner().select(
+        runner, shape, num_tokens, tune_max_num_tokens, activation, device, weights,
+        runnable, default,
+    )
+    return tuple(
+        _resolve_tactic(dtypes, gemm, activation, forced[gemm - 1], expected_rows, device)
+        if forced[gemm - 1] else tuned[gemm - 1]
+        for gemm in (1, 2)
+    )
 
 
 def _choose_tactic(
@@ -768,7 +833,8 @@ def cutlass_fused_moe(
         enable_alltoall, use_deepseek_fp8_block_scale, use_w4_group_scaling,
         use_mxfp8_act_scaling, min_latency_mode, use_packed_weights, use_wfp4afp8_humming:
         FlashInfer modes; must be False.
-        tune_max_num_tokens: accepted for compatibility (the largest tuning bucket).
+        tune_max_num_tokens: the largest token bucket of the AutoTuner; calls with more tokens
+            share its tactics (see :func:`cutlass_moe.autotune`).
         enable_pdl: accepted for compatibility; programmatic dependent launch is not used.
         activation_type: Swiglu (default), Geglu, Gelu, Relu, Silu or Identity.
         swizzled_input_sf: accepted for compatibility (only meaningful with ``input_sf``).
@@ -868,6 +934,7 @@ def cutlass_fused_moe(
         _ext.activation_to_enum(call.activation),
         call.expert_start,
         call.num_experts_total,
+        tune_max_num_tokens,
         call.tactic1,
         call.tactic2,
     )

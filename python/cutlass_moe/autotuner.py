@@ -1,0 +1,504 @@
+"""AutoTuner: the fastest tactic per GEMM and token-count bucket, profiled on the GPU and cached.
+
+A call's token count maps to a bucket (the next power of two, capped at ``tune_max_num_tokens``).
+Inside ``with cutlass_moe.autotune():`` a cache miss profiles every runnable tactic of both GEMMs
+on synthetic routing of the bucket's size (CUDA events, warm-up, median of repeats over several
+routing samples) and records the fastest. Outside it, a miss falls back to the heuristic default
+(:func:`cutlass_moe.ops.default_tactic`) and nothing is profiled.
+
+The cache is in memory; :func:`save_tuning_cache` / :func:`load_tuning_cache` persist it as
+versioned JSON, and the environment variable ``CUTLASS_MOE_TUNING_CACHE`` names a file that is
+loaded at first use and saved after tuning. A corrupt, foreign-GPU, older-schema or other-build
+file gives one warning and is ignored; entries naming tactics this build lacks are dropped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import statistics
+import tempfile
+import threading
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger("cutlass_moe.autotuner")
+
+#: Environment variable naming a tuning-cache file (loaded at first use, saved after tuning).
+CACHE_ENV = "CUTLASS_MOE_TUNING_CACHE"
+CACHE_SCHEMA = "cutlass_moe.tuning_cache"
+CACHE_VERSION = 1
+
+#: Profiling method: routing samples (seed 0 = exactly balanced, others uniform random),
+#: warm-up runs and timed runs per sample; a tactic's time is the median of all timed runs.
+PROFILE_SEEDS = (0, 1, 2)
+PROFILE_WARMUP = 2
+PROFILE_REPEATS = 8
+
+
+# ------------------------------------------------------------------------------------------
+# Buckets
+# ------------------------------------------------------------------------------------------
+
+
+def tuning_buckets(tune_max_num_tokens: int) -> list[int]:
+    """The buckets tuned for ``tune_max_num_tokens``: powers of two below it, then the cap."""
+    if tune_max_num_tokens < 1:
+        raise ValueError(f"tune_max_num_tokens must be >= 1 (got {tune_max_num_tokens})")
+    buckets = []
+    b = 1
+    while b < tune_max_num_tokens:
+        buckets.append(b)
+        b *= 2
+    buckets.append(tune_max_num_tokens)
+    return buckets
+
+
+def bucket_for(num_tokens: int, tune_max_num_tokens: int) -> int:
+    """The bucket of a call with ``num_tokens`` tokens: the next power of two, capped at
+    ``tune_max_num_tokens`` (calls above the cap share the cap's bucket)."""
+    if tune_max_num_tokens < 1:
+        raise ValueError(f"tune_max_num_tokens must be >= 1 (got {tune_max_num_tokens})")
+    if num_tokens <= 1:
+        return 1
+    return min(1 << (int(num_tokens) - 1).bit_length(), int(tune_max_num_tokens))
+
+
+# ------------------------------------------------------------------------------------------
+# Keys
+# ------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ShapeKey:
+    """Everything besides the bucket that changes which GEMM kernel is fastest."""
+
+    dtypes: str  # "<activation>_<weight>_<output>", e.g. "bf16_bf16_bf16"
+    quant: str  # "none" for unquantized weights
+    num_experts: int  # experts on this rank
+    hidden_size: int
+    inter_size: int  # this TP rank's slice
+    top_k: int
+    activation: str  # ActivationType name
+    ep_size: int  # rows per local expert scale with top_k / ep_size
+
+    @property
+    def num_experts_total(self) -> int:
+        return self.num_experts * self.ep_size
+
+
+@dataclasses.dataclass(frozen=True)
+class TuningKey:
+    """One cache entry's key: which GEMM, the shape, the GPU and the bucket."""
+
+    gemm: int
+    shape: ShapeKey
+    device: str  # GPU name and SM count, e.g. "NVIDIA H100 80GB HBM3/132"
+    bucket: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"gemm": self.gemm, "bucket": self.bucket, **dataclasses.asdict(self.shape)}
+
+    @classmethod
+    def from_json(cls, entry: dict[str, Any], device: str) -> TuningKey:
+        fields = {f.name for f in dataclasses.fields(ShapeKey)}
+        shape = ShapeKey(**{name: entry[name] for name in fields})
+        for name in ("num_experts", "hidden_size", "inter_size", "top_k", "ep_size"):
+            if not isinstance(getattr(shape, name), int):
+                raise TypeError(f"{name} must be an integer")
+        if not isinstance(entry["gemm"], int) or not isinstance(entry["bucket"], int):
+            raise TypeError("gemm and bucket must be integers")
+        return cls(int(entry["gemm"]), shape, device, int(entry["bucket"]))
+
+
+_DTYPE_TAGS = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def dtype_tag(dtypes: Sequence[torch.dtype]) -> str:
+    return "_".join(_DTYPE_TAGS.get(d, str(d).removeprefix("torch.")) for d in dtypes)
+
+
+def device_id(device: torch.device | int | None = None) -> str:
+    """GPU identity used in keys and cache files: name and multiprocessor count."""
+    props = torch.cuda.get_device_properties(device)
+    return f"{props.name}/{props.multi_processor_count}"
+
+
+def build_id() -> str:
+    """Identity of the compiled kernels: package, CUTLASS and CUDA versions. Tactic names are
+    stable across builds, so a file from the same versions with fewer tactics stays usable."""
+    from . import _ext
+
+    info = _ext.build_info()
+    return (
+        f"{info.get('version', '?')}+cutlass{info.get('cutlass_version', '?')}"
+        f"+cuda{info.get('cuda_version', '?')}"
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# Profiling
+# ------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ProfileResult:
+    tactic: str
+    time_us: float  # median over samples and repeats; inf when it failed to run
+
+
+def profile_gemm(
+    runner: Any,
+    gemm: int,
+    tactic_names: Sequence[str],
+    shape: ShapeKey,
+    bucket: int,
+    activation: int,
+    weights: torch.Tensor,
+    device: torch.device,
+) -> list[ProfileResult]:
+    """Times each tactic of GEMM ``gemm`` on synthetic routing of ``bucket`` tokens (divided
+    over ``ep_size`` ranks), with the real ``weights`` of that GEMM. Tactics that fail to launch
+    get ``inf`` and a debug log line. Synchronises the device: never call it during capture."""
+    from . import _ext
+
+    num_tokens = max(1, math.ceil(bucket / shape.ep_size))
+    args = (num_tokens, shape.hidden_size, shape.inter_size, shape.num_experts, shape.top_k,
+            activation)
+    with _ext.device_guard(device):
+        stream = torch.cuda.current_stream(device)
+        workspace_bytes = int(runner.workspace_size(*args))
+        workspace = torch.empty(max(workspace_bytes, 1), dtype=torch.uint8, device=device)
+        times: dict[str, list[float]] = {name: [] for name in tactic_names}
+        failed: set[str] = set()
+        for seed in PROFILE_SEEDS:
+            runner.prepare_gemm_profile(gemm, *args, weights.data_ptr(), workspace.data_ptr(),
+                                        workspace_bytes, seed, stream.cuda_stream)
+            for name in tactic_names:
+                if name in failed:
+                    continue
+                try:
+                    for _ in range(PROFILE_WARMUP):
+                        runner.run_gemm_profile(gemm, name, *args, workspace.data_ptr(),
+                                                workspace_bytes, stream.cuda_stream)
+                    events = [
+                        (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                        for _ in range(PROFILE_REPEATS)
+                    ]
+                    for start, end in events:
+                        start.record(stream)
+                        runner.run_gemm_profile(gemm, name, *args, workspace.data_ptr(),
+                                                workspace_bytes, stream.cuda_stream)
+                        end.record(stream)
+                    stream.synchronize()
+                    times[name] += [start.elapsed_time(end) * 1e3 for start, end in events]
+                except (RuntimeError, ValueError) as exc:
+                    logger.debug("tactic %s failed for GEMM%d bucket %d: %s", name, gemm,
+                                 bucket, exc)
+                    failed.add(name)
+                    times[name] = []
+    return [
+        ProfileResult(name, statistics.median(times[name]) if times[name] else math.inf)
+        for name in tactic_names
+    ]
+
+
+# ------------------------------------------------------------------------------------------
+# The tuner and its cache
+# ------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Selection:
+    """What one GEMM of one call ran and why (for logs and tests)."""
+
+    gemm: int
+    bucket: int
+    tactic: str
+    source: str  # "forced", "cache", "tuned" or "default"
+
+
+class AutoTuner:
+    """Process-wide tactic cache with profiling on a miss inside :func:`autotune`."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._entries: dict[TuningKey, tuple[str, float]] = {}
+        self._tuning_depth = 0
+        self._env_loaded = False
+        self._last: dict[int, Selection] = {}
+
+    # -- state ---------------------------------------------------------------------------
+    @property
+    def tuning(self) -> bool:
+        return self._tuning_depth > 0
+
+    @contextlib.contextmanager
+    def tuning_mode(self, enabled: bool = True) -> Iterator[None]:
+        with self._lock:
+            if enabled:
+                self._tuning_depth += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                if enabled:
+                    self._tuning_depth -= 1
+                    finished = self._tuning_depth == 0
+                else:
+                    finished = False
+            if finished and os.environ.get(CACHE_ENV):
+                self.save(os.environ[CACHE_ENV])
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._last.clear()
+
+    def entries(self) -> dict[TuningKey, tuple[str, float]]:
+        with self._lock:
+            return dict(self._entries)
+
+    def record(self, key: TuningKey, tactic: str, time_us: float) -> None:
+        with self._lock:
+            self._entries[key] = (tactic, time_us)
+
+    def lookup(self, key: TuningKey) -> str | None:
+        self._load_env_once()
+        with self._lock:
+            found = self._entries.get(key)
+        return found[0] if found else None
+
+    def last_selection(self, gemm: int) -> Selection | None:
+        """What the most recent call in this process ran for GEMM ``gemm``."""
+        with self._lock:
+            return self._last.get(gemm)
+
+    def _note(self, selection: Selection) -> None:
+        with self._lock:
+            self._last[selection.gemm] = selection
+        logger.debug("GEMM%d bucket %d -> %s (%s)", selection.gemm, selection.bucket,
+                     selection.tactic, selection.source)
+
+    # -- selection on the run path --------------------------------------------------------
+    def select(
+        self,
+        runner: Any,
+        shape: ShapeKey,
+        num_tokens: int,
+        tune_max_num_tokens: int,
+        activation: int,
+        device: torch.device,
+        weights: tuple[torch.Tensor, torch.Tensor],
+        runnable: Callable[[int], list[str]],
+        default: Callable[[int], str],
+    ) -> tuple[str, str]:
+        """The tactics of both GEMMs for a call: cached, freshly tuned (inside ``autotune``)
+        or the heuristic default. ``runnable(gemm)`` lists candidate names, ``default(gemm)``
+        gives the heuristic choice."""
+        bucket = bucket_for(num_tokens, tune_max_num_tokens)
+        dev = device_id(device)
+        chosen = []
+        for gemm in (1, 2):
+            key = TuningKey(gemm, shape, dev, bucket)
+            name = self.lookup(key)
+            source = "cache"
+            if name is not None and name not in runnable(gemm):
+                name = None  # an entry for a tactic this build or GPU cannot run
+            if name is None and self.tuning:
+                if torch.cuda.is_current_stream_capturing():
+                    raise RuntimeError(
+                        "cutlass_moe: cannot tune during CUDA-graph capture (bucket "
+                        f"{bucket} of this shape is untuned); run `cutlass-moe tune` or one "
+                        "call inside `with cutlass_moe.autotune():` before capturing"
+                    )
+                name = self.tune_one(runner, gemm, shape, bucket, activation, device,
+                                     weights[gemm - 1], runnable(gemm))
+                source = "tuned"
+            if name is None:
+                name = default(gemm)
+                source = "default"
+            self._note(Selection(gemm, bucket, name, source))
+            chosen.append(name)
+        return chosen[0], chosen[1]
+
+    def tune_one(
+        self,
+        runner: Any,
+        gemm: int,
+        shape: ShapeKey,
+        bucket: int,
+        activation: int,
+        device: torch.device,
+        weights: torch.Tensor,
+        candidates: Sequence[str],
+    ) -> str | None:
+        """Profiles ``candidates`` for one GEMM and bucket, records and returns the fastest
+        (None when none could run)."""
+        results = profile_gemm(runner, gemm, candidates, shape, bucket, activation, weights,
+                               device)
+        ok = [r for r in results if math.isfinite(r.time_us)]
+        if not ok:
+            logger.warning("no tactic ran for GEMM%d bucket %d of %s", gemm, bucket, shape)
+            return None
+        best = min(ok, key=lambda r: (r.time_us, r.tactic))
+        self.record(TuningKey(gemm, shape, device_id(device), bucket), best.tactic, best.time_us)
+        return best.tactic
+
+    # -- persistence ----------------------------------------------------------------------
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Writes the cache as versioned JSON, atomically (temp file + rename)."""
+        path = Path(path)
+        with self._lock:
+            entries = dict(self._entries)
+        by_device: dict[str, list[dict[str, Any]]] = {}
+        for key, (tactic, time_us) in sorted(entries.items(), key=lambda kv: _sort_key(kv[0])):
+            by_device.setdefault(key.device, []).append(
+                {**key.to_json(), "tactic": tactic, "time_us": round(time_us, 3)}
+            )
+        document = {
+            "schema": CACHE_SCHEMA,
+            "version": CACHE_VERSION,
+            "build_id": build_id(),
+            "devices": by_device,
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(document, f, indent=1)
+                f.write("\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+    def load(self, path: str | os.PathLike[str], known_tactics: set[str] | None = None) -> int:
+        """Merges the entries of a cache file; returns how many were kept. Problems give one
+        warning and never raise: a missing, corrupt, foreign or stale file is ignored."""
+        try:
+            with open(path) as f:
+                document = json.load(f)
+        except FileNotFoundError:
+            warnings.warn(f"cutlass_moe: tuning cache {path} does not exist; ignored",
+                          stacklevel=3)
+            return 0
+        except (OSError, ValueError) as exc:
+            warnings.warn(f"cutlass_moe: tuning cache {path} is unreadable ({exc}); ignored",
+                          stacklevel=3)
+            return 0
+        problem = _document_problem(document)
+        if problem:
+            warnings.warn(f"cutlass_moe: tuning cache {path} {problem}; ignored", stacklevel=3)
+            return 0
+        if known_tactics is None:
+            known_tactics = _known_tactics()
+        kept: dict[TuningKey, tuple[str, float]] = {}
+        dropped = 0
+        for device, items in document["devices"].items():
+            if not isinstance(items, list):
+                dropped += 1
+                continue
+            for entry in items:
+                try:
+                    key = TuningKey.from_json(entry, str(device))
+                    tactic = entry["tactic"]
+                    time_us = float(entry.get("time_us", math.nan))
+                except (KeyError, TypeError, ValueError):
+                    dropped += 1
+                    continue
+                if not isinstance(tactic, str) or tactic not in known_tactics:
+                    dropped += 1
+                    continue
+                kept[key] = (tactic, time_us)
+        if dropped:
+            warnings.warn(
+                f"cutlass_moe: tuning cache {path}: {dropped} entries are malformed or name "
+                "tactics this build does not have; they were dropped", stacklevel=3)
+        with self._lock:
+            self._entries.update(kept)
+        return len(kept)
+
+    def _load_env_once(self) -> None:
+        if self._env_loaded:
+            return
+        with self._lock:
+            if self._env_loaded:
+                return
+            self._env_loaded = True
+        path = os.environ.get(CACHE_ENV)
+        if path and os.path.exists(path):
+            self.load(path)
+
+
+def _sort_key(key: TuningKey) -> tuple[Any, ...]:
+    return (key.device, dataclasses.astuple(key.shape), key.gemm, key.bucket)
+
+
+def _document_problem(document: Any) -> str | None:
+    """Why a parsed cache document cannot be used, or None."""
+    if not isinstance(document, dict) or document.get("schema") != CACHE_SCHEMA:
+        return "is not a cutlass_moe tuning cache"
+    version = document.get("version")
+    if version != CACHE_VERSION:
+        return f"has schema version {version!r}, this build reads version {CACHE_VERSION}"
+    if document.get("build_id") != build_id():
+        return (f"was written by build {document.get('build_id')!r}, "
+                f"this is {build_id()!r} (re-tune with `cutlass-moe tune`)")
+    if not isinstance(document.get("devices"), dict):
+        return "has no 'devices' table"
+    return None
+
+
+def _known_tactics() -> set[str]:
+    from . import _ext
+
+    names: set[str] = set()
+    for dtype in (torch.float16, torch.bfloat16):
+        for out in (dtype, torch.float32):
+            runner = _ext.get_runner(dtype, dtype, out)
+            for gemm in (1, 2):
+                names.update(str(d["name"]) for d in runner.all_tactics(gemm))
+    return names
+
+
+_TUNER = AutoTuner()
+
+
+def get_tuner() -> AutoTuner:
+    """The process-wide tuner used by :func:`cutlass_moe.cutlass_fused_moe`."""
+    return _TUNER
+
+
+def autotune(enabled: bool = True) -> contextlib.AbstractContextManager[None]:
+    """``with cutlass_moe.autotune():`` — calls inside profile every tactic of both GEMMs for
+    their token bucket on a cache miss and record the fastest. ``autotune(False)`` is a no-op
+    context. When ``CUTLASS_MOE_TUNING_CACHE`` is set, the cache is saved there on exit."""
+    return _TUNER.tuning_mode(enabled)
+
+
+def save_tuning_cache(path: str | os.PathLike[str]) -> None:
+    """Writes every tuned entry to ``path`` (versioned JSON, atomic replace)."""
+    _TUNER.save(path)
+
+
+def load_tuning_cache(path: str | os.PathLike[str]) -> int:
+    """Merges a tuning cache file; returns the number of entries kept (0 with a warning when
+    the file is unusable)."""
+    return _TUNER.load(path)
+
+
+def clear_tuning_cache() -> None:
+    """Forgets every tuned entry of this process."""
+    _TUNER.clear()
