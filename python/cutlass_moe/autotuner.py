@@ -502,3 +502,105 @@ def load_tuning_cache(path: str | os.PathLike[str]) -> int:
 def clear_tuning_cache() -> None:
     """Forgets every tuned entry of this process."""
     _TUNER.clear()
+
+
+# ------------------------------------------------------------------------------------------
+# Tuning a whole model shape ahead of time (``cutlass-moe tune``)
+# ------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class TuneRow:
+    """One GEMM of one bucket: the tuned tactic against the heuristic default."""
+
+    bucket: int
+    gemm: int
+    best_tactic: str
+    best_us: float
+    default_tactic: str
+    default_us: float
+
+    @property
+    def speedup(self) -> float:
+        """Default time over tuned time (1.0 when the default is the tuned choice)."""
+        return self.default_us / self.best_us if self.best_us > 0 else math.nan
+
+
+def tune_model(
+    num_experts: int,
+    hidden_size: int,
+    inter_size: int,
+    top_k: int,
+    dtype: torch.dtype = torch.bfloat16,
+    activation: Any = None,
+    ep_size: int = 1,
+    max_tokens: int = 8192,
+    device: torch.device | str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[TuneRow]:
+    """Profiles every bucket of ``tuning_buckets(max_tokens)`` for both GEMMs of an MoE layer
+    with ``num_experts`` local experts (random weights of the model's shapes), records the
+    fastest tactics in the process-wide cache and returns one row per (bucket, GEMM).
+    ``progress(done, total)`` is called after each profiled GEMM. Needs a CUDA device."""
+    from . import _ext, ops
+    from .activation import ActivationType, is_gated, normalize_activation, require_supported
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("cutlass_moe: tuning needs a CUDA device and none is available")
+    act = require_supported(normalize_activation(activation or ActivationType.Swiglu))
+    if dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"dtype must be torch.float16 or torch.bfloat16 (got {dtype})")
+    for name, value in (("num_experts", num_experts), ("hidden_size", hidden_size),
+                        ("inter_size", inter_size), ("top_k", top_k), ("ep_size", ep_size),
+                        ("max_tokens", max_tokens)):
+        if int(value) < 1:
+            raise ValueError(f"{name} must be >= 1 (got {value})")
+    if hidden_size % 8 or inter_size % 8:
+        raise ValueError(f"hidden_size ({hidden_size}) and inter_size ({inter_size}) must be "
+                         "multiples of 8")
+    if top_k > num_experts * ep_size:
+        raise ValueError(f"top_k ({top_k}) exceeds the number of experts "
+                         f"({num_experts}*{ep_size})")
+    device = torch.device(device or "cuda")
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    act_value = _ext.activation_to_enum(act)
+    dtypes = (dtype, dtype, dtype)
+    runner = _ext.get_runner(*dtypes)
+    shape = ShapeKey(dtype_tag(dtypes), "none", num_experts, hidden_size, inter_size, top_k,
+                     _ext.activation_name(act_value), ep_size)
+    n1 = 2 * inter_size if is_gated(act) else inter_size
+    gen = torch.Generator(device=device).manual_seed(0)
+    weights = (
+        torch.randn(num_experts, n1, hidden_size, device=device, dtype=dtype, generator=gen)
+        * hidden_size**-0.5,
+        torch.randn(num_experts, hidden_size, inter_size, device=device, dtype=dtype,
+                    generator=gen) * inter_size**-0.5,
+    )
+    tuner = get_tuner()
+    buckets = tuning_buckets(max_tokens)
+    rows: list[TuneRow] = []
+    total = 2 * len(buckets)
+    with _ext.device_guard(device):
+        for bucket in buckets:
+            local_tokens = max(1, math.ceil(bucket / ep_size))
+            expected_rows = local_tokens * top_k / num_experts
+            for gemm in (1, 2):
+                descs = [d for d in _ext.tactics(*dtypes, gemm, device)
+                         if d.get("runnable", True) and ops.supports_activation(d, act_value)]
+                names = [str(d["name"]) for d in descs]
+                default = ops.default_tactic(descs, expected_rows)
+                results = profile_gemm(runner, gemm, names, shape, bucket, act_value,
+                                       weights[gemm - 1], device)
+                ok = [r for r in results if math.isfinite(r.time_us)]
+                if not ok:
+                    raise RuntimeError(f"no tactic ran for GEMM{gemm} at bucket {bucket}")
+                best = min(ok, key=lambda r: (r.time_us, r.tactic))
+                default_us = next(r.time_us for r in results if r.tactic == default)
+                tuner.record(TuningKey(gemm, shape, device_id(device), bucket), best.tactic,
+                             best.time_us)
+                rows.append(TuneRow(bucket, gemm, best.tactic, best.time_us, default,
+                                    default_us))
+                if progress is not None:
+                    progress(len(rows), total)
+    return rows
