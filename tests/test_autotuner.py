@@ -1,0 +1,429 @@
+"""AutoTuner: buckets, keys, the persistent cache (CPU), and tuning on the GPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from _helpers import rel_l2
+from cutlass_moe import autotuner
+from cutlass_moe.autotuner import AutoTuner, ShapeKey, TuningKey, bucket_for, tuning_buckets
+
+SHAPE = ShapeKey("bf16_bf16_bf16", "none", 8, 256, 128, 2, "Swiglu", 1)
+DEVICE_ID = "Fake GPU/100"
+KNOWN = {"tactic_a", "tactic_b", "tactic_c"}
+
+
+@pytest.fixture(autouse=True)
+def _fixed_build_id(monkeypatch):
+    monkeypatch.setattr(autotuner, "build_id", lambda: "test-build")
+    monkeypatch.setattr(autotuner, "_known_tactics", lambda: set(KNOWN))
+
+
+def _key(gemm=1, bucket=16, shape=SHAPE, device=DEVICE_ID):
+    return TuningKey(gemm, shape, device, bucket)
+
+
+def _tuner_with_entries() -> AutoTuner:
+    tuner = AutoTuner()
+    tuner.record(_key(1, 1), "tactic_a", 10.0)
+    tuner.record(_key(2, 1), "tactic_b", 11.5)
+    tuner.record(_key(1, 4096), "tactic_c", 900.25)
+    tuner.record(_key(1, 16, device="Other GPU/64"), "tactic_b", 3.0)
+    return tuner
+
+
+# ------------------------------------------------------------------ buckets
+
+
+def test_tuning_buckets_are_powers_of_two_then_the_cap():
+    assert tuning_buckets(1) == [1]
+    assert tuning_buckets(8) == [1, 2, 4, 8]
+    assert tuning_buckets(8192)[-3:] == [2048, 4096, 8192]
+    assert len(tuning_buckets(8192)) == 14
+    assert tuning_buckets(100) == [1, 2, 4, 8, 16, 32, 64, 100]
+    with pytest.raises(ValueError, match="tune_max_num_tokens"):
+        tuning_buckets(0)
+
+
+@pytest.mark.parametrize(
+    "num_tokens,cap,bucket",
+    [(0, 8192, 1), (1, 8192, 1), (2, 8192, 2), (3, 8192, 4), (64, 8192, 64), (65, 8192, 128),
+     (8191, 8192, 8192), (8192, 8192, 8192), (100000, 8192, 8192), (70, 100, 100),
+     (20, 100, 32), (5, 4, 4)],
+)
+def test_bucket_for(num_tokens, cap, bucket):
+    assert bucket_for(num_tokens, cap) == bucket
+    assert bucket in tuning_buckets(cap)
+
+
+# ------------------------------------------------------------------ keys
+
+
+def test_keys_differ_in_every_field_that_changes_the_kernel():
+    variants = [
+        SHAPE,
+        ShapeKey("fp16_fp16_fp16", "none", 8, 256, 128, 2, "Swiglu", 1),
+        ShapeKey("bf16_bf16_fp32", "none", 8, 256, 128, 2, "Swiglu", 1),
+        ShapeKey("bf16_bf16_bf16", "int8", 8, 256, 128, 2, "Swiglu", 1),
+        ShapeKey("bf16_bf16_bf16", "none", 16, 256, 128, 2, "Swiglu", 1),
+        ShapeKey("bf16_bf16_bf16", "none", 8, 512, 128, 2, "Swiglu", 1),
+        ShapeKey("bf16_bf16_bf16", "none", 8, 256, 256, 2, "Swiglu", 1),
+        ShapeKey("bf16_bf16_bf16", "none", 8, 256, 128, 4, "Swiglu", 1),
+        ShapeKey("bf16_bf16_bf16", "none", 8, 256, 128, 2, "Relu", 1),
+        ShapeKey("bf16_bf16_bf16", "none", 8, 256, 128, 2, "Swiglu", 2),
+    ]
+    keys = {_key(gemm, bucket, shape, device)
+            for shape in variants for gemm in (1, 2) for bucket in (1, 2)
+            for device in (DEVICE_ID, "Other GPU/64")}
+    assert len(keys) == len(variants) * 2 * 2 * 2
+
+
+def test_key_json_round_trip():
+    key = _key(2, 512)
+    assert TuningKey.from_json(key.to_json(), DEVICE_ID) == key
+
+
+def test_dtype_tag():
+    assert autotuner.dtype_tag((torch.bfloat16, torch.bfloat16, torch.float32)) == "bf16_bf16_fp32"
+
+
+# ------------------------------------------------------------------ cache files
+
+
+def test_save_load_round_trip(tmp_path):
+    path = tmp_path / "cache.json"
+    _tuner_with_entries().save(path)
+    document = json.loads(path.read_text())
+    assert document["schema"] == autotuner.CACHE_SCHEMA
+    assert document["version"] == autotuner.CACHE_VERSION
+    assert set(document["devices"]) == {DEVICE_ID, "Other GPU/64"}
+    fresh = AutoTuner()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert fresh.load(path) == 4
+    assert fresh.entries() == _tuner_with_entries().entries()
+    assert fresh.lookup(_key(1, 4096)) == "tactic_c"
+    assert fresh.lookup(_key(2, 4096)) is None
+
+
+def _assert_ignored(path, match):
+    tuner = AutoTuner()
+    tuner.record(_key(1, 2), "tactic_a", 1.0)
+    with pytest.warns(UserWarning, match=match) as record:
+        assert tuner.load(path) == 0
+    assert len(record) == 1
+    assert tuner.entries() == {_key(1, 2): ("tactic_a", 1.0)}  # existing entries untouched
+
+
+def test_corrupt_file_is_ignored_with_one_warning(tmp_path):
+    path = tmp_path / "cache.json"
+    path.write_bytes(b"\x00\xffnot json at all")
+    _assert_ignored(path, "unreadable")
+
+
+def test_truncated_file_is_ignored(tmp_path):
+    path = tmp_path / "cache.json"
+    _tuner_with_entries().save(path)
+    text = path.read_text()
+    path.write_text(text[: len(text) // 2])
+    _assert_ignored(path, "unreadable")
+
+
+def test_foreign_document_is_ignored(tmp_path):
+    path = tmp_path / "cache.json"
+    path.write_text(json.dumps({"schema": "something.else", "version": 1}))
+    _assert_ignored(path, "not a cutlass_moe tuning cache")
+    path.write_text(json.dumps([1, 2, 3]))
+    _assert_ignored(path, "not a cutlass_moe tuning cache")
+
+
+def test_older_schema_is_ignored(tmp_path):
+    path = tmp_path / "cache.json"
+    _tuner_with_entries().save(path)
+    document = json.loads(path.read_text())
+    document["version"] = autotuner.CACHE_VERSION - 1
+    path.write_text(json.dumps(document))
+    _assert_ignored(path, "schema version")
+
+
+def test_other_build_is_ignored(tmp_path, monkeypatch):
+    path = tmp_path / "cache.json"
+    _tuner_with_entries().save(path)
+    monkeypatch.setattr(autotuner, "build_id", lambda: "another-build")
+    _assert_ignored(path, "another-build")
+
+
+def test_missing_file_warns(tmp_path):
+    _assert_ignored(tmp_path / "absent.json", "does not exist")
+
+
+def test_unknown_tactics_and_malformed_entries_are_dropped(tmp_path):
+    path = tmp_path / "cache.json"
+    _tuner_with_entries().save(path)
+    document = json.loads(path.read_text())
+    entries = document["devices"][DEVICE_ID]
+    entries[0]["tactic"] = "sm80_tactic_from_a_bigger_build"
+    del entries[1]["bucket"]
+    entries.append({"gemm": "one", "bucket": 2, "tactic": "tactic_a"})
+    path.write_text(json.dumps(document))
+    tuner = AutoTuner()
+    with pytest.warns(UserWarning, match="3 entries"):
+        kept = tuner.load(path)
+    assert kept == 2  # one entry of DEVICE_ID survives, and the other GPU's
+    assert tuner.lookup(_key(1, 16, device="Other GPU/64")) == "tactic_b"
+
+
+def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    path = tmp_path / "cache.json"
+    _tuner_with_entries().save(path)
+    before = path.read_bytes()
+
+    def broken_dump(obj, f, **kwargs):
+        f.write('{"schema": "cutlass_moe.tuning_cache", "ver')
+        raise OSError("disk full")
+
+    monkeypatch.setattr(autotuner.json, "dump", broken_dump)
+    tuner = AutoTuner()
+    tuner.record(_key(1, 8), "tactic_a", 2.0)
+    with pytest.raises(OSError, match="disk full"):
+        tuner.save(path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache.json"]
+
+
+def test_env_cache_loaded_at_first_use_and_saved_after_tuning(tmp_path, monkeypatch):
+    path = tmp_path / "env_cache.json"
+    _tuner_with_entries().save(path)
+    monkeypatch.setenv(autotuner.CACHE_ENV, str(path))
+    tuner = AutoTuner()
+    assert tuner.entries() == {}
+    assert tuner.lookup(_key(1, 1)) == "tactic_a"  # first use loads the file
+    with tuner.tuning_mode():
+        with tuner.tuning_mode():  # nested: saved once, when the outermost exits
+            tuner.record(_key(2, 8), "tactic_c", 5.0)
+        assert tuner.tuning
+        assert AutoTuner().load(path) == 4  # not yet saved inside the outer context
+    assert not tuner.tuning
+    assert AutoTuner().load(path) == 5
+    with tuner.tuning_mode(False):
+        assert not tuner.tuning
+
+
+def test_concurrent_record_lookup_save(tmp_path):
+    tuner = AutoTuner()
+    path = tmp_path / "cache.json"
+    errors = []
+
+    def worker(index):
+        try:
+            for bucket in range(1, 200):
+                tuner.record(_key(1 + index % 2, bucket * 1000 + index), "tactic_a", 1.0)
+                tuner.lookup(_key(1, bucket))
+                if bucket % 50 == 0:
+                    tuner.save(path)
+        except Exception as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert len(tuner.entries()) == 8 * 199
+    tuner.save(path)
+    assert AutoTuner().load(path) == 8 * 199
+
+
+# ------------------------------------------------------------------ on the GPU
+
+GPU_SHAPE = {"num_experts": 8, "hidden": 512, "inter": 256, "top_k": 2}
+
+
+def _problem(num_tokens, dtype=torch.bfloat16, seed=0):
+    e, h, i, k = (GPU_SHAPE[n] for n in ("num_experts", "hidden", "inter", "top_k"))
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(num_tokens, h, device="cuda", dtype=dtype, generator=gen)
+    logits = torch.randn(num_tokens, e, device="cuda", generator=gen)
+    scales, ids = torch.softmax(logits, -1).topk(k, -1)
+    fc1 = torch.randn(e, 2 * i, h, device="cuda", dtype=dtype, generator=gen) * h**-0.5
+    fc2 = torch.randn(e, h, i, device="cuda", dtype=dtype, generator=gen) * i**-0.5
+    return x, ids.int(), scales.float(), fc1, fc2
+
+
+@pytest.fixture
+def real_tuner(monkeypatch):
+    """The process-wide tuner, emptied, with the real build id and tactic list."""
+    monkeypatch.undo()
+    monkeypatch.delenv(autotuner.CACHE_ENV, raising=False)
+    tuner = autotuner.get_tuner()
+    tuner.clear()
+    yield tuner
+    tuner.clear()
+
+
+@pytest.mark.gpu
+def test_tuning_records_a_tactic_per_bucket_and_gemm(real_tuner):
+    import cutlass_moe
+
+    counts = (1, 3, 40, 300)
+    with cutlass_moe.autotune():
+        for t in counts:
+            x, ids, scales, fc1, fc2 = _problem(t)
+            out = cutlass_moe.cutlass_fused_moe(x, ids, scales, fc1, fc2, x.dtype,
+                                                tune_max_num_tokens=256)[0]
+            for gemm in (1, 2):
+                assert real_tuner.last_selection(gemm).source == "tuned"
+            ref = cutlass_moe.reference_moe(x, ids, scales, fc1, fc2)
+            assert rel_l2(out.float(), ref) <= 1e-2
+    buckets = {(k.gemm, k.bucket) for k in real_tuner.entries()}
+    assert buckets == {(g, b) for g in (1, 2) for b in (1, 4, 64, 256)}
+    # A second call in the same bucket comes from the cache, outside autotune() too.
+    x, ids, scales, fc1, fc2 = _problem(50)
+    cutlass_moe.cutlass_fused_moe(x, ids, scales, fc1, fc2, x.dtype, tune_max_num_tokens=256)
+    assert real_tuner.last_selection(1).source == "cache"
+    assert real_tuner.last_selection(1).bucket == 64
+    # Outside autotune() a miss profiles nothing and uses the heuristic default.
+    x, ids, scales, fc1, fc2 = _problem(50)
+    cutlass_moe.cutlass_fused_moe(x, ids, scales, fc1, fc2, x.dtype, tune_max_num_tokens=8192,
+                                  activation_type=cutlass_moe.ActivationType.Geglu)
+    assert real_tuner.last_selection(1).source == "default"
+    assert len(real_tuner.entries()) == 8
+
+
+@pytest.mark.gpu
+def test_tuned_and_default_tactics_agree_numerically(real_tuner):
+    import cutlass_moe
+
+    x, ids, scales, fc1, fc2 = _problem(200, seed=3)
+    default = cutlass_moe.cutlass_fused_moe(x, ids, scales, fc1, fc2, x.dtype)[0]
+    assert real_tuner.last_selection(1).source == "default"
+    with cutlass_moe.autotune():
+        tuned = cutlass_moe.cutlass_fused_moe(x, ids, scales, fc1, fc2, x.dtype)[0]
+    assert real_tuner.last_selection(2).source == "tuned"
+    ref = cutlass_moe.reference_moe(x, ids, scales, fc1, fc2)
+    assert rel_l2(tuned.float(), ref) <= 1e-2
+    assert rel_l2(tuned.float(), default.float()) <= 1e-2
+
+
+@pytest.mark.gpu
+def test_saved_cache_is_used_by_a_fresh_process(real_tuner, tmp_path):
+    """A tactic recorded by hand (deliberately not the default) must be what a new process
+    runs when CUTLASS_MOE_TUNING_CACHE names the saved file."""
+    import cutlass_moe
+    from cutlass_moe import _ext
+
+    x, ids, scales, fc1, fc2 = _problem(24)
+    cutlass_moe.cutlass_fused_moe(x, ids, scales, fc1, fc2, x.dtype)
+    default = real_tuner.last_selection(2)
+    assert default.source == "default"
+    descs = _ext.get_runner(x.dtype, x.dtype, x.dtype).tactics(2)
+    other = next(str(d["name"]) for d in descs if d["name"] != default.tactic)
+    shape = ShapeKey("bf16_bf16_bf16", "none", 8, 512, 256, 2, "Swiglu", 1)
+    real_tuner.record(TuningKey(2, shape, autotuner.device_id(x.device), default.bucket),
+                      other, 1.0)
+    path = tmp_path / "tuned.json"
+    cutlass_moe.save_tuning_cache(path)
+
+    script = textwrap.dedent(
+        """
+        import torch, cutlass_moe
+        from cutlass_moe import autotuner
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        x = torch.randn(24, 512, device="cuda", dtype=torch.bfloat16, generator=gen)
+        logits = torch.randn(24, 8, device="cuda", generator=gen)
+        scales, ids = torch.softmax(logits, -1).topk(2, -1)
+        fc1 = torch.randn(8, 512, 512, device="cuda", dtype=torch.bfloat16) * 512**-0.5
+        fc2 = torch.randn(8, 512, 256, device="cuda", dtype=torch.bfloat16) * 256**-0.5
+        out = cutlass_moe.cutlass_fused_moe(x, ids.int(), scales.float(), fc1, fc2,
+                                            torch.bfloat16)[0]
+        ref = cutlass_moe.reference_moe(x, ids.int(), scales.float(), fc1, fc2)
+        err = ((out.float() - ref).norm() / ref.norm()).item()
+        s = autotuner.get_tuner().last_selection(2)
+        print(s.source, s.tactic, err)
+        """
+    )
+    env = dict(os.environ, **{autotuner.CACHE_ENV: str(path)})
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                            text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr
+    source, tactic, err = result.stdout.split()
+    assert (source, tactic) == ("cache", other)
+    assert float(err) <= 1e-2
+
+
+@pytest.mark.gpu
+def test_tuning_during_graph_capture_is_refused(real_tuner):
+    import cutlass_moe
+
+    x, ids, scales, fc1, fc2 = _problem(16)
+    out = torch.empty_like(x)
+    cutlass_moe.cutlass_fused_moe(x, ids, scales, fc1, fc2, x.dtype, output=out)  # warm-up
+    graph = torch.cuda.CUDAGraph()
+    with (
+        pytest.raises(RuntimeError, match="CUDA-graph capture"),
+        cutlass_moe.autotune(),
+        torch.cuda.graph(graph),
+    ):
+        cutlass_moe.cutlass_fused_moe(x, ids, scales, fc1, fc2, x.dtype, output=out)
+    assert real_tuner.entries() == {}
+
+
+@pytest.mark.gpu
+def test_concurrent_tuning_from_threads_and_streams(real_tuner):
+    import cutlass_moe
+
+    errors = []
+    results = {}
+
+    def worker(index):
+        try:
+            stream = torch.cuda.Stream()
+            with torch.cuda.stream(stream):
+                x, ids, scales, fc1, fc2 = _problem(8 + 37 * index, seed=index)
+                with cutlass_moe.autotune():
+                    out = cutlass_moe.cutlass_fused_moe(x, ids, scales, fc1, fc2, x.dtype)[0]
+                ref = cutlass_moe.reference_moe(x, ids, scales, fc1, fc2)
+            stream.synchronize()
+            results[index] = rel_l2(out.float(), ref)
+        except Exception as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert all(err <= 1e-2 for err in results.values()), results
+    buckets = {bucket_for(8 + 37 * i, 8192) for i in range(4)}
+    assert {(k.gemm, k.bucket) for k in real_tuner.entries()} == {
+        (g, b) for g in (1, 2) for b in buckets
+    }
+
+
+@pytest.mark.gpu
+def test_tune_model_rows(real_tuner):
+    rows = autotuner.tune_model(8, 512, 256, 2, max_tokens=64)
+    assert [(r.bucket, r.gemm) for r in rows] == [(b, g) for b in tuning_buckets(64)
+                                                 for g in (1, 2)]
+    for r in rows:
+        assert r.best_us > 0 and r.default_us >= r.best_us and r.speedup >= 1.0
+    assert len(real_tuner.entries()) == len(rows)
+
+
+def test_paths_are_strings_or_paths(tmp_path):
+    tuner = _tuner_with_entries()
+    tuner.save(str(tmp_path / "a.json"))
+    tuner.save(Path(tmp_path / "b.json"))
+    assert (tmp_path / "a.json").read_text() == (tmp_path / "b.json").read_text()
