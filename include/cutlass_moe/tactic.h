@@ -27,6 +27,8 @@ struct TacticDescriptor {
 // Device-resident arguments of one grouped GEMM: D_e = A_e (M_e x K, row-major) * B_e (K x N,
 // column-major, i.e. the expert weight [N, K] row-major) for e < problem_count. Problem sizes,
 // pointers and leading dimensions live in device memory and are written by a device kernel.
+// Weight-only quantised tactics (weight_dtype kInt8) also scale output column n of problem e by
+// ptr_scale[e][n] (N values in the activation dtype); 16-bit tactics ignore ptr_scale.
 struct GroupedGemmArgs {
   int problem_count = 0;
   void* problem_sizes = nullptr;  // cutlass::gemm::GemmCoord[problem_count]
@@ -36,6 +38,7 @@ struct GroupedGemmArgs {
   int64_t* lda = nullptr;
   int64_t* ldb = nullptr;
   int64_t* ldd = nullptr;
+  void** ptr_scale = nullptr;  // [problem_count] per-output-column scales (int8 weights only)
 };
 
 // One compiled tactic: its static description and entry points. Generated registry tables list

@@ -12,34 +12,18 @@ import argparse
 import logging
 import statistics
 import sys
-from dataclasses import dataclass
 
 import torch
 
 from . import _ext
 from .activation import ActivationType
 from .ops import cutlass_fused_moe
+from .presets import DESIGN_PRESETS as MODEL_PRESETS
+from .presets import ModelPreset
 from .reference import reference_moe
 
 logger = logging.getLogger("cutlass_moe.demo")
 
-
-@dataclass(frozen=True)
-class ModelPreset:
-    """One MoE layer's shape (DESIGN.md §9)."""
-
-    num_experts: int
-    hidden_size: int
-    inter_size: int
-    top_k: int
-
-
-MODEL_PRESETS: dict[str, ModelPreset] = {
-    "mixtral-8x7b": ModelPreset(num_experts=8, hidden_size=4096, inter_size=14336, top_k=2),
-    "qwen1.5-moe-a2.7b": ModelPreset(num_experts=60, hidden_size=2048, inter_size=1408, top_k=4),
-    "qwen3-30b-a3b": ModelPreset(num_experts=128, hidden_size=2048, inter_size=768, top_k=8),
-    "deepseek-v2-lite": ModelPreset(num_experts=64, hidden_size=2048, inter_size=1408, top_k=6),
-}
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 #: Relative L2 error thresholds of DESIGN.md §8.

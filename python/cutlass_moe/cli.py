@@ -1,0 +1,960 @@
+"""The ``cutlass-moe`` command line (also ``python -m cutlass_moe``).
+
+    cutlass-moe info                      build, compiled archs, tactic counts, GPUs
+    cutlass-moe tune  --model NAME ...    tune every token bucket of a layer shape, write the cache
+    cutlass-moe bench --model NAME ...    time cutlass_fused_moe per token count
+
+:func:`main` returns the exit status: 0 on success, 1 when the work itself failed (no tactic
+ran, ...), 2 for usage errors and a missing GPU or extension, 130 when interrupted. User errors
+are one ``cutlass-moe: error: ...`` line on stderr (with the usage for argument errors), never a
+traceback. The command's results go to stdout; progress and diagnostics go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import difflib
+import importlib.util
+import json
+import logging
+import math
+import os
+import sys
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+
+from . import _ext, autotuner
+from ._version import __version__
+from .activation import ActivationType
+from .presets import MODEL_PRESETS, ModelPreset
+
+logger = logging.getLogger("cutlass_moe.cli")
+
+PROG = "cutlass-moe"
+#: Where ``tune`` writes (and ``bench --tuned`` reads) when neither --out/--cache nor
+#: ``$CUTLASS_MOE_TUNING_CACHE`` names a file.
+DEFAULT_CACHE_FILE = "cutlass_moe_tuning_cache.json"
+DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
+#: ``--weights`` accepts these; which ones a build can run is checked after parsing.
+WEIGHT_CHOICES = ("bf16", "fp16", "int8", "int4")
+DEFAULT_BENCH_TOKENS = (1, 8, 32, 128, 512, 2048, 8192)
+#: Expert popularity of ``--routing zipf``: p(expert of rank r) ~ 1 / r**ZIPF_EXPONENT.
+ZIPF_EXPONENT = 1.0
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class CliError(Exception):
+    """A user-facing error: printed as ``cutlass-moe: error: <message>``, exit ``status``."""
+
+    def __init__(self, message: str, status: int = EXIT_USAGE) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+# ------------------------------------------------------------------------------------------
+# Argument types (their messages are what the user sees after "argument --x:")
+# ------------------------------------------------------------------------------------------
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 (``argparse`` type)."""
+    try:
+        value = int(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def token_counts(text: str) -> list[int]:
+    """Comma-separated positive token counts, e.g. ``"1,8,32"`` (``argparse`` type)."""
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        counts = [int(p) for p in parts]
+    except ValueError:
+        counts = []
+    if not counts or any(c < 1 for c in counts):
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated positive token counts such as 1,8,32, got {text!r}")
+    return counts
+
+
+def model_name(text: str) -> str:
+    """A key of :data:`~cutlass_moe.presets.MODEL_PRESETS`, case-insensitive (``argparse``
+    type); an unknown name lists the known ones and suggests the closest."""
+    name = text.strip().lower()
+    if name in MODEL_PRESETS:
+        return name
+    close = difflib.get_close_matches(name, list(MODEL_PRESETS), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise argparse.ArgumentTypeError(
+        f"unknown model {text!r} (known: {', '.join(MODEL_PRESETS)}){hint}")
+
+
+def cuda_device(text: str) -> torch.device:
+    """A CUDA device such as ``cuda`` or ``cuda:1`` (``argparse`` type)."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        device = None
+    if device is None or device.type != "cuda":
+        raise argparse.ArgumentTypeError(f"expected a CUDA device like cuda or cuda:1, got {text!r}")
+    return device
+
+
+# ------------------------------------------------------------------------------------------
+# Shared checks
+# ------------------------------------------------------------------------------------------
+
+_SHAPE_OPTIONS = (("--experts", "num_experts"), ("--hidden", "hidden_size"),
+                  ("--inter", "inter_size"), ("--top-k", "top_k"))
+
+
+def resolve_shape(args: argparse.Namespace, parser: argparse.ArgumentParser
+                  ) -> tuple[str, ModelPreset]:
+    """The layer shape of ``--model`` or of the four explicit numbers, as ``(name, preset)``
+    (name ``"custom"`` for numbers). Inconsistent options end in ``parser.error``."""
+    given = {opt: getattr(args, field) for opt, field in _SHAPE_OPTIONS
+             if getattr(args, field) is not None}
+    if args.model is not None and given:
+        parser.error(f"--model and {'/'.join(given)} are mutually exclusive: give a model "
+                     "preset, or all four of --experts, --hidden, --inter and --top-k")
+    if args.model is not None:
+        name, preset = args.model, MODEL_PRESETS[args.model]
+    else:
+        missing = [opt for opt, _ in _SHAPE_OPTIONS if opt not in given]
+        if len(missing) == len(_SHAPE_OPTIONS):
+            parser.error("give a layer shape: --model NAME (one of "
+                         f"{', '.join(MODEL_PRESETS)}) or --experts E --hidden H --inter I "
+                         "--top-k K")
+        if missing:
+            parser.error("explicit shapes need all four of --experts, --hidden, --inter and "
+                         f"--top-k (missing: {', '.join(missing)})")
+        name = "custom"
+        preset = ModelPreset(num_experts=args.num_experts, hidden_size=args.hidden_size,
+                             inter_size=args.inter_size, top_k=args.top_k)
+    if preset.top_k > preset.num_experts:
+        parser.error(f"--top-k {preset.top_k} exceeds the number of experts "
+                     f"({preset.num_experts})")
+    if preset.hidden_size % 8 or preset.inter_size % 8:
+        parser.error(f"--hidden ({preset.hidden_size}) and --inter ({preset.inter_size}) must "
+                     "be multiples of 8 (rows are read with 16-byte vector accesses)")
+    return name, preset
+
+
+def supported_weight_types(dtype: str, info: Mapping[str, Any]) -> list[str]:
+    """The ``--weights`` values this build runs with ``--dtype dtype``.
+
+    ``cutlass_fused_moe`` takes unquantized weights of the activation dtype only; with the
+    extension loaded, ``build_info()["tactics"]`` (keys ``"<act>_<weight>[_...]"``) must also
+    have kernels for that pair."""
+    python_side = {dtype}
+    tactics = info.get("tactics") if info.get("extension_available") else None
+    if not isinstance(tactics, Mapping):
+        return sorted(python_side)
+    built = set()
+    for config in tactics:
+        parts = str(config).split("_")
+        if len(parts) >= 2 and parts[0] == dtype:
+            built.add(parts[1])
+    return sorted(python_side & built)
+
+
+def check_weights(dtype: str, weights: str | None) -> str:
+    """The weight type to use (``--dtype``'s when ``weights`` is None); :class:`CliError` when
+    this build cannot run it."""
+    weights = weights or dtype
+    supported = supported_weight_types(dtype, _ext.build_info())
+    if weights not in supported:
+        if supported:
+            offer = f"it supports --weights {' or '.join(supported)} with --dtype {dtype}"
+        else:
+            offer = f"it has no kernels for --dtype {dtype}"
+        raise CliError(f"--weights {weights} is not available in this build: {offer} "
+                       "(unquantized weights of the activation dtype; int8/int4 weight-only "
+                       "kernels are not built yet)")
+    return weights
+
+
+def require_gpu_and_extension(command: str, device: torch.device) -> None:
+    """:class:`CliError` (exit 2) without a CUDA device or without the compiled extension."""
+    if not torch.cuda.is_available():
+        raise CliError(f"no CUDA device is available; `{PROG} {command}` needs an NVIDIA GPU "
+                       f"(`{PROG} info` shows what this installation has)")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise CliError(f"--device {device} does not exist: {torch.cuda.device_count()} CUDA "
+                       "device(s) are visible")
+    if not _ext.extension_available():
+        raise CliError(str(_ext.build_info()["extension_error"]))
+
+
+def default_cache_path() -> Path:
+    """``$CUTLASS_MOE_TUNING_CACHE`` when set, else ``./cutlass_moe_tuning_cache.json``."""
+    return Path(os.environ.get(autotuner.CACHE_ENV) or DEFAULT_CACHE_FILE)
+
+
+def gpu_label(device: torch.device) -> str:
+    """``"NVIDIA H100 80GB HBM3 (cuda:0)"``, or the device alone when it cannot be queried."""
+    try:
+        return f"{torch.cuda.get_device_name(device)} ({device})"
+    except (RuntimeError, AssertionError):  # CPU-only torch raises AssertionError
+        return str(device)
+
+
+def _finite(value: float) -> float | None:
+    """``value``, or None for inf/nan (JSON has neither)."""
+    return value if math.isfinite(value) else None
+
+
+def _format_table(headers: Sequence[str], rows: Sequence[Sequence[str]],
+                  left: Sequence[int] = ()) -> str:
+    """Plain-text columns; right-aligned except the column indices in ``left``."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+              for i, h in enumerate(headers)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(c.ljust(w) if i in left else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def _us(value: float) -> str:
+    return f"{value:.1f}" if math.isfinite(value) else "failed"
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    if denominator > 0 and math.isfinite(numerator) and math.isfinite(denominator):
+        return numerator / denominator
+    return math.nan
+
+
+def _speedup(value: float) -> str:
+    return f"{value:.2f}x" if math.isfinite(value) else "-"
+
+
+class Progress:
+    """``progress(done, total)`` callback drawing on stderr: a tqdm bar when tqdm is
+    installed, else a plain status line (redrawn in place on a terminal)."""
+
+    def __init__(self, description: str, enabled: bool = True, stream: TextIO | None = None
+                 ) -> None:
+        self.description = description
+        self.enabled = enabled
+        self.stream = stream if stream is not None else sys.stderr
+        self._done = 0
+        self._bar: Any = None
+        self._line_open = False
+        self._use_tqdm = importlib.util.find_spec("tqdm") is not None
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if self._use_tqdm:
+            if self._bar is None:
+                from tqdm import tqdm
+
+                self._bar = tqdm(total=total, desc=self.description, unit="GEMM",
+                                 file=self.stream, dynamic_ncols=True)
+            self._bar.update(done - self._done)
+        elif self.stream.isatty():
+            self.stream.write(f"\r{self.description}: {done}/{total} GEMMs")
+            self._line_open = True
+        else:
+            self.stream.write(f"{self.description}: {done}/{total} GEMMs\n")
+        self.stream.flush()
+        self._done = done
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if self._line_open:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._line_open = False
+
+
+# ------------------------------------------------------------------------------------------
+# info
+# ------------------------------------------------------------------------------------------
+
+
+def _arch_number(arch: Any) -> int | None:
+    digits = ""
+    for ch in str(arch).removeprefix("sm_"):
+        if not ch.isdigit():
+            break
+        digits += ch
+    return int(digits) if digits else None
+
+
+def arch_support(major: int, minor: int, archs: Sequence[Any]) -> str:
+    """Whether a build for ``archs`` has kernels for compute capability ``major.minor``:
+    ``"yes"``, ``"yes (sm_86 code)"`` for a binary-compatible lower arch of the same major,
+    or ``"no"``."""
+    numbers = {n for n in map(_arch_number, archs) if n is not None}
+    capability = 10 * major + minor
+    if capability in numbers:
+        return "yes"
+    compatible = [n for n in numbers if n // 10 == major and n < capability]
+    if compatible:
+        return f"yes (sm_{max(compatible)} code)"
+    return "no"
+
+
+def gpu_info() -> tuple[list[dict[str, Any]], str | None]:
+    """The visible GPUs (index, name, compute capability, SMs, memory) and, when there are
+    none, why."""
+    if not torch.cuda.is_available():
+        return [], "no CUDA device is available"
+    gpus = []
+    try:
+        for index in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(index)
+            gpus.append({
+                "index": index,
+                "name": props.name,
+                "capability": f"{props.major}.{props.minor}",
+                "multiprocessors": props.multi_processor_count,
+                "memory_gib": round(props.total_memory / 2**30, 1),
+            })
+    except (RuntimeError, AssertionError) as exc:
+        return gpus, f"querying the CUDA devices failed: {exc}"
+    return gpus, None if gpus else "no CUDA device is visible"
+
+
+def collect_info() -> dict[str, Any]:
+    """Everything ``cutlass-moe info`` reports, as one JSON-able dict."""
+    info = dict(_ext.build_info())
+    gpus, no_gpu_reason = gpu_info()
+    archs = info.get("archs") or []
+    for gpu in gpus:
+        major, minor = (int(x) for x in gpu["capability"].split("."))
+        gpu["kernels"] = arch_support(major, minor, archs) if info["extension_available"] else "no"
+    info["gpus"] = gpus
+    if no_gpu_reason:
+        info["no_gpu_reason"] = no_gpu_reason
+    cache = os.environ.get(autotuner.CACHE_ENV)
+    info["tuning_cache"] = {"env": autotuner.CACHE_ENV, "path": cache,
+                            "exists": bool(cache) and os.path.isfile(cache)}
+    return info
+
+
+def format_info(info: Mapping[str, Any]) -> str:
+    """The text of ``cutlass-moe info``."""
+    lines = [f"{PROG} {info.get('package_version', __version__)}"]
+
+    def field(key: str, value: Any) -> None:
+        lines.append(f"  {key + ':':<16} {value}".rstrip())
+
+    field("torch", f"{info.get('torch_version')} (CUDA {info.get('torch_cuda_version') or 'none'})")
+    if info.get("extension_available"):
+        field("extension", f"cutlass_moe._C {info.get('version', '?')}")
+        field("CUTLASS", info.get("cutlass_version", "?"))
+        field("CUDA toolkit", info.get("cuda_version", "?"))
+        archs = info.get("archs") or []
+        field("compiled archs", ", ".join(f"sm_{a}" for a in archs) or "none")
+        field("fast build", "yes (a reduced set of tactics)" if info.get("fast_build") else "no")
+        tactics = info.get("tactics") or {}
+        if tactics:
+            field("tactics", "")
+            table = _format_table(
+                ["config", "GEMM1", "GEMM2"],
+                [[str(config), str(counts.get("gemm1", 0)), str(counts.get("gemm2", 0))]
+                 for config, counts in sorted(tactics.items())],
+                left=(0,))
+            lines += ["    " + row for row in table.splitlines()]
+        else:
+            field("tactics", "none")
+    else:
+        field("extension", f"NOT AVAILABLE: {info.get('extension_error', 'unknown reason')}")
+    gpus = info.get("gpus") or []
+    for gpu in gpus:
+        major, minor = gpu["capability"].split(".")
+        field(f"GPU {gpu['index']}",
+              f"{gpu['name']}, sm_{major}{minor}, {gpu['multiprocessors']} SMs, "
+              f"{gpu['memory_gib']} GiB, kernels for it: {gpu.get('kernels', '?')}")
+    if not gpus:
+        field("GPU", f"none ({info.get('no_gpu_reason', 'no CUDA device is available')})")
+    cache = info.get("tuning_cache") or {}
+    if cache.get("path"):
+        state = "exists" if cache.get("exists") else "does not exist yet"
+        field("tuning cache", f"${cache['env']}={cache['path']} ({state})")
+    else:
+        field("tuning cache", f"${autotuner.CACHE_ENV} is not set (tuned tactics live in "
+                              "memory unless saved)")
+    return "\n".join(lines)
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    info = collect_info()
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+    else:
+        print(format_info(info))
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------
+# tune
+# ------------------------------------------------------------------------------------------
+
+
+def tune_rows_by_bucket(rows: Sequence[autotuner.TuneRow]
+                        ) -> list[tuple[int, dict[int, autotuner.TuneRow]]]:
+    """``tune_model``'s rows grouped as ``[(bucket, {gemm: row})]`` in bucket order."""
+    grouped: dict[int, dict[int, autotuner.TuneRow]] = {}
+    for row in rows:
+        grouped.setdefault(row.bucket, {})[row.gemm] = row
+    return sorted(grouped.items())
+
+
+def format_tune_table(rows: Sequence[autotuner.TuneRow]) -> str:
+    """One line per bucket: each GEMM's tuned tactic, its time and its speed-up over the
+    heuristic default, then both GEMMs together, tuned against default."""
+    headers = ["bucket", "GEMM1 tactic", "GEMM1 us", "vs default", "GEMM2 tactic", "GEMM2 us",
+               "vs default", "tuned us", "default us", "speed-up"]
+    lines = []
+    for bucket, gemms in tune_rows_by_bucket(rows):
+        cells = [str(bucket)]
+        for gemm in (1, 2):
+            row = gemms.get(gemm)
+            if row is None:
+                cells += ["-", "-", "-"]
+            else:
+                cells += [row.best_tactic, _us(row.best_us),
+                          _speedup(_ratio(row.default_us, row.best_us))]
+        tuned = sum(r.best_us for r in gemms.values())
+        default = sum(r.default_us for r in gemms.values())
+        cells += [_us(tuned), _us(default), _speedup(_ratio(default, tuned))]
+        lines.append(cells)
+    return _format_table(headers, lines, left=(1, 4))
+
+
+def tune_row_json(row: autotuner.TuneRow) -> dict[str, Any]:
+    """A ``TuneRow`` as JSON-able dict with its speed-up (None for inf/nan times)."""
+    data = dataclasses.asdict(row)
+    data["speedup"] = _ratio(row.default_us, row.best_us)
+    return {k: _finite(v) if isinstance(v, float) else v for k, v in data.items()}
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    parser: argparse.ArgumentParser = args.parser
+    name, preset = resolve_shape(args, parser)
+    if preset.num_experts % args.ep_size:
+        parser.error(f"--ep-size {args.ep_size} does not divide the {preset.num_experts} "
+                     f"experts of {name} (each rank must hold E / ep-size experts)")
+    out = Path(args.out) if args.out is not None else default_cache_path()
+    if out.is_dir():
+        parser.error(f"--out {out} is a directory; give a file name")
+    weights = check_weights(args.dtype, args.weights)
+    require_gpu_and_extension("tune", args.device)
+
+    kept = 0
+    if out.exists():
+        kept = autotuner.load_tuning_cache(out)
+        logger.info("read %d entries from %s; they are kept", kept, out)
+    local_experts = preset.num_experts // args.ep_size
+    progress = Progress(f"tuning {name}", enabled=not args.quiet)
+    try:
+        rows = autotuner.tune_model(
+            local_experts, preset.hidden_size, preset.inter_size, preset.top_k,
+            dtype=DTYPES[args.dtype], activation=ActivationType.Swiglu, ep_size=args.ep_size,
+            max_tokens=args.max_tokens, device=args.device, progress=progress)
+    except KeyboardInterrupt:
+        progress.close()
+        autotuner.save_tuning_cache(out)
+        print(f"{PROG}: interrupted; the buckets tuned so far were saved to {out}",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    except RuntimeError as exc:
+        raise CliError(f"tuning failed: {exc}", status=EXIT_FAILED) from None
+    finally:
+        progress.close()
+    try:
+        autotuner.save_tuning_cache(out)
+    except OSError as exc:
+        raise CliError(f"cannot write the tuning cache {out}: {exc}",
+                       status=EXIT_FAILED) from None
+
+    label = gpu_label(args.device)
+    if args.json:
+        document = {
+            "model": name,
+            "num_experts": preset.num_experts,
+            "num_experts_local": local_experts,
+            "hidden_size": preset.hidden_size,
+            "inter_size": preset.inter_size,
+            "top_k": preset.top_k,
+            "dtype": args.dtype,
+            "weights": weights,
+            "activation": ActivationType.Swiglu.name,
+            "ep_size": args.ep_size,
+            "max_tokens": args.max_tokens,
+            "device": label,
+            "cache_file": str(out),
+            "rows": [tune_row_json(row) for row in rows],
+        }
+        print(json.dumps(document, indent=2))
+        return EXIT_OK
+    local = f" ({local_experts} per rank, ep-size {args.ep_size})" if args.ep_size > 1 else ""
+    print(f"{name}: E={preset.num_experts}{local} H={preset.hidden_size} "
+          f"I={preset.inter_size} k={preset.top_k}, {args.dtype}, Swiglu, on {label}")
+    print(f"tuning cache written to {out}"
+          + (f" (merged with the {kept} entries it had)" if kept else ""))
+    print("vs default = the heuristic default tactic's time / the tuned tactic's time")
+    print()
+    print(format_tune_table(rows))
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------
+# bench
+# ------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class BenchRow:
+    """One token count of ``cutlass-moe bench``."""
+
+    num_tokens: int
+    latency_us: float  # median over the timed runs
+    tflops: float  # 2*T*k*3*H*I (SwiGLU GEMM1 + GEMM2) over the latency
+    tactic1: str
+    tactic2: str
+    source: str  # where the tactics came from: "cache", "default", ...
+
+
+def make_routing(num_tokens: int, num_experts: int, top_k: int, routing: str,
+                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random routing ``(ids int32 [T, k], scales float32 [T, k])`` on the generator's device:
+    ``k`` distinct experts per token, drawn uniformly (``"uniform"``) or with popularity
+    ``1 / rank**ZIPF_EXPONENT`` over a random ranking of the experts (``"zipf"``); scales are
+    a softmax over the ``k`` choices."""
+    device = generator.device
+    if routing == "uniform":
+        probs = torch.ones(num_experts, device=device)
+    elif routing == "zipf":
+        ranks = torch.randperm(num_experts, generator=generator, device=device) + 1
+        probs = ranks.double().pow(-ZIPF_EXPONENT).float()
+    else:
+        raise ValueError(f"routing must be 'uniform' or 'zipf', got {routing!r}")
+    ids = torch.multinomial(probs.expand(num_tokens, num_experts).contiguous(), top_k,
+                            replacement=False, generator=generator)
+    scales = torch.softmax(torch.randn(num_tokens, top_k, generator=generator, device=device),
+                           dim=-1)
+    return ids.to(torch.int32), scales.to(torch.float32)
+
+
+def default_tactics(dtype: torch.dtype, device: torch.device, num_tokens: int,
+                    num_experts: int, top_k: int) -> tuple[str, str]:
+    """The heuristic default tactics of a Swiglu call with ``num_tokens`` tokens (what an
+    untuned call runs)."""
+    from . import ops
+
+    activation = _ext.activation_to_enum(ActivationType.Swiglu)
+    expected_rows = num_tokens * top_k / num_experts
+    names = []
+    for gemm in (1, 2):
+        descs = [d for d in _ext.tactics(dtype, dtype, dtype, gemm, device)
+                 if d.get("runnable", True) and ops.supports_activation(d, activation)]
+        names.append(ops.default_tactic(descs, expected_rows))
+    return names[0], names[1]
+
+
+def _graphed(fn: Callable[[], object]) -> Callable[[], None]:
+    """Captures ``fn`` in a CUDA graph (after warm-up on a side stream, as torch requires) and
+    returns the graph's replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def run_bench(preset: ModelPreset, dtype: torch.dtype, tokens: Sequence[int], routing: str,
+              tuned: bool, graph: bool, warmup: int, repeats: int, max_tokens: int,
+              device: torch.device, seed: int = 0) -> list[BenchRow]:
+    """Times ``cutlass_fused_moe`` on random weights of ``preset`` for each token count (CUDA
+    events, median of ``repeats`` after ``warmup`` runs). ``tuned``: tactics from the
+    AutoTuner's cache (heuristic default on a miss); else the heuristic default, forced."""
+    from .demo import make_layer, time_us
+    from .ops import cutlass_fused_moe
+
+    e, h, i, k = preset.num_experts, preset.hidden_size, preset.inter_size, preset.top_k
+    with torch.cuda.device(device):
+        w1, w2 = make_layer(preset, dtype, device, seed=seed)
+        clamp = {
+            name: torch.full((e,), value, dtype=torch.float32, device=device)
+            for name, value in (("swiglu_alpha", preset.swiglu_alpha),
+                                ("swiglu_beta", preset.swiglu_beta),
+                                ("swiglu_limit", preset.swiglu_limit))
+            if value is not None
+        }
+        tuner = autotuner.get_tuner()
+        rows = []
+        for num_tokens in tokens:
+            gen = torch.Generator(device=device).manual_seed(seed + num_tokens)
+            x = torch.randn(num_tokens, h, device=device, dtype=dtype, generator=gen)
+            ids, scales = make_routing(num_tokens, e, k, routing, gen)
+            output = torch.empty(num_tokens, h, device=device, dtype=dtype)
+            forced = None if tuned else default_tactics(dtype, device, num_tokens, e, k)
+
+            def call(x=x, ids=ids, scales=scales, output=output, forced=forced) -> None:
+                cutlass_fused_moe(x, ids, scales, w1, w2, dtype, output=output,
+                                  tune_max_num_tokens=max_tokens, tactics=forced, **clamp)
+
+            call()  # resolves the tactics (and, for the graph, allocates outside capture)
+            if forced is None:
+                first, second = tuner.last_selection(1), tuner.last_selection(2)
+                names = (first.tactic if first else "?", second.tactic if second else "?")
+                sources = {s.source for s in (first, second) if s is not None}
+                source = "+".join(sorted(sources)) or "?"
+            else:
+                names, source = forced, "default"
+            timed = _graphed(call) if graph else call
+            latency = time_us(timed, warmup=warmup, repeats=repeats)
+            flops = 2.0 * num_tokens * k * 3 * h * i
+            rows.append(BenchRow(num_tokens, latency, flops / (latency * 1e6), names[0],
+                                 names[1], source))
+            del timed
+    return rows
+
+
+def format_bench_table(rows: Sequence[BenchRow]) -> str:
+    """The text table of ``cutlass-moe bench``."""
+    return _format_table(
+        ["T", "latency_us", "TFLOP/s", "GEMM1 tactic", "GEMM2 tactic", "tactics from"],
+        [[str(r.num_tokens), f"{r.latency_us:.1f}", f"{r.tflops:.2f}", r.tactic1, r.tactic2,
+          r.source] for r in rows],
+        left=(3, 4, 5))
+
+
+def write_bench_rows(path: Path, rows: Sequence[BenchRow], config: Mapping[str, Any]) -> None:
+    """Writes ``rows`` as CSV (one line per row, the config repeated in each) or JSON
+    (``{"config": ..., "rows": [...]}``), by ``path``'s suffix."""
+    dicts = [dataclasses.asdict(r) for r in rows]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() == ".csv":
+        with open(path, "w", newline="") as f:
+            fields = [*config, *(f.name for f in dataclasses.fields(BenchRow))]
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            for row in dicts:
+                writer.writerow({**config, **row})
+    else:
+        with open(path, "w") as f:
+            json.dump({"config": dict(config), "rows": dicts}, f, indent=2)
+            f.write("\n")
+
+
+def plot_bench_rows(path: Path, rows: Sequence[BenchRow], title: str) -> None:
+    """A log-log plot of latency over token count, saved to ``path`` (needs matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot([r.num_tokens for r in rows], [r.latency_us for r in rows], marker="o",
+            label="cutlass_fused_moe")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("tokens (T)")
+    ax.set_ylabel("latency (us, median)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    parser: argparse.ArgumentParser = args.parser
+    name, preset = resolve_shape(args, parser)
+    out = Path(args.out) if args.out is not None else None
+    if out is not None and out.suffix.lower() not in (".csv", ".json"):
+        parser.error(f"--out {out}: the file name must end in .csv or .json")
+    plot = Path(args.plot) if args.plot is not None else None
+    if plot is not None and importlib.util.find_spec("matplotlib") is None:
+        raise CliError("--plot needs matplotlib, which is not installed (pip install matplotlib)")
+    weights = check_weights(args.dtype, args.weights)
+    require_gpu_and_extension("bench", args.device)
+
+    tuned = args.tactics == "tuned"
+    cache = Path(args.cache) if args.cache is not None else default_cache_path()
+    if tuned:
+        if cache.is_file():
+            kept = autotuner.load_tuning_cache(cache)
+            logger.info("read %d tuned entries from %s", kept, cache)
+        else:
+            logger.warning("no tuning cache at %s: untuned buckets run the heuristic default "
+                           "(run `%s tune` first, or pass --cache)", cache, PROG)
+    rows = run_bench(preset, DTYPES[args.dtype], args.tokens, args.routing, tuned, args.graph,
+                     args.warmup, args.repeats, args.max_tokens, args.device, seed=args.seed)
+
+    label = gpu_label(args.device)
+    config = {"model": name, "num_experts": preset.num_experts,
+              "hidden_size": preset.hidden_size, "inter_size": preset.inter_size,
+              "top_k": preset.top_k, "dtype": args.dtype, "weights": weights,
+              "routing": args.routing, "tactics": args.tactics, "graph": args.graph,
+              "device": label}
+    if out is not None:
+        write_bench_rows(out, rows, config)
+        logger.info("wrote %s", out)
+    if plot is not None:
+        plot_bench_rows(plot, rows, f"{name} ({preset.describe()}), {args.dtype}, {label}")
+        logger.info("wrote %s", plot)
+    if args.json:
+        print(json.dumps({"config": config, "rows": [dataclasses.asdict(r) for r in rows]},
+                         indent=2))
+        return EXIT_OK
+    print(f"{name}: {preset.describe()}, {args.dtype}, {args.routing} routing, "
+          f"{args.tactics} tactics{', CUDA graph' if args.graph else ''}, on {label}")
+    print()
+    print(format_bench_table(rows))
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------
+# The parser
+# ------------------------------------------------------------------------------------------
+
+_MODELS_HELP = "; ".join(
+    f"{n} (E={p.num_experts} H={p.hidden_size} I={p.inter_size} k={p.top_k}"
+    f"{', clamped SwiGLU' if p.clamped_swiglu else ''})"
+    for n, p in MODEL_PRESETS.items())
+
+_TOP_EPILOG = f"""\
+examples:
+  {PROG} info
+  {PROG} tune --model mixtral-8x7b
+  {PROG} tune --experts 64 --hidden 2048 --inter 1408 --top-k 6 --dtype fp16 --out moe.json
+  {PROG} bench --model qwen3-30b-a3b --tokens 1,16,256,4096
+
+Run `{PROG} COMMAND --help` for a command's options.
+"""
+
+_TUNE_DESCRIPTION = f"""\
+Profiles every tactic of both GEMMs of one MoE layer (random weights of its shape, synthetic
+balanced routing) for every token bucket up to --max-tokens (1, 2, 4, ..., max-tokens), keeps the
+fastest per bucket and writes them to the tuning cache, so that cutlass_fused_moe never meets an
+untuned bucket (for example while a server captures CUDA graphs). Entries already in the cache
+file for other shapes or GPUs are kept. Prints a table: per bucket the tuned tactic of each
+GEMM, its time and its speed-up over the heuristic default, and both GEMMs together.
+
+Use the cache by pointing ${autotuner.CACHE_ENV} at it, or with
+cutlass_moe.load_tuning_cache(path)."""
+
+_TUNE_EPILOG = f"""\
+examples:
+  {PROG} tune --model qwen3-30b-a3b
+  {PROG} tune --model deepseek-v2-lite --ep-size 8 --max-tokens 4096 --out ds.json
+  {PROG} tune --experts 16 --hidden 4096 --inter 2048 --top-k 2 --dtype fp16 --json
+"""
+
+_BENCH_DESCRIPTION = f"""\
+Times cutlass_fused_moe on one MoE layer (random weights of its shape) for each token count:
+CUDA events, --warmup runs, then the median of --repeats runs, reported as latency_us with the
+GEMMs' TFLOP/s (2*T*k*3*H*I) and the tactics that ran. --tuned (the default) takes tactics from
+the tuning cache that `{PROG} tune` writes; --default forces the heuristic default tactics.
+Comparing the two shows what tuning gains.
+
+This is the quick benchmark. The full one of DESIGN.md section 9 (achieved TB/s and roofline
+fractions, rotating input sets larger than L2, comparisons with the torch baselines) comes
+later."""
+
+_BENCH_EPILOG = f"""\
+examples:
+  {PROG} bench --model mixtral-8x7b
+  {PROG} bench --model gpt-oss-20b --tokens 1,8,32,128 --graph --out gpt-oss.csv
+  {PROG} bench --model qwen3-30b-a3b --default --routing zipf --json
+"""
+
+
+def _add_common_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("output")
+    group.add_argument("--json", action="store_true",
+                       help="print the result as JSON on stdout instead of a table")
+    verbosity = group.add_mutually_exclusive_group()
+    verbosity.add_argument("-v", "--verbose", action="store_true",
+                           help="log diagnostics (e.g. tactics that fail to launch) to stderr")
+    verbosity.add_argument("-q", "--quiet", action="store_true",
+                           help="no progress bar and no informational messages on stderr")
+
+
+def _add_shape_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "layer shape", "either --model NAME, or all four of --experts, --hidden, --inter and "
+        "--top-k (not both)")
+    group.add_argument("--model", type=model_name, metavar="NAME",
+                       help=f"a model preset: {_MODELS_HELP}")
+    group.add_argument("--experts", dest="num_experts", type=positive_int, metavar="E",
+                       help="number of experts (all ranks together)")
+    group.add_argument("--hidden", dest="hidden_size", type=positive_int, metavar="H",
+                       help="hidden size (a multiple of 8)")
+    group.add_argument("--inter", dest="inter_size", type=positive_int, metavar="I",
+                       help="expert intermediate size (a multiple of 8); GEMM1 has 2*I outputs "
+                            "(SwiGLU)")
+    group.add_argument("--top-k", dest="top_k", type=positive_int, metavar="K",
+                       help="experts per token")
+
+
+def _add_kernel_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("kernel")
+    group.add_argument("--dtype", choices=sorted(DTYPES), default="bf16",
+                       help="activation (and output) dtype (default: bf16)")
+    group.add_argument("--weights", choices=WEIGHT_CHOICES, default=None,
+                       help="expert weight type (default: the --dtype); this build runs "
+                            "unquantized weights only, int8/int4 are for later builds")
+    group.add_argument("--max-tokens", type=positive_int, default=8192, metavar="N",
+                       help="the largest token bucket, cutlass_fused_moe's "
+                            "tune_max_num_tokens (default: 8192)")
+    group.add_argument("--device", type=cuda_device, default=torch.device("cuda"),
+                       metavar="DEV", help="CUDA device to run on (default: the current one)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``cutlass-moe`` parser; each subcommand's parser sets ``handler`` and ``parser``."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Tools for cutlass_moe, the ahead-of-time compiled fused MoE layer: "
+                    "inspect the build, tune kernels for a model, time the layer.",
+        epilog=_TOP_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    info = commands.add_parser(
+        "info", help="build info, compiled archs, tactic counts, GPUs",
+        description="Prints what this installation has: package, torch and CUDA versions, "
+                    "whether the compiled extension loads (and why not), the CUDA archs and "
+                    "tactic counts it was built with, the visible GPUs and whether the build "
+                    "has kernels for them, and the tuning cache in use. Works without a GPU.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_common_options(info)
+    info.set_defaults(handler=_cmd_info, parser=info)
+
+    tune = commands.add_parser(
+        "tune", help="tune every token bucket of a layer shape and write the tuning cache",
+        description=_TUNE_DESCRIPTION, epilog=_TUNE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_shape_options(tune)
+    _add_kernel_options(tune)
+    tuning = tune.add_argument_group("tuning")
+    tuning.add_argument("--ep-size", type=positive_int, default=1, metavar="N",
+                        help="expert-parallel ranks: each holds E/N experts and sees the "
+                             "tokens of one rank (default: 1)")
+    tuning.add_argument("--out", metavar="FILE",
+                        help="tuning cache to update; entries it has for other shapes are "
+                             f"kept (default: ${autotuner.CACHE_ENV} if set, else "
+                             f"./{DEFAULT_CACHE_FILE})")
+    _add_common_options(tune)
+    tune.set_defaults(handler=_cmd_tune, parser=tune)
+
+    bench = commands.add_parser(
+        "bench", help="time cutlass_fused_moe per token count",
+        description=_BENCH_DESCRIPTION, epilog=_BENCH_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_shape_options(bench)
+    _add_kernel_options(bench)
+    run = bench.add_argument_group("benchmark")
+    run.add_argument("--tokens", type=token_counts, metavar="T,T,...",
+                     default=list(DEFAULT_BENCH_TOKENS),
+                     help="token counts, comma-separated (default: "
+                          f"{','.join(map(str, DEFAULT_BENCH_TOKENS))})")
+    tactics = run.add_mutually_exclusive_group()
+    tactics.add_argument("--tuned", dest="tactics", action="store_const", const="tuned",
+                         help="tactics from the tuning cache, the heuristic default where it "
+                              "has none (the default)")
+    tactics.add_argument("--default", dest="tactics", action="store_const", const="default",
+                         help="force the heuristic default tactics")
+    run.add_argument("--cache", metavar="FILE",
+                     help=f"tuning cache for --tuned (default: ${autotuner.CACHE_ENV} if set, "
+                          f"else ./{DEFAULT_CACHE_FILE})")
+    run.add_argument("--routing", choices=("uniform", "zipf"), default="uniform",
+                     help="expert choice: uniform, or zipf (expert popularity ~ 1/rank, some "
+                          "experts get many more tokens) (default: uniform)")
+    run.add_argument("--graph", action="store_true",
+                     help="capture each call in a CUDA graph and time its replay (no launch "
+                          "overhead of the Python layer)")
+    run.add_argument("--warmup", type=positive_int, default=10, metavar="N",
+                     help="untimed runs first (default: 10)")
+    run.add_argument("--repeats", type=positive_int, default=50, metavar="N",
+                     help="timed runs; the median is reported (default: 50)")
+    run.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    run.add_argument("--out", metavar="FILE.csv|FILE.json",
+                     help="also write the rows to a CSV or JSON file")
+    run.add_argument("--plot", metavar="FILE.png",
+                     help="also plot latency over T to an image file (needs matplotlib)")
+    _add_common_options(bench)
+    bench.set_defaults(handler=_cmd_bench, parser=bench, tactics="tuned")
+    return parser
+
+
+def _status(code: object) -> int:
+    """A ``SystemExit`` code as an exit status."""
+    if code is None:
+        return EXIT_OK
+    return code if isinstance(code, int) else EXIT_FAILED
+
+
+def _configure_logging(verbose: bool, quiet: bool) -> None:
+    """Diagnostics of the package on stderr: INFO by default, DEBUG with -v, WARNING with -q."""
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(format=f"{PROG}: %(message)s")
+    logging.getLogger("cutlass_moe").setLevel(level)
+
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: TextIO | None = None, line: str | None = None) -> None:
+    """Warnings (e.g. an unusable tuning cache) as one ``cutlass-moe: warning:`` line."""
+    text = str(message).removeprefix("cutlass_moe: ")
+    print(f"{PROG}: warning: {text}", file=file if file is not None else sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``cutlass-moe`` and ``python -m cutlass_moe``; returns the exit status."""
+    parser = build_parser()
+    package_logger = logging.getLogger("cutlass_moe")
+    saved_level = package_logger.level  # main() may run inside another program (tests)
+    try:
+        args = parser.parse_args(argv)
+        _configure_logging(args.verbose, args.quiet)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return args.handler(args)
+    except SystemExit as exc:  # --help, --version and parser.error
+        return _status(exc.code)
+    except CliError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return exc.status
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        package_logger.setLevel(saved_level)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

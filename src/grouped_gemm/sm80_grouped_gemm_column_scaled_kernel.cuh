@@ -1,0 +1,139 @@
+// Kernel level of a grouped GEMM whose epilogue multiplies each output column by a per-problem
+// vector: D_p = (A_p * B_p) ⊙ scale_p[column], one problem p per expert.
+//
+// A project-owned counterpart of cutlass::gemm::kernel::GemmGrouped (CUTLASS 4.2). Two reasons
+// not to use the stock kernel:
+//   - with mixed element types (16-bit A, int8 B) the stock kernel's `kTransposed ? ptr_B : ptr_A`
+//     ternary mixes pointer types and does not compile; this kernel never transposes;
+//   - the scale vector differs per problem, so its pointer is read from a device array per
+//     problem, like A, B and D, and handed to an EpilogueWithBroadcast.
+// Scheduling is CUTLASS's GemmGroupedProblemVisitor: persistent blocks walk the tiles of all
+// problems; problem sizes are read from device memory (kDeviceOnly), so no host synchronisation.
+//
+// Template parameters: a threadblock-scoped Mma (e.g. from cutlass::gemm::threadblock::DefaultMma)
+// and an EpilogueWithBroadcast whose output op is single-source and does not store T.
+#pragma once
+
+#include <cstdint>
+
+#include "cutlass/cutlass.h"
+#include "cutlass/gemm/gemm.h"
+#include "cutlass/gemm/kernel/gemm_grouped_problem_visitor.h"
+#include "cutlass/matrix_coord.h"
+
+namespace cutlass_moe {
+namespace grouped_gemm {
+
+template <typename Mma_, typename Epilogue_,
+          cutlass::gemm::kernel::GroupScheduleMode kScheduleMode =
+              cutlass::gemm::kernel::GroupScheduleMode::kDeviceOnly>
+struct Sm80GroupedGemmColumnScaledKernel {
+  using Mma = Mma_;
+  using Epilogue = Epilogue_;
+  using EpilogueOutputOp = typename Epilogue::OutputOp;
+
+  using ElementA = typename Mma::IteratorA::Element;
+  using LayoutA = typename Mma::IteratorA::Layout;
+  using ElementB = typename Mma::IteratorB::Element;
+  using LayoutB = typename Mma::IteratorB::Layout;
+  using ElementD = typename Epilogue::OutputTileIterator::Element;
+  using LayoutD = typename Epilogue::OutputTileIterator::Layout;
+  using ElementScale = typename Epilogue::ElementVector;
+
+  using ThreadblockShape = typename Mma::Shape;
+  using WarpCount = typename Mma::WarpCount;
+  static constexpr int kThreadCount = 32 * WarpCount::kCount;
+
+  static_assert(Epilogue::kIsSingleSource, "the output op must take a single source");
+  static_assert(!EpilogueOutputOp::kStoreT, "the auxiliary T tensor is not supported");
+
+  using ProblemVisitor =
+      cutlass::gemm::kernel::GemmGroupedProblemVisitor<ThreadblockShape, kScheduleMode,
+                                                       kThreadCount, kThreadCount,
+                                                       /*Transposed=*/false>;
+
+  // Device-resident per-problem arrays; all have one entry per problem.
+  struct Params {
+    typename ProblemVisitor::Params problem_visitor{};
+    typename EpilogueOutputOp::Params output_op{};
+    ElementA** ptr_A = nullptr;
+    ElementB** ptr_B = nullptr;
+    ElementD** ptr_D = nullptr;
+    ElementScale** ptr_scale = nullptr;  // each: N values, 16-byte aligned, never null
+    int64_t* lda = nullptr;
+    int64_t* ldb = nullptr;
+    int64_t* ldd = nullptr;
+  };
+
+  struct SharedStorage {
+    union {
+      typename Mma::SharedStorage main_loop;
+      typename Epilogue::SharedStorage epilogue;
+    } kernel;
+    // Not overlapped: the visitor's state lives across tiles.
+    typename ProblemVisitor::SharedStorage problem_visitor;
+  };
+
+  CUTLASS_DEVICE
+  Sm80GroupedGemmColumnScaledKernel() {}
+
+  CUTLASS_DEVICE
+  void operator()(Params const& params, SharedStorage& shared_storage) {
+    ProblemVisitor problem_visitor(params.problem_visitor, shared_storage.problem_visitor,
+                                   blockIdx.x);
+    const int thread_idx = threadIdx.x;
+    const int warp_idx = cutlass::canonical_warp_idx_sync();
+    const int lane_idx = threadIdx.x % 32;
+
+    while (problem_visitor.next_tile()) {
+      const cutlass::gemm::GemmCoord problem_size = problem_visitor.problem_size();
+      const int32_t problem_idx = problem_visitor.problem_index();
+      const int32_t threadblock_idx = int32_t(problem_visitor.threadblock_idx());
+      const cutlass::gemm::GemmCoord grid_shape = problem_visitor.grid_shape(problem_size);
+
+      const cutlass::MatrixCoord tile_offset(
+          int(threadblock_idx / grid_shape.n()) * ThreadblockShape::kM,
+          int(threadblock_idx % grid_shape.n()) * ThreadblockShape::kN);
+
+      typename Mma::IteratorA iterator_A(LayoutA(params.lda[problem_idx]),
+                                         params.ptr_A[problem_idx],
+                                         {problem_size.m(), problem_size.k()}, thread_idx,
+                                         cutlass::MatrixCoord(tile_offset.row(), 0));
+      typename Mma::IteratorB iterator_B(LayoutB(params.ldb[problem_idx]),
+                                         params.ptr_B[problem_idx],
+                                         {problem_size.k(), problem_size.n()}, thread_idx,
+                                         cutlass::MatrixCoord(0, tile_offset.column()));
+
+      typename Mma::FragmentC accumulators;
+      accumulators.clear();
+
+      Mma mma(shared_storage.kernel.main_loop, thread_idx, warp_idx, lane_idx);
+      const int gemm_k_iterations =
+          (problem_size.k() + ThreadblockShape::kK - 1) / ThreadblockShape::kK;
+
+      // The previous tile's epilogue may still read the shared memory the mainloop reuses.
+      __syncthreads();
+      mma(gemm_k_iterations, accumulators, iterator_A, iterator_B, accumulators);
+
+      // Epilogue: D = convert(accumulator * float(scale[column])), on the fp32 accumulator.
+      EpilogueOutputOp output_op(params.output_op);
+      typename Epilogue::OutputTileIterator::Params params_D(LayoutD(params.ldd[problem_idx]));
+      typename Epilogue::OutputTileIterator iterator_D(
+          params_D, params.ptr_D[problem_idx], problem_size.mn(), thread_idx, tile_offset);
+      // T is never stored (kStoreT is false): its iterator exists only to satisfy the interface.
+      typename Epilogue::TensorTileIterator::Params params_T(LayoutD(0));
+      typename Epilogue::TensorTileIterator iterator_T(params_T, nullptr, problem_size.mn(),
+                                                       thread_idx, tile_offset);
+
+      Epilogue epilogue(shared_storage.kernel.epilogue, thread_idx, warp_idx, lane_idx);
+      // The source operand is not read (beta = 0): D stands in for it.
+      epilogue(output_op, params.ptr_scale[problem_idx], iterator_D, accumulators, iterator_D,
+               iterator_T, problem_size.mn(), tile_offset);
+
+      problem_visitor.advance(gridDim.x);
+    }
+  }
+};
+
+}  // namespace grouped_gemm
+}  // namespace cutlass_moe

@@ -1,0 +1,814 @@
+"""The ``cutlass-moe`` command line: parsing, errors, info, tune and bench output (CPU).
+
+The extension is a fake (``_fake_ext``) or missing, ``torch.cuda.is_available`` is patched, and
+``autotuner.tune_model`` / ``cli.run_bench`` are replaced by fakes; the GPU-marked tests at the
+end run the real commands on a tiny shape.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.machinery
+import io
+import json
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+
+import cutlass_moe
+from _fake_ext import make_fake_extension, tactic_descriptors
+from cutlass_moe import _ext, autotuner, cli, demo, presets
+from cutlass_moe.autotuner import TuneRow
+
+SMALL = ["--experts", "8", "--hidden", "128", "--inter", "256", "--top-k", "2"]
+
+
+@pytest.fixture
+def fake_ext():
+    with _ext._replaced_extension(make_fake_extension()):
+        yield
+
+
+@pytest.fixture
+def no_ext():
+    with _ext._replaced_extension(None):
+        yield
+
+
+@pytest.fixture
+def gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+
+
+@pytest.fixture
+def no_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+@pytest.fixture
+def no_cache_env(monkeypatch, tmp_path):
+    monkeypatch.delenv(autotuner.CACHE_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    status = cli.main(list(argv))
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+# ------------------------------------------------------------------------------------------
+# presets and help
+# ------------------------------------------------------------------------------------------
+
+
+def test_presets():
+    shapes = {name: (p.num_experts, p.hidden_size, p.inter_size, p.top_k)
+              for name, p in presets.MODEL_PRESETS.items()}
+    assert shapes == {
+        "mixtral-8x7b": (8, 4096, 14336, 2),
+        "qwen1.5-moe-a2.7b": (60, 2048, 1408, 4),
+        "qwen3-30b-a3b": (128, 2048, 768, 8),
+        "deepseek-v2-lite": (64, 2048, 1408, 6),
+        "gpt-oss-20b": (32, 2880, 2880, 4),
+    }
+    assert presets.MODEL_PRESETS["gpt-oss-20b"].clamped_swiglu
+    assert not any(p.clamped_swiglu for p in presets.DESIGN_PRESETS.values())
+    assert demo.MODEL_PRESETS is presets.DESIGN_PRESETS
+    assert presets.MODEL_PRESETS["mixtral-8x7b"].describe() == "E=8 H=4096 I=14336 k=2"
+
+
+def test_python_m_help_in_subprocess():
+    env = dict(os.environ)
+    package_root = str(Path(cutlass_moe.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    result = subprocess.run([sys.executable, "-m", "cutlass_moe", "--help"], env=env, check=False,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: cutlass-moe")
+    for command in ("info", "tune", "bench", "examples:"):
+        assert command in result.stdout
+
+
+@pytest.mark.parametrize("command", ["info", "tune", "bench"])
+def test_subcommand_help(capsys, command):
+    status, out, _ = run_cli(capsys, command, "--help")
+    assert status == 0
+    assert out.startswith(f"usage: cutlass-moe {command}")
+    if command != "info":
+        for model in presets.MODEL_PRESETS:
+            assert model in out
+        assert "examples:" in out
+
+
+def test_bench_help_says_what_is_missing(capsys):
+    _, out, _ = run_cli(capsys, "bench", "--help")
+    assert "comes" in out and "later" in out
+    for option in ("--tokens", "--tuned", "--default", "--graph", "--routing", "--out",
+                   "--plot", "--weights", "--dtype"):
+        assert option in out
+
+
+def test_version(capsys):
+    status, out, _ = run_cli(capsys, "--version")
+    assert status == 0 and out.strip() == f"cutlass-moe {cutlass_moe.__version__}"
+
+
+def test_no_command_is_an_error(capsys):
+    status, _, err = run_cli(capsys)
+    assert status == 2 and "COMMAND" in err
+
+
+def test_unknown_command(capsys):
+    status, _, err = run_cli(capsys, "frobnicate")
+    assert status == 2 and "invalid choice" in err
+
+
+# ------------------------------------------------------------------------------------------
+# parsing
+# ------------------------------------------------------------------------------------------
+
+
+def parse(*argv: str):
+    return cli.build_parser().parse_args(list(argv))
+
+
+def test_tune_defaults():
+    args = parse("tune", "--model", "mixtral-8x7b")
+    assert args.handler is cli._cmd_tune
+    assert (args.model, args.dtype, args.weights, args.ep_size, args.max_tokens, args.out,
+            args.json, args.verbose, args.quiet) == (
+        "mixtral-8x7b", "bf16", None, 1, 8192, None, False, False, False)
+    assert args.device == torch.device("cuda")
+    assert args.num_experts is None and args.top_k is None
+
+
+def test_tune_all_options():
+    args = parse("tune", *SMALL, "--dtype", "fp16", "--weights", "int4", "--ep-size", "4",
+                 "--max-tokens", "1024", "--out", "c.json", "--json", "-v", "--device", "cuda:1")
+    assert (args.num_experts, args.hidden_size, args.inter_size, args.top_k) == (8, 128, 256, 2)
+    assert (args.dtype, args.weights, args.ep_size, args.max_tokens, args.out) == (
+        "fp16", "int4", 4, 1024, "c.json")
+    assert args.json and args.verbose and args.device == torch.device("cuda", 1)
+
+
+def test_bench_defaults_and_options():
+    args = parse("bench", "--model", "gpt-oss-20b")
+    assert args.handler is cli._cmd_bench
+    assert args.tokens == list(cli.DEFAULT_BENCH_TOKENS)
+    assert (args.tactics, args.routing, args.graph, args.warmup, args.repeats, args.seed,
+            args.out, args.plot, args.cache, args.max_tokens) == (
+        "tuned", "uniform", False, 10, 50, 0, None, None, None, 8192)
+    args = parse("bench", *SMALL, "--tokens", "1, 8,32", "--default", "--routing", "zipf",
+                 "--graph", "--warmup", "2", "--repeats", "3", "--seed", "7", "--out", "r.csv",
+                 "--plot", "r.png", "--cache", "c.json", "--weights", "bf16", "-q")
+    assert args.tokens == [1, 8, 32]
+    assert (args.tactics, args.routing, args.graph, args.warmup, args.repeats, args.seed,
+            args.out, args.plot, args.cache, args.weights, args.quiet) == (
+        "default", "zipf", True, 2, 3, 7, "r.csv", "r.png", "c.json", "bf16", True)
+    assert parse("bench", "--model", "mixtral-8x7b", "--tuned").tactics == "tuned"
+
+
+def test_info_options():
+    args = parse("info", "--json")
+    assert args.handler is cli._cmd_info and args.json
+
+
+def test_argument_types():
+    assert cli.positive_int(" 7 ") == 7
+    for bad in ("0", "-3", "abc", "1.5", ""):
+        with pytest.raises(Exception, match="positive integer"):
+            cli.positive_int(bad)
+    assert cli.token_counts("1,8,32") == [1, 8, 32]
+    for bad in ("", "1,,2", "0", "1,-8", "a"):
+        with pytest.raises(Exception, match="comma-separated positive token counts"):
+            cli.token_counts(bad)
+    assert cli.model_name("Mixtral-8x7B") == "mixtral-8x7b"
+    with pytest.raises(Exception, match="did you mean 'qwen3-30b-a3b'"):
+        cli.model_name("qwen3-30b")
+    with pytest.raises(Exception, match="known: mixtral-8x7b"):
+        cli.model_name("llama")
+    assert cli.cuda_device("cuda:2") == torch.device("cuda", 2)
+    for bad in ("cpu", "gpu7", "cuda:x"):
+        with pytest.raises(Exception, match="CUDA device"):
+            cli.cuda_device(bad)
+
+
+# ------------------------------------------------------------------------------------------
+# errors (each exits 2 with one clear line, never a traceback)
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["tune", "bench"])
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--model", "mixtral"], "unknown model 'mixtral'"),
+    (["--model", "mixtral-8x7b", "--experts", "8"], "mutually exclusive"),
+    (["--model", "mixtral-8x7b", *SMALL], "--model and --experts/--hidden/--inter/--top-k"),
+    (["--experts", "8", "--hidden", "128"], "missing: --inter, --top-k"),
+    ([], "give a layer shape"),
+    (["--experts", "0", "--hidden", "128", "--inter", "256", "--top-k", "2"],
+     "argument --experts: expected a positive integer, got 0"),
+    (["--experts", "8", "--hidden", "12x8", "--inter", "256", "--top-k", "2"],
+     "argument --hidden: expected a positive integer, got '12x8'"),
+    (["--experts", "8", "--hidden", "128", "--inter", "256", "--top-k", "-1"],
+     "argument --top-k: expected a positive integer"),
+    (["--experts", "4", "--hidden", "128", "--inter", "256", "--top-k", "5"],
+     "--top-k 5 exceeds the number of experts (4)"),
+    (["--experts", "8", "--hidden", "100", "--inter", "256", "--top-k", "2"],
+     "must be multiples of 8"),
+    (["--model", "mixtral-8x7b", "--max-tokens", "0"], "argument --max-tokens"),
+    (["--model", "mixtral-8x7b", "--dtype", "fp32"], "argument --dtype: invalid choice"),
+    (["--model", "mixtral-8x7b", "--weights", "fp8"], "argument --weights: invalid choice"),
+    (["--model", "mixtral-8x7b", "--device", "cpu"], "argument --device"),
+])
+def test_usage_errors(capsys, gpu, fake_ext, command, argv, message):
+    status, out, err = run_cli(capsys, command, *argv)
+    assert status == 2
+    assert out == ""
+    assert f"cutlass-moe {command}: error:" in err and message in err
+    assert "usage: cutlass-moe" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("ep_size", ["3", "16"])
+def test_ep_size_must_divide_experts(capsys, gpu, fake_ext, ep_size):
+    status, _, err = run_cli(capsys, "tune", "--model", "mixtral-8x7b", "--ep-size", ep_size)
+    assert status == 2
+    assert f"--ep-size {ep_size} does not divide the 8 experts of mixtral-8x7b" in err
+
+
+def test_ep_size_not_positive(capsys):
+    status, _, err = run_cli(capsys, "tune", "--model", "mixtral-8x7b", "--ep-size", "0")
+    assert status == 2 and "argument --ep-size: expected a positive integer" in err
+
+
+@pytest.mark.parametrize("command", ["tune", "bench"])
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+def test_quantized_weights_unavailable(capsys, no_gpu, fake_ext, command, weights):
+    """Checked before the GPU: the message names what this build does support."""
+    status, out, err = run_cli(capsys, command, "--model", "qwen3-30b-a3b", "--weights", weights)
+    assert status == 2 and out == ""
+    assert err.startswith(f"cutlass-moe: error: --weights {weights} is not available in this "
+                          "build: it supports --weights bf16 with --dtype bf16")
+    assert "int8/int4 weight-only kernels are not built yet" in err
+
+
+def test_weights_must_match_dtype(capsys, no_gpu, no_ext):
+    status, _, err = run_cli(capsys, "tune", "--model", "qwen3-30b-a3b", "--dtype", "fp16",
+                             "--weights", "bf16")
+    assert status == 2
+    assert "--weights bf16 is not available" in err and "--weights fp16 with --dtype fp16" in err
+
+
+def test_supported_weight_types():
+    info = {"extension_available": True,
+            "tactics": {"bf16_bf16": {"gemm1": 3}, "fp16_fp16": {"gemm1": 3},
+                        "bf16_int8": {"gemm1": 1}}}
+    assert cli.supported_weight_types("bf16", info) == ["bf16"]
+    assert cli.supported_weight_types("fp16", info) == ["fp16"]
+    assert cli.supported_weight_types("fp16", {"extension_available": True,
+                                               "tactics": {"bf16_bf16_bf16": {}}}) == []
+    assert cli.supported_weight_types("fp16", {"extension_available": False}) == ["fp16"]
+
+
+def test_no_kernels_for_dtype(capsys, no_gpu, fake_ext):
+    # the fake build has bf16 tactics only
+    status, _, err = run_cli(capsys, "tune", "--model", "qwen3-30b-a3b", "--dtype", "fp16")
+    assert status == 2 and "it has no kernels for --dtype fp16" in err
+
+
+@pytest.mark.parametrize("command", ["tune", "bench"])
+def test_no_gpu(capsys, no_gpu, fake_ext, command):
+    status, out, err = run_cli(capsys, command, "--model", "mixtral-8x7b")
+    assert status == 2 and out == ""
+    assert err.startswith("cutlass-moe: error: no CUDA device is available")
+    assert f"`cutlass-moe {command}` needs an NVIDIA GPU" in err
+    assert "Traceback" not in err and "usage:" not in err
+
+
+@pytest.mark.parametrize("command", ["tune", "bench"])
+def test_missing_extension(capsys, gpu, no_ext, command):
+    status, _, err = run_cli(capsys, command, "--model", "mixtral-8x7b")
+    assert status == 2
+    assert err.startswith("cutlass-moe: error:") and "cutlass_moe._C" in err
+
+
+def test_device_index_out_of_range(capsys, gpu, fake_ext, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    status, _, err = run_cli(capsys, "tune", "--model", "mixtral-8x7b", "--device", "cuda:3")
+    assert status == 2 and "--device cuda:3 does not exist: 1 CUDA device(s)" in err
+
+
+def test_tune_out_is_a_directory(capsys, gpu, fake_ext, tmp_path):
+    status, _, err = run_cli(capsys, "tune", "--model", "mixtral-8x7b", "--out", str(tmp_path))
+    assert status == 2 and "is a directory" in err
+
+
+def test_bench_out_suffix(capsys, gpu, fake_ext):
+    status, _, err = run_cli(capsys, "bench", "--model", "mixtral-8x7b", "--out", "rows.txt")
+    assert status == 2 and "must end in .csv or .json" in err
+
+
+def test_bench_plot_needs_matplotlib(capsys, gpu, fake_ext, monkeypatch):
+    real_find_spec = cli.importlib.util.find_spec
+    monkeypatch.setattr(cli.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "matplotlib" else real_find_spec(name, *a))
+    status, _, err = run_cli(capsys, "bench", "--model", "mixtral-8x7b", "--plot", "p.png")
+    assert status == 2 and "--plot needs matplotlib" in err
+
+
+# ------------------------------------------------------------------------------------------
+# info
+# ------------------------------------------------------------------------------------------
+
+
+def fake_properties(name="NVIDIA H100 80GB HBM3", major=9, minor=0, sms=132, gib=80):
+    return types.SimpleNamespace(name=name, major=major, minor=minor,
+                                 multi_processor_count=sms, total_memory=gib * 2**30)
+
+
+def test_info_without_gpu(capsys, no_gpu, fake_ext, no_cache_env):
+    status, out, err = run_cli(capsys, "info")
+    assert status == 0 and err == ""
+    assert out.startswith(f"cutlass-moe {cutlass_moe.__version__}\n")
+    assert "extension:       cutlass_moe._C 0.0.0-fake" in out
+    assert "CUTLASS:         4.2.0" in out
+    assert "CUDA toolkit:    13.0" in out
+    assert "compiled archs:  sm_80, sm_86, sm_89, sm_90" in out
+    assert "fast build:      yes" in out
+    assert any(line.split() == ["bf16_bf16_bf16", "23", "23"] for line in out.splitlines())
+    assert "GPU:             none (no CUDA device is available)" in out
+    assert "$CUTLASS_MOE_TUNING_CACHE is not set" in out
+
+
+def test_info_without_extension(capsys, no_gpu, no_ext):
+    status, out, _ = run_cli(capsys, "info")
+    assert status == 0
+    assert "extension:       NOT AVAILABLE: cutlass_moe._C is not built (test)" in out
+    assert "CUTLASS:" not in out
+    assert "no CUDA device is available" in out
+
+
+def test_info_with_gpus(capsys, gpu, fake_ext, monkeypatch, tmp_path):
+    props = [fake_properties(), fake_properties("NVIDIA L4", 8, 9, 58, 22),
+             fake_properties("NVIDIA B200", 10, 0, 148, 179)]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(props))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: props[i])
+    cache = tmp_path / "tc.json"
+    cache.write_text("{}")
+    monkeypatch.setenv(autotuner.CACHE_ENV, str(cache))
+    status, out, _ = run_cli(capsys, "info")
+    assert status == 0
+    assert ("GPU 0:           NVIDIA H100 80GB HBM3, sm_90, 132 SMs, 80.0 GiB, kernels for it: "
+            "yes") in out
+    assert "GPU 1:           NVIDIA L4, sm_89, 58 SMs, 22.0 GiB, kernels for it: yes" in out
+    assert "GPU 2:           NVIDIA B200, sm_100, 148 SMs, 179.0 GiB, kernels for it: no" in out
+    assert f"tuning cache:    $CUTLASS_MOE_TUNING_CACHE={cache} (exists)" in out
+
+
+def test_info_json(capsys, gpu, fake_ext, monkeypatch, no_cache_env):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda i: fake_properties("NVIDIA A10", 8, 6, 72, 22))
+    status, out, _ = run_cli(capsys, "info", "--json")
+    assert status == 0
+    info = json.loads(out)
+    assert info["extension_available"] is True and info["cutlass_version"] == "4.2.0"
+    assert info["tactics"] == {"bf16_bf16_bf16": {"gemm1": 23, "gemm2": 23}}
+    assert info["gpus"] == [{"index": 0, "name": "NVIDIA A10", "capability": "8.6",
+                             "multiprocessors": 72, "memory_gib": 22.0, "kernels": "yes"}]
+    assert info["tuning_cache"] == {"env": autotuner.CACHE_ENV, "path": None, "exists": False}
+
+
+def test_arch_support():
+    assert cli.arch_support(9, 0, ["80", "90"]) == "yes"
+    assert cli.arch_support(8, 9, ["80", "86"]) == "yes (sm_86 code)"
+    assert cli.arch_support(8, 9, [80]) == "yes (sm_80 code)"
+    assert cli.arch_support(9, 0, ["90a"]) == "yes"
+    assert cli.arch_support(8, 0, ["86", "90"]) == "no"
+    assert cli.arch_support(10, 0, ["80", "90"]) == "no"
+    assert cli.arch_support(9, 0, []) == "no"
+
+
+# ------------------------------------------------------------------------------------------
+# tune (with a fake tune_model)
+# ------------------------------------------------------------------------------------------
+
+FAKE_ROWS = [
+    TuneRow(1, 1, "g1_m16_s4", 10.0, "g1_m16_s3", 15.0),
+    TuneRow(1, 2, "g2_m16_s4", 20.0, "g2_m16_s4", 20.0),
+    TuneRow(2, 1, "g1_m32_s4", 12.0, "g1_m16_s3", 12.0),
+    TuneRow(2, 2, "g2_m32_s3", 8.0, "g2_m16_s4", 16.0),
+]
+
+
+class FakeTuner:
+    """Stands in for tune_model, save_tuning_cache and load_tuning_cache."""
+
+    def __init__(self, rows=FAKE_ROWS, error: BaseException | None = None) -> None:
+        self.rows = rows
+        self.error = error
+        self.calls: list[tuple[tuple, dict]] = []
+        self.saved: list[Path] = []
+        self.loaded: list[Path] = []
+
+    def tune_model(self, *args, **kwargs):
+        self.calls.append((args, kwargs))
+        total = 2 * len({r.bucket for r in self.rows})
+        for done in range(1, total + 1):
+            kwargs["progress"](done, total)
+            if self.error is not None and done == 2:
+                raise self.error
+        return list(self.rows)
+
+    def save(self, path) -> None:
+        self.saved.append(Path(path))
+
+    def load(self, path) -> int:
+        self.loaded.append(Path(path))
+        return 5
+
+
+@pytest.fixture
+def fake_tuner(monkeypatch, gpu, fake_ext, no_cache_env):
+    tuner = FakeTuner()
+    monkeypatch.setattr(autotuner, "tune_model", tuner.tune_model)
+    monkeypatch.setattr(autotuner, "save_tuning_cache", tuner.save)
+    monkeypatch.setattr(autotuner, "load_tuning_cache", tuner.load)
+    return tuner
+
+
+def table_lines(out: str) -> list[list[str]]:
+    """The data lines of the table printed last (after its dashed rule), split in cells."""
+    lines = out.rstrip("\n").splitlines()
+    rule = max(i for i, line in enumerate(lines) if line and set(line) <= {"-", " "})
+    return [line.split() for line in lines[rule + 1:]]
+
+
+def test_tune_table(capsys, fake_tuner):
+    status, out, err = run_cli(capsys, "tune", "--model", "mixtral-8x7b")
+    assert status == 0
+    header = out.splitlines()[0]
+    assert header.startswith("mixtral-8x7b: E=8 H=4096 I=14336 k=2, bf16, Swiglu, on ")
+    assert "tuning cache written to cutlass_moe_tuning_cache.json" in out
+    lines = out.splitlines()
+    assert lines[lines.index("") + 1].split() == [
+        "bucket", "GEMM1", "tactic", "GEMM1", "us", "vs", "default", "GEMM2", "tactic", "GEMM2",
+        "us", "vs", "default", "tuned", "us", "default", "us", "speed-up"]
+    assert table_lines(out) == [
+        ["1", "g1_m16_s4", "10.0", "1.50x", "g2_m16_s4", "20.0", "1.00x", "30.0", "35.0",
+         "1.17x"],
+        ["2", "g1_m32_s4", "12.0", "1.00x", "g2_m32_s3", "8.0", "2.00x", "20.0", "28.0",
+         "1.40x"],
+    ]
+    assert "GEMMs" in err  # the progress went to stderr
+    (args, kwargs), = fake_tuner.calls
+    assert args == (8, 4096, 14336, 2)
+    assert kwargs["dtype"] == torch.bfloat16 and kwargs["ep_size"] == 1
+    assert kwargs["max_tokens"] == 8192 and kwargs["activation"] == cutlass_moe.ActivationType.Swiglu
+    assert fake_tuner.saved == [Path("cutlass_moe_tuning_cache.json")]
+    assert fake_tuner.loaded == []
+
+
+def test_tune_explicit_shape_and_options(capsys, fake_tuner, tmp_path):
+    out_file = tmp_path / "sub" / "cache.json"
+    status, out, err = run_cli(capsys, "tune", "--experts", "64", "--hidden", "2048", "--inter",
+                               "1408", "--top-k", "6", "--ep-size", "4", "--max-tokens", "512",
+                               "--out", str(out_file), "-q")
+    assert status == 0 and err == ""  # -q: no progress
+    (args, kwargs), = fake_tuner.calls
+    assert args == (16, 2048, 1408, 6)  # local experts = E / ep-size
+    assert kwargs["ep_size"] == 4 and kwargs["max_tokens"] == 512
+    assert out.startswith("custom: E=64 (16 per rank, ep-size 4) H=2048 I=1408 k=6, bf16")
+    assert fake_tuner.saved == [out_file]
+
+
+def test_tune_out_from_env(capsys, fake_tuner, monkeypatch, tmp_path):
+    cache = tmp_path / "env_cache.json"
+    monkeypatch.setenv(autotuner.CACHE_ENV, str(cache))
+    assert run_cli(capsys, "tune", "--model", "qwen3-30b-a3b")[0] == 0
+    assert fake_tuner.saved == [cache] and fake_tuner.loaded == []
+
+
+def test_tune_loads_an_existing_out_file_first(capsys, fake_tuner, tmp_path):
+    cache = tmp_path / "cache.json"
+    cache.write_text("{}")
+    status, out, _ = run_cli(capsys, "tune", "--model", "qwen3-30b-a3b", "--out", str(cache))
+    assert status == 0
+    assert fake_tuner.loaded == [cache] and fake_tuner.saved == [cache]
+    assert "(merged with the 5 entries it had)" in out
+
+
+def test_tune_json(capsys, fake_tuner):
+    rows = [*FAKE_ROWS[:3], TuneRow(2, 2, "g2_m32_s3", 8.0, "g2_m16_s4", float("inf"))]
+    fake_tuner.rows = rows
+    status, out, _ = run_cli(capsys, "tune", "--model", "gpt-oss-20b", "--ep-size", "2",
+                             "--json")
+    assert status == 0
+    document = json.loads(out)
+    assert document["model"] == "gpt-oss-20b"
+    assert (document["num_experts"], document["num_experts_local"], document["ep_size"]) == (
+        32, 16, 2)
+    assert document["activation"] == "Swiglu" and document["dtype"] == "bf16"
+    assert document["weights"] == "bf16"
+    assert document["cache_file"] == "cutlass_moe_tuning_cache.json"
+    assert len(document["rows"]) == 4
+    assert document["rows"][0] == {"bucket": 1, "gemm": 1, "best_tactic": "g1_m16_s4",
+                                   "best_us": 10.0, "default_tactic": "g1_m16_s3",
+                                   "default_us": 15.0, "speedup": 1.5}
+    assert document["rows"][3]["default_us"] is None and document["rows"][3]["speedup"] is None
+
+
+def test_format_tune_table_failed_default():
+    text = cli.format_tune_table([TuneRow(1, 1, "a", 10.0, "b", float("inf")),
+                                  TuneRow(1, 2, "c", 5.0, "c", 5.0)])
+    assert text.splitlines()[2].split() == ["1", "a", "10.0", "-", "c", "5.0", "1.00x", "15.0",
+                                            "failed", "-"]
+    text = cli.format_tune_table([TuneRow(4, 2, "c", 5.0, "d", 6.0)])
+    assert text.splitlines()[2].split() == ["4", "-", "-", "-", "c", "5.0", "1.20x", "5.0",
+                                            "6.0", "1.20x"]
+
+
+@pytest.mark.parametrize(("error", "status", "message"), [
+    (RuntimeError("no tactic ran for GEMM1 at bucket 2"), 1,
+     "cutlass-moe: error: tuning failed: no tactic ran for GEMM1 at bucket 2"),
+    (ValueError("hidden_size (12) must be a multiple of 8"), 2,
+     "cutlass-moe: error: hidden_size (12) must be a multiple of 8"),
+])
+def test_tune_failures(capsys, fake_tuner, error, status, message):
+    fake_tuner.error = error
+    code, out, err = run_cli(capsys, "tune", "--model", "mixtral-8x7b")
+    assert code == status and out == ""
+    assert message in err and "Traceback" not in err
+    assert fake_tuner.saved == []
+
+
+def test_tune_interrupted_saves_what_it_has(capsys, fake_tuner):
+    fake_tuner.error = KeyboardInterrupt()
+    code, out, err = run_cli(capsys, "tune", "--model", "mixtral-8x7b")
+    assert code == 130 and out == ""
+    assert "interrupted" in err
+    assert fake_tuner.saved == [Path("cutlass_moe_tuning_cache.json")]
+
+
+def test_tune_with_the_real_cache(capsys, monkeypatch, gpu, fake_ext, tmp_path, no_cache_env):
+    """save_tuning_cache/load_tuning_cache for real: a second tune keeps the first's entries."""
+    monkeypatch.setattr(autotuner, "device_id", lambda device=None: "Fake GPU/1")
+    names = [d["name"] for d in tactic_descriptors(1)]
+
+    def fake_tune_model(num_experts, hidden_size, inter_size, top_k, **kwargs):
+        shape = autotuner.ShapeKey("bf16_bf16_bf16", "none", num_experts, hidden_size,
+                                   inter_size, top_k, "Swiglu", kwargs["ep_size"])
+        for gemm in (1, 2):
+            key = autotuner.TuningKey(gemm, shape, "Fake GPU/1", 1)
+            autotuner.get_tuner().record(key, names[0], 1.0)
+        return [TuneRow(1, 1, names[0], 1.0, names[1], 2.0),
+                TuneRow(1, 2, names[0], 1.0, names[1], 2.0)]
+
+    monkeypatch.setattr(autotuner, "tune_model", fake_tune_model)
+    cache = tmp_path / "cache.json"
+    autotuner.clear_tuning_cache()
+    try:
+        assert run_cli(capsys, "tune", *SMALL, "--out", str(cache))[0] == 0
+        autotuner.clear_tuning_cache()  # a new process
+        assert run_cli(capsys, "tune", "--experts", "16", "--hidden", "64", "--inter", "64",
+                       "--top-k", "1", "--out", str(cache))[0] == 0
+    finally:
+        autotuner.clear_tuning_cache()
+    document = json.loads(cache.read_text())
+    entries = document["devices"]["Fake GPU/1"]
+    assert {(e["num_experts"], e["gemm"]) for e in entries} == {(8, 1), (8, 2), (16, 1),
+                                                                (16, 2)}
+
+
+def test_unusable_existing_cache_is_one_warning_line(capsys, monkeypatch, gpu, fake_ext,
+                                                    tmp_path, no_cache_env):
+    """A corrupt --out file: the real load warns (one clean line), tuning still writes it."""
+    saved = []
+    monkeypatch.setattr(autotuner, "tune_model", lambda *a, **k: list(FAKE_ROWS))
+    monkeypatch.setattr(autotuner, "save_tuning_cache", saved.append)
+    cache = tmp_path / "cache.json"
+    cache.write_text("{not json")
+    status, _, err = run_cli(capsys, "tune", "--model", "mixtral-8x7b", "--out", str(cache),
+                             "-q")
+    assert status == 0 and saved == [cache]
+    assert err.startswith(f"cutlass-moe: warning: tuning cache {cache} is unreadable")
+    assert len(err.splitlines()) == 1
+
+
+def test_progress_without_tqdm():
+    stream = io.StringIO()
+    progress = cli.Progress("tuning x", stream=stream)
+    progress._use_tqdm = False
+    progress(1, 4)
+    progress(4, 4)
+    progress.close()
+    assert stream.getvalue() == "tuning x: 1/4 GEMMs\ntuning x: 4/4 GEMMs\n"
+    silent = io.StringIO()
+    quiet = cli.Progress("tuning x", enabled=False, stream=silent)
+    quiet(1, 4)
+    quiet.close()
+    assert silent.getvalue() == ""
+
+
+def test_progress_on_a_terminal_redraws_one_line():
+    stream = io.StringIO()
+    stream.isatty = lambda: True
+    progress = cli.Progress("t", stream=stream)
+    progress._use_tqdm = False
+    progress(1, 2)
+    progress(2, 2)
+    progress.close()
+    assert stream.getvalue() == "\rt: 1/2 GEMMs\rt: 2/2 GEMMs\n"
+
+
+# ------------------------------------------------------------------------------------------
+# bench (with a fake run_bench)
+# ------------------------------------------------------------------------------------------
+
+FAKE_BENCH = [cli.BenchRow(1, 50.0, 0.12, "g1_a", "g2_a", "cache"),
+              cli.BenchRow(32, 80.5, 2.5, "g1_b", "g2_b", "cache+default")]
+
+
+@pytest.fixture
+def fake_bench(monkeypatch, gpu, fake_ext, no_cache_env):
+    calls = []
+
+    def run_bench(*args, **kwargs):
+        calls.append((args, kwargs))
+        return list(FAKE_BENCH)
+
+    loaded = []
+    monkeypatch.setattr(cli, "run_bench", run_bench)
+    monkeypatch.setattr(autotuner, "load_tuning_cache", lambda p: loaded.append(Path(p)) or 3)
+    return types.SimpleNamespace(calls=calls, loaded=loaded)
+
+
+def test_bench_table(capsys, fake_bench, caplog):
+    status, out, _ = run_cli(capsys, "bench", "--model", "gpt-oss-20b", "--tokens", "1,32")
+    assert status == 0
+    assert out.splitlines()[0].startswith("gpt-oss-20b: E=32 H=2880 I=2880 k=4, clamped SwiGLU")
+    assert "uniform routing, tuned tactics, on " in out.splitlines()[0]
+    assert table_lines(out) == [["1", "50.0", "0.12", "g1_a", "g2_a", "cache"],
+                                ["32", "80.5", "2.50", "g1_b", "g2_b", "cache+default"]]
+    (args, kwargs), = fake_bench.calls
+    preset, dtype, tokens, routing, tuned, graph, warmup, repeats, max_tokens, device = args
+    assert preset is presets.MODEL_PRESETS["gpt-oss-20b"]
+    assert (dtype, tokens, routing, tuned, graph, warmup, repeats, max_tokens) == (
+        torch.bfloat16, [1, 32], "uniform", True, False, 10, 50, 8192)
+    assert device == torch.device("cuda") and kwargs == {"seed": 0}
+    assert fake_bench.loaded == []  # no cache file here
+    assert "no tuning cache at cutlass_moe_tuning_cache.json" in caplog.text
+
+
+def test_bench_tuned_loads_the_cache(capsys, fake_bench, tmp_path):
+    cache = tmp_path / "c.json"
+    cache.write_text("{}")
+    assert run_cli(capsys, "bench", *SMALL, "--cache", str(cache))[0] == 0
+    assert fake_bench.loaded == [cache]
+
+
+def test_bench_default_options(capsys, fake_bench, tmp_path):
+    (tmp_path / "cutlass_moe_tuning_cache.json").write_text("{}")
+    assert run_cli(capsys, "bench", *SMALL, "--default", "--routing", "zipf", "--graph",
+                   "--warmup", "1", "--repeats", "2", "--seed", "3", "--max-tokens", "64")[0] == 0
+    assert fake_bench.loaded == []  # --default ignores the cache
+    (args, kwargs), = fake_bench.calls
+    assert args[0] == presets.ModelPreset(8, 128, 256, 2)
+    assert args[3:9] == ("zipf", False, True, 1, 2, 64) and kwargs == {"seed": 3}
+
+
+def test_bench_json_and_out_files(capsys, fake_bench, tmp_path):
+    status, out, _ = run_cli(capsys, "bench", "--model", "mixtral-8x7b", "--json", "--out",
+                             str(tmp_path / "r.json"))
+    assert status == 0
+    document = json.loads(out)
+    assert document["config"]["model"] == "mixtral-8x7b" and document["config"]["top_k"] == 2
+    assert [r["latency_us"] for r in document["rows"]] == [50.0, 80.5]
+    assert json.loads((tmp_path / "r.json").read_text()) == document
+    assert run_cli(capsys, "bench", "--model", "mixtral-8x7b", "--out",
+                   str(tmp_path / "r.csv"))[0] == 0
+    with open(tmp_path / "r.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["num_tokens"], r["latency_us"], r["model"], r["tactic1"]) for r in rows] == [
+        ("1", "50.0", "mixtral-8x7b", "g1_a"), ("32", "80.5", "mixtral-8x7b", "g1_b")]
+
+
+def test_bench_plot(capsys, fake_bench, monkeypatch, tmp_path):
+    figure, axes = mock.MagicMock(), mock.MagicMock()
+    pyplot = types.ModuleType("matplotlib.pyplot")
+    pyplot.subplots = mock.MagicMock(return_value=(figure, axes))
+    pyplot.close = mock.MagicMock()
+    matplotlib = types.ModuleType("matplotlib")
+    matplotlib.__spec__ = importlib.machinery.ModuleSpec("matplotlib", None)
+    matplotlib.use = mock.MagicMock()
+    matplotlib.pyplot = pyplot
+    monkeypatch.setitem(sys.modules, "matplotlib", matplotlib)
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", pyplot)
+    assert run_cli(capsys, "bench", "--model", "mixtral-8x7b", "--plot",
+                   str(tmp_path / "p.png"))[0] == 0
+    matplotlib.use.assert_called_once_with("Agg")
+    axes.plot.assert_called_once()
+    assert axes.plot.call_args.args == ([1, 32], [50.0, 80.5])
+    figure.savefig.assert_called_once_with(tmp_path / "p.png")
+
+
+def test_make_routing():
+    gen = torch.Generator().manual_seed(0)
+    ids, scales = cli.make_routing(4096, 16, 4, "uniform", gen)
+    assert ids.shape == scales.shape == (4096, 4)
+    assert ids.dtype == torch.int32 and scales.dtype == torch.float32
+    assert all(len(set(row)) == 4 for row in ids.tolist())
+    assert int(ids.min()) >= 0 and int(ids.max()) < 16
+    torch.testing.assert_close(scales.sum(-1), torch.ones(4096))
+    uniform_counts = torch.bincount(ids.flatten().long(), minlength=16)
+    zipf_ids, _ = cli.make_routing(4096, 16, 4, "zipf", torch.Generator().manual_seed(0))
+    assert all(len(set(row)) == 4 for row in zipf_ids.tolist())
+    zipf_counts = torch.bincount(zipf_ids.flatten().long(), minlength=16)
+    assert zipf_counts.max() > 1.5 * uniform_counts.max()
+    assert zipf_counts.min() < 0.5 * uniform_counts.min()
+    again, _ = cli.make_routing(4096, 16, 4, "zipf", torch.Generator().manual_seed(0))
+    assert torch.equal(again, zipf_ids)
+    with pytest.raises(ValueError, match="routing"):
+        cli.make_routing(4, 16, 4, "skewed", gen)
+
+
+def test_default_tactics_follow_expected_rows(monkeypatch):
+    monkeypatch.setattr(_ext, "tactics", lambda a, w, o, gemm, device: tactic_descriptors(gemm))
+    device = torch.device("cuda")
+    assert cli.default_tactics(torch.bfloat16, device, 1, 8, 2) == (
+        "fake_g1_m16n128k64_s4", "fake_g2_m16n128k64_s4")
+    # 8192 tokens * 2 / 8 experts = 2048 rows per expert: the largest tile_m (128), whose
+    # 4-stage 128x256 variant is not runnable
+    assert cli.default_tactics(torch.bfloat16, device, 8192, 8, 2) == (
+        "fake_g1_m128n128k64_s4", "fake_g2_m128n128k64_s4")
+
+
+def test_format_table_alignment():
+    text = cli._format_table(["a", "name"], [["1", "x"], ["100", "long"]], left=(1,))
+    assert text.splitlines() == ["  a  name", "---  ----", "  1  x", "100  long"]
+
+
+def test_main_restores_the_package_log_level(capsys, no_gpu, fake_ext):
+    import logging
+
+    package_logger = logging.getLogger("cutlass_moe")
+    before = package_logger.level
+    run_cli(capsys, "info", "-v")
+    assert package_logger.level == before
+
+
+# ------------------------------------------------------------------------------------------
+# GPU: the real commands on a tiny shape
+# ------------------------------------------------------------------------------------------
+
+TINY = ["--experts", "8", "--hidden", "512", "--inter", "256", "--top-k", "2"]
+
+
+@pytest.fixture
+def real_gpu():
+    if not _ext.extension_available():
+        pytest.skip("the compiled extension is not available")
+
+
+@pytest.mark.gpu
+def test_gpu_tune_tiny(capsys, real_gpu, tmp_path):
+    cache = tmp_path / "cache.json"
+    try:
+        status, out, err = run_cli(capsys, "tune", *TINY, "--max-tokens", "4", "--out",
+                                   str(cache), "--json")
+    finally:
+        autotuner.clear_tuning_cache()
+    assert status == 0, err
+    document = json.loads(out)
+    assert sorted({(r["bucket"], r["gemm"]) for r in document["rows"]}) == [
+        (b, g) for b in (1, 2, 4) for g in (1, 2)]
+    assert all(r["best_us"] > 0 and r["speedup"] >= 1.0 for r in document["rows"])
+    assert json.loads(cache.read_text())["schema"] == autotuner.CACHE_SCHEMA
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("extra", [[], ["--default", "--graph", "--routing", "zipf"]])
+def test_gpu_bench_tiny(capsys, real_gpu, no_cache_env, extra):
+    status, out, err = run_cli(capsys, "bench", *TINY, "--tokens", "1,16", "--warmup", "1",
+                               "--repeats", "3", "--json", *extra)
+    assert status == 0, err
+    rows = json.loads(out)["rows"]
+    assert [r["num_tokens"] for r in rows] == [1, 16]
+    assert all(r["latency_us"] > 0 and r["tactic1"] and r["tactic2"] for r in rows)
+
+
+@pytest.mark.gpu
+def test_gpu_bench_clamped_preset_shape(capsys, real_gpu, no_cache_env, monkeypatch):
+    """gpt-oss's clamp tensors reach cutlass_fused_moe (a scaled-down gpt-oss shape)."""
+    small = presets.ModelPreset(num_experts=4, hidden_size=256, inter_size=256, top_k=2,
+                                swiglu_alpha=1.702, swiglu_beta=1.0, swiglu_limit=7.0)
+    monkeypatch.setitem(presets.MODEL_PRESETS, "gpt-oss-20b", small)
+    status, _, err = run_cli(capsys, "bench", "--model", "gpt-oss-20b", "--tokens", "3",
+                             "--warmup", "1", "--repeats", "2")
+    assert status == 0, err
