@@ -66,6 +66,7 @@ struct WorkspaceLayout {
   size_t permuted_to_source = 0;
   size_t source_to_permuted = 0;
   size_t permuted_expert = 0;
+  size_t expert_counts = 0;  // [E] int32, used by synthetic (profiling) routing
   size_t routing_scratch = 0;
   size_t routing_scratch_bytes = 0;
   GemmArgsLayout gemm[2] = {};
@@ -88,6 +89,7 @@ struct WorkspaceLayout {
     w.permuted_to_source = take(rows * sizeof(int32_t));
     w.source_to_permuted = take(rows * sizeof(int32_t));
     w.permuted_expert = take(rows * sizeof(int32_t));
+    w.expert_counts = take(experts * sizeof(int32_t));
     w.routing_scratch_bytes = routing_scratch_size(p.expanded_rows(), p.num_experts);
     w.routing_scratch = take(w.routing_scratch_bytes);
     for (GemmArgsLayout& g : w.gemm) {
@@ -477,12 +479,8 @@ void MoeRunner::prepare_gemm_profile(int gemm, const MoeProblem& p, const void* 
   char* base = static_cast<char*>(workspace);
   auto* offsets = reinterpret_cast<int64_t*>(base + layout.expert_first_token_offset);
   const int64_t rows = p.expanded_rows();
-  // The routing scratch is unused while profiling; it holds the per-expert counts here.
-  if (layout.routing_scratch_bytes < p.num_experts * sizeof(int)) {
-    throw std::logic_error("routing scratch too small for profiling counts");
-  }
   synthetic_offsets_kernel<<<1, 256, 0, stream>>>(
-      rows, p.num_experts, seed, reinterpret_cast<int*>(base + layout.routing_scratch), offsets);
+      rows, p.num_experts, seed, reinterpret_cast<int*>(base + layout.expert_counts), offsets);
   CUTLASS_MOE_CHECK_LAUNCH("synthetic_offsets_kernel");
 
   GemmOperands ops;
