@@ -743,10 +743,9 @@ def test_default_tactics_follow_expected_rows(monkeypatch):
     device = torch.device("cuda")
     assert cli.default_tactics(torch.bfloat16, device, 1, 8, 2) == (
         "fake_g1_m16n128k64_s4", "fake_g2_m16n128k64_s4")
-    # 8192 tokens * 2 / 8 experts = 2048 rows per expert: the largest tile_m (128), whose
-    # 4-stage 128x256 variant is not runnable
+    # 8192 tokens * 2 / 8 experts = 2048 rows per expert: the 128x128 tile with 3 stages
     assert cli.default_tactics(torch.bfloat16, device, 8192, 8, 2) == (
-        "fake_g1_m128n128k64_s4", "fake_g2_m128n128k64_s4")
+        "fake_g1_m128n128k64_s3", "fake_g2_m128n128k64_s3")
 
 
 def test_format_table_alignment():

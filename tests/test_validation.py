@@ -420,9 +420,11 @@ def _descs(tile_ms=(16, 32, 64, 128), stages=(2, 3, 4), tile_ns=(128, 256)):
 
 @pytest.mark.parametrize(
     "rows,expected",
-    [(0.1, "t_m16_n128_s4"), (1, "t_m16_n128_s4"), (16, "t_m16_n128_s4"),
-     (17, "t_m32_n128_s4"), (64, "t_m64_n128_s4"), (100, "t_m128_n128_s4"),
-     (5000, "t_m128_n128_s4")],
+    # rows <= 8: 16-row tiles; <= 16: 32 rows, 3 stages (compiled here: exact match);
+    # <= 48: 64 rows (5 stages not compiled here: most stages); beyond: 128 rows, 3 stages.
+    [(0, "t_m16_n128_s4"), (0.1, "t_m16_n128_s4"), (1, "t_m16_n128_s4"), (8, "t_m16_n128_s4"),
+     (9, "t_m32_n128_s3"), (16, "t_m32_n128_s3"), (17, "t_m64_n128_s4"), (48, "t_m64_n128_s4"),
+     (49, "t_m128_n128_s3"), (100, "t_m128_n128_s3"), (5000, "t_m128_n128_s3")],
 )
 def test_default_tactic_tile_m(rows, expected):
     descs = _descs()
