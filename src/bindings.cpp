@@ -177,7 +177,7 @@ PYBIND11_MODULE(_C, m) {
              std::uintptr_t fc2_bias, std::uintptr_t swiglu_alpha, std::uintptr_t swiglu_beta,
              std::uintptr_t swiglu_limit, std::uintptr_t output, std::uintptr_t workspace,
              size_t workspace_bytes, const std::string& tactic1, const std::string& tactic2,
-             std::uintptr_t stream) {
+             std::uintptr_t stream, std::uintptr_t fc1_scales, std::uintptr_t fc2_scales) {
             MoePointers p;
             p.input = as_ptr<const void>(input);
             p.token_selected_experts = as_ptr<const int32_t>(token_selected_experts);
@@ -189,6 +189,8 @@ PYBIND11_MODULE(_C, m) {
             p.swiglu_alpha = as_ptr<const float>(swiglu_alpha);
             p.swiglu_beta = as_ptr<const float>(swiglu_beta);
             p.swiglu_limit = as_ptr<const float>(swiglu_limit);
+            p.fc1_scales = as_ptr<const void>(fc1_scales);
+            p.fc2_scales = as_ptr<const void>(fc2_scales);
             p.output = as_ptr<void>(output);
             p.workspace = as_ptr<void>(workspace);
             p.workspace_bytes = workspace_bytes;
@@ -203,23 +205,25 @@ PYBIND11_MODULE(_C, m) {
           py::arg("fc1_bias"), py::arg("fc2_bias"), py::arg("swiglu_alpha"),
           py::arg("swiglu_beta"), py::arg("swiglu_limit"), py::arg("output"),
           py::arg("workspace"), py::arg("workspace_bytes"), py::arg("tactic1"),
-          py::arg("tactic2"), py::arg("stream"), py::call_guard<py::gil_scoped_release>())
+          py::arg("tactic2"), py::arg("stream"), py::arg("fc1_scales") = 0,
+          py::arg("fc2_scales") = 0, py::call_guard<py::gil_scoped_release>())
       .def(
           "prepare_gemm_profile",
           [](const MoeRunner& r, int gemm, int64_t num_tokens, int64_t hidden_size,
              int64_t inter_size, int num_experts, int top_k, int activation,
              std::uintptr_t weights, std::uintptr_t workspace, size_t workspace_bytes,
-             uint64_t seed, std::uintptr_t stream) {
+             uint64_t seed, std::uintptr_t stream, std::uintptr_t scales) {
             r.prepare_gemm_profile(gemm,
                                    make_problem(num_tokens, hidden_size, inter_size, num_experts,
                                                 top_k, 0, activation),
-                                   as_ptr<const void>(weights), as_ptr<void>(workspace),
-                                   workspace_bytes, seed, as_ptr<CUstream_st>(stream));
+                                   as_ptr<const void>(weights), as_ptr<const void>(scales),
+                                   as_ptr<void>(workspace), workspace_bytes, seed,
+                                   as_ptr<CUstream_st>(stream));
           },
           py::arg("gemm"), py::arg("num_tokens"), py::arg("hidden_size"), py::arg("inter_size"),
           py::arg("num_experts"), py::arg("top_k"), py::arg("activation"), py::arg("weights"),
           py::arg("workspace"), py::arg("workspace_bytes"), py::arg("seed"), py::arg("stream"),
-          py::call_guard<py::gil_scoped_release>())
+          py::arg("scales") = 0, py::call_guard<py::gil_scoped_release>())
       .def(
           "run_gemm_profile",
           [](const MoeRunner& r, int gemm, const std::string& tactic, int64_t num_tokens,

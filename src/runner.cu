@@ -46,7 +46,7 @@ const char* dtype_name(DType t) {
 
 // Byte offsets of one grouped GEMM's device-resident arguments inside the workspace.
 struct GemmArgsLayout {
-  size_t problem_sizes, ptr_a, ptr_b, ptr_d, lda, ldb, ldd;
+  size_t problem_sizes, ptr_a, ptr_b, ptr_d, lda, ldb, ldd, ptr_scale;
 };
 
 // Device-side view of one grouped GEMM's argument arrays.
@@ -58,6 +58,7 @@ struct GemmArgsDevice {
   int64_t* lda;
   int64_t* ldb;
   int64_t* ldd;
+  void** ptr_scale;
 };
 
 // Where everything lives in the caller's workspace. A pure function of the problem's shapes.
@@ -100,6 +101,7 @@ struct WorkspaceLayout {
       g.lda = take(experts * sizeof(int64_t));
       g.ldb = take(experts * sizeof(int64_t));
       g.ldd = take(experts * sizeof(int64_t));
+      g.ptr_scale = take(experts * sizeof(void*));
     }
     w.gathered = take(rows * static_cast<size_t>(p.hidden_size) * elem_bytes);
     w.fc1_out = take(rows * static_cast<size_t>(p.fc1_out_size()) * elem_bytes);
@@ -116,7 +118,8 @@ struct WorkspaceLayout {
             reinterpret_cast<void**>(base + g.ptr_d),
             reinterpret_cast<int64_t*>(base + g.lda),
             reinterpret_cast<int64_t*>(base + g.ldb),
-            reinterpret_cast<int64_t*>(base + g.ldd)};
+            reinterpret_cast<int64_t*>(base + g.ldd),
+            reinterpret_cast<void**>(base + g.ptr_scale)};
   }
 
   GroupedGemmArgs gemm_args(int index, char* base, int problem_count) const {
@@ -130,6 +133,7 @@ struct WorkspaceLayout {
     a.lda = d.lda;
     a.ldb = d.ldb;
     a.ldd = d.ldd;
+    a.ptr_scale = d.ptr_scale;
     return a;
   }
 };
@@ -139,9 +143,11 @@ struct WorkspaceLayout {
 struct GemmOperands {
   const char* gathered;
   const char* fc1_weights;
+  const char* fc1_scales;  // [E, N1] activation dtype, int8 weights only (else null)
   char* fc1_out;
   const char* gemm2_a;
   const char* fc2_weights;
+  const char* fc2_scales;  // [E, H] activation dtype, int8 weights only (else null)
   char* fc2_out;
 };
 
@@ -149,18 +155,22 @@ struct GemmOperands {
 // routed row offsets.
 __global__ void write_grouped_gemm_args_kernel(const int64_t* __restrict__ expert_first_token_offset,
                                                int num_experts, int64_t hidden, int64_t fc1_cols,
-                                               int64_t inter, int elem_bytes, GemmOperands ops,
-                                               GemmArgsDevice gemm1, GemmArgsDevice gemm2) {
+                                               int64_t inter, int elem_bytes, int weight_bytes,
+                                               GemmOperands ops, GemmArgsDevice gemm1,
+                                               GemmArgsDevice gemm2) {
   const int e = blockIdx.x * blockDim.x + threadIdx.x;
   if (e >= num_experts) return;
   const int64_t first_row = expert_first_token_offset[e];
   const int rows = static_cast<int>(expert_first_token_offset[e + 1] - first_row);
   const int64_t eb = elem_bytes;
+  const int64_t wb = weight_bytes;
 
   gemm1.problem_sizes[e] = cutlass::gemm::GemmCoord(rows, static_cast<int>(fc1_cols),
                                                     static_cast<int>(hidden));
   gemm1.ptr_a[e] = const_cast<char*>(ops.gathered + first_row * hidden * eb);
-  gemm1.ptr_b[e] = const_cast<char*>(ops.fc1_weights + e * fc1_cols * hidden * eb);
+  gemm1.ptr_b[e] = const_cast<char*>(ops.fc1_weights + e * fc1_cols * hidden * wb);
+  gemm1.ptr_scale[e] =
+      ops.fc1_scales ? const_cast<char*>(ops.fc1_scales + e * fc1_cols * eb) : nullptr;
   gemm1.ptr_d[e] = ops.fc1_out + first_row * fc1_cols * eb;
   gemm1.lda[e] = hidden;
   gemm1.ldb[e] = hidden;
@@ -169,7 +179,9 @@ __global__ void write_grouped_gemm_args_kernel(const int64_t* __restrict__ exper
   gemm2.problem_sizes[e] = cutlass::gemm::GemmCoord(rows, static_cast<int>(hidden),
                                                     static_cast<int>(inter));
   gemm2.ptr_a[e] = const_cast<char*>(ops.gemm2_a + first_row * inter * eb);
-  gemm2.ptr_b[e] = const_cast<char*>(ops.fc2_weights + e * hidden * inter * eb);
+  gemm2.ptr_b[e] = const_cast<char*>(ops.fc2_weights + e * hidden * inter * wb);
+  gemm2.ptr_scale[e] =
+      ops.fc2_scales ? const_cast<char*>(ops.fc2_scales + e * hidden * eb) : nullptr;
   gemm2.ptr_d[e] = ops.fc2_out + first_row * hidden * eb;
   gemm2.lda[e] = inter;
   gemm2.ldb[e] = inter;
@@ -314,13 +326,15 @@ MoeRunner::MoeRunner(DType act_dtype, DType weight_dtype, DType out_dtype)
     : act_dtype_(act_dtype), weight_dtype_(weight_dtype), out_dtype_(out_dtype),
       impl_(new Impl) {
   const bool act_ok = act_dtype == DType::kFloat16 || act_dtype == DType::kBFloat16;
+  const bool weight_ok = weight_dtype == act_dtype || weight_dtype == DType::kInt8;
   const bool out_ok = out_dtype == act_dtype || out_dtype == DType::kFloat32;
-  if (!act_ok || weight_dtype != act_dtype || !out_ok) {
+  if (!act_ok || !weight_ok || !out_ok) {
     throw InvalidArgument(std::string("unsupported dtype configuration (activation ") +
                           dtype_name(act_dtype) + ", weights " + dtype_name(weight_dtype) +
                           ", output " + dtype_name(out_dtype) +
                           "): supported are fp16 or bf16 activations with weights of the same "
-                          "dtype and output in that dtype or fp32");
+                          "dtype or int8 (per-channel scales), and output in the activation dtype "
+                          "or fp32");
   }
   int count = 0;
   const GemmTactic* const* all = gemm_tactics(&count);
@@ -367,7 +381,7 @@ std::vector<TacticDescriptor> MoeRunner::tactics(int gemm, bool runnable_only) c
 
 namespace {
 
-void check_problem(const MoeProblem& p) {
+void check_problem(const MoeProblem& p, DType weight_dtype) {
   std::ostringstream err;
   if (p.num_tokens < 0) err << "num_tokens must be >= 0 (got " << p.num_tokens << "); ";
   if (p.hidden_size < 8 || p.hidden_size % 8 != 0) {
@@ -375,6 +389,11 @@ void check_problem(const MoeProblem& p) {
   }
   if (p.inter_size < 8 || p.inter_size % 8 != 0) {
     err << "inter_size must be a positive multiple of 8 (got " << p.inter_size << "); ";
+  }
+  // Mixed-input (int8) tactics read K in steps of 16 elements: both GEMMs' K must follow.
+  if (weight_dtype == DType::kInt8 && (p.hidden_size % 16 != 0 || p.inter_size % 16 != 0)) {
+    err << "int8 weights need hidden_size and inter_size to be multiples of 16 (got "
+        << p.hidden_size << " and " << p.inter_size << "); ";
   }
   if (p.num_experts < 1) err << "num_experts must be >= 1 (got " << p.num_experts << "); ";
   if (p.top_k < 1) err << "top_k must be >= 1 (got " << p.top_k << "); ";
@@ -395,13 +414,13 @@ void check_problem(const MoeProblem& p) {
 }  // namespace
 
 size_t MoeRunner::workspace_size(const MoeProblem& problem) const {
-  check_problem(problem);
+  check_problem(problem, weight_dtype_);
   return WorkspaceLayout::make(problem, dtype_size(act_dtype_)).total;
 }
 
 void MoeRunner::run_moe(const MoeProblem& p, const MoePointers& ptrs, const std::string& tactic1,
                         const std::string& tactic2, cudaStream_t stream) const {
-  check_problem(p);
+  check_problem(p, weight_dtype_);
   const WorkspaceLayout layout = WorkspaceLayout::make(p, dtype_size(act_dtype_));
   const DeviceState& state = impl_->device_state();
   const size_t t1 = impl_->find(tactic1, 1, state);
@@ -417,6 +436,9 @@ void MoeRunner::run_moe(const MoeProblem& p, const MoePointers& ptrs, const std:
   if (ptrs.workspace_bytes < layout.total) {
     throw InvalidArgument("workspace has " + std::to_string(ptrs.workspace_bytes) +
                           " bytes, the call needs " + std::to_string(layout.total));
+  }
+  if (weight_dtype_ == DType::kInt8 && (!ptrs.fc1_scales || !ptrs.fc2_scales)) {
+    throw InvalidArgument("int8 weights need fc1 and fc2 per-channel scales");
   }
 
   char* base = static_cast<char*>(ptrs.workspace);
@@ -438,15 +460,18 @@ void MoeRunner::run_moe(const MoeProblem& p, const MoePointers& ptrs, const std:
   GemmOperands ops;
   ops.gathered = base + layout.gathered;
   ops.fc1_weights = static_cast<const char*>(ptrs.fc1_weights);
+  ops.fc1_scales = static_cast<const char*>(ptrs.fc1_scales);
   ops.fc1_out = base + layout.fc1_out;
   ops.gemm2_a = needs_activation ? base + layout.act_out : base + layout.fc1_out;
   ops.fc2_weights = static_cast<const char*>(ptrs.fc2_weights);
+  ops.fc2_scales = static_cast<const char*>(ptrs.fc2_scales);
   ops.fc2_out = base + layout.gathered;  // GEMM1 has consumed the gathered input by then
   constexpr int kSetupThreads = 128;
   write_grouped_gemm_args_kernel<<<(p.num_experts + kSetupThreads - 1) / kSetupThreads,
                                    kSetupThreads, 0, stream>>>(
       offsets, p.num_experts, p.hidden_size, p.fc1_out_size(), p.inter_size,
-      static_cast<int>(dtype_size(act_dtype_)), ops, layout.gemm_device(0, base),
+      static_cast<int>(dtype_size(act_dtype_)), static_cast<int>(dtype_size(weight_dtype_)), ops,
+      layout.gemm_device(0, base),
       layout.gemm_device(1, base));
   CUTLASS_MOE_CHECK_LAUNCH("write_grouped_gemm_args_kernel");
 
@@ -466,9 +491,12 @@ void MoeRunner::run_moe(const MoeProblem& p, const MoePointers& ptrs, const std:
 }
 
 void MoeRunner::prepare_gemm_profile(int gemm, const MoeProblem& p, const void* weights,
-                                     void* workspace, size_t workspace_bytes, uint64_t seed,
-                                     cudaStream_t stream) const {
-  check_problem(p);
+                                     const void* scales, void* workspace, size_t workspace_bytes,
+                                     uint64_t seed, cudaStream_t stream) const {
+  check_problem(p, weight_dtype_);
+  if (weight_dtype_ == DType::kInt8 && scales == nullptr) {
+    throw InvalidArgument("int8 weights need their per-channel scales for profiling");
+  }
   if (gemm != 1 && gemm != 2) throw InvalidArgument("gemm must be 1 or 2");
   const WorkspaceLayout layout = WorkspaceLayout::make(p, dtype_size(act_dtype_));
   if (!weights || !workspace) throw InvalidArgument("weights and workspace must be non-null");
@@ -486,15 +514,18 @@ void MoeRunner::prepare_gemm_profile(int gemm, const MoeProblem& p, const void* 
   GemmOperands ops;
   ops.gathered = base + layout.gathered;
   ops.fc1_weights = static_cast<const char*>(gemm == 1 ? weights : nullptr);
+  ops.fc1_scales = static_cast<const char*>(gemm == 1 ? scales : nullptr);
   ops.fc1_out = base + layout.fc1_out;
   ops.gemm2_a = base + layout.act_out;
   ops.fc2_weights = static_cast<const char*>(gemm == 2 ? weights : nullptr);
+  ops.fc2_scales = static_cast<const char*>(gemm == 2 ? scales : nullptr);
   ops.fc2_out = base + layout.gathered;
   constexpr int kSetupThreads = 128;
   write_grouped_gemm_args_kernel<<<(p.num_experts + kSetupThreads - 1) / kSetupThreads,
                                    kSetupThreads, 0, stream>>>(
       offsets, p.num_experts, p.hidden_size, p.fc1_out_size(), p.inter_size,
-      static_cast<int>(dtype_size(act_dtype_)), ops, layout.gemm_device(0, base),
+      static_cast<int>(dtype_size(act_dtype_)), static_cast<int>(dtype_size(weight_dtype_)), ops,
+      layout.gemm_device(0, base),
       layout.gemm_device(1, base));
   CUTLASS_MOE_CHECK_LAUNCH("write_grouped_gemm_args_kernel");
 
@@ -519,7 +550,7 @@ void MoeRunner::prepare_gemm_profile(int gemm, const MoeProblem& p, const void* 
 void MoeRunner::run_gemm_profile(int gemm, const std::string& tactic, const MoeProblem& p,
                                  void* workspace, size_t workspace_bytes,
                                  cudaStream_t stream) const {
-  check_problem(p);
+  check_problem(p, weight_dtype_);
   if (gemm != 1 && gemm != 2) throw InvalidArgument("gemm must be 1 or 2");
   const WorkspaceLayout layout = WorkspaceLayout::make(p, dtype_size(act_dtype_));
   if (!workspace || workspace_bytes < layout.total) {

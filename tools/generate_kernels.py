@@ -3,9 +3,10 @@
 
 Each tactic is one compiled CUTLASS configuration with a stable name such as
 ``sm80_bf16_bf16_m64n128k64_w32x64x64_s4`` (16-bit weights) or
-``sm80_bf16_int8_m16n128k64_w16x32x64_s4`` (int8 weights with per-output-channel scales). Instances are grouped a few per translation unit:
-every TU pays a fixed front-end cost, so batching is several times cheaper than one TU per
-tactic, while enough TUs remain to keep a parallel build busy.
+``sm80_bf16_int8_m16n128k64_w16x32x64_s4`` (int8 weights, per-output-channel scales). Instances
+are grouped a few per translation unit: every TU pays a fixed front-end cost, so batching is
+several times cheaper than one TU per tactic, while enough TUs remain to keep a parallel build
+busy.
 
 Usage (CMake runs this at configure time):
     generate_kernels.py --out-dir DIR [--fast] [--per-file N]   # writes files, prints their paths
@@ -238,7 +239,8 @@ def generate(out_dir: Path, fast: bool, per_file: int) -> list[Path]:
         for kind in KERNEL_TEMPLATES:
             group_all = [t for t in all_tactics if t.dtype == dtype and t.kind == kind]
             # 16-bit files keep their original names; others carry the weight tag.
-            stem = f"sm80_grouped_gemm_{dtype}" if kind == "16bit" else f"sm80_grouped_gemm_{dtype}_{kind}"
+            suffix = "" if kind == "16bit" else f"_{kind}"
+            stem = f"sm80_grouped_gemm_{dtype}{suffix}"
             for index in range(0, len(group_all), per_file):
                 path = out_dir / f"{stem}_{index // per_file}.cu"
                 _write_if_changed(path, _instance_file(group_all[index : index + per_file]))

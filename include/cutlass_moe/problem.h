@@ -65,6 +65,8 @@ struct MoePointers {
   const void* fc2_weights = nullptr;                // [E, H, I]  weight dtype
   const void* fc1_bias = nullptr;                   // [E, N1] activation dtype, optional
   const void* fc2_bias = nullptr;                   // [E, H]  activation dtype, optional
+  const void* fc1_scales = nullptr;  // [E, N1] activation dtype: per-channel scales, int8 only
+  const void* fc2_scales = nullptr;  // [E, H]  activation dtype: per-channel scales, int8 only
   const float* swiglu_alpha = nullptr;              // [E] optional (clamped SwiGLU)
   const float* swiglu_beta = nullptr;               // [E] optional
   const float* swiglu_limit = nullptr;              // [E] optional

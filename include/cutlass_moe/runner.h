@@ -11,9 +11,12 @@
 //   .run_moe(num_tokens, hidden_size, inter_size, num_experts, top_k, expert_start, activation,
 //            input, token_selected_experts, token_final_scales, fc1_weights, fc2_weights,
 //            fc1_bias, fc2_bias, swiglu_alpha, swiglu_beta, swiglu_limit, output,
-//            workspace, workspace_bytes, tactic1: str, tactic2: str, stream: int) -> None
+//            workspace, workspace_bytes, tactic1: str, tactic2: str, stream: int,
+//            fc1_scales=0, fc2_scales=0) -> None
+//       int8 weights (weight_dtype kInt8): [E, N, K] row-major (K contiguous), with per-output-
+//       channel scales fc1_scales [E, N1] and fc2_scales [E, H] in the activation dtype.
 //   .prepare_gemm_profile(gemm, num_tokens, hidden_size, inter_size, num_experts, top_k,
-//            activation, weights, workspace, workspace_bytes, seed, stream) -> None
+//            activation, weights, workspace, workspace_bytes, seed, stream, scales=0) -> None
 //       writes synthetic routing (seed 0: balanced rows per expert; otherwise uniform random
 //       experts drawn from the seed) and random GEMM inputs into the workspace.
 //   .run_gemm_profile(gemm, tactic: str, num_tokens, hidden_size, inter_size, num_experts, top_k,
@@ -50,8 +53,8 @@ class MoeRunner {
                const std::string& tactic2, cudaStream_t stream) const;
 
   void prepare_gemm_profile(int gemm, const MoeProblem& problem, const void* weights,
-                            void* workspace, size_t workspace_bytes, uint64_t seed,
-                            cudaStream_t stream) const;
+                            const void* scales, void* workspace, size_t workspace_bytes,
+                            uint64_t seed, cudaStream_t stream) const;
 
   void run_gemm_profile(int gemm, const std::string& tactic, const MoeProblem& problem,
                         void* workspace, size_t workspace_bytes, cudaStream_t stream) const;

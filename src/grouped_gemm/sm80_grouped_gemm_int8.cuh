@@ -12,7 +12,7 @@
 // The int8 tile is upcast to the activation type in registers after the shared-memory load
 // (arch::OpMultiplyAddMixedInputUpcast) and multiplied on 16-bit tensor cores with fp32
 // accumulation; the scale multiplies the fp32 accumulator in the epilogue and D is rounded once.
-// Exact for |Q| <= 127: every int8 value is representable in fp16 and bf16.
+// The upcast is exact: every int8 value (-128..127) is representable in fp16 and bf16.
 //
 // Alignment (16-byte accesses on every operand; the caller checks):
 //   K % 16 == 0 (int8 B rows), lda % 8 == 0, ldb % 16 == 0, N % 8 == 0, ldd % 8 == 0;
