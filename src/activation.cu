@@ -15,6 +15,7 @@
 #include "cutlass_moe/activation.h"
 #include "cutlass_moe/cuda_check.h"
 #include "cutlass_moe/problem.h"
+#include "vector_access.cuh"
 
 namespace cutlass_moe {
 namespace {
@@ -22,45 +23,9 @@ namespace {
 constexpr int kWarpSize = 32;
 constexpr int kMaxThreads = 256;
 constexpr int kMaxGridY = 65535;
-constexpr int kVectorBytes = 16;
 constexpr int kVectorWidth = 8;  // 16-bit elements per 16-byte vector
 
-__host__ __device__ constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) {
-  return __float2half_rn(x);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
-
-// kWidth consecutive elements; alignas makes the 8-wide case a single 128-bit access.
-template <typename T, int kWidth>
-struct alignas(sizeof(T) * kWidth) Elements {
-  T v[kWidth];
-};
-
-template <typename T, int kWidth>
-__device__ __forceinline__ void load_floats(const T* src, float (&dst)[kWidth]) {
-  const Elements<T, kWidth> loaded = *reinterpret_cast<const Elements<T, kWidth>*>(src);
-#pragma unroll
-  for (int i = 0; i < kWidth; ++i) dst[i] = to_float(loaded.v[i]);
-}
-
-template <typename T, int kWidth>
-__device__ __forceinline__ void store_floats(T* dst, const float (&src)[kWidth]) {
-  Elements<T, kWidth> packed;
-#pragma unroll
-  for (int i = 0; i < kWidth; ++i) packed.v[i] = from_float<T>(src[i]);
-  *reinterpret_cast<Elements<T, kWidth>*>(dst) = packed;
-}
+using namespace vector_access;
 
 // Comparisons are written so that NaN propagates, as in the torch reference
 // (fmaxf/fminf would turn NaN into the other operand).

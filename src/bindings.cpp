@@ -62,19 +62,6 @@ DType to_dtype(int value) {
   return static_cast<DType>(value);
 }
 
-const char* dtype_tag(DType t) {
-  switch (t) {
-    case DType::kFloat16:
-      return "fp16";
-    case DType::kBFloat16:
-      return "bf16";
-    case DType::kFloat32:
-      return "fp32";
-    case DType::kInt8:
-      return "int8";
-  }
-  return "unknown";
-}
 
 py::dict descriptor_dict(const cutlass_moe::TacticDescriptor& d, int gemm) {
   py::dict out;
@@ -123,7 +110,8 @@ py::dict build_info() {
   const cutlass_moe::GemmTactic* const* all = cutlass_moe::gemm_tactics(&count);
   for (int i = 0; i < count; ++i) {
     const std::string config =
-        std::string(dtype_tag(all[i]->act_dtype)) + "_" + dtype_tag(all[i]->weight_dtype);
+        std::string(cutlass_moe::dtype_name(all[i]->act_dtype)) + "_" +
+        cutlass_moe::dtype_name(all[i]->weight_dtype);
     auto& per_gemm = counts[config];
     if (all[i]->gemms & 1) per_gemm["gemm1"] += 1;
     if (all[i]->gemms & 2) per_gemm["gemm2"] += 1;

@@ -30,19 +30,6 @@ size_t align_up(size_t bytes) {
   return (bytes + kWorkspaceAlignment - 1) / kWorkspaceAlignment * kWorkspaceAlignment;
 }
 
-const char* dtype_name(DType t) {
-  switch (t) {
-    case DType::kFloat16:
-      return "fp16";
-    case DType::kBFloat16:
-      return "bf16";
-    case DType::kFloat32:
-      return "fp32";
-    case DType::kInt8:
-      return "int8";
-  }
-  return "unknown";
-}
 
 // Byte offsets of one grouped GEMM's device-resident arguments inside the workspace.
 struct GemmArgsLayout {
@@ -151,6 +138,20 @@ struct GemmOperands {
   char* fc2_out;
 };
 
+// Problem e of one grouped GEMM: D[rows, n] = A[rows, k] * W_e[n, k]^T (+ per-column scales).
+__device__ void write_problem(GemmArgsDevice g, int e, int rows, int64_t first_row, int64_t n,
+                              int64_t k, const char* a, const char* weights, const char* scales,
+                              char* d, int64_t elem_bytes, int64_t weight_bytes) {
+  g.problem_sizes[e] = cutlass::gemm::GemmCoord(rows, static_cast<int>(n), static_cast<int>(k));
+  g.ptr_a[e] = const_cast<char*>(a + first_row * k * elem_bytes);
+  g.ptr_b[e] = const_cast<char*>(weights + e * n * k * weight_bytes);
+  g.ptr_scale[e] = scales ? const_cast<char*>(scales + e * n * elem_bytes) : nullptr;
+  g.ptr_d[e] = d + first_row * n * elem_bytes;
+  g.lda[e] = k;
+  g.ldb[e] = k;
+  g.ldd[e] = n;
+}
+
 // One thread per expert writes both grouped GEMMs' problem sizes, pointers and strides from the
 // routed row offsets.
 __global__ void write_grouped_gemm_args_kernel(const int64_t* __restrict__ expert_first_token_offset,
@@ -162,42 +163,14 @@ __global__ void write_grouped_gemm_args_kernel(const int64_t* __restrict__ exper
   if (e >= num_experts) return;
   const int64_t first_row = expert_first_token_offset[e];
   const int rows = static_cast<int>(expert_first_token_offset[e + 1] - first_row);
-  const int64_t eb = elem_bytes;
-  const int64_t wb = weight_bytes;
-
-  gemm1.problem_sizes[e] = cutlass::gemm::GemmCoord(rows, static_cast<int>(fc1_cols),
-                                                    static_cast<int>(hidden));
-  gemm1.ptr_a[e] = const_cast<char*>(ops.gathered + first_row * hidden * eb);
-  gemm1.ptr_b[e] = const_cast<char*>(ops.fc1_weights + e * fc1_cols * hidden * wb);
-  gemm1.ptr_scale[e] =
-      ops.fc1_scales ? const_cast<char*>(ops.fc1_scales + e * fc1_cols * eb) : nullptr;
-  gemm1.ptr_d[e] = ops.fc1_out + first_row * fc1_cols * eb;
-  gemm1.lda[e] = hidden;
-  gemm1.ldb[e] = hidden;
-  gemm1.ldd[e] = fc1_cols;
-
-  gemm2.problem_sizes[e] = cutlass::gemm::GemmCoord(rows, static_cast<int>(hidden),
-                                                    static_cast<int>(inter));
-  gemm2.ptr_a[e] = const_cast<char*>(ops.gemm2_a + first_row * inter * eb);
-  gemm2.ptr_b[e] = const_cast<char*>(ops.fc2_weights + e * hidden * inter * wb);
-  gemm2.ptr_scale[e] =
-      ops.fc2_scales ? const_cast<char*>(ops.fc2_scales + e * hidden * eb) : nullptr;
-  gemm2.ptr_d[e] = ops.fc2_out + first_row * hidden * eb;
-  gemm2.lda[e] = inter;
-  gemm2.ldb[e] = inter;
-  gemm2.ldd[e] = hidden;
+  write_problem(gemm1, e, rows, first_row, fc1_cols, hidden, ops.gathered, ops.fc1_weights,
+                ops.fc1_scales, ops.fc1_out, elem_bytes, weight_bytes);
+  write_problem(gemm2, e, rows, first_row, hidden, inter, ops.gemm2_a, ops.fc2_weights,
+                ops.fc2_scales, ops.fc2_out, elem_bytes, weight_bytes);
 }
 
-uint32_t hash_u32(uint64_t x) {
-  x ^= x >> 33;
-  x *= 0xff51afd7ed558ccdULL;
-  x ^= x >> 33;
-  x *= 0xc4ceb9fe1a85ec53ULL;
-  x ^= x >> 33;
-  return static_cast<uint32_t>(x);
-}
-
-__device__ uint32_t device_hash_u32(uint64_t x) {
+// A 64-bit mix (splitmix64's finaliser) folded to 32 bits: cheap, well-spread pseudo-randomness.
+__host__ __device__ uint32_t hash_u32(uint64_t x) {
   x ^= x >> 33;
   x *= 0xff51afd7ed558ccdULL;
   x ^= x >> 33;
@@ -219,7 +192,7 @@ __global__ void synthetic_offsets_kernel(int64_t rows, int num_experts, uint64_t
     }
   } else {
     for (int64_t r = threadIdx.x; r < rows; r += blockDim.x) {
-      atomicAdd(&counts[device_hash_u32(seed * 0x9e3779b97f4a7c15ULL + r) % num_experts], 1);
+      atomicAdd(&counts[hash_u32(seed * 0x9e3779b97f4a7c15ULL + r) % num_experts], 1);
     }
   }
   __syncthreads();
@@ -238,9 +211,21 @@ template <typename Element>
 __global__ void fill_random_kernel(Element* __restrict__ data, int64_t count, uint64_t seed) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < count;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const float u = (device_hash_u32(seed ^ (i * 0x9e3779b97f4a7c15ULL)) >> 8) * (1.0f / 16777216.0f);
+    const float u = (hash_u32(seed ^ (i * 0x9e3779b97f4a7c15ULL)) >> 8) * (1.0f / 16777216.0f);
     data[i] = Element(2.0f * u - 1.0f);
   }
+}
+
+void write_grouped_gemm_args(const MoeProblem& p, const int64_t* offsets, const GemmOperands& ops,
+                             const WorkspaceLayout& layout, char* base, size_t elem_bytes,
+                             size_t weight_bytes, cudaStream_t stream) {
+  constexpr int kThreads = 128;
+  write_grouped_gemm_args_kernel<<<(p.num_experts + kThreads - 1) / kThreads, kThreads, 0,
+                                   stream>>>(
+      offsets, p.num_experts, p.hidden_size, p.fc1_out_size(), p.inter_size,
+      static_cast<int>(elem_bytes), static_cast<int>(weight_bytes), ops,
+      layout.gemm_device(0, base), layout.gemm_device(1, base));
+  CUTLASS_MOE_CHECK_LAUNCH("write_grouped_gemm_args_kernel");
 }
 
 // Shared-memory, occupancy and SM count of one device, computed once per device.
@@ -466,14 +451,8 @@ void MoeRunner::run_moe(const MoeProblem& p, const MoePointers& ptrs, const std:
   ops.fc2_weights = static_cast<const char*>(ptrs.fc2_weights);
   ops.fc2_scales = static_cast<const char*>(ptrs.fc2_scales);
   ops.fc2_out = base + layout.gathered;  // GEMM1 has consumed the gathered input by then
-  constexpr int kSetupThreads = 128;
-  write_grouped_gemm_args_kernel<<<(p.num_experts + kSetupThreads - 1) / kSetupThreads,
-                                   kSetupThreads, 0, stream>>>(
-      offsets, p.num_experts, p.hidden_size, p.fc1_out_size(), p.inter_size,
-      static_cast<int>(dtype_size(act_dtype_)), static_cast<int>(dtype_size(weight_dtype_)), ops,
-      layout.gemm_device(0, base),
-      layout.gemm_device(1, base));
-  CUTLASS_MOE_CHECK_LAUNCH("write_grouped_gemm_args_kernel");
+  write_grouped_gemm_args(p, offsets, ops, layout, base, dtype_size(act_dtype_),
+                          dtype_size(weight_dtype_), stream);
 
   impl_->launch(t1, 1, layout.gemm_args(0, base, p.num_experts),
                 impl_->threadblock_count(t1, state, rows, p.num_experts, p.fc1_out_size()),
@@ -520,14 +499,8 @@ void MoeRunner::prepare_gemm_profile(int gemm, const MoeProblem& p, const void* 
   ops.fc2_weights = static_cast<const char*>(gemm == 2 ? weights : nullptr);
   ops.fc2_scales = static_cast<const char*>(gemm == 2 ? scales : nullptr);
   ops.fc2_out = base + layout.gathered;
-  constexpr int kSetupThreads = 128;
-  write_grouped_gemm_args_kernel<<<(p.num_experts + kSetupThreads - 1) / kSetupThreads,
-                                   kSetupThreads, 0, stream>>>(
-      offsets, p.num_experts, p.hidden_size, p.fc1_out_size(), p.inter_size,
-      static_cast<int>(dtype_size(act_dtype_)), static_cast<int>(dtype_size(weight_dtype_)), ops,
-      layout.gemm_device(0, base),
-      layout.gemm_device(1, base));
-  CUTLASS_MOE_CHECK_LAUNCH("write_grouped_gemm_args_kernel");
+  write_grouped_gemm_args(p, offsets, ops, layout, base, dtype_size(act_dtype_),
+                          dtype_size(weight_dtype_), stream);
 
   const size_t input_offset = gemm == 1 ? layout.gathered : layout.act_out;
   const int64_t input_count = rows * (gemm == 1 ? p.hidden_size : p.inter_size);

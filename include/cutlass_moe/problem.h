@@ -41,6 +41,21 @@ inline size_t dtype_size(DType t) {
   return 0;
 }
 
+// Short name used in tactic names, messages and build info ("fp16", "bf16", "fp32", "int8").
+inline const char* dtype_name(DType t) {
+  switch (t) {
+    case DType::kFloat16:
+      return "fp16";
+    case DType::kBFloat16:
+      return "bf16";
+    case DType::kFloat32:
+      return "fp32";
+    case DType::kInt8:
+      return "int8";
+  }
+  return "unknown";
+}
+
 // Shapes and options of one call. All sizes are this rank's local sizes.
 struct MoeProblem {
   int64_t num_tokens = 0;   // T

@@ -19,6 +19,7 @@
 #include "cutlass/numeric_types.h"
 #include "cutlass_moe/cuda_check.h"
 #include "cutlass_moe/tactic.h"
+#include "grouped_gemm/kernel_setup.cuh"
 
 namespace cutlass_moe {
 namespace grouped_gemm {
@@ -45,22 +46,7 @@ struct Sm80GroupedGemm {
   static constexpr int kThreads = GemmKernel::kThreadCount;
   static constexpr int kSmemBytes = int(sizeof(typename GemmKernel::SharedStorage));
 
-  static int prepare() {
-    int device = 0;
-    CUTLASS_MOE_CHECK_CUDA(cudaGetDevice(&device));
-    int smem_optin = 0;
-    CUTLASS_MOE_CHECK_CUDA(
-        cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-    if (kSmemBytes > smem_optin) return 0;
-    if (kSmemBytes > (48 << 10)) {
-      CUTLASS_MOE_CHECK_CUDA(cudaFuncSetAttribute(
-          cutlass::Kernel<GemmKernel>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
-    }
-    int blocks_per_sm = 0;
-    CUTLASS_MOE_CHECK_CUDA(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-        &blocks_per_sm, cutlass::Kernel<GemmKernel>, kThreads, kSmemBytes));
-    return blocks_per_sm;
-  }
+  static int prepare() { return prepare_kernel<GemmKernel>(kThreads, kSmemBytes); }
 
   static void launch(const GroupedGemmArgs& a, int threadblock_count, cudaStream_t stream) {
     typename GemmKernel::Arguments args(
