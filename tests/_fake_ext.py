@@ -3,7 +3,9 @@
 It follows include/cutlass_moe/runner.h: pointers arrive as integers, the runner reads the
 tensors behind them (host memory here), computes the layer with ``reference_moe`` and writes the
 output, so CPU tests can check that the Python layer passes every pointer, size and option in
-the documented order. It also records every call.
+the documented order. Like the real runner, an int8-weight runner needs ``fc1_scales`` and
+``fc2_scales`` and computes with the dequantised weights ``q * scale`` (scales read in the
+activation dtype). It also records every call.
 """
 
 from __future__ import annotations
@@ -71,11 +73,14 @@ class FakeMoeRunner:
     def run_moe(self, num_tokens, hidden_size, inter_size, num_experts, top_k, expert_start,
                 activation, input, token_selected_experts, token_final_scales, fc1_weights,
                 fc2_weights, fc1_bias, fc2_bias, swiglu_alpha, swiglu_beta, swiglu_limit,
-                output, workspace, workspace_bytes, tactic1, tactic2, stream) -> None:
+                output, workspace, workspace_bytes, tactic1, tactic2, stream, fc1_scales=0,
+                fc2_scales=0) -> None:
         args = dict(locals())
         del args["self"]
         self.calls.append(args)
         act_dtype, weight_dtype, out_dtype = (ENUM_TO_DTYPE[d] for d in self.dtypes)
+        if weight_dtype == torch.int8 and (fc1_scales == 0 or fc2_scales == 0):
+            raise ValueError("int8 weights need fc1 and fc2 per-channel scales")
         n1 = 2 * inter_size if activation in GATED_ENUMS else inter_size
         t, h, i, e, k = num_tokens, hidden_size, inter_size, num_experts, top_k
         x = _tensor_at(input, (t, h), act_dtype)
@@ -83,6 +88,11 @@ class FakeMoeRunner:
         scales = _tensor_at(token_final_scales, (t, k), torch.float32)
         fc1 = _tensor_at(fc1_weights, (e, n1, h), weight_dtype)
         fc2 = _tensor_at(fc2_weights, (e, h, i), weight_dtype)
+        if weight_dtype == torch.int8:
+            s1 = _tensor_at(fc1_scales, (e, n1), act_dtype)
+            s2 = _tensor_at(fc2_scales, (e, h), act_dtype)
+            fc1 = fc1.float() * s1.float().unsqueeze(-1)
+            fc2 = fc2.float() * s2.float().unsqueeze(-1)
         b1 = _tensor_at(fc1_bias, (e, n1), act_dtype)
         b2 = _tensor_at(fc2_bias, (e, h), act_dtype)
         alpha = _tensor_at(swiglu_alpha, (e,), torch.float32)
@@ -113,6 +123,7 @@ def make_fake_extension() -> types.ModuleType:
         "cuda_version": "13.0",
         "archs": [80, 86, 89, 90],
         "fast_build": True,
-        "tactics": {"bf16_bf16_bf16": {"gemm1": 23, "gemm2": 23}},
+        "tactics": {"bf16_bf16_bf16": {"gemm1": 23, "gemm2": 23},
+                    "bf16_int8_bf16": {"gemm1": 23, "gemm2": 23}},
     }
     return module

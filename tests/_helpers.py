@@ -9,9 +9,10 @@ import torch
 WORST_ERRORS: dict[str, float] = {}
 
 
-def record_error(dtype: torch.dtype, err: float) -> float:
-    """Remembers ``err`` as a candidate for the worst error of ``dtype``; returns ``err``."""
-    key = str(dtype).removeprefix("torch.")
+def record_error(dtype: torch.dtype | str, err: float) -> float:
+    """Remembers ``err`` as a candidate for the worst error of ``dtype`` (or of a named
+    comparison such as ``"int8_vs_unquantized_bfloat16"``); returns ``err``."""
+    key = dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
     WORST_ERRORS[key] = max(WORST_ERRORS.get(key, 0.0), err)
     return err
 

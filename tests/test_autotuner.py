@@ -19,6 +19,8 @@ from cutlass_moe import autotuner
 from cutlass_moe.autotuner import AutoTuner, ShapeKey, TuningKey, bucket_for, tuning_buckets
 
 SHAPE = ShapeKey("bf16_bf16_bf16", "none", 8, 256, 128, 2, "Swiglu", 1)
+INT8_SHAPE = ShapeKey("bf16_int8_bf16", "int8_per_channel", 8, 256, 128, 2, "Swiglu", 1)
+_REAL_KNOWN_TACTICS = autotuner._known_tactics  # before the autouse fixture replaces it
 DEVICE_ID = "Fake GPU/100"
 KNOWN = {"tactic_a", "tactic_b", "tactic_c"}
 
@@ -75,6 +77,7 @@ def test_keys_differ_in_every_field_that_changes_the_kernel():
         ShapeKey("fp16_fp16_fp16", "none", 8, 256, 128, 2, "Swiglu", 1),
         ShapeKey("bf16_bf16_fp32", "none", 8, 256, 128, 2, "Swiglu", 1),
         ShapeKey("bf16_bf16_bf16", "int8", 8, 256, 128, 2, "Swiglu", 1),
+        INT8_SHAPE,
         ShapeKey("bf16_bf16_bf16", "none", 16, 256, 128, 2, "Swiglu", 1),
         ShapeKey("bf16_bf16_bf16", "none", 8, 512, 128, 2, "Swiglu", 1),
         ShapeKey("bf16_bf16_bf16", "none", 8, 256, 256, 2, "Swiglu", 1),
@@ -95,6 +98,49 @@ def test_key_json_round_trip():
 
 def test_dtype_tag():
     assert autotuner.dtype_tag((torch.bfloat16, torch.bfloat16, torch.float32)) == "bf16_bf16_fp32"
+    assert autotuner.dtype_tag((torch.float16, torch.int8, torch.float16)) == "fp16_int8_fp16"
+
+
+def test_int8_entries_round_trip(tmp_path):
+    tuner = AutoTuner()
+    tuner.record(_key(1, 8, INT8_SHAPE), "tactic_a", 3.0)
+    tuner.record(_key(1, 8), "tactic_b", 4.0)  # the same shape with 16-bit weights
+    path = tmp_path / "cache.json"
+    tuner.save(path)
+    entries = json.loads(path.read_text())["devices"][DEVICE_ID]
+    assert {(e["dtypes"], e["quant"], e["tactic"]) for e in entries} == {
+        ("bf16_int8_bf16", "int8_per_channel", "tactic_a"), ("bf16_bf16_bf16", "none", "tactic_b")}
+    fresh = AutoTuner()
+    assert fresh.load(path) == 2
+    assert fresh.lookup(_key(1, 8, INT8_SHAPE)) == "tactic_a"
+    assert fresh.lookup(_key(1, 8)) == "tactic_b"
+
+
+def test_known_tactics_include_int8_runners():
+    """A cache's int8 entries survive loading: the int8 runners' tactics are known names."""
+    from _fake_ext import FakeMoeRunner, make_fake_extension
+    from cutlass_moe import _ext
+
+    FakeMoeRunner.constructed.clear()
+    with _ext._replaced_extension(make_fake_extension()):
+        names = _REAL_KNOWN_TACTICS()
+    assert names and all(name.startswith("fake_") for name in names)
+    int8 = _ext.dtype_to_enum(torch.int8)
+    assert {(act, int8, out) for act in (0, 1) for out in (act, 2)} <= set(
+        FakeMoeRunner.constructed)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"weights": "int4"}, "weights must be one of '16bit', 'int8'"),
+    ({"weights": "int8", "hidden_size": 24},
+     r"int8 weights need hidden_size \(24\) and inter_size \(128\) to be multiples of 16"),
+    ({"weights": "int8", "inter_size": 40}, "multiples of 16"),
+])
+def test_tune_model_argument_checks(monkeypatch, kwargs, match):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    args = {"num_experts": 8, "hidden_size": 256, "inter_size": 128, "top_k": 2, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        autotuner.tune_model(**args)
 
 
 # ------------------------------------------------------------------ cache files
@@ -420,6 +466,20 @@ def test_tune_model_rows(real_tuner):
     for r in rows:
         assert r.best_us > 0 and r.default_us >= r.best_us and r.speedup >= 1.0
     assert len(real_tuner.entries()) == len(rows)
+
+
+@pytest.mark.gpu
+def test_tune_model_int8_rows(real_tuner):
+    rows = autotuner.tune_model(8, 512, 256, 2, max_tokens=8, weights="int8")
+    assert [(r.bucket, r.gemm) for r in rows] == [(b, g) for b in tuning_buckets(8)
+                                                 for g in (1, 2)]
+    for r in rows:
+        assert "_int8_" in r.best_tactic and "_int8_" in r.default_tactic
+        assert r.best_us > 0 and r.default_us >= r.best_us
+    keys = real_tuner.entries()
+    assert len(keys) == len(rows)
+    assert {(k.shape.dtypes, k.shape.quant) for k in keys} == {("bf16_int8_bf16",
+                                                                 "int8_per_channel")}
 
 
 def test_paths_are_strings_or_paths(tmp_path):

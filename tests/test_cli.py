@@ -248,38 +248,64 @@ def test_ep_size_not_positive(capsys):
 
 
 @pytest.mark.parametrize("command", ["tune", "bench"])
-@pytest.mark.parametrize("weights", ["int8", "int4"])
-def test_quantized_weights_unavailable(capsys, no_gpu, fake_ext, command, weights):
+def test_int4_weights_not_supported(capsys, no_gpu, fake_ext, command):
     """Checked before the GPU: the message names what this build does support."""
-    status, out, err = run_cli(capsys, command, "--model", "qwen3-30b-a3b", "--weights", weights)
+    status, out, err = run_cli(capsys, command, "--model", "qwen3-30b-a3b", "--weights", "int4")
     assert status == 2 and out == ""
-    assert err.startswith(f"cutlass-moe: error: --weights {weights} is not available in this "
-                          "build: it supports --weights bf16 with --dtype bf16")
-    assert "int8/int4 weight-only kernels are not built yet" in err
+    assert err.startswith("cutlass-moe: error: --weights int4 is not supported by this build: "
+                          "it supports --weights bf16 or int8 with --dtype bf16")
+    assert "int4 weight-only (W4A16) kernels are not part of this build" in err
+
+
+@pytest.mark.parametrize("command", ["tune", "bench"])
+def test_int8_weights_without_int8_kernels(capsys, no_gpu, fake_ext, monkeypatch, command):
+    info = {"extension_available": True, "tactics": {"bf16_bf16": {"gemm1": 2, "gemm2": 2}}}
+    monkeypatch.setattr(_ext, "build_info", lambda: info)
+    status, out, err = run_cli(capsys, command, "--model", "qwen3-30b-a3b", "--weights", "int8")
+    assert status == 2 and out == ""
+    assert err.startswith("cutlass-moe: error: --weights int8 is not supported by this build: "
+                          "it supports --weights bf16 with --dtype bf16")
+    assert "built without int8 weight-only kernels for --dtype bf16" in err
+
+
+@pytest.mark.parametrize("command", ["tune", "bench"])
+def test_int8_weights_need_multiples_of_16(capsys, gpu, fake_ext, command):
+    status, out, err = run_cli(capsys, command, "--experts", "8", "--hidden", "136", "--inter",
+                               "256", "--top-k", "2", "--weights", "int8")
+    assert status == 2 and out == ""
+    assert "--weights int8 needs --hidden (136) and --inter (256) to be multiples of 16" in err
 
 
 def test_weights_must_match_dtype(capsys, no_gpu, no_ext):
     status, _, err = run_cli(capsys, "tune", "--model", "qwen3-30b-a3b", "--dtype", "fp16",
                              "--weights", "bf16")
     assert status == 2
-    assert "--weights bf16 is not available" in err and "--weights fp16 with --dtype fp16" in err
+    assert "--weights bf16 is not supported by this build" in err
+    assert "--weights fp16 or int8 with --dtype fp16" in err
+    assert "16-bit weights must have the activation dtype, --dtype" in err
 
 
 def test_supported_weight_types():
     info = {"extension_available": True,
             "tactics": {"bf16_bf16": {"gemm1": 3}, "fp16_fp16": {"gemm1": 3},
                         "bf16_int8": {"gemm1": 1}}}
-    assert cli.supported_weight_types("bf16", info) == ["bf16"]
+    assert cli.supported_weight_types("bf16", info) == ["bf16", "int8"]
     assert cli.supported_weight_types("fp16", info) == ["fp16"]
+    info["tactics"]["fp16_int8"] = {"gemm1": 1}
+    assert cli.supported_weight_types("fp16", info) == ["fp16", "int8"]
     assert cli.supported_weight_types("fp16", {"extension_available": True,
                                                "tactics": {"bf16_bf16_bf16": {}}}) == []
-    assert cli.supported_weight_types("fp16", {"extension_available": False}) == ["fp16"]
+    assert cli.supported_weight_types("fp16", {"extension_available": False}) == [
+        "fp16", "int8"]
+    info["tactics"]["bf16_int4"] = {"gemm1": 1}  # never offered: cutlass_fused_moe lacks it
+    assert "int4" not in cli.supported_weight_types("bf16", info)
 
 
 def test_no_kernels_for_dtype(capsys, no_gpu, fake_ext):
     # the fake build has bf16 tactics only
     status, _, err = run_cli(capsys, "tune", "--model", "qwen3-30b-a3b", "--dtype", "fp16")
     assert status == 2 and "it has no kernels for --dtype fp16" in err
+    assert err.rstrip().endswith("it has no kernels for --dtype fp16")
 
 
 @pytest.mark.parametrize("command", ["tune", "bench"])
@@ -379,7 +405,8 @@ def test_info_json(capsys, gpu, fake_ext, monkeypatch, no_cache_env):
     assert status == 0
     info = json.loads(out)
     assert info["extension_available"] is True and info["cutlass_version"] == "4.2.0"
-    assert info["tactics"] == {"bf16_bf16_bf16": {"gemm1": 23, "gemm2": 23}}
+    assert info["tactics"] == {"bf16_bf16_bf16": {"gemm1": 23, "gemm2": 23},
+                               "bf16_int8_bf16": {"gemm1": 23, "gemm2": 23}}
     assert info["gpus"] == [{"index": 0, "name": "NVIDIA A10", "capability": "8.6",
                              "multiprocessors": 72, "memory_gib": 22.0, "kernels": "yes"}]
     assert info["tuning_cache"] == {"env": autotuner.CACHE_ENV, "path": None, "exists": False}
@@ -471,6 +498,7 @@ def test_tune_table(capsys, fake_tuner):
     assert args == (8, 4096, 14336, 2)
     assert kwargs["dtype"] == torch.bfloat16 and kwargs["ep_size"] == 1
     assert kwargs["max_tokens"] == 8192 and kwargs["activation"] == cutlass_moe.ActivationType.Swiglu
+    assert kwargs["weights"] == "16bit"
     assert fake_tuner.saved == [Path("cutlass_moe_tuning_cache.json")]
     assert fake_tuner.loaded == []
 
@@ -486,6 +514,22 @@ def test_tune_explicit_shape_and_options(capsys, fake_tuner, tmp_path):
     assert kwargs["ep_size"] == 4 and kwargs["max_tokens"] == 512
     assert out.startswith("custom: E=64 (16 per rank, ep-size 4) H=2048 I=1408 k=6, bf16")
     assert fake_tuner.saved == [out_file]
+
+
+@pytest.mark.parametrize("json_output", [False, True])
+def test_tune_int8_weights(capsys, fake_tuner, json_output):
+    status, out, _ = run_cli(capsys, "tune", "--model", "mixtral-8x7b", "--weights", "int8",
+                             *(["--json"] if json_output else []))
+    assert status == 0
+    (args, kwargs), = fake_tuner.calls
+    assert args == (8, 4096, 14336, 2)
+    assert kwargs["weights"] == "int8" and kwargs["dtype"] == torch.bfloat16
+    if json_output:
+        document = json.loads(out)
+        assert document["weights"] == "int8" and document["dtype"] == "bf16"
+    else:
+        assert out.splitlines()[0].startswith(
+            "mixtral-8x7b: E=8 H=4096 I=14336 k=2, bf16 x int8 weights, Swiglu, on ")
 
 
 def test_tune_out_from_env(capsys, fake_tuner, monkeypatch, tmp_path):
@@ -661,7 +705,7 @@ def test_bench_table(capsys, fake_bench, caplog):
     assert preset is presets.MODEL_PRESETS["gpt-oss-20b"]
     assert (dtype, tokens, routing, tuned, graph, warmup, repeats, max_tokens) == (
         torch.bfloat16, [1, 32], "uniform", True, False, 10, 50, 8192)
-    assert device == torch.device("cuda") and kwargs == {"seed": 0}
+    assert device == torch.device("cuda") and kwargs == {"seed": 0, "weights": "16bit"}
     assert fake_bench.loaded == []  # no cache file here
     assert "no tuning cache at cutlass_moe_tuning_cache.json" in caplog.text
 
@@ -680,7 +724,18 @@ def test_bench_default_options(capsys, fake_bench, tmp_path):
     assert fake_bench.loaded == []  # --default ignores the cache
     (args, kwargs), = fake_bench.calls
     assert args[0] == presets.ModelPreset(8, 128, 256, 2)
-    assert args[3:9] == ("zipf", False, True, 1, 2, 64) and kwargs == {"seed": 3}
+    assert args[3:9] == ("zipf", False, True, 1, 2, 64)
+    assert kwargs == {"seed": 3, "weights": "16bit"}
+
+
+def test_bench_int8_weights(capsys, fake_bench):
+    status, out, _ = run_cli(capsys, "bench", *SMALL, "--weights", "int8", "--tokens", "1")
+    assert status == 0
+    (_, kwargs), = fake_bench.calls
+    assert kwargs["weights"] == "int8"
+    assert out.splitlines()[0].startswith("custom: E=8 H=128 I=256 k=2, bf16 x int8 weights, ")
+    status, out, _ = run_cli(capsys, "bench", *SMALL, "--weights", "int8", "--json")
+    assert status == 0 and json.loads(out)["config"]["weights"] == "int8"
 
 
 def test_bench_json_and_out_files(capsys, fake_bench, tmp_path):
@@ -739,10 +794,20 @@ def test_make_routing():
 
 
 def test_default_tactics_follow_expected_rows(monkeypatch):
-    monkeypatch.setattr(_ext, "tactics", lambda a, w, o, gemm, device: tactic_descriptors(gemm))
+    asked = []
+
+    def tactics(a, w, o, gemm, device):
+        asked.append((a, w, o))
+        return tactic_descriptors(gemm)
+
+    monkeypatch.setattr(_ext, "tactics", tactics)
     device = torch.device("cuda")
     assert cli.default_tactics(torch.bfloat16, device, 1, 8, 2) == (
         "fake_g1_m16n128k64_s4", "fake_g2_m16n128k64_s4")
+    assert set(asked) == {(torch.bfloat16,) * 3}
+    asked.clear()
+    cli.default_tactics(torch.bfloat16, device, 1, 8, 2, torch.int8)
+    assert set(asked) == {(torch.bfloat16, torch.int8, torch.bfloat16)}
     # 8192 tokens * 2 / 8 experts = 2048 rows per expert: the 128x128 tile with 3 stages
     assert cli.default_tactics(torch.bfloat16, device, 8192, 8, 2) == (
         "fake_g1_m128n128k64_s3", "fake_g2_m128n128k64_s3")
@@ -792,7 +857,9 @@ def test_gpu_tune_tiny(capsys, real_gpu, tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("extra", [[], ["--default", "--graph", "--routing", "zipf"]])
+@pytest.mark.parametrize("extra", [[], ["--default", "--graph", "--routing", "zipf"],
+                                   ["--weights", "int8"],
+                                   ["--weights", "int8", "--default", "--graph"]])
 def test_gpu_bench_tiny(capsys, real_gpu, no_cache_env, extra):
     status, out, err = run_cli(capsys, "bench", *TINY, "--tokens", "1,16", "--warmup", "1",
                                "--repeats", "3", "--json", *extra)
@@ -800,6 +867,26 @@ def test_gpu_bench_tiny(capsys, real_gpu, no_cache_env, extra):
     rows = json.loads(out)["rows"]
     assert [r["num_tokens"] for r in rows] == [1, 16]
     assert all(r["latency_us"] > 0 and r["tactic1"] and r["tactic2"] for r in rows)
+    if "int8" in extra:
+        assert all("_int8_" in r["tactic1"] and "_int8_" in r["tactic2"] for r in rows)
+
+
+@pytest.mark.gpu
+def test_gpu_tune_tiny_int8(capsys, real_gpu, tmp_path):
+    cache = tmp_path / "cache.json"
+    try:
+        status, out, err = run_cli(capsys, "tune", *TINY, "--weights", "int8", "--max-tokens",
+                                   "2", "--out", str(cache), "--json")
+    finally:
+        autotuner.clear_tuning_cache()
+    assert status == 0, err
+    document = json.loads(out)
+    assert document["weights"] == "int8"
+    assert all("_int8_" in r["best_tactic"] for r in document["rows"])
+    (entries,) = json.loads(cache.read_text())["devices"].values()
+    assert len(entries) == 4
+    assert {(e["quant"], e["dtypes"]) for e in entries} == {("int8_per_channel",
+                                                             "bf16_int8_bf16")}
 
 
 @pytest.mark.gpu

@@ -17,6 +17,7 @@ from _fake_ext import FakeMoeRunner, make_fake_extension
 from _helpers import random_routing, random_weights, rel_l2
 from cutlass_moe import ActivationType, _ext, cutlass_fused_moe, ops, reference_moe
 from cutlass_moe.ops import default_tactic
+from cutlass_moe.quantization import dequantize, quantize_moe_weights_int8
 
 STREAM = 0xC0FFEE
 GATED = (ActivationType.Swiglu, ActivationType.Geglu)
@@ -253,7 +254,17 @@ def test_opcheck(fake_cpu):
     b1 = torch.randn(fc1.shape[:2]).to(torch.bfloat16)
     output = torch.empty(9, 16, dtype=torch.float32)
     workspace = torch.empty(1 << 14, dtype=torch.uint8)
-    args = (output, x, ids, scales, fc1, fc2, b1, None, None, None, None, workspace,
+    args = (output, x, ids, scales, fc1, fc2, None, None, b1, None, None, None, None, workspace,
+            _ext.activation_to_enum(ActivationType.Swiglu), 0, 4, 8192, "", "")
+    torch.library.opcheck(torch.ops.cutlass_moe.fused_moe.default, args)
+
+
+def test_opcheck_int8(fake_cpu):
+    """The same with int8 weights and their scales (the optional scale tensors of the schema)."""
+    x, ids, scales, fc1, fc2 = _problem(i=16, seed=14)
+    q1, q2, (s1, s2) = quantize_moe_weights_int8(fc1, fc2)
+    output = torch.empty(9, 16, dtype=torch.bfloat16)
+    args = (output, x, ids, scales, q1, q2, s1, s2, None, None, None, None, None, None,
             _ext.activation_to_enum(ActivationType.Swiglu), 0, 4, 8192, "", "")
     torch.library.opcheck(torch.ops.cutlass_moe.fused_moe.default, args)
 
@@ -265,3 +276,145 @@ def test_weights_that_require_grad(fake_cpu):
     w2 = torch.nn.Parameter(fc2)
     out = cutlass_fused_moe(x, ids, scales, w1, w2, torch.bfloat16)[0]
     _close(out, reference_moe(x, ids, scales, fc1, fc2))
+
+
+# ------------------------------------------------------------------ int8 weights (W8A16)
+
+
+def _int8_problem(t=9, e=4, k=2, h=16, i=16, activation=ActivationType.Swiglu,
+                  dtype=torch.bfloat16, seed=0):
+    x, ids, scales, fc1, fc2 = _problem(t, e, k, h, i, activation, dtype, seed)
+    q1, q2, quant_scales = quantize_moe_weights_int8(fc1, fc2)
+    return x, ids, scales, q1, q2, quant_scales, (fc1, fc2)
+
+
+def _dequantized(q1, q2, quant_scales):
+    """float32 ``q * scale``: what the kernels (and the fake) compute with, unrounded."""
+    return (dequantize(q1, quant_scales[0], torch.float32),
+            dequantize(q2, quant_scales[1], torch.float32))
+
+
+@pytest.mark.parametrize("activation", [ActivationType.Swiglu, ActivationType.Relu])
+@pytest.mark.parametrize("dtype,out_dtype", [(torch.bfloat16, torch.bfloat16),
+                                             (torch.float16, torch.float16),
+                                             (torch.float16, torch.float32)])
+def test_int8_arguments_reach_the_runner(fake_cpu, activation, dtype, out_dtype):
+    x, ids, scales, q1, q2, quant_scales, _ = _int8_problem(activation=activation, dtype=dtype)
+    out = cutlass_fused_moe(x, ids, scales, q1, q2, out_dtype, quant_scales=quant_scales,
+                            use_int8_woq_per_channel=True, activation_type=activation)[0]
+    assert out.dtype == out_dtype
+    # The fake computes with the dequantised weights, read through the scale pointers.
+    _close(out, reference_moe(x, ids, scales, *_dequantized(q1, q2, quant_scales), activation),
+           1e-2 if out_dtype != torch.float32 else 1e-5)
+    assert FakeMoeRunner.constructed == [(_ext.dtype_to_enum(dtype), 3,
+                                          _ext.dtype_to_enum(out_dtype))]
+    runner = _ext.get_runner(dtype, torch.int8, out_dtype)
+    (call,) = runner.calls
+    assert call["fc1_weights"] == q1.data_ptr() and call["fc2_weights"] == q2.data_ptr()
+    assert call["fc1_scales"] == quant_scales[0].data_ptr()
+    assert call["fc2_scales"] == quant_scales[1].data_ptr()
+    assert (call["hidden_size"], call["inter_size"]) == (16, 16)
+
+
+def test_16bit_calls_pass_null_scales(fake_cpu):
+    x, ids, scales, fc1, fc2 = _problem(seed=20)
+    cutlass_fused_moe(x, ids, scales, fc1, fc2, torch.bfloat16)
+    (call,) = _runner().calls
+    assert call["fc1_scales"] == 0 and call["fc2_scales"] == 0
+
+
+def test_int8_scales_are_honoured(fake_cpu):
+    """Doubling fc2's scales doubles the output; swapping fc31's halves changes it."""
+    x, ids, scales, q1, q2, (s1, s2), _ = _int8_problem(seed=21)
+    kwargs = {"use_int8_woq_per_channel": True}
+    base = cutlass_fused_moe(x, ids, scales, q1, q2, torch.float32, quant_scales=[s1, s2],
+                             **kwargs)[0]
+    doubled = cutlass_fused_moe(x, ids, scales, q1, q2, torch.float32,
+                                quant_scales=[s1, s2 * 2], **kwargs)[0]
+    torch.testing.assert_close(doubled, 2 * base, rtol=1e-5, atol=1e-6)
+    swapped = cutlass_fused_moe(x, ids, scales, q1, q2, torch.float32,
+                                quant_scales=[s1.flip(-1).contiguous(), s2], **kwargs)[0]
+    assert rel_l2(swapped, base) > 1e-2
+
+
+def test_int8_end_to_end_against_the_unquantized_layer(fake_cpu):
+    x, ids, scales, q1, q2, quant_scales, (fc1, fc2) = _int8_problem(t=64, h=256, i=128,
+                                                                     seed=22)
+    out = cutlass_fused_moe(x, ids, scales, q1, q2, torch.float32, quant_scales=quant_scales,
+                            use_int8_woq_per_channel=True)[0]
+    err = rel_l2(out, reference_moe(x, ids, scales, fc1, fc2))
+    assert 1e-3 < err < 3e-2  # quantisation noise: visible, and within the int8 bound
+
+
+def test_int8_biases_ep_and_clamp(fake_cpu):
+    x, ids, scales, q1, q2, quant_scales, _ = _int8_problem(seed=23)
+    w1, w2 = _dequantized(q1, q2, quant_scales)
+    b1 = torch.randn(q1.shape[:2]).to(torch.bfloat16)
+    b2 = torch.randn(q2.shape[:2]).to(torch.bfloat16)
+    limit = torch.full((4,), 0.5)
+    global_ids = ids + 4
+    global_ids[0, 0] = 1  # another rank's expert
+    out = cutlass_fused_moe(x * 4, global_ids, scales, q1, q2, torch.float32,
+                            quant_scales=quant_scales, use_int8_woq_per_channel=True,
+                            fc1_expert_biases=b1, fc2_expert_biases=b2, swiglu_limit=limit,
+                            ep_size=2, ep_rank=1)[0]
+    ref = reference_moe(x * 4, global_ids, scales, w1, w2, fc1_expert_biases=b1,
+                        fc2_expert_biases=b2, swiglu_limit=limit, ep_size=2, ep_rank=1)
+    _close(out, ref, 1e-5)
+    (call,) = _ext.get_runner(torch.bfloat16, torch.int8, torch.float32).calls
+    assert call["expert_start"] == 4 and call["fc1_bias"] == b1.data_ptr()
+
+
+def test_int8_default_and_forced_tactics(fake_cpu):
+    x, ids, scales, q1, q2, quant_scales, _ = _int8_problem(t=64, seed=24)
+    kwargs = {"quant_scales": quant_scales, "use_int8_woq_per_channel": True}
+    cutlass_fused_moe(x, ids, scales, q1, q2, torch.bfloat16, **kwargs)
+    runner = _ext.get_runner(torch.bfloat16, torch.int8, torch.bfloat16)
+    assert runner.calls[-1]["tactic1"] == default_tactic(runner.tactics(1), 64 * 2 / 4)
+    names = ("fake_g1_m64n256k64_s2", "fake_g2_m16n128k64_s3")
+    cutlass_fused_moe(x, ids, scales, q1, q2, torch.bfloat16, tactics=names, **kwargs)
+    assert (runner.calls[-1]["tactic1"], runner.calls[-1]["tactic2"]) == names
+
+
+def test_int8_misaligned_scales_rejected(fake_cpu):
+    x, ids, scales, q1, q2, (s1, s2), _ = _int8_problem(seed=25)
+    storage = torch.empty(s2.numel() + 1, dtype=torch.bfloat16)
+    shifted = storage[1:].view_as(s2)  # contiguous, 2 bytes past a 16-byte boundary
+    shifted.copy_(s2)
+    with pytest.raises(ValueError, match="fc2_weight_scales must be 16-byte aligned"):
+        cutlass_fused_moe(x, ids, scales, q1, q2, torch.bfloat16, quant_scales=[s1, shifted],
+                          use_int8_woq_per_channel=True)
+
+
+def test_int8_op_without_scales_is_refused(fake_cpu):
+    x, ids, scales, q1, q2, (s1, _), _ = _int8_problem(seed=26)
+    output = torch.empty(9, 16, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="need fc1_weight_scales and fc2_weight_scales"):
+        torch.ops.cutlass_moe.fused_moe(output, x, ids, scales, q1, q2, s1, None, None, None,
+                                        None, None, None, None, 4, 0, 4, 8192, "", "")
+
+
+class _Int8MoeBlock(torch.nn.Module):
+    def __init__(self, q1, q2, quant_scales, top_k):
+        super().__init__()
+        self.register_buffer("q1", q1)
+        self.register_buffer("q2", q2)
+        self.register_buffer("s1", quant_scales[0])
+        self.register_buffer("s2", quant_scales[1])
+        self.top_k = top_k
+
+    def forward(self, x, ids, scales):
+        out = cutlass_fused_moe(x, ids, scales, self.q1, self.q2, x.dtype,
+                                quant_scales=[self.s1, self.s2],
+                                use_int8_woq_per_channel=True)[0]
+        return x + out
+
+
+def test_int8_torch_compile_fullgraph(fake_cpu):
+    torch._dynamo.reset()
+    x, ids, scales, q1, q2, quant_scales, _ = _int8_problem(t=12, seed=27)
+    block = _Int8MoeBlock(q1, q2, quant_scales, 2)
+    with torch.no_grad():
+        eager = block(x, ids, scales)
+        compiled = torch.compile(block, fullgraph=True, backend="aot_eager")(x, ids, scales)
+    torch.testing.assert_close(compiled, eager)

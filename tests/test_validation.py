@@ -6,13 +6,17 @@ Every check here runs before the extension is touched: the tests replace the ext
 
 from __future__ import annotations
 
+import importlib.util
+import pathlib
 import random
+import sys
 
 import pytest
 import torch
 
 from cutlass_moe import ActivationType, _ext, cutlass_fused_moe, ops
 from cutlass_moe.ops import default_tactic
+from cutlass_moe.quantization import quantize_int8_per_channel
 
 E, H, I, K, T = 4, 16, 8, 2, 5
 BF16 = torch.bfloat16
@@ -60,7 +64,6 @@ def _expect(exc, match, **overrides):
         "enable_alltoall",
         "use_deepseek_fp8_block_scale",
         "use_w4_group_scaling",
-        "use_int8_woq_per_channel",
         "use_mxfp8_act_scaling",
         "min_latency_mode",
         "use_packed_weights",
@@ -68,12 +71,13 @@ def _expect(exc, match, **overrides):
     ],
 )
 def test_unsupported_flags(flag):
-    _expect(NotImplementedError, f"{flag}.*supports unquantized", **{flag: True})
+    _expect(NotImplementedError, f"{flag}=True is not supported; cutlass_moe supports "
+            "float16/bfloat16 MoE with weights of the activation dtype or int8", **{flag: True})
 
 
 def test_unsupported_quantization_inputs():
-    _expect(NotImplementedError, "quant_scales.*float16/bfloat16",
-            quant_scales=[torch.ones(1)])
+    _expect(NotImplementedError, "quant_scales without use_int8_woq_per_channel=True is not "
+            "supported", quant_scales=[torch.ones(1)])
     _expect(NotImplementedError, "input_sf", input_sf=torch.ones(1))
     _expect(NotImplementedError, "cluster_size=2", cluster_size=2)
     _expect(NotImplementedError, "tactics=", profile_ids=[0, 3])
@@ -126,7 +130,7 @@ def test_unsupported_input_dtype(dtype):
         cutlass_fused_moe(**args)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.int8, torch.uint8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.uint8])
 def test_mixed_or_unsupported_weight_dtype(dtype):
     args = _args()
     args["fc1_expert_weights"] = args["fc1_expert_weights"].float().to(dtype)
@@ -467,3 +471,230 @@ def test_supports_activation():
     assert ops.supports_activation(fused, swiglu) and not ops.supports_activation(fused, relu)
     by_name = {"name": "t_gated", "activations": ["swiglu", "Geglu"]}
     assert ops.supports_activation(by_name, swiglu) and not ops.supports_activation(by_name, relu)
+
+
+# -------------------------------------------------------------------- int8 weight-only mode
+
+I8 = 16  # int8 needs K = H and K = I to be multiples of 16
+
+
+def _int8_args(activation=ActivationType.Swiglu, dtype=BF16, h=H, i=I8, **overrides):
+    """Valid W8A16 arguments: int8 weights (any alignment; the op checks it) and scales."""
+    args = _args(activation, dtype, h=h, i=i)
+    q1, s1 = quantize_int8_per_channel(args["fc1_expert_weights"])
+    q2, s2 = quantize_int8_per_channel(args["fc2_expert_weights"])
+    args.update(fc1_expert_weights=q1, fc2_expert_weights=q2, quant_scales=[s1, s2],
+                use_int8_woq_per_channel=True)
+    args.update(overrides)
+    return args
+
+
+def _expect_int8(exc, match, **overrides):
+    args = _int8_args(overrides.pop("activation_type", ActivationType.Swiglu))
+    args.update(overrides)
+    with pytest.raises(exc, match=match):
+        cutlass_fused_moe(**args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("activation", [ActivationType.Swiglu, ActivationType.Relu])
+@pytest.mark.parametrize("out_dtype", [None, torch.float32])
+def test_int8_arguments_pass_validation(monkeypatch, dtype, activation, out_dtype):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    args = _int8_args(activation, dtype)
+    args["output_dtype"] = out_dtype or dtype
+    args["quant_scales"] = tuple(args["quant_scales"])  # a tuple is fine too
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        cutlass_fused_moe(**args)
+
+
+def test_int8_flag_needs_int8_weights():
+    args = _int8_args()
+    bf16 = _args(i=I8)
+    _expect_int8(ValueError, r"use_int8_woq_per_channel=True needs int8 fc1_expert_weights, got "
+                 r"torch.bfloat16 \[4, 32, 16\]", fc1_expert_weights=bf16["fc1_expert_weights"])
+    _expect_int8(ValueError, "needs int8 fc2_expert_weights, got torch.bfloat16",
+                 fc2_expert_weights=bf16["fc2_expert_weights"])
+    _expect_int8(ValueError, "needs int8 fc1_expert_weights, got torch.uint8",
+                 fc1_expert_weights=args["fc1_expert_weights"].to(torch.uint8))
+
+
+def test_int8_weights_need_the_flag():
+    args = _int8_args()
+    for flag_args in ({"quant_scales": None}, {}):  # with or without the scales
+        call = {**args, "use_int8_woq_per_channel": False, **flag_args}
+        with pytest.raises(ValueError, match=r"fc1_expert_weights is int8 \[4, 32, 16\]: int8 "
+                           "weight-only quantization needs use_int8_woq_per_channel=True"):
+            cutlass_fused_moe(**call)
+    bf16 = _args(i=I8)
+    bf16["fc2_expert_weights"] = args["fc2_expert_weights"]
+    with pytest.raises(ValueError, match="fc2_expert_weights is int8"):
+        cutlass_fused_moe(**bf16)
+
+
+@pytest.mark.parametrize("quant_scales,exc,match", [
+    (None, ValueError,
+     r"needs quant_scales=\[fc31_scale \[4, 32\], fc2_scale \[4, 16\]\].*got None"),
+    ([], ValueError, r"got 0 tensor\(s\)"),
+    ("three", ValueError, r"got 3 tensor\(s\)"),
+    ("one", ValueError, r"got 1 tensor\(s\)"),
+    ("tensor", TypeError, "got Tensor"),
+    ("dict", TypeError, "got dict"),
+    ("not_a_tensor", TypeError,
+     r"quant_scales\[1\] \(fc2_scale\) must be a torch.Tensor, got float"),
+])
+def test_int8_quant_scales_must_be_two_tensors(quant_scales, exc, match):
+    s1, s2 = _int8_args()["quant_scales"]
+    named = {"three": [s1, s2, s2], "one": [s1], "tensor": s1, "dict": {"fc1": s1, "fc2": s2},
+             "not_a_tensor": [s1, 1.0]}
+    value = named[quant_scales] if isinstance(quant_scales, str) else quant_scales
+    _expect_int8(exc, match, quant_scales=value)
+
+
+def test_int8_scale_shapes():
+    s1, s2 = _int8_args()["quant_scales"]
+    _expect_int8(ValueError, r"quant_scales\[0\] \(fc31_scale\) must be \[4, 32\] \(one scale "
+                 r"per output row of the int8 weights\), got \[4, 16\]",
+                 quant_scales=[s1[:, :I8], s2])
+    _expect_int8(ValueError, r"quant_scales\[0\] \(fc31_scale\) must be \[4, 32\].*got \[32\]",
+                 quant_scales=[s1[0], s2])
+    _expect_int8(ValueError, r"quant_scales\[1\] \(fc2_scale\) must be \[4, 16\].*got \[3, 16\]",
+                 quant_scales=[s1, s2[:3]])
+    _expect_int8(ValueError, r"quant_scales\[1\] \(fc2_scale\) must be \[4, 16\].*got \[4, 16, 1\]",
+                 quant_scales=[s1, s2.unsqueeze(-1)])
+    # Not gated: fc31_scale has I rows per expert.
+    relu = _int8_args(ActivationType.Relu)
+    relu["quant_scales"] = [s1, s2]
+    with pytest.raises(ValueError, match=r"fc31_scale\) must be \[4, 16\].*got \[4, 32\]"):
+        cutlass_fused_moe(**relu)
+
+
+def test_int8_scale_dtypes():
+    s1, s2 = _int8_args()["quant_scales"]
+    _expect_int8(ValueError, r"quant_scales\[0\] \(fc31_scale\) must have the activation dtype "
+                 "torch.bfloat16, got torch.float32; quantize with .*scale_dtype=",
+                 quant_scales=[s1.float(), s2])
+    _expect_int8(ValueError, r"quant_scales\[1\] \(fc2_scale\) must have the activation dtype "
+                 "torch.bfloat16, got torch.float16", quant_scales=[s1, s2.half()])
+
+
+@pytest.mark.parametrize("h,i,activation,match", [
+    # K (the contiguous dimension) must be a multiple of 16: H for fc1, I for fc2.
+    (24, 16, ActivationType.Swiglu,
+     r"int8 fc1_expert_weights \[E, N, K\] = \[4, 32, 24\]: K=24 .*multiple of 16"),
+    (16, 24, ActivationType.Swiglu,
+     r"int8 fc2_expert_weights \[E, N, K\] = \[4, 16, 24\]: K=24 .*multiple of 16"),
+    (16, 8, ActivationType.Swiglu,
+     r"int8 fc2_expert_weights \[E, N, K\] = \[4, 16, 8\]: K=8 .*multiple of 16"),
+    # N must be a multiple of 8: fc1's N is 2I (gated) or I, fc2's is H.
+    (16, 12, ActivationType.Relu,
+     r"int8 fc1_expert_weights \[E, N, K\] = \[4, 12, 16\]: N=12 must be a multiple of 8"),
+    (20, 16, ActivationType.Swiglu,
+     r"int8 fc2_expert_weights \[E, N, K\] = \[4, 20, 16\]: N=20 must be a multiple of 8"),
+])
+def test_int8_alignment(h, i, activation, match):
+    with pytest.raises(ValueError, match=match):
+        cutlass_fused_moe(**_int8_args(activation, h=h, i=i))
+
+
+def test_int8_unsupported_combinations():
+    _expect_int8(NotImplementedError, "use_w4_group_scaling=True is not supported",
+                 use_w4_group_scaling=True)
+    args = _int8_args()
+    args["input"] = args["input"].float()
+    with pytest.raises(NotImplementedError, match="input dtype torch.float32"):
+        cutlass_fused_moe(**args)
+    _expect_int8(NotImplementedError, "output_dtype torch.float16",
+                 output_dtype=torch.float16)
+
+
+def test_int8_scales_on_another_device_are_named():
+    s1, s2 = _int8_args()["quant_scales"]
+    _expect_int8(ValueError, r"all tensors must be on input's device cpu; found quant_scales\[1\] "
+                 r"\(fc2_scale\) on meta", quant_scales=[s1, s2.to("meta")])
+
+
+def test_int8_weights_must_be_contiguous():
+    q1 = _int8_args()["fc1_expert_weights"]
+    strided = torch.zeros(E, 2 * I8, 2 * H, dtype=torch.int8)[:, :, :H]
+    strided.copy_(q1)
+    _expect_int8(ValueError, "fc1_expert_weights must be contiguous", fc1_expert_weights=strided)
+
+
+def test_prepare_int8_call():
+    args = _int8_args()
+    s1, s2 = args["quant_scales"]
+    strided = torch.empty(E, 2 * 2 * I8, dtype=BF16)[:, ::2]
+    strided.copy_(s1)
+    args["quant_scales"] = (strided, s2)
+    del args["output_dtype"]
+    call = _prepared(**args, output_dtype=BF16)
+    assert call.fc1_expert_weights.dtype == torch.int8
+    assert call.fc1_weight_scales.is_contiguous() and torch.equal(call.fc1_weight_scales, s1)
+    assert call.fc2_weight_scales is s2
+    plain = _prepared()
+    assert plain.fc1_weight_scales is None and plain.fc2_weight_scales is None
+
+
+# -------------------------------------------------------------------- int8 default tactics
+
+
+def _generator_module():
+    path = pathlib.Path(__file__).resolve().parents[1] / "tools" / "generate_kernels.py"
+    if not path.is_file():
+        pytest.skip("tools/generate_kernels.py is not in this checkout")
+    name = "_cutlass_moe_generate_kernels"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up while it executes
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+#: Shared memory opt-in limit of sm_86/89: tactics above it are not runnable there.
+_SM86_SMEM_OPTIN = 99 * 1024
+
+
+def _int8_descs(fast: bool, act: str = "bf16", smem_limit: int | None = None):
+    generator = _generator_module()
+    descs = []
+    for t in generator.tactics(fast=fast):
+        if t.weight != "int8" or t.dtype != act:
+            continue
+        warps = (t.tile_m // t.warp_m) * (t.tile_n // t.warp_n)
+        # A 16-bit A tile and an int8 B tile per stage: the sizes the generator's comment lists
+        # (16x128 s3: 30736 bytes ... 256x128 s3: 122896).
+        smem = t.stages * (t.tile_m * t.tile_k * 2 + t.tile_n * t.tile_k) + 16
+        descs.append({"name": t.name, "gemm": 1, "tile_m": t.tile_m, "tile_n": t.tile_n,
+                      "tile_k": t.tile_k, "warp_m": t.warp_m, "warp_n": t.warp_n,
+                      "warp_k": t.warp_k, "stages": t.stages, "smem_bytes": smem,
+                      "threads": 32 * warps,
+                      "runnable": smem_limit is None or smem <= smem_limit})
+    return descs
+
+
+@pytest.mark.parametrize("act", ["bf16", "fp16"])
+@pytest.mark.parametrize("smem_limit", [None, _SM86_SMEM_OPTIN])
+@pytest.mark.parametrize("rows,expected", [
+    # The 16-bit table's rows all have an exact int8 counterpart: decode (<= 8 rows per
+    # expert) streams weights with 16-row tiles and 5 stages; 128x128 (eight 64x32 warps,
+    # 3 stages, 72 KB: fits sm_86/89) from 49 rows.
+    (0, "m16n128k64_w16x32x64_s5"), (1, "m16n128k64_w16x32x64_s5"),
+    (8, "m16n128k64_w16x32x64_s5"), (9, "m32n128k64_w32x32x64_s3"),
+    (16, "m32n128k64_w32x32x64_s3"), (17, "m64n128k64_w32x64x64_s5"),
+    (48, "m64n128k64_w32x64x64_s5"), (49, "m128n128k64_w64x32x64_s3"),
+    (8192, "m128n128k64_w64x32x64_s3"),
+])
+def test_default_tactic_on_int8_tactics(act, smem_limit, rows, expected):
+    descs = _int8_descs(fast=False, act=act, smem_limit=smem_limit)
+    assert len(descs) == 17
+    assert default_tactic(descs, rows) == f"sm80_{act}_int8_{expected}"
+
+
+@pytest.mark.parametrize("rows,expected", [
+    (1, "m16n128k64_w16x32x64_s4"), (8, "m16n128k64_w16x32x64_s4"),
+    (9, "m128n128k64_w64x32x64_s3"), (1000, "m128n128k64_w64x32x64_s3"),
+])
+def test_default_tactic_on_the_fast_int8_build(rows, expected):
+    assert default_tactic(_int8_descs(fast=True), rows) == f"sm80_bf16_int8_{expected}"

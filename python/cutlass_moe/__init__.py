@@ -5,17 +5,25 @@ A drop-in for FlashInfer's ``cutlass_fused_moe``::
     from cutlass_moe import cutlass_fused_moe, ActivationType
     out = cutlass_fused_moe(x, topk_ids, topk_weights, w31, w2, x.dtype)[0]
 
+Int8 weight-only (W8A16), quantised once at load time with :mod:`cutlass_moe.quantization`::
+
+    q31, q2, scales = quantize_moe_weights_int8(w31, w2)
+    out = cutlass_fused_moe(x, topk_ids, topk_weights, q31, q2, x.dtype, quant_scales=scales,
+                            use_int8_woq_per_channel=True)[0]
+
 Importing this package makes no CUDA call and works without a GPU or a built extension; the op
 then raises a ``RuntimeError`` that says what is missing.
 """
 
 from __future__ import annotations
 
+from . import quantization
 from ._ext import build_info
 from ._version import __version__
 from .activation import ActivationType
 from .autotuner import autotune, clear_tuning_cache, load_tuning_cache, save_tuning_cache
 from .ops import cutlass_fused_moe
+from .quantization import quantize_moe_weights_int8
 from .reference import reference_moe
 from .weights import swap_w13_to_w31
 
@@ -27,6 +35,8 @@ __all__ = [
     "clear_tuning_cache",
     "cutlass_fused_moe",
     "load_tuning_cache",
+    "quantization",
+    "quantize_moe_weights_int8",
     "reference_moe",
     "save_tuning_cache",
     "swap_w13_to_w31",

@@ -81,8 +81,8 @@ def bucket_for(num_tokens: int, tune_max_num_tokens: int) -> int:
 class ShapeKey:
     """Everything besides the bucket that changes which GEMM kernel is fastest."""
 
-    dtypes: str  # "<activation>_<weight>_<output>", e.g. "bf16_bf16_bf16"
-    quant: str  # "none" for unquantized weights
+    dtypes: str  # "<activation>_<weight>_<output>", e.g. "bf16_bf16_bf16" or "bf16_int8_bf16"
+    quant: str  # "none" (weights of the activation dtype) or "int8_per_channel"
     num_experts: int  # experts on this rank
     hidden_size: int
     inter_size: int  # this TP rank's slice
@@ -119,7 +119,14 @@ class TuningKey:
         return cls(int(entry["gemm"]), shape, device, int(entry["bucket"]))
 
 
-_DTYPE_TAGS = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+_DTYPE_TAGS = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",
+               torch.int8: "int8"}
+
+#: ShapeKey.quant of the weight modes (part of the tuning cache's keys).
+QUANT_NONE = "none"
+QUANT_INT8_PER_CHANNEL = "int8_per_channel"
+#: ``tune_model``'s ``weights`` values and their ShapeKey.quant.
+WEIGHT_MODES = {"16bit": QUANT_NONE, "int8": QUANT_INT8_PER_CHANNEL}
 
 
 def dtype_tag(dtypes: Sequence[torch.dtype]) -> str:
@@ -164,9 +171,11 @@ def profile_gemm(
     activation: int,
     weights: torch.Tensor,
     device: torch.device,
+    scales: torch.Tensor | None = None,
 ) -> list[ProfileResult]:
     """Times each tactic of GEMM ``gemm`` on synthetic routing of ``bucket`` tokens (divided
-    over ``ep_size`` ranks), with the real ``weights`` of that GEMM. Tactics that fail to launch
+    over ``ep_size`` ranks), with the real ``weights`` of that GEMM (and, for int8 weights,
+    their per-channel ``scales``, which the runner requires). Tactics that fail to launch
     get ``inf`` and a debug log line. Synchronises the device: never call it during capture."""
     from . import _ext
 
@@ -181,7 +190,8 @@ def profile_gemm(
         failed: set[str] = set()
         for seed in PROFILE_SEEDS:
             runner.prepare_gemm_profile(gemm, *args, weights.data_ptr(), workspace.data_ptr(),
-                                        workspace_bytes, seed, stream.cuda_stream)
+                                        workspace_bytes, seed, stream.cuda_stream,
+                                        scales=0 if scales is None else scales.data_ptr())
             for name in tactic_names:
                 if name in failed:
                     continue
@@ -300,10 +310,11 @@ class AutoTuner:
         weights: tuple[torch.Tensor, torch.Tensor],
         runnable: Callable[[int], list[str]],
         default: Callable[[int], str],
+        scales: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
     ) -> tuple[str, str]:
         """The tactics of both GEMMs for a call: cached, freshly tuned (inside ``autotune``)
         or the heuristic default. ``runnable(gemm)`` lists candidate names, ``default(gemm)``
-        gives the heuristic choice."""
+        gives the heuristic choice; ``scales`` are the int8 weights' per-channel scales."""
         bucket = bucket_for(num_tokens, tune_max_num_tokens)
         dev = device_id(device)
         chosen = []
@@ -321,7 +332,7 @@ class AutoTuner:
                         "call inside `with cutlass_moe.autotune():` before capturing"
                     )
                 name = self.tune_one(runner, gemm, shape, bucket, activation, device,
-                                     weights[gemm - 1], runnable(gemm))
+                                     weights[gemm - 1], runnable(gemm), scales[gemm - 1])
                 source = "tuned"
             if name is None:
                 name = default(gemm)
@@ -340,11 +351,12 @@ class AutoTuner:
         device: torch.device,
         weights: torch.Tensor,
         candidates: Sequence[str],
+        scales: torch.Tensor | None = None,
     ) -> str | None:
         """Profiles ``candidates`` for one GEMM and bucket, records and returns the fastest
         (None when none could run)."""
         results = profile_gemm(runner, gemm, candidates, shape, bucket, activation, weights,
-                               device)
+                               device, scales)
         ok = [r for r in results if math.isfinite(r.time_us)]
         if not ok:
             logger.warning("no tactic ran for GEMM%d bucket %d of %s", gemm, bucket, shape)
@@ -466,10 +478,14 @@ def _known_tactics() -> set[str]:
 
     names: set[str] = set()
     for dtype in (torch.float16, torch.bfloat16):
-        for out in (dtype, torch.float32):
-            runner = _ext.get_runner(dtype, dtype, out)
-            for gemm in (1, 2):
-                names.update(str(d["name"]) for d in runner.all_tactics(gemm))
+        for weight in (dtype, torch.int8):
+            for out in (dtype, torch.float32):
+                try:
+                    runner = _ext.get_runner(dtype, weight, out)
+                except ValueError:  # a build that does not know this configuration
+                    continue
+                for gemm in (1, 2):
+                    names.update(str(d["name"]) for d in runner.all_tactics(gemm))
     return names
 
 
@@ -537,19 +553,29 @@ def tune_model(
     max_tokens: int = 8192,
     device: torch.device | str | None = None,
     progress: Callable[[int, int], None] | None = None,
+    weights: str = "16bit",
 ) -> list[TuneRow]:
     """Profiles every bucket of ``tuning_buckets(max_tokens)`` for both GEMMs of an MoE layer
     with ``num_experts`` local experts (random weights of the model's shapes), records the
     fastest tactics in the process-wide cache and returns one row per (bucket, GEMM).
-    ``progress(done, total)`` is called after each profiled GEMM. Needs a CUDA device."""
+    ``progress(done, total)`` is called after each profiled GEMM. Needs a CUDA device.
+
+    ``weights``: ``"16bit"`` (weights of ``dtype``) or ``"int8"`` (the random weights are
+    quantised per channel, as :func:`cutlass_moe.quantization.quantize_moe_weights_int8` does;
+    entries are keyed with quant ``"int8_per_channel"``, as the calls that use them)."""
     from . import _ext, ops
     from .activation import ActivationType, is_gated, normalize_activation, require_supported
+    from .quantization import quantize_int8_per_channel
 
     if not torch.cuda.is_available():
         raise RuntimeError("cutlass_moe: tuning needs a CUDA device and none is available")
     act = require_supported(normalize_activation(activation or ActivationType.Swiglu))
     if dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"dtype must be torch.float16 or torch.bfloat16 (got {dtype})")
+    if weights not in WEIGHT_MODES:
+        raise ValueError(f"weights must be one of {', '.join(map(repr, WEIGHT_MODES))} "
+                         f"(got {weights!r})")
+    int8 = weights == "int8"
     for name, value in (("num_experts", num_experts), ("hidden_size", hidden_size),
                         ("inter_size", inter_size), ("top_k", top_k), ("ep_size", ep_size),
                         ("max_tokens", max_tokens)):
@@ -558,6 +584,9 @@ def tune_model(
     if hidden_size % 8 or inter_size % 8:
         raise ValueError(f"hidden_size ({hidden_size}) and inter_size ({inter_size}) must be "
                          "multiples of 8")
+    if int8 and (hidden_size % 16 or inter_size % 16):
+        raise ValueError(f"int8 weights need hidden_size ({hidden_size}) and inter_size "
+                         f"({inter_size}) to be multiples of 16")
     if top_k > num_experts * ep_size:
         raise ValueError(f"top_k ({top_k}) exceeds the number of experts "
                          f"({num_experts}*{ep_size})")
@@ -565,18 +594,22 @@ def tune_model(
     if device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     act_value = _ext.activation_to_enum(act)
-    dtypes = (dtype, dtype, dtype)
+    dtypes = (dtype, torch.int8 if int8 else dtype, dtype)
     runner = _ext.get_runner(*dtypes)
-    shape = ShapeKey(dtype_tag(dtypes), "none", num_experts, hidden_size, inter_size, top_k,
-                     _ext.activation_name(act_value), ep_size)
+    shape = ShapeKey(dtype_tag(dtypes), WEIGHT_MODES[weights], num_experts, hidden_size,
+                     inter_size, top_k, _ext.activation_name(act_value), ep_size)
     n1 = 2 * inter_size if is_gated(act) else inter_size
     gen = torch.Generator(device=device).manual_seed(0)
-    weights = (
+    gemm_weights: tuple[torch.Tensor, torch.Tensor] = (
         torch.randn(num_experts, n1, hidden_size, device=device, dtype=dtype, generator=gen)
         * hidden_size**-0.5,
         torch.randn(num_experts, hidden_size, inter_size, device=device, dtype=dtype,
                     generator=gen) * inter_size**-0.5,
     )
+    gemm_scales: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
+    if int8:
+        (q1, s1), (q2, s2) = (quantize_int8_per_channel(w) for w in gemm_weights)
+        gemm_weights, gemm_scales = (q1, q2), (s1, s2)
     tuner = get_tuner()
     buckets = tuning_buckets(max_tokens)
     rows: list[TuneRow] = []
@@ -591,7 +624,7 @@ def tune_model(
                 names = [str(d["name"]) for d in descs]
                 default = ops.default_tactic(descs, expected_rows)
                 results = profile_gemm(runner, gemm, names, shape, bucket, act_value,
-                                       weights[gemm - 1], device)
+                                       gemm_weights[gemm - 1], device, gemm_scales[gemm - 1])
                 ok = [r for r in results if math.isfinite(r.time_us)]
                 if not ok:
                     raise RuntimeError(f"no tactic ran for GEMM{gemm} at bucket {bucket}")

@@ -156,10 +156,11 @@ def resolve_shape(args: argparse.Namespace, parser: argparse.ArgumentParser
 def supported_weight_types(dtype: str, info: Mapping[str, Any]) -> list[str]:
     """The ``--weights`` values this build runs with ``--dtype dtype``.
 
-    ``cutlass_fused_moe`` takes unquantized weights of the activation dtype only; with the
-    extension loaded, ``build_info()["tactics"]`` (keys ``"<act>_<weight>[_...]"``) must also
-    have kernels for that pair."""
-    python_side = {dtype}
+    ``cutlass_fused_moe`` takes weights of the activation dtype, or int8 weights with
+    per-channel scales (W8A16); with the extension loaded, ``build_info()["tactics"]`` (keys
+    ``"<act>_<weight>[_...]"``) must also have kernels for that pair. int4 weights are not
+    supported."""
+    python_side = {dtype, "int8"}
     tactics = info.get("tactics") if info.get("extension_available") else None
     if not isinstance(tactics, Mapping):
         return sorted(python_side)
@@ -181,10 +182,34 @@ def check_weights(dtype: str, weights: str | None) -> str:
             offer = f"it supports --weights {' or '.join(supported)} with --dtype {dtype}"
         else:
             offer = f"it has no kernels for --dtype {dtype}"
-        raise CliError(f"--weights {weights} is not available in this build: {offer} "
-                       "(unquantized weights of the activation dtype; int8/int4 weight-only "
-                       "kernels are not built yet)")
+        if weights == "int4":
+            why = " (int4 weight-only (W4A16) kernels are not part of this build)"
+        elif weights == "int8":
+            why = f" (it was built without int8 weight-only kernels for --dtype {dtype})"
+        elif weights != dtype:
+            why = " (16-bit weights must have the activation dtype, --dtype)"
+        else:
+            why = ""
+        raise CliError(f"--weights {weights} is not supported by this build: {offer}{why}")
     return weights
+
+
+def weight_mode(weights: str) -> str:
+    """``tune_model``'s ``weights`` argument for a ``--weights`` value."""
+    return "int8" if weights == "int8" else "16bit"
+
+
+def check_weight_shape(weights: str, preset: ModelPreset, parser: argparse.ArgumentParser
+                       ) -> None:
+    """int8 weights need H and I to be multiples of 16 (``parser.error`` otherwise)."""
+    if weights == "int8" and (preset.hidden_size % 16 or preset.inter_size % 16):
+        parser.error(f"--weights int8 needs --hidden ({preset.hidden_size}) and --inter "
+                     f"({preset.inter_size}) to be multiples of 16 (16-byte int8 weight rows)")
+
+
+def kernel_label(dtype: str, weights: str) -> str:
+    """``"bf16"``, or ``"bf16 x int8 weights"`` for quantised weights (table headers)."""
+    return dtype if weights == dtype else f"{dtype} x {weights} weights"
 
 
 def require_gpu_and_extension(command: str, device: torch.device) -> None:
@@ -460,6 +485,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     if out.is_dir():
         parser.error(f"--out {out} is a directory; give a file name")
     weights = check_weights(args.dtype, args.weights)
+    check_weight_shape(weights, preset, parser)
     require_gpu_and_extension("tune", args.device)
 
     kept = 0
@@ -472,7 +498,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         rows = autotuner.tune_model(
             local_experts, preset.hidden_size, preset.inter_size, preset.top_k,
             dtype=DTYPES[args.dtype], activation=ActivationType.Swiglu, ep_size=args.ep_size,
-            max_tokens=args.max_tokens, device=args.device, progress=progress)
+            max_tokens=args.max_tokens, device=args.device, progress=progress,
+            weights=weight_mode(weights))
     except KeyboardInterrupt:
         progress.close()
         autotuner.save_tuning_cache(out)
@@ -513,7 +540,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         return EXIT_OK
     local = f" ({local_experts} per rank, ep-size {args.ep_size})" if args.ep_size > 1 else ""
     print(f"{name}: E={preset.num_experts}{local} H={preset.hidden_size} "
-          f"I={preset.inter_size} k={preset.top_k}, {args.dtype}, Swiglu, on {label}")
+          f"I={preset.inter_size} k={preset.top_k}, {kernel_label(args.dtype, weights)}, "
+          f"Swiglu, on {label}")
     print(f"tuning cache written to {out}"
           + (f" (merged with the {kept} entries it had)" if kept else ""))
     print("vs default = the heuristic default tactic's time / the tuned tactic's time")
@@ -561,16 +589,17 @@ def make_routing(num_tokens: int, num_experts: int, top_k: int, routing: str,
 
 
 def default_tactics(dtype: torch.dtype, device: torch.device, num_tokens: int,
-                    num_experts: int, top_k: int) -> tuple[str, str]:
+                    num_experts: int, top_k: int, weight_dtype: torch.dtype | None = None
+                    ) -> tuple[str, str]:
     """The heuristic default tactics of a Swiglu call with ``num_tokens`` tokens (what an
-    untuned call runs)."""
+    untuned call runs); ``weight_dtype`` is ``dtype`` (default) or ``torch.int8``."""
     from . import ops
 
     activation = _ext.activation_to_enum(ActivationType.Swiglu)
     expected_rows = num_tokens * top_k / num_experts
     names = []
     for gemm in (1, 2):
-        descs = [d for d in _ext.tactics(dtype, dtype, dtype, gemm, device)
+        descs = [d for d in _ext.tactics(dtype, weight_dtype or dtype, dtype, gemm, device)
                  if d.get("runnable", True) and ops.supports_activation(d, activation)]
         names.append(ops.default_tactic(descs, expected_rows))
     return names[0], names[1]
@@ -593,16 +622,29 @@ def _graphed(fn: Callable[[], object]) -> Callable[[], None]:
 
 def run_bench(preset: ModelPreset, dtype: torch.dtype, tokens: Sequence[int], routing: str,
               tuned: bool, graph: bool, warmup: int, repeats: int, max_tokens: int,
-              device: torch.device, seed: int = 0) -> list[BenchRow]:
+              device: torch.device, seed: int = 0, weights: str = "16bit") -> list[BenchRow]:
     """Times ``cutlass_fused_moe`` on random weights of ``preset`` for each token count (CUDA
     events, median of ``repeats`` after ``warmup`` runs). ``tuned``: tactics from the
-    AutoTuner's cache (heuristic default on a miss); else the heuristic default, forced."""
+    AutoTuner's cache (heuristic default on a miss); else the heuristic default, forced.
+    ``weights``: ``"16bit"`` (weights of ``dtype``) or ``"int8"`` (the random weights
+    quantised per channel, run with ``use_int8_woq_per_channel=True``)."""
     from .demo import make_layer, time_us
     from .ops import cutlass_fused_moe
+    from .quantization import quantize_moe_weights_int8
+
+    if weights not in autotuner.WEIGHT_MODES:
+        raise ValueError(f"weights must be one of {', '.join(map(repr, autotuner.WEIGHT_MODES))} "
+                         f"(got {weights!r})")
 
     e, h, i, k = preset.num_experts, preset.hidden_size, preset.inter_size, preset.top_k
     with torch.cuda.device(device):
         w1, w2 = make_layer(preset, dtype, device, seed=seed)
+        quant: dict[str, Any] = {}
+        weight_dtype = dtype
+        if weights == "int8":
+            w1, w2, weight_scales = quantize_moe_weights_int8(w1, w2)
+            quant = {"quant_scales": weight_scales, "use_int8_woq_per_channel": True}
+            weight_dtype = torch.int8
         clamp = {
             name: torch.full((e,), value, dtype=torch.float32, device=device)
             for name, value in (("swiglu_alpha", preset.swiglu_alpha),
@@ -617,11 +659,13 @@ def run_bench(preset: ModelPreset, dtype: torch.dtype, tokens: Sequence[int], ro
             x = torch.randn(num_tokens, h, device=device, dtype=dtype, generator=gen)
             ids, scales = make_routing(num_tokens, e, k, routing, gen)
             output = torch.empty(num_tokens, h, device=device, dtype=dtype)
-            forced = None if tuned else default_tactics(dtype, device, num_tokens, e, k)
+            forced = None if tuned else default_tactics(dtype, device, num_tokens, e, k,
+                                                         weight_dtype)
 
             def call(x=x, ids=ids, scales=scales, output=output, forced=forced) -> None:
                 cutlass_fused_moe(x, ids, scales, w1, w2, dtype, output=output,
-                                  tune_max_num_tokens=max_tokens, tactics=forced, **clamp)
+                                  tune_max_num_tokens=max_tokens, tactics=forced, **clamp,
+                                  **quant)
 
             call()  # resolves the tactics (and, for the graph, allocates outside capture)
             if forced is None:
@@ -700,6 +744,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if plot is not None and importlib.util.find_spec("matplotlib") is None:
         raise CliError("--plot needs matplotlib, which is not installed (pip install matplotlib)")
     weights = check_weights(args.dtype, args.weights)
+    check_weight_shape(weights, preset, parser)
     require_gpu_and_extension("bench", args.device)
 
     tuned = args.tactics == "tuned"
@@ -712,7 +757,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             logger.warning("no tuning cache at %s: untuned buckets run the heuristic default "
                            "(run `%s tune` first, or pass --cache)", cache, PROG)
     rows = run_bench(preset, DTYPES[args.dtype], args.tokens, args.routing, tuned, args.graph,
-                     args.warmup, args.repeats, args.max_tokens, args.device, seed=args.seed)
+                     args.warmup, args.repeats, args.max_tokens, args.device, seed=args.seed,
+                     weights=weight_mode(weights))
 
     label = gpu_label(args.device)
     config = {"model": name, "num_experts": preset.num_experts,
@@ -724,13 +770,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         write_bench_rows(out, rows, config)
         logger.info("wrote %s", out)
     if plot is not None:
-        plot_bench_rows(plot, rows, f"{name} ({preset.describe()}), {args.dtype}, {label}")
+        plot_bench_rows(plot, rows, f"{name} ({preset.describe()}), "
+                                    f"{kernel_label(args.dtype, weights)}, {label}")
         logger.info("wrote %s", plot)
     if args.json:
         print(json.dumps({"config": config, "rows": [dataclasses.asdict(r) for r in rows]},
                          indent=2))
         return EXIT_OK
-    print(f"{name}: {preset.describe()}, {args.dtype}, {args.routing} routing, "
+    print(f"{name}: {preset.describe()}, {kernel_label(args.dtype, weights)}, "
+          f"{args.routing} routing, "
           f"{args.tactics} tactics{', CUDA graph' if args.graph else ''}, on {label}")
     print()
     print(format_bench_table(rows))
@@ -771,6 +819,7 @@ _TUNE_EPILOG = f"""\
 examples:
   {PROG} tune --model qwen3-30b-a3b
   {PROG} tune --model deepseek-v2-lite --ep-size 8 --max-tokens 4096 --out ds.json
+  {PROG} tune --model mixtral-8x7b --weights int8
   {PROG} tune --experts 16 --hidden 4096 --inter 2048 --top-k 2 --dtype fp16 --json
 """
 
@@ -790,6 +839,7 @@ examples:
   {PROG} bench --model mixtral-8x7b
   {PROG} bench --model gpt-oss-20b --tokens 1,8,32,128 --graph --out gpt-oss.csv
   {PROG} bench --model qwen3-30b-a3b --default --routing zipf --json
+  {PROG} bench --model mixtral-8x7b --weights int8 --tokens 1,8,64
 """
 
 
@@ -826,8 +876,9 @@ def _add_kernel_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dtype", choices=sorted(DTYPES), default="bf16",
                        help="activation (and output) dtype (default: bf16)")
     group.add_argument("--weights", choices=WEIGHT_CHOICES, default=None,
-                       help="expert weight type (default: the --dtype); this build runs "
-                            "unquantized weights only, int8/int4 are for later builds")
+                       help="expert weight type (default: the --dtype): the --dtype, or int8 "
+                            "(weight-only, per-channel scales; H and I multiples of 16); int4 "
+                            "is not supported by this build")
     group.add_argument("--max-tokens", type=positive_int, default=8192, metavar="N",
                        help="the largest token bucket, cutlass_fused_moe's "
                             "tune_max_num_tokens (default: 8192)")

@@ -28,8 +28,18 @@ CHECK_INPUTS_ENV = "CUTLASS_MOE_CHECK_INPUTS"
 
 _ACT_DTYPES = (torch.float16, torch.bfloat16)
 _SUPPORTED_DTYPES_TEXT = (
-    "supported: float16 or bfloat16 activations with weights of the same dtype"
+    "supported: float16 or bfloat16 activations with weights of the same dtype, or int8 weights "
+    "with use_int8_woq_per_channel=True"
 )
+_SUPPORTED_MODES_TEXT = (
+    "cutlass_moe supports float16/bfloat16 MoE with weights of the activation dtype or int8 "
+    "weight-only per-channel quantization (use_int8_woq_per_channel=True), with tp/ep "
+    "parallelism, cluster_size=1 and no all-to-all"
+)
+# int8 weights: K (the contiguous dimension) in steps of 16 elements (16-byte int8 loads),
+# N in steps of 8 (16-byte scale and output accesses).
+_INT8_K_ALIGN = 16
+_INT8_N_ALIGN = 8
 # GEMM operands and the output are read and written with 16-byte vector accesses.
 _ALIGN_BYTES = 16
 _ALIGN_ELEMS = 8
@@ -105,8 +115,9 @@ def _tile_m_target(expected_rows_per_expert: float) -> float:
 _OP_SCHEMA = (
     "fused_moe(Tensor(a0!) output, Tensor input, Tensor token_selected_experts, "
     "Tensor token_final_scales, Tensor fc1_expert_weights, Tensor fc2_expert_weights, "
+    "Tensor? fc1_weight_scales, Tensor? fc2_weight_scales, "
     "Tensor? fc1_expert_biases, Tensor? fc2_expert_biases, Tensor? swiglu_alpha, "
-    "Tensor? swiglu_beta, Tensor? swiglu_limit, Tensor(a11!)? workspace_buffer, "
+    "Tensor? swiglu_beta, Tensor? swiglu_limit, Tensor(a13!)? workspace_buffer, "
     "int activation, int expert_start, int num_experts_total, int tune_max_num_tokens, "
     "str tactic1, str tactic2) -> ()"
 )
@@ -123,6 +134,8 @@ def _fused_moe_fake(
     token_final_scales: torch.Tensor,
     fc1_expert_weights: torch.Tensor,
     fc2_expert_weights: torch.Tensor,
+    fc1_weight_scales: torch.Tensor | None,
+    fc2_weight_scales: torch.Tensor | None,
     fc1_expert_biases: torch.Tensor | None,
     fc2_expert_biases: torch.Tensor | None,
     swiglu_alpha: torch.Tensor | None,
@@ -146,6 +159,8 @@ def _run_fused_moe(
     token_final_scales: torch.Tensor,
     fc1_expert_weights: torch.Tensor,
     fc2_expert_weights: torch.Tensor,
+    fc1_weight_scales: torch.Tensor | None,
+    fc2_weight_scales: torch.Tensor | None,
     fc1_expert_biases: torch.Tensor | None,
     fc2_expert_biases: torch.Tensor | None,
     swiglu_alpha: torch.Tensor | None,
@@ -160,7 +175,9 @@ def _run_fused_moe(
     tactic2: str,
 ) -> None:
     """The op's kernel: runs the MoE layer into ``output`` ([T, H]). ``activation`` is the C++
-    Activation value; ``tactic1``/``tactic2`` are tactic names, "" for the heuristic default."""
+    Activation value; ``tactic1``/``tactic2`` are tactic names, "" for the heuristic default.
+    With int8 expert weights, ``fc1_weight_scales`` ``[E, N1]`` and ``fc2_weight_scales``
+    ``[E, H]`` (activation dtype) are their per-output-channel scales; else both are None."""
     num_tokens, hidden_size = input.shape
     if num_tokens == 0:
         return
@@ -169,11 +186,16 @@ def _run_fused_moe(
     inter_size = fc2_expert_weights.shape[2]
     device = input.device
     dtypes = (input.dtype, fc1_expert_weights.dtype, output.dtype)
+    int8 = fc1_expert_weights.dtype == torch.int8
+    if int8 and (fc1_weight_scales is None or fc2_weight_scales is None):
+        raise ValueError("int8 expert weights need fc1_weight_scales and fc2_weight_scales")
 
     for name, tensor in (
         ("input", input),
         ("fc1_expert_weights", fc1_expert_weights),
         ("fc2_expert_weights", fc2_expert_weights),
+        ("fc1_weight_scales", fc1_weight_scales),
+        ("fc2_weight_scales", fc2_weight_scales),
         ("fc1_expert_biases", fc1_expert_biases),
         ("fc2_expert_biases", fc2_expert_biases),
         ("output", output),
@@ -196,6 +218,7 @@ def _run_fused_moe(
                 runner, dtypes, activation, device, num_tokens, hidden_size, inter_size,
                 num_experts, top_k, num_experts_total, tune_max_num_tokens,
                 (fc1_expert_weights, fc2_expert_weights), (tactic1, tactic2),
+                (fc1_weight_scales, fc2_weight_scales),
             )
         workspace_bytes = int(
             runner.workspace_size(
@@ -236,6 +259,8 @@ def _run_fused_moe(
             tactic1,
             tactic2,
             _ext.stream_handle(device),
+            fc1_scales=_ptr(fc1_weight_scales),
+            fc2_scales=_ptr(fc2_weight_scales),
         )
 
 
@@ -301,12 +326,15 @@ def _tuned_tactics(
     tune_max_num_tokens: int,
     weights: tuple[torch.Tensor, torch.Tensor],
     forced: tuple[str, str],
+    scales: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
 ) -> tuple[str, str]:
     """Tactics from the AutoTuner (cache, tuning inside ``autotune()``, else the heuristic
-    default); a forced name for one GEMM still wins for that GEMM."""
+    default); a forced name for one GEMM still wins for that GEMM. ``scales`` are the int8
+    weights' per-channel scales (profiling runs on the real weights and scales)."""
     shape = autotuner.ShapeKey(
         dtypes=autotuner.dtype_tag(dtypes),
-        quant="none",
+        quant=(autotuner.QUANT_INT8_PER_CHANNEL if dtypes[1] == torch.int8
+               else autotuner.QUANT_NONE),
         num_experts=num_experts,
         hidden_size=hidden_size,
         inter_size=inter_size,
@@ -333,7 +361,7 @@ def _tuned_tactics(
         )
     tuned = autotuner.get_tuner().select(
         runner, shape, num_tokens, tune_max_num_tokens, activation, device, weights,
-        runnable, default,
+        runnable, default, scales=scales,
     )
     return tuple(
         _resolve_tactic(dtypes, gemm, activation, forced[gemm - 1], expected_rows, device)
@@ -376,6 +404,8 @@ class _Call(NamedTuple):
     token_final_scales: torch.Tensor
     fc1_expert_weights: torch.Tensor
     fc2_expert_weights: torch.Tensor
+    fc1_weight_scales: torch.Tensor | None  # int8 weights: fc31_scale [E, N1], activation dtype
+    fc2_weight_scales: torch.Tensor | None  # int8 weights: fc2_scale [E, H], activation dtype
     fc1_expert_biases: torch.Tensor | None
     fc2_expert_biases: torch.Tensor | None
     swiglu_alpha: torch.Tensor | None
@@ -397,33 +427,23 @@ def _shape(t: torch.Tensor) -> list[int]:
 
 
 def _check_unsupported_modes(
-    quant_scales: Any,
     input_sf: torch.Tensor | None,
     cluster_size: int,
     enable_alltoall: bool,
     use_deepseek_fp8_block_scale: bool,
     use_w4_group_scaling: bool,
-    use_int8_woq_per_channel: bool,
     use_mxfp8_act_scaling: bool,
     min_latency_mode: bool,
     use_packed_weights: bool,
     use_wfp4afp8_humming: bool,
     profile_ids: Sequence[int] | None,
 ) -> None:
-    supported = (
-        "cutlass_moe supports unquantized float16/bfloat16 MoE (quant_scales None or empty), "
-        "with tp/ep parallelism, cluster_size=1 and no all-to-all"
-    )
-    if quant_scales is not None and not (
-        isinstance(quant_scales, (list, tuple)) and len(quant_scales) == 0
-    ):
-        raise NotImplementedError(f"quant_scales (quantized weights) is not supported; {supported}")
     if input_sf is not None:
-        raise NotImplementedError(f"input_sf (quantized activations) is not supported; {supported}")
+        raise NotImplementedError(f"input_sf (quantized activations) is not supported; "
+                                  f"{_SUPPORTED_MODES_TEXT}")
     flags = {
         "use_deepseek_fp8_block_scale": use_deepseek_fp8_block_scale,
         "use_w4_group_scaling": use_w4_group_scaling,
-        "use_int8_woq_per_channel": use_int8_woq_per_channel,
         "use_mxfp8_act_scaling": use_mxfp8_act_scaling,
         "use_wfp4afp8_humming": use_wfp4afp8_humming,
         "min_latency_mode": min_latency_mode,
@@ -432,9 +452,11 @@ def _check_unsupported_modes(
     }
     for flag, value in flags.items():
         if value:
-            raise NotImplementedError(f"{flag}=True is not supported; {supported}")
+            raise NotImplementedError(f"{flag}=True is not supported; {_SUPPORTED_MODES_TEXT}")
     if cluster_size != 1:
-        raise NotImplementedError(f"cluster_size={cluster_size} is not supported; {supported}")
+        raise NotImplementedError(
+            f"cluster_size={cluster_size} is not supported; {_SUPPORTED_MODES_TEXT}"
+        )
     if profile_ids is not None and any(int(p) != -1 for p in profile_ids):
         raise NotImplementedError(
             "profile_ids (FlashInfer tactic indices) are not supported: cutlass_moe names its "
@@ -466,6 +488,72 @@ def _float32_vector(
     if not t.dtype.is_floating_point:
         raise ValueError(f"{name} must be float32, got {t.dtype}")
     return t.to(torch.float32).contiguous()
+
+
+def _no_quant_scales(quant_scales: Any) -> bool:
+    """FlashInfer passes None or an empty list for unquantized weights."""
+    return quant_scales is None or (
+        isinstance(quant_scales, (list, tuple)) and len(quant_scales) == 0
+    )
+
+
+def _check_int8_alignment(fc1: torch.Tensor, fc2: torch.Tensor) -> None:
+    """int8 weights ``[E, N, K]``: N % 8 == 0 and K % 16 == 0 for both GEMMs."""
+    for name, w in (("fc1_expert_weights", fc1), ("fc2_expert_weights", fc2)):
+        rows = w.shape[1]
+        if rows % _INT8_N_ALIGN != 0:
+            raise ValueError(
+                f"int8 {name} [E, N, K] = {_shape(w)}: N={rows} must be a multiple of "
+                f"{_INT8_N_ALIGN}"
+            )
+    for name, w in (("fc1_expert_weights", fc1), ("fc2_expert_weights", fc2)):
+        cols = w.shape[2]
+        if cols % _INT8_K_ALIGN != 0:
+            raise ValueError(
+                f"int8 {name} [E, N, K] = {_shape(w)}: K={cols} (the contiguous dimension; "
+                f"H for fc1, I for fc2) must be a multiple of {_INT8_K_ALIGN}"
+            )
+
+
+def _int8_scales(
+    quant_scales: Any,
+    act_dtype: torch.dtype,
+    fc1_expected: list[int],
+    fc2_expected: list[int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quant_scales = [fc31_scale [E, N1], fc2_scale [E, H]]`` of the int8 mode, checked."""
+    usage = (
+        f"use_int8_woq_per_channel=True needs quant_scales=[fc31_scale {fc1_expected}, "
+        f"fc2_scale {fc2_expected}] (per-output-channel scales in the activation dtype "
+        f"{act_dtype}; fc31_scale's rows are ordered like fc1's: up, then gate)"
+    )
+    if quant_scales is None:
+        raise ValueError(f"{usage}; got None")
+    if not isinstance(quant_scales, (list, tuple)):
+        raise TypeError(f"{usage}; got {type(quant_scales).__name__}")
+    if len(quant_scales) != 2:
+        raise ValueError(f"{usage}; got {len(quant_scales)} tensor(s)")
+    checked = []
+    for index, (name, scale, expected) in enumerate((
+        ("fc31_scale", quant_scales[0], fc1_expected),
+        ("fc2_scale", quant_scales[1], fc2_expected),
+    )):
+        label = f"quant_scales[{index}] ({name})"
+        if not isinstance(scale, torch.Tensor):
+            raise TypeError(f"{label} must be a torch.Tensor, got {type(scale).__name__}")
+        if _shape(scale) != expected:
+            raise ValueError(
+                f"{label} must be {expected} (one scale per output row of the int8 weights), "
+                f"got {_shape(scale)}"
+            )
+        if scale.dtype != act_dtype:
+            raise ValueError(
+                f"{label} must have the activation dtype {act_dtype}, got {scale.dtype}; "
+                "quantize with cutlass_moe.quantization.quantize_int8_per_channel(w, "
+                "scale_dtype=<activation dtype>)"
+            )
+        checked.append(scale)
+    return checked[0], checked[1]
 
 
 def _prepare_call(
@@ -505,13 +593,11 @@ def _prepare_call(
 ) -> _Call:
     """Every check that needs no device and no extension; returns the op's arguments."""
     _check_unsupported_modes(
-        quant_scales,
         input_sf,
         cluster_size,
         enable_alltoall,
         use_deepseek_fp8_block_scale,
         use_w4_group_scaling,
-        use_int8_woq_per_channel,
         use_mxfp8_act_scaling,
         min_latency_mode,
         use_packed_weights,
@@ -538,13 +624,31 @@ def _prepare_call(
     if input.dtype not in _ACT_DTYPES:
         raise NotImplementedError(f"input dtype {input.dtype} is not supported; "
                                   f"{_SUPPORTED_DTYPES_TEXT}")
+    int8 = bool(use_int8_woq_per_channel)
     for name in ("fc1_expert_weights", "fc2_expert_weights"):
         w = tensors[name]
-        if w.dtype != input.dtype:
+        if int8 and w.dtype != torch.int8:
+            raise ValueError(
+                f"use_int8_woq_per_channel=True needs int8 {name}, got {w.dtype} "
+                f"{_shape(w)}; quantize them once with "
+                "cutlass_moe.quantization.quantize_moe_weights_int8"
+            )
+        if not int8 and w.dtype == torch.int8:
+            raise ValueError(
+                f"{name} is int8 {_shape(w)}: int8 weight-only quantization needs "
+                "use_int8_woq_per_channel=True and quant_scales=[fc31_scale [E, N1], "
+                "fc2_scale [E, H]] in the activation dtype"
+            )
+        if not int8 and w.dtype != input.dtype:
             raise NotImplementedError(
                 f"{name} dtype {w.dtype} with input dtype {input.dtype} is not supported; "
                 f"{_SUPPORTED_DTYPES_TEXT}"
             )
+    if not int8 and not _no_quant_scales(quant_scales):
+        raise NotImplementedError(
+            f"quant_scales without use_int8_woq_per_channel=True is not supported (FlashInfer's "
+            f"other quantization modes are not implemented); {_SUPPORTED_MODES_TEXT}"
+        )
     if output_dtype is None:
         output_dtype = input.dtype
     if output_dtype not in (input.dtype, torch.float32):
@@ -608,6 +712,8 @@ def _prepare_call(
             f"with fc2_expert_weights {_shape(fc2_expert_weights)} and input {_shape(input)}, "
             f"got {_shape(fc1_expert_weights)}"
         )
+    if int8:
+        _check_int8_alignment(fc1_expert_weights, fc2_expert_weights)
     if hidden_size % _ALIGN_ELEMS != 0 or inter_size % _ALIGN_ELEMS != 0:
         raise ValueError(
             f"hidden size H={hidden_size} and intermediate size I={inter_size} must be multiples "
@@ -638,6 +744,10 @@ def _prepare_call(
             f"swiglu_alpha/swiglu_beta/swiglu_limit are only valid with ActivationType.Swiglu, "
             f"got activation_type {act.name}"
         )
+    fc1_weight_scales, fc2_weight_scales = (
+        _int8_scales(quant_scales, input.dtype, [num_experts, n1], [num_experts, hidden_size])
+        if int8 else (None, None)
+    )
     swiglu_alpha = _float32_vector("swiglu_alpha", swiglu_alpha, num_experts)
     swiglu_beta = _float32_vector("swiglu_beta", swiglu_beta, num_experts)
     swiglu_limit = _float32_vector("swiglu_limit", swiglu_limit, num_experts)
@@ -646,6 +756,8 @@ def _prepare_call(
     device = input.device
     named: dict[str, torch.Tensor | None] = {
         **tensors,
+        "quant_scales[0] (fc31_scale)": fc1_weight_scales,
+        "quant_scales[1] (fc2_scale)": fc2_weight_scales,
         "fc1_expert_biases": fc1_expert_biases,
         "fc2_expert_biases": fc2_expert_biases,
         "swiglu_alpha": swiglu_alpha,
@@ -720,6 +832,8 @@ def _prepare_call(
         token_final_scales=token_final_scales.contiguous(),
         fc1_expert_weights=fc1_expert_weights,
         fc2_expert_weights=fc2_expert_weights,
+        fc1_weight_scales=None if fc1_weight_scales is None else fc1_weight_scales.contiguous(),
+        fc2_weight_scales=None if fc2_weight_scales is None else fc2_weight_scales.contiguous(),
         fc1_expert_biases=None if fc1_expert_biases is None else fc1_expert_biases.contiguous(),
         # Tensor parallelism: every rank computes a partial sum, b2 is added once (rank 0).
         fc2_expert_biases=(
@@ -833,11 +947,15 @@ def cutlass_fused_moe(
         token_selected_experts: ``[T, k]`` int32 global expert ids (int64 is converted).
         token_final_scales: ``[T, k]`` float32 router weights (float16/bfloat16 converted).
         fc1_expert_weights: contiguous ``[E, 2*I, H]`` for gated activations (Swiglu, Geglu;
-            rows ``[up | gate]``, see ``swap_w13_to_w31``), ``[E, I, H]`` otherwise; input dtype.
-            ``E`` is this EP rank's expert count, ``I`` this TP rank's intermediate slice.
-        fc2_expert_weights: contiguous ``[E, H, I]``, input dtype.
+            rows ``[up | gate]``, see ``swap_w13_to_w31``), ``[E, I, H]`` otherwise; input dtype,
+            or int8 with ``use_int8_woq_per_channel``. ``E`` is this EP rank's expert count,
+            ``I`` this TP rank's intermediate slice.
+        fc2_expert_weights: contiguous ``[E, H, I]``, input dtype (or int8, as fc1).
         output_dtype: the input dtype or ``torch.float32``.
-        quant_scales: must be None or empty (quantization is not supported yet).
+        quant_scales: None or empty for weights of the input dtype. With
+            ``use_int8_woq_per_channel=True``: ``[fc31_scale, fc2_scale]``, the per-output-
+            channel scales ``[E, N1]`` (ordered like fc1's rows: up, then gate) and ``[E, H]``
+            in the input dtype (see :mod:`cutlass_moe.quantization`).
         fc1_expert_biases: optional ``[E, 2*I]`` / ``[E, I]``, input dtype.
         fc2_expert_biases: optional ``[E, H]``, input dtype; added on ``tp_rank == 0`` only.
         input_sf: must be None.
@@ -865,7 +983,12 @@ def cutlass_fused_moe(
 
     Keyword-only extensions (not in FlashInfer's signature):
 
-        use_int8_woq_per_channel: TensorRT-LLM's int8 weight-only mode; must be False.
+        use_int8_woq_per_channel: TensorRT-LLM's int8 weight-only mode (W8A16): int8
+            ``fc1_expert_weights``/``fc2_expert_weights`` in kernel layout (the ordinary
+            ``[E, N, K]``, K contiguous; see
+            :func:`cutlass_moe.quantization.to_int8_kernel_layout`) with symmetric
+            per-output-channel ``quant_scales``; the layer computes with the dequantised
+            weights ``q * scale``. Needs ``H`` and ``I`` to be multiples of 16.
         check_inputs: check on the host that every id is in ``[0, E*ep_size)`` and raise
             ``ValueError`` naming the bad ids. It synchronises with the GPU (not for CUDA graph
             capture or ``torch.compile``). Also on for every call when the environment variable
@@ -880,7 +1003,10 @@ def cutlass_fused_moe(
 
     Raises:
         NotImplementedError: an unsupported dtype, activation or FlashInfer mode.
-        ValueError: inconsistent shapes, devices, layouts or ranks (the message names them).
+        ValueError: inconsistent shapes, dtypes, devices, layouts or ranks (the message names
+            them), e.g. int8 weights without ``use_int8_woq_per_channel`` or the reverse.
+        TypeError: a required tensor, or ``quant_scales`` or one of its entries, of the wrong
+            type.
         RuntimeError: no CUDA device, or the compiled extension is missing.
     """
     call = _prepare_call(
@@ -944,6 +1070,8 @@ def cutlass_fused_moe(
         call.token_final_scales,
         call.fc1_expert_weights,
         call.fc2_expert_weights,
+        call.fc1_weight_scales,
+        call.fc2_weight_scales,
         call.fc1_expert_biases,
         call.fc2_expert_biases,
         call.swiglu_alpha,

@@ -13,9 +13,21 @@ def swap_w13_to_w31(w: torch.Tensor, dim: int = -2) -> torch.Tensor:
     expects up first ("w31": rows ``[up | gate]``). The swap is its own inverse, so the same call
     converts back.
 
+    The same call converts everything else that is indexed by fc1's output rows, along the
+    dimension that holds them:
+
+    - weights ``[E, 2I, H]`` (16-bit, or int8 quantised): the default ``dim=-2``;
+    - the fc1 bias ``[E, 2I]`` and the int8 per-channel scales ``fc31_scale [E, 2I]``
+      (``quant_scales[0]``): ``dim=-1``.
+
+    Quantise-then-swap equals swap-then-quantise (the scales are per row), so a gate-first
+    checkpoint can be quantised before or after the conversion, as long as weights and scales
+    are both swapped.
+
     Args:
-        w: ``[..., 2I, H]`` weight (any dtype); for a fused fc1 bias ``[E, 2I]`` pass ``dim=-1``.
-        dim: the dimension holding the ``2I`` fused rows.
+        w: ``[..., 2I, H]`` weight (any dtype), or ``[E, 2I]`` bias / scales with ``dim=-1``.
+        dim: the dimension holding the ``2I`` fused rows: ``-2`` for weights, ``-1`` for biases
+            and scales.
 
     Returns:
         A new contiguous tensor of the same shape, dtype and device with the halves swapped.
