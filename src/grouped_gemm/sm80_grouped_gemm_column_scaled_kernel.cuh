@@ -125,10 +125,15 @@ struct Sm80GroupedGemmColumnScaledKernel {
       typename Epilogue::TensorTileIterator iterator_T(params_T, nullptr, problem_size.mn(),
                                                        thread_idx, tile_offset);
 
+      // EpilogueWithBroadcast offsets the vector by the thread's column only (its bounds check
+      // uses the tile offset): the caller moves the pointer to this tile's first column.
+      const ElementScale* scale = params.ptr_scale[problem_idx];
+      if (scale != nullptr) scale += tile_offset.column();
+
       Epilogue epilogue(shared_storage.kernel.epilogue, thread_idx, warp_idx, lane_idx);
       // The source operand is not read (beta = 0): D stands in for it.
-      epilogue(output_op, params.ptr_scale[problem_idx], iterator_D, accumulators, iterator_D,
-               iterator_T, problem_size.mn(), tile_offset);
+      epilogue(output_op, scale, iterator_D, accumulators, iterator_D, iterator_T,
+               problem_size.mn(), tile_offset);
 
       problem_visitor.advance(gridDim.x);
     }
