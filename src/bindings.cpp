@@ -77,6 +77,8 @@ py::dict descriptor_dict(const cutlass_moe::TacticDescriptor& d, int gemm) {
   out["smem_bytes"] = d.smem_bytes;
   out["threads"] = d.threads;
   out["runnable"] = d.runnable;
+  out["act_dtype"] = cutlass_moe::dtype_name(d.act_dtype);
+  out["weight_dtype"] = cutlass_moe::dtype_name(d.weight_dtype);
   return out;
 }
 

@@ -669,7 +669,7 @@ def _int8_descs(fast: bool, act: str = "bf16", smem_limit: int | None = None):
         descs.append({"name": t.name, "gemm": 1, "tile_m": t.tile_m, "tile_n": t.tile_n,
                       "tile_k": t.tile_k, "warp_m": t.warp_m, "warp_n": t.warp_n,
                       "warp_k": t.warp_k, "stages": t.stages, "smem_bytes": smem,
-                      "threads": 32 * warps,
+                      "threads": 32 * warps, "act_dtype": act, "weight_dtype": "int8",
                       "runnable": smem_limit is None or smem <= smem_limit})
     return descs
 
@@ -677,14 +677,14 @@ def _int8_descs(fast: bool, act: str = "bf16", smem_limit: int | None = None):
 @pytest.mark.parametrize("act", ["bf16", "fp16"])
 @pytest.mark.parametrize("smem_limit", [None, _SM86_SMEM_OPTIN])
 @pytest.mark.parametrize("rows,expected", [
-    # The 16-bit table's rows all have an exact int8 counterpart: decode (<= 8 rows per
-    # expert) streams weights with 16-row tiles and 5 stages; 128x128 (eight 64x32 warps,
-    # 3 stages, 72 KB: fits sm_86/89) from 49 rows.
-    (0, "m16n128k64_w16x32x64_s5"), (1, "m16n128k64_w16x32x64_s5"),
-    (8, "m16n128k64_w16x32x64_s5"), (9, "m32n128k64_w32x32x64_s3"),
-    (16, "m32n128k64_w32x32x64_s3"), (17, "m64n128k64_w32x64x64_s5"),
-    (48, "m64n128k64_w32x64x64_s5"), (49, "m128n128k64_w64x32x64_s3"),
-    (8192, "m128n128k64_w64x32x64_s3"),
+    # The int8 table's rows all have an exact counterpart in the full list: decode (<= 8 rows
+    # per expert) streams weights with 16-row tiles and 4 stages; 32-row tiles up to 64 rows;
+    # then 128x256 with 3 stages (96 KB: fits sm_86/89).
+    (0, "m16n128k64_w16x32x64_s4"), (1, "m16n128k64_w16x32x64_s4"),
+    (8, "m16n128k64_w16x32x64_s4"), (9, "m32n128k64_w32x32x64_s3"),
+    (16, "m32n128k64_w32x32x64_s3"), (48, "m32n128k64_w32x32x64_s3"),
+    (64, "m32n128k64_w32x32x64_s3"), (65, "m128n256k64_w64x64x64_s3"),
+    (8192, "m128n256k64_w64x64x64_s3"),
 ])
 def test_default_tactic_on_int8_tactics(act, smem_limit, rows, expected):
     descs = _int8_descs(fast=False, act=act, smem_limit=smem_limit)
@@ -698,3 +698,13 @@ def test_default_tactic_on_int8_tactics(act, smem_limit, rows, expected):
 ])
 def test_default_tactic_on_the_fast_int8_build(rows, expected):
     assert default_tactic(_int8_descs(fast=True), rows) == f"sm80_bf16_int8_{expected}"
+
+
+@pytest.mark.parametrize("weights", ["16bit", "int8"])
+def test_default_choice_cached_per_bound_matches_the_rows(weights):
+    """Default choices are cached per table bound: the bound must pick what the rows pick."""
+    from cutlass_moe.ops import _tile_m_target
+
+    descs = _int8_descs(fast=False) if weights == "int8" else _descs()
+    for rows in [0, 0.5, 1, 3, 7.9, 8, 8.1, 12, 16, 16.5, 30, 48, 49, 60, 64, 64.5, 100, 5000]:
+        assert default_tactic(descs, _tile_m_target(rows)) == default_tactic(descs, rows), rows

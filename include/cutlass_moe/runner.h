@@ -6,7 +6,7 @@
 //   .tactics(gemm: int) -> list[dict]      runnable on the current device; gemm is 1 or 2
 //   .all_tactics(gemm: int) -> list[dict]  compiled into this build, runnable or not
 //       dict keys: name, gemm, tile_m, tile_n, tile_k, warp_m, warp_n, warp_k, stages,
-//                  smem_bytes, threads, runnable
+//                  smem_bytes, threads, runnable, act_dtype, weight_dtype ("fp16", "int8", ...)
 //   .workspace_size(num_tokens, hidden_size, inter_size, num_experts, top_k, activation) -> int
 //   .run_moe(num_tokens, hidden_size, inter_size, num_experts, top_k, expert_start, activation,
 //            input, token_selected_experts, token_final_scales, fc1_weights, fc2_weights,
