@@ -133,10 +133,21 @@ def dtype_tag(dtypes: Sequence[torch.dtype]) -> str:
     return "_".join(_DTYPE_TAGS.get(d, str(d).removeprefix("torch.")) for d in dtypes)
 
 
+_device_ids: dict[int, str] = {}
+
+
 def device_id(device: torch.device | int | None = None) -> str:
-    """GPU identity used in keys and cache files: name and multiprocessor count."""
-    props = torch.cuda.get_device_properties(device)
-    return f"{props.name}/{props.multi_processor_count}"
+    """GPU identity used in keys and cache files: name and multiprocessor count (looked up once
+    per device: this is on every call's path)."""
+    if isinstance(device, torch.device):
+        index = device.index if device.index is not None else torch.cuda.current_device()
+    else:
+        index = torch.cuda.current_device() if device is None else int(device)
+    found = _device_ids.get(index)
+    if found is None:
+        props = torch.cuda.get_device_properties(index)
+        found = _device_ids.setdefault(index, f"{props.name}/{props.multi_processor_count}")
+    return found
 
 
 def build_id() -> str:
