@@ -606,18 +606,11 @@ def default_tactics(dtype: torch.dtype, device: torch.device, num_tokens: int,
 
 
 def _graphed(fn: Callable[[], object]) -> Callable[[], None]:
-    """Captures ``fn`` in a CUDA graph (after warm-up on a side stream, as torch requires) and
-    returns the graph's replay."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
+    """Captures ``fn`` in a CUDA graph and returns the graph's replay (the bound method keeps
+    the graph alive)."""
+    from .demo import graph_replay
+
+    return graph_replay(fn).replay
 
 
 def run_bench(preset: ModelPreset, dtype: torch.dtype, tokens: Sequence[int], routing: str,
