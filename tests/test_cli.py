@@ -1,7 +1,7 @@
 """The ``cutlass-moe`` command line: parsing, errors, info, tune and bench output (CPU).
 
 The extension is a fake (``_fake_ext``) or missing, ``torch.cuda.is_available`` is patched, and
-``autotuner.tune_model`` / ``cli.run_bench`` are replaced by fakes; the GPU-marked tests at the
+``autotuner.tune_model`` / ``bench.run_bench`` are replaced by fakes; the GPU-marked tests at the
 end run the real commands on a tiny shape.
 """
 
@@ -23,7 +23,7 @@ import torch
 
 import cutlass_moe
 from _fake_ext import make_fake_extension, tactic_descriptors
-from cutlass_moe import _ext, autotuner, cli, demo, presets
+from cutlass_moe import _ext, autotuner, bench, cli, demo, presets
 from cutlass_moe.autotuner import TuneRow
 
 SMALL = ["--experts", "8", "--hidden", "128", "--inter", "256", "--top-k", "2"]
@@ -107,11 +107,14 @@ def test_subcommand_help(capsys, command):
         assert "examples:" in out
 
 
-def test_bench_help_says_what_is_missing(capsys):
+def test_bench_help_describes_the_method(capsys):
     _, out, _ = run_cli(capsys, "bench", "--help")
-    assert "comes" in out and "later" in out
-    for option in ("--tokens", "--tuned", "--default", "--graph", "--routing", "--out",
-                   "--plot", "--weights", "--dtype"):
+    for words in ("median", "L2", "roofline", "copy bandwidth", "Sm80", "cuBLAS",
+                  "torch._grouped_mm", "reference_moe"):
+        assert words in out
+    for option in ("--tokens", "--tuned", "--default", "--both", "--graph", "--routing",
+                   "--out", "--plot", "--weights", "--dtype", "--peers", "--stages", "--rotate",
+                   "--no-flush"):
         assert option in out
 
 
@@ -161,18 +164,41 @@ def test_tune_all_options():
 def test_bench_defaults_and_options():
     args = parse("bench", "--model", "gpt-oss-20b")
     assert args.handler is cli._cmd_bench
+    assert args.model == ["gpt-oss-20b"]
     assert args.tokens == list(cli.DEFAULT_BENCH_TOKENS)
     assert (args.tactics, args.routing, args.graph, args.warmup, args.repeats, args.seed,
             args.out, args.plot, args.cache, args.max_tokens) == (
         "tuned", "uniform", False, 10, 50, 0, None, None, None, 8192)
+    assert (args.peers, args.stages, args.rotate, args.no_flush) == (None, False, None, False)
     args = parse("bench", *SMALL, "--tokens", "1, 8,32", "--default", "--routing", "zipf",
                  "--graph", "--warmup", "2", "--repeats", "3", "--seed", "7", "--out", "r.csv",
                  "--plot", "r.png", "--cache", "c.json", "--weights", "bf16", "-q")
     assert args.tokens == [1, 8, 32]
     assert (args.tactics, args.routing, args.graph, args.warmup, args.repeats, args.seed,
             args.out, args.plot, args.cache, args.weights, args.quiet) == (
-        "default", "zipf", True, 2, 3, 7, "r.csv", "r.png", "c.json", "bf16", True)
+        "default", "zipf", True, 2, 3, 7, ["r.csv"], "r.png", "c.json", "bf16", True)
     assert parse("bench", "--model", "mixtral-8x7b", "--tuned").tactics == "tuned"
+    assert parse("bench", "--model", "mixtral-8x7b", "--both").tactics == "both"
+    args = parse("bench", "--model", "mixtral-8x7b,Qwen3-30B-A3B", "--model", "gpt-oss-20b",
+                 "--peers", "naive,grouped_mm", "--stages", "--rotate", "4", "--no-flush")
+    assert args.model == ["mixtral-8x7b", "qwen3-30b-a3b", "gpt-oss-20b"]
+    assert (args.peers, args.stages, args.rotate, args.no_flush) == (
+        ["naive", "grouped_mm"], True, 4, True)
+    assert parse("bench", "--model", "all").model == list(presets.MODEL_PRESETS)
+    assert parse("bench", "--model", "all", "--peers", "none").peers == []
+    assert parse("bench", "--model", "all", "--peers", "all").peers == list(bench.PEERS)
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--model", "mixtral-8x7b", "--peers", "hf"], "argument --peers: expected comma-separated"),
+    (["--model", "mixtral-8x7b", "--rotate", "0"], "argument --rotate: expected a positive"),
+    (["--model", "mixtral-8x7b", "--tuned", "--both"], "not allowed with argument"),
+    (["--model", "mixtral-8x7b,llama"], "unknown model 'llama'"),
+    (["--model", "all", "--experts", "8"], "mutually exclusive"),
+])
+def test_bench_usage_errors(capsys, gpu, fake_ext, argv, message):
+    status, out, err = run_cli(capsys, "bench", *argv)
+    assert status == 2 and out == "" and message in err
 
 
 def test_info_options():
@@ -675,20 +701,38 @@ def test_progress_on_a_terminal_redraws_one_line():
 # bench (with a fake run_bench)
 # ------------------------------------------------------------------------------------------
 
-FAKE_BENCH = [cli.BenchRow(1, 50.0, 0.12, "g1_a", "g2_a", "cache"),
-              cli.BenchRow(32, 80.5, 2.5, "g1_b", "g2_b", "cache+default")]
+CEILINGS = bench.Ceilings("bf16", 3.0, 700.0, 600.0, "g2_big", 50 * 2**20, "FakeGPU (cuda)")
+
+
+def fake_row(preset, num_tokens, impl, latency_us, tactics=("", ""), source="", graph=False):
+    p = presets.MODEL_PRESETS.get(preset, presets.ModelPreset(8, 128, 256, 2))
+    return bench.make_row(preset, p, "bf16", "bf16", num_tokens, impl, graph, latency_us,
+                          min(p.num_experts, num_tokens * p.top_k), CEILINGS,
+                          tactic1=tactics[0], tactic2=tactics[1], source=source)
+
+
+def fake_result(config):
+    rows = []
+    for name, _ in config.models:
+        rows += [fake_row(name, 1, bench.IMPL_TUNED, 50.0, ("g1_a", "g2_a"), "cache"),
+                 fake_row(name, 32, bench.IMPL_TUNED, 80.5, ("g1_b", "g2_b"), "cache+default"),
+                 fake_row(name, 1, "naive", 500.0)]
+    stages = bench.stage_rows({"routing": (20.0, 6), "gemm1": (100.0, 2)}, 2, preset="m",
+                              dtype="bf16", weights="bf16", num_tokens=1, impl=bench.IMPL_TUNED)
+    return bench.BenchResult(CEILINGS, rows, stages if config.stages else [],
+                             ["reference skipped"])
 
 
 @pytest.fixture
 def fake_bench(monkeypatch, gpu, fake_ext, no_cache_env):
     calls = []
 
-    def run_bench(*args, **kwargs):
-        calls.append((args, kwargs))
-        return list(FAKE_BENCH)
+    def run_bench(config, ceilings=None):
+        calls.append(config)
+        return fake_result(config)
 
     loaded = []
-    monkeypatch.setattr(cli, "run_bench", run_bench)
+    monkeypatch.setattr(bench, "run_bench", run_bench)
     monkeypatch.setattr(autotuner, "load_tuning_cache", lambda p: loaded.append(Path(p)) or 3)
     return types.SimpleNamespace(calls=calls, loaded=loaded)
 
@@ -696,16 +740,26 @@ def fake_bench(monkeypatch, gpu, fake_ext, no_cache_env):
 def test_bench_table(capsys, fake_bench, caplog):
     status, out, _ = run_cli(capsys, "bench", "--model", "gpt-oss-20b", "--tokens", "1,32")
     assert status == 0
-    assert out.splitlines()[0].startswith("gpt-oss-20b: E=32 H=2880 I=2880 k=4, clamped SwiGLU")
-    assert "uniform routing, tuned tactics, on " in out.splitlines()[0]
-    assert table_lines(out) == [["1", "50.0", "0.12", "g1_a", "g2_a", "cache"],
-                                ["32", "80.5", "2.50", "g1_b", "g2_b", "cache+default"]]
-    (args, kwargs), = fake_bench.calls
-    preset, dtype, tokens, routing, tuned, graph, warmup, repeats, max_tokens, device = args
-    assert preset is presets.MODEL_PRESETS["gpt-oss-20b"]
-    assert (dtype, tokens, routing, tuned, graph, warmup, repeats, max_tokens) == (
-        torch.bfloat16, [1, 32], "uniform", True, False, 10, 50, 8192)
-    assert device == torch.device("cuda") and kwargs == {"seed": 0, "weights": "16bit"}
+    lines = out.splitlines()
+    assert lines[0].startswith("gpt-oss-20b: E=32 H=2880 I=2880 k=4, clamped SwiGLU")
+    assert lines[1].startswith("bf16, uniform routing, tuned tactics, on ")
+    assert lines[2].startswith("ceilings on FakeGPU (cuda): copy 3.00 TB/s, CUTLASS Sm80 bf16 "
+                               "GEMM 600.0 TFLOP/s (g2_big)")
+    assert "cuBLAS 700.0 TFLOP/s" in lines[2]
+    header = next(line for line in lines if line.startswith("model"))
+    assert header.split()[:5] == ["model", "T", "impl", "graph", "latency_us"]
+    first = next(line for line in lines if line.startswith("gpt-oss-20b  ")).split()
+    assert first[:5] == ["gpt-oss-20b", "1", "cutlass_moe_tuned", "no", "50.0"]
+    assert "g1_a / g2_a (cache)" in out
+    assert "note: reference skipped" in out
+    (config,) = fake_bench.calls
+    assert config.models == [("gpt-oss-20b", presets.MODEL_PRESETS["gpt-oss-20b"])]
+    assert (config.dtype, config.weights, config.tokens, config.routing, config.tactics,
+            config.graph, config.warmup, config.repeats, config.max_tokens, config.seed) == (
+        "bf16", "bf16", [1, 32], "uniform", "tuned", False, 10, 50, 8192, 0)
+    assert config.device == torch.device("cuda")
+    assert (config.peers, config.stages, config.rotate, config.flush_l2) == (
+        bench.PEERS, False, None, True)
     assert fake_bench.loaded == []  # no cache file here
     assert "no tuning cache at cutlass_moe_tuning_cache.json" in caplog.text
 
@@ -715,47 +769,69 @@ def test_bench_tuned_loads_the_cache(capsys, fake_bench, tmp_path):
     cache.write_text("{}")
     assert run_cli(capsys, "bench", *SMALL, "--cache", str(cache))[0] == 0
     assert fake_bench.loaded == [cache]
+    assert run_cli(capsys, "bench", *SMALL, "--cache", str(cache), "--both")[0] == 0
+    assert fake_bench.loaded == [cache, cache]
 
 
 def test_bench_default_options(capsys, fake_bench, tmp_path):
     (tmp_path / "cutlass_moe_tuning_cache.json").write_text("{}")
     assert run_cli(capsys, "bench", *SMALL, "--default", "--routing", "zipf", "--graph",
-                   "--warmup", "1", "--repeats", "2", "--seed", "3", "--max-tokens", "64")[0] == 0
+                   "--warmup", "1", "--repeats", "2", "--seed", "3", "--max-tokens", "64",
+                   "--peers", "none", "--rotate", "3", "--no-flush")[0] == 0
     assert fake_bench.loaded == []  # --default ignores the cache
-    (args, kwargs), = fake_bench.calls
-    assert args[0] == presets.ModelPreset(8, 128, 256, 2)
-    assert args[3:9] == ("zipf", False, True, 1, 2, 64)
-    assert kwargs == {"seed": 3, "weights": "16bit"}
+    (config,) = fake_bench.calls
+    assert config.models == [("custom", presets.ModelPreset(8, 128, 256, 2))]
+    assert (config.routing, config.tactics, config.graph, config.warmup, config.repeats,
+            config.max_tokens, config.seed, config.peers, config.rotate, config.flush_l2) == (
+        "zipf", "default", True, 1, 2, 64, 3, (), 3, False)
+
+
+def test_bench_several_models(capsys, fake_bench):
+    status, out, _ = run_cli(capsys, "bench", "--model", "all", "--stages")
+    assert status == 0
+    (config,) = fake_bench.calls
+    assert [name for name, _ in config.models] == list(presets.MODEL_PRESETS)
+    assert config.stages
+    assert "per-stage kernel time per call" in out and "routing_us" in out
 
 
 def test_bench_int8_weights(capsys, fake_bench):
     status, out, _ = run_cli(capsys, "bench", *SMALL, "--weights", "int8", "--tokens", "1")
     assert status == 0
-    (_, kwargs), = fake_bench.calls
-    assert kwargs["weights"] == "int8"
-    assert out.splitlines()[0].startswith("custom: E=8 H=128 I=256 k=2, bf16 x int8 weights, ")
+    (config,) = fake_bench.calls
+    assert config.weights == "int8"
+    assert out.splitlines()[1].startswith("bf16 x int8 weights, ")
     status, out, _ = run_cli(capsys, "bench", *SMALL, "--weights", "int8", "--json")
     assert status == 0 and json.loads(out)["config"]["weights"] == "int8"
 
 
 def test_bench_json_and_out_files(capsys, fake_bench, tmp_path):
-    status, out, _ = run_cli(capsys, "bench", "--model", "mixtral-8x7b", "--json", "--out",
-                             str(tmp_path / "r.json"))
+    status, out, _ = run_cli(capsys, "bench", "--model", "mixtral-8x7b", "--json", "--stages",
+                             "--out", str(tmp_path / "r.json"))
     assert status == 0
     document = json.loads(out)
     assert document["config"]["model"] == "mixtral-8x7b" and document["config"]["top_k"] == 2
-    assert [r["latency_us"] for r in document["rows"]] == [50.0, 80.5]
+    assert document["config"]["models"] == ["mixtral-8x7b"]
+    assert [r["latency_us"] for r in document["rows"]] == [50.0, 80.5, 500.0]
+    assert document["ceilings"]["sm80_tflops"] == 600.0
+    assert {s["stage"] for s in document["stages"]} == {"routing", "gemm1"}
+    assert document["notes"] == ["reference skipped"]
     assert json.loads((tmp_path / "r.json").read_text()) == document
-    assert run_cli(capsys, "bench", "--model", "mixtral-8x7b", "--out",
-                   str(tmp_path / "r.csv"))[0] == 0
+    assert run_cli(capsys, "bench", "--model", "mixtral-8x7b", "--stages", "--out",
+                   str(tmp_path / "r.csv"), "--out", str(tmp_path / "again.json"))[0] == 0
+    assert json.loads((tmp_path / "again.json").read_text())["rows"] == document["rows"]
     with open(tmp_path / "r.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert [(r["num_tokens"], r["latency_us"], r["model"], r["tactic1"]) for r in rows] == [
-        ("1", "50.0", "mixtral-8x7b", "g1_a"), ("32", "80.5", "mixtral-8x7b", "g1_b")]
+    assert [(r["num_tokens"], r["latency_us"], r["preset"], r["impl"], r["tactic1"],
+             r["routing"], r["copy_tb_s"]) for r in rows][:2] == [
+        ("1", "50.0", "mixtral-8x7b", "cutlass_moe_tuned", "g1_a", "uniform", "3.0"),
+        ("32", "80.5", "mixtral-8x7b", "cutlass_moe_tuned", "g1_b", "uniform", "3.0")]
+    with open(tmp_path / "r.stages.csv", newline="") as f:
+        assert [r["stage"] for r in csv.DictReader(f)] == ["routing", "gemm1"]
 
 
 def test_bench_plot(capsys, fake_bench, monkeypatch, tmp_path):
-    figure, axes = mock.MagicMock(), mock.MagicMock()
+    figure, axes = mock.MagicMock(), [[mock.MagicMock()], [mock.MagicMock()]]
     pyplot = types.ModuleType("matplotlib.pyplot")
     pyplot.subplots = mock.MagicMock(return_value=(figure, axes))
     pyplot.close = mock.MagicMock()
@@ -768,49 +844,17 @@ def test_bench_plot(capsys, fake_bench, monkeypatch, tmp_path):
     assert run_cli(capsys, "bench", "--model", "mixtral-8x7b", "--plot",
                    str(tmp_path / "p.png"))[0] == 0
     matplotlib.use.assert_called_once_with("Agg")
-    axes.plot.assert_called_once()
-    assert axes.plot.call_args.args == ([1, 32], [50.0, 80.5])
+    latency_plots = axes[0][0].plot.call_args_list
+    assert latency_plots[0].args == ([1, 32], [50.0, 80.5])  # cutlass_moe_tuned
+    assert latency_plots[1].args == ([1], [500.0])  # naive
+    assert latency_plots[2].kwargs["label"] == "memory floor"
+    assert len(axes[1][0].plot.call_args_list) == 2  # roofline fraction per impl
     figure.savefig.assert_called_once_with(tmp_path / "p.png")
 
 
-def test_make_routing():
-    gen = torch.Generator().manual_seed(0)
-    ids, scales = cli.make_routing(4096, 16, 4, "uniform", gen)
-    assert ids.shape == scales.shape == (4096, 4)
-    assert ids.dtype == torch.int32 and scales.dtype == torch.float32
-    assert all(len(set(row)) == 4 for row in ids.tolist())
-    assert int(ids.min()) >= 0 and int(ids.max()) < 16
-    torch.testing.assert_close(scales.sum(-1), torch.ones(4096))
-    uniform_counts = torch.bincount(ids.flatten().long(), minlength=16)
-    zipf_ids, _ = cli.make_routing(4096, 16, 4, "zipf", torch.Generator().manual_seed(0))
-    assert all(len(set(row)) == 4 for row in zipf_ids.tolist())
-    zipf_counts = torch.bincount(zipf_ids.flatten().long(), minlength=16)
-    assert zipf_counts.max() > 1.5 * uniform_counts.max()
-    assert zipf_counts.min() < 0.5 * uniform_counts.min()
-    again, _ = cli.make_routing(4096, 16, 4, "zipf", torch.Generator().manual_seed(0))
-    assert torch.equal(again, zipf_ids)
-    with pytest.raises(ValueError, match="routing"):
-        cli.make_routing(4, 16, 4, "skewed", gen)
-
-
-def test_default_tactics_follow_expected_rows(monkeypatch):
-    asked = []
-
-    def tactics(a, w, o, gemm, device):
-        asked.append((a, w, o))
-        return tactic_descriptors(gemm)
-
-    monkeypatch.setattr(_ext, "tactics", tactics)
-    device = torch.device("cuda")
-    assert cli.default_tactics(torch.bfloat16, device, 1, 8, 2) == (
-        "fake_g1_m16n128k64_s4", "fake_g2_m16n128k64_s4")
-    assert set(asked) == {(torch.bfloat16,) * 3}
-    asked.clear()
-    cli.default_tactics(torch.bfloat16, device, 1, 8, 2, torch.int8)
-    assert set(asked) == {(torch.bfloat16, torch.int8, torch.bfloat16)}
-    # 8192 tokens * 2 / 8 experts = 2048 rows per expert: the 128x128 tile with 3 stages
-    assert cli.default_tactics(torch.bfloat16, device, 8192, 8, 2) == (
-        "fake_g1_m128n128k64_s3", "fake_g2_m128n128k64_s3")
+def test_bench_names_kept_in_cli():
+    assert cli.BenchRow is bench.BenchRow and cli.make_routing is bench.make_routing
+    assert cli.default_tactics is bench.default_tactics
 
 
 def test_format_table_alignment():
@@ -857,18 +901,35 @@ def test_gpu_tune_tiny(capsys, real_gpu, tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("extra", [[], ["--default", "--graph", "--routing", "zipf"],
-                                   ["--weights", "int8"],
-                                   ["--weights", "int8", "--default", "--graph"]])
-def test_gpu_bench_tiny(capsys, real_gpu, no_cache_env, extra):
+@pytest.mark.parametrize("extra", [["--peers", "none"],
+                                   ["--default", "--graph", "--routing", "zipf", "--stages"],
+                                   ["--weights", "int8", "--peers", "none"],
+                                   ["--weights", "int8", "--both", "--graph"]])
+def test_gpu_bench_tiny(capsys, real_gpu, no_cache_env, monkeypatch, extra):
+    # small ceilings keep the test quick
+    real = bench.measure_ceilings
+    monkeypatch.setattr(bench, "measure_ceilings", lambda dtype, device: real(
+        dtype, device, repeats=2, copy_bytes=1 << 24, gemm_size=512))
     status, out, err = run_cli(capsys, "bench", *TINY, "--tokens", "1,16", "--warmup", "1",
                                "--repeats", "3", "--json", *extra)
     assert status == 0, err
-    rows = json.loads(out)["rows"]
-    assert [r["num_tokens"] for r in rows] == [1, 16]
-    assert all(r["latency_us"] > 0 and r["tactic1"] and r["tactic2"] for r in rows)
+    document = json.loads(out)
+    rows = document["rows"]
+    ours = [r for r in rows if r["impl"].startswith("cutlass_moe")]
+    impls = {r["impl"] for r in ours}
+    assert [r["num_tokens"] for r in ours] == [1] * len(impls) + [16] * len(impls)
+    assert all(r["latency_us"] > 0 and r["tactic1"] and r["tactic2"] for r in ours)
+    assert all(r["mem_fraction"] is not None and r["compute_fraction"] is not None
+               for r in ours)
+    assert document["ceilings"]["copy_tb_s"] > 0 and document["ceilings"]["sm80_tflops"] > 0
     if "int8" in extra:
-        assert all("_int8_" in r["tactic1"] and "_int8_" in r["tactic2"] for r in rows)
+        assert all("_int8_" in r["tactic1"] and "_int8_" in r["tactic2"] for r in ours)
+    if "--peers" not in extra:
+        peers = {r["impl"] for r in rows} - impls
+        assert {"naive", "reference"} <= peers
+    if "--stages" in extra:
+        stages = {s["stage"] for s in document["stages"]}
+        assert {"routing", "gather", "gemm1", "gemm2", "finalize"} <= stages, document["notes"]
 
 
 @pytest.mark.gpu
@@ -895,6 +956,9 @@ def test_gpu_bench_clamped_preset_shape(capsys, real_gpu, no_cache_env, monkeypa
     small = presets.ModelPreset(num_experts=4, hidden_size=256, inter_size=256, top_k=2,
                                 swiglu_alpha=1.702, swiglu_beta=1.0, swiglu_limit=7.0)
     monkeypatch.setitem(presets.MODEL_PRESETS, "gpt-oss-20b", small)
+    real = bench.measure_ceilings
+    monkeypatch.setattr(bench, "measure_ceilings", lambda dtype, device: real(
+        dtype, device, repeats=2, copy_bytes=1 << 24, gemm_size=512))
     status, _, err = run_cli(capsys, "bench", "--model", "gpt-oss-20b", "--tokens", "3",
                              "--warmup", "1", "--repeats", "2")
     assert status == 0, err

@@ -2,7 +2,7 @@
 
     cutlass-moe info                      build, compiled archs, tactic counts, GPUs
     cutlass-moe tune  --model NAME ...    tune every token bucket of a layer shape, write the cache
-    cutlass-moe bench --model NAME ...    time cutlass_fused_moe per token count
+    cutlass-moe bench --model NAME ...    time cutlass_fused_moe and its peers against the roofline
 
 :func:`main` returns the exit status: 0 on success, 1 when the work itself failed (no tactic
 ran, ...), 2 for usage errors and a missing GPU or extension, 130 when interrupted. User errors
@@ -13,7 +13,6 @@ traceback. The command's results go to stdout; progress and diagnostics go to st
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import difflib
 import importlib.util
@@ -23,13 +22,13 @@ import math
 import os
 import sys
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
 import torch
 
-from . import _ext, autotuner
+from . import _ext, autotuner, bench
 from ._version import __version__
 from .activation import ActivationType
 from .presets import MODEL_PRESETS, ModelPreset
@@ -43,9 +42,7 @@ DEFAULT_CACHE_FILE = "cutlass_moe_tuning_cache.json"
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
 #: ``--weights`` accepts these; which ones a build can run is checked after parsing.
 WEIGHT_CHOICES = ("bf16", "fp16", "int8", "int4")
-DEFAULT_BENCH_TOKENS = (1, 8, 32, 128, 512, 2048, 8192)
-#: Expert popularity of ``--routing zipf``: p(expert of rank r) ~ 1 / r**ZIPF_EXPONENT.
-ZIPF_EXPONENT = 1.0
+DEFAULT_BENCH_TOKENS = bench.DEFAULT_BENCH_TOKENS
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -554,227 +551,126 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 # bench
 # ------------------------------------------------------------------------------------------
 
-
-@dataclasses.dataclass
-class BenchRow:
-    """One token count of ``cutlass-moe bench``."""
-
-    num_tokens: int
-    latency_us: float  # median over the timed runs
-    tflops: float  # 2*T*k*3*H*I (SwiGLU GEMM1 + GEMM2) over the latency
-    tactic1: str
-    tactic2: str
-    source: str  # where the tactics came from: "cache", "default", ...
+# The benchmark engine lives in cutlass_moe.bench; these names stay importable from here.
+BenchRow = bench.BenchRow
+make_routing = bench.make_routing
+default_tactics = bench.default_tactics
+format_bench_table = bench.format_bench_table
 
 
-def make_routing(num_tokens: int, num_experts: int, top_k: int, routing: str,
-                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random routing ``(ids int32 [T, k], scales float32 [T, k])`` on the generator's device:
-    ``k`` distinct experts per token, drawn uniformly (``"uniform"``) or with popularity
-    ``1 / rank**ZIPF_EXPONENT`` over a random ranking of the experts (``"zipf"``); scales are
-    a softmax over the ``k`` choices."""
-    device = generator.device
-    if routing == "uniform":
-        probs = torch.ones(num_experts, device=device)
-    elif routing == "zipf":
-        ranks = torch.randperm(num_experts, generator=generator, device=device) + 1
-        probs = ranks.double().pow(-ZIPF_EXPONENT).float()
-    else:
-        raise ValueError(f"routing must be 'uniform' or 'zipf', got {routing!r}")
-    ids = torch.multinomial(probs.expand(num_tokens, num_experts).contiguous(), top_k,
-                            replacement=False, generator=generator)
-    scales = torch.softmax(torch.randn(num_tokens, top_k, generator=generator, device=device),
-                           dim=-1)
-    return ids.to(torch.int32), scales.to(torch.float32)
+def model_list(text: str) -> list[str]:
+    """Comma-separated model presets, or ``all`` (``argparse`` type, ``action="extend"``)."""
+    names = [p for p in (part.strip() for part in text.split(",")) if p]
+    if [n.lower() for n in names] == ["all"]:
+        return list(MODEL_PRESETS)
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected model names or 'all', got {text!r}")
+    return [model_name(n) for n in names]
 
 
-def default_tactics(dtype: torch.dtype, device: torch.device, num_tokens: int,
-                    num_experts: int, top_k: int, weight_dtype: torch.dtype | None = None
-                    ) -> tuple[str, str]:
-    """The heuristic default tactics of a Swiglu call with ``num_tokens`` tokens (what an
-    untuned call runs); ``weight_dtype`` is ``dtype`` (default) or ``torch.int8``."""
-    from . import ops
-
-    activation = _ext.activation_to_enum(ActivationType.Swiglu)
-    expected_rows = num_tokens * top_k / num_experts
-    names = []
-    for gemm in (1, 2):
-        descs = [d for d in _ext.tactics(dtype, weight_dtype or dtype, dtype, gemm, device)
-                 if d.get("runnable", True) and ops.supports_activation(d, activation)]
-        names.append(ops.default_tactic(descs, expected_rows))
-    return names[0], names[1]
-
-
-def _graphed(fn: Callable[[], object]) -> Callable[[], None]:
-    """Captures ``fn`` in a CUDA graph and returns the graph's replay (the bound method keeps
-    the graph alive)."""
-    from .demo import graph_replay
-
-    return graph_replay(fn).replay
+def peer_list(text: str) -> list[str]:
+    """Comma-separated peers of :data:`cutlass_moe.bench.PEERS`, ``all`` or ``none``
+    (``argparse`` type)."""
+    names = [p.strip().lower() for p in text.split(",") if p.strip()]
+    if names == ["all"]:
+        return list(bench.PEERS)
+    if names == ["none"]:
+        return []
+    unknown = [n for n in names if n not in bench.PEERS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated peers from {','.join(bench.PEERS)}, or all or none, "
+            f"got {text!r}")
+    return list(dict.fromkeys(names))
 
 
-def run_bench(preset: ModelPreset, dtype: torch.dtype, tokens: Sequence[int], routing: str,
-              tuned: bool, graph: bool, warmup: int, repeats: int, max_tokens: int,
-              device: torch.device, seed: int = 0, weights: str = "16bit") -> list[BenchRow]:
-    """Times ``cutlass_fused_moe`` on random weights of ``preset`` for each token count (CUDA
-    events, median of ``repeats`` after ``warmup`` runs). ``tuned``: tactics from the
-    AutoTuner's cache (heuristic default on a miss); else the heuristic default, forced.
-    ``weights``: ``"16bit"`` (weights of ``dtype``) or ``"int8"`` (the random weights
-    quantised per channel, run with ``use_int8_woq_per_channel=True``)."""
-    from .demo import make_layer, time_us
-    from .ops import cutlass_fused_moe
-    from .quantization import quantize_moe_weights_int8
-
-    if weights not in autotuner.WEIGHT_MODES:
-        raise ValueError(f"weights must be one of {', '.join(map(repr, autotuner.WEIGHT_MODES))} "
-                         f"(got {weights!r})")
-
-    e, h, i, k = preset.num_experts, preset.hidden_size, preset.inter_size, preset.top_k
-    with torch.cuda.device(device):
-        w1, w2 = make_layer(preset, dtype, device, seed=seed)
-        quant: dict[str, Any] = {}
-        weight_dtype = dtype
-        if weights == "int8":
-            w1, w2, weight_scales = quantize_moe_weights_int8(w1, w2)
-            quant = {"quant_scales": weight_scales, "use_int8_woq_per_channel": True}
-            weight_dtype = torch.int8
-        clamp = {
-            name: torch.full((e,), value, dtype=torch.float32, device=device)
-            for name, value in (("swiglu_alpha", preset.swiglu_alpha),
-                                ("swiglu_beta", preset.swiglu_beta),
-                                ("swiglu_limit", preset.swiglu_limit))
-            if value is not None
-        }
-        tuner = autotuner.get_tuner()
-        rows = []
-        for num_tokens in tokens:
-            gen = torch.Generator(device=device).manual_seed(seed + num_tokens)
-            x = torch.randn(num_tokens, h, device=device, dtype=dtype, generator=gen)
-            ids, scales = make_routing(num_tokens, e, k, routing, gen)
-            output = torch.empty(num_tokens, h, device=device, dtype=dtype)
-            forced = None if tuned else default_tactics(dtype, device, num_tokens, e, k,
-                                                         weight_dtype)
-
-            def call(x=x, ids=ids, scales=scales, output=output, forced=forced) -> None:
-                cutlass_fused_moe(x, ids, scales, w1, w2, dtype, output=output,
-                                  tune_max_num_tokens=max_tokens, tactics=forced, **clamp,
-                                  **quant)
-
-            call()  # resolves the tactics (and, for the graph, allocates outside capture)
-            if forced is None:
-                first, second = tuner.last_selection(1), tuner.last_selection(2)
-                names = (first.tactic if first else "?", second.tactic if second else "?")
-                sources = {s.source for s in (first, second) if s is not None}
-                source = "+".join(sorted(sources)) or "?"
-            else:
-                names, source = forced, "default"
-            timed = _graphed(call) if graph else call
-            latency = time_us(timed, warmup=warmup, repeats=repeats)
-            flops = 2.0 * num_tokens * k * 3 * h * i
-            rows.append(BenchRow(num_tokens, latency, flops / (latency * 1e6), names[0],
-                                 names[1], source))
-            del timed
-    return rows
+def resolve_shapes(args: argparse.Namespace, parser: argparse.ArgumentParser
+                   ) -> list[tuple[str, ModelPreset]]:
+    """``bench``'s layer shapes: every ``--model`` (duplicates dropped), or the explicit
+    numbers (``resolve_shape``'s checks and messages for each)."""
+    if not args.model:
+        return [resolve_shape(argparse.Namespace(**{**vars(args), "model": None}), parser)]
+    return [resolve_shape(argparse.Namespace(**{**vars(args), "model": name}), parser)
+            for name in dict.fromkeys(args.model)]
 
 
-def format_bench_table(rows: Sequence[BenchRow]) -> str:
-    """The text table of ``cutlass-moe bench``."""
-    return _format_table(
-        ["T", "latency_us", "TFLOP/s", "GEMM1 tactic", "GEMM2 tactic", "tactics from"],
-        [[str(r.num_tokens), f"{r.latency_us:.1f}", f"{r.tflops:.2f}", r.tactic1, r.tactic2,
-          r.source] for r in rows],
-        left=(3, 4, 5))
-
-
-def write_bench_rows(path: Path, rows: Sequence[BenchRow], config: Mapping[str, Any]) -> None:
-    """Writes ``rows`` as CSV (one line per row, the config repeated in each) or JSON
-    (``{"config": ..., "rows": [...]}``), by ``path``'s suffix."""
-    dicts = [dataclasses.asdict(r) for r in rows]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix.lower() == ".csv":
-        with open(path, "w", newline="") as f:
-            fields = [*config, *(f.name for f in dataclasses.fields(BenchRow))]
-            writer = csv.DictWriter(f, fieldnames=fields)
-            writer.writeheader()
-            for row in dicts:
-                writer.writerow({**config, **row})
-    else:
-        with open(path, "w") as f:
-            json.dump({"config": dict(config), "rows": dicts}, f, indent=2)
-            f.write("\n")
-
-
-def plot_bench_rows(path: Path, rows: Sequence[BenchRow], title: str) -> None:
-    """A log-log plot of latency over token count, saved to ``path`` (needs matplotlib)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.plot([r.num_tokens for r in rows], [r.latency_us for r in rows], marker="o",
-            label="cutlass_fused_moe")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("tokens (T)")
-    ax.set_ylabel("latency (us, median)")
-    ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+def _bench_title(config: bench.BenchConfig, label: str) -> str:
+    tactics = {"both": "tuned and default"}.get(config.tactics, config.tactics)
+    return (f"{kernel_label(config.dtype, config.weights)}, {config.routing} routing, "
+            f"{tactics} tactics{', CUDA graph' if config.graph else ''}, on {label}")
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     parser: argparse.ArgumentParser = args.parser
-    name, preset = resolve_shape(args, parser)
-    out = Path(args.out) if args.out is not None else None
-    if out is not None and out.suffix.lower() not in (".csv", ".json"):
-        parser.error(f"--out {out}: the file name must end in .csv or .json")
+    models = resolve_shapes(args, parser)
+    outs = [Path(out) for out in args.out or []]
+    for out in outs:
+        if out.suffix.lower() not in (".csv", ".json"):
+            parser.error(f"--out {out}: the file name must end in .csv or .json")
     plot = Path(args.plot) if args.plot is not None else None
     if plot is not None and importlib.util.find_spec("matplotlib") is None:
         raise CliError("--plot needs matplotlib, which is not installed (pip install matplotlib)")
     weights = check_weights(args.dtype, args.weights)
-    check_weight_shape(weights, preset, parser)
+    for _, preset in models:
+        check_weight_shape(weights, preset, parser)
     require_gpu_and_extension("bench", args.device)
 
-    tuned = args.tactics == "tuned"
-    cache = Path(args.cache) if args.cache is not None else default_cache_path()
-    if tuned:
+    if args.tactics in ("tuned", "both"):
+        cache = Path(args.cache) if args.cache is not None else default_cache_path()
         if cache.is_file():
             kept = autotuner.load_tuning_cache(cache)
             logger.info("read %d tuned entries from %s", kept, cache)
         else:
             logger.warning("no tuning cache at %s: untuned buckets run the heuristic default "
                            "(run `%s tune` first, or pass --cache)", cache, PROG)
-    rows = run_bench(preset, DTYPES[args.dtype], args.tokens, args.routing, tuned, args.graph,
-                     args.warmup, args.repeats, args.max_tokens, args.device, seed=args.seed,
-                     weights=weight_mode(weights))
+    peers = list(bench.PEERS) if args.peers is None else args.peers
+    config = bench.BenchConfig(
+        models=models, dtype=args.dtype, weights=weights, tokens=list(args.tokens),
+        routing=args.routing, tactics=args.tactics, graph=args.graph, warmup=args.warmup,
+        repeats=args.repeats, max_tokens=args.max_tokens, device=args.device, seed=args.seed,
+        peers=tuple(peers), stages=args.stages, rotate=args.rotate, flush_l2=not args.no_flush)
+    try:
+        result = bench.run_bench(config)
+    except torch.cuda.OutOfMemoryError as exc:
+        raise CliError(f"out of GPU memory: {str(exc).splitlines()[0]}",
+                       status=EXIT_FAILED) from None
 
     label = gpu_label(args.device)
-    config = {"model": name, "num_experts": preset.num_experts,
-              "hidden_size": preset.hidden_size, "inter_size": preset.inter_size,
-              "top_k": preset.top_k, "dtype": args.dtype, "weights": weights,
-              "routing": args.routing, "tactics": args.tactics, "graph": args.graph,
-              "device": label}
-    if out is not None:
-        write_bench_rows(out, rows, config)
-        logger.info("wrote %s", out)
+    document_config = {**config.to_json(), "device": label}
+    if len(models) == 1:
+        name, preset = models[0]
+        document_config.update(model=name, num_experts=preset.num_experts,
+                               hidden_size=preset.hidden_size, inter_size=preset.inter_size,
+                               top_k=preset.top_k)
+    for out in outs:
+        for path in bench.write_bench_rows(out, result, document_config):
+            logger.info("wrote %s", path)
     if plot is not None:
-        plot_bench_rows(plot, rows, f"{name} ({preset.describe()}), "
-                                    f"{kernel_label(args.dtype, weights)}, {label}")
+        bench.plot_bench_rows(plot, result.rows, result.ceilings,
+                              f"{', '.join(n for n, _ in models)}: "
+                              f"{_bench_title(config, label)}")
         logger.info("wrote %s", plot)
+    for note in result.notes:
+        logger.info("note: %s", note)
     if args.json:
-        print(json.dumps({"config": config, "rows": [dataclasses.asdict(r) for r in rows]},
-                         indent=2))
+        print(json.dumps(bench.result_json(result, document_config), indent=2))
         return EXIT_OK
-    print(f"{name}: {preset.describe()}, {kernel_label(args.dtype, weights)}, "
-          f"{args.routing} routing, "
-          f"{args.tactics} tactics{', CUDA graph' if args.graph else ''}, on {label}")
+    for name, preset in models:
+        print(f"{name}: {preset.describe()}")
+    print(_bench_title(config, label))
+    print(bench.format_ceilings(result.ceilings))
+    print("mem = memory floor (bytes of touched experts + activations / copy bandwidth) / "
+          "latency; compute = TFLOP/s / CUTLASS Sm80 rate; roofline = the larger")
     print()
-    print(format_bench_table(rows))
+    print(format_bench_table(result.rows))
+    if result.stages:
+        print()
+        print("per-stage kernel time per call (torch.profiler, eager calls):")
+        print(bench.format_stage_table(result.stages))
+    if result.notes:
+        print()
+        for note in result.notes:
+            print(f"note: {note}")
     return EXIT_OK
 
 
@@ -817,22 +713,36 @@ examples:
 """
 
 _BENCH_DESCRIPTION = f"""\
-Times cutlass_fused_moe on one MoE layer (random weights of its shape) for each token count:
-CUDA events, --warmup runs, then the median of --repeats runs, reported as latency_us with the
-GEMMs' TFLOP/s (2*T*k*3*H*I) and the tactics that ran. --tuned (the default) takes tactics from
-the tuning cache that `{PROG} tune` writes; --default forces the heuristic default tactics.
-Comparing the two shows what tuning gains.
+The MoE benchmark of DESIGN.md section 9. For each model preset (or explicit shape) and token
+count it times cutlass_fused_moe (random weights of the shape, random routing) and, in the same
+run, its peers: the naive torch loop over experts (Hugging Face style), a torch._grouped_mm MoE
+where this torch has it, and reference_moe (float32, up to {bench.REFERENCE_MAX_TOKENS} tokens).
 
-This is the quick benchmark. The full one of DESIGN.md section 9 (achieved TB/s and roofline
-fractions, rotating input sets larger than L2, comparisons with the torch baselines) comes
-later."""
+Method: CUDA events, --warmup calls, then the median of --repeats calls, each from an idle GPU
+with the L2 flushed before it (a read of twice the L2 size: weights and activations are cold, as
+in a real model where every layer has its own experts), cycling through --rotate input/routing
+sets (default: enough that their activations exceed twice the L2). Each row reports latency,
+achieved TB/s over the bytes of the experts actually touched (plus activations in and out),
+TFLOP/s (2*T*k*3*H*I), the memory floor (those bytes over the measured copy bandwidth) and the
+roofline fractions: floor/latency and TFLOP/s over the measured CUTLASS Sm80 dense GEMM rate
+(our grouped GEMM, one expert, 8192^3; cuBLAS's rate is shown for reference). The ceilings are
+measured at the start of the run.
+
+--tuned (the default) takes our tactics from the tuning cache that `{PROG} tune` writes;
+--default forces the heuristic default tactics; --both runs both. --graph times CUDA-graph
+replays of our op (and of the grouped_mm peer when it captures); the other peers run eagerly.
+--stages adds a per-stage kernel-time breakdown (routing, gather, GEMM arguments, GEMM1,
+activation, GEMM2, finalize) from torch.profiler."""
 
 _BENCH_EPILOG = f"""\
 examples:
   {PROG} bench --model mixtral-8x7b
-  {PROG} bench --model gpt-oss-20b --tokens 1,8,32,128 --graph --out gpt-oss.csv
+  {PROG} bench --model all --graph --stages --out bench/moe.csv --out bench/moe.json \\
+      --plot bench/moe.png
+  {PROG} bench --model qwen3-30b-a3b,deepseek-v2-lite --tokens 1,32,2048 --peers naive
+  {PROG} bench --model gpt-oss-20b --tokens 1,8,32,128 --graph --out gpt-oss.json
   {PROG} bench --model qwen3-30b-a3b --default --routing zipf --json
-  {PROG} bench --model mixtral-8x7b --weights int8 --tokens 1,8,64
+  {PROG} bench --model mixtral-8x7b --weights int8 --tokens 1,8,64 --peers none
 """
 
 
@@ -847,12 +757,17 @@ def _add_common_options(parser: argparse.ArgumentParser) -> None:
                            help="no progress bar and no informational messages on stderr")
 
 
-def _add_shape_options(parser: argparse.ArgumentParser) -> None:
+def _add_shape_options(parser: argparse.ArgumentParser, several: bool = False) -> None:
     group = parser.add_argument_group(
         "layer shape", "either --model NAME, or all four of --experts, --hidden, --inter and "
         "--top-k (not both)")
-    group.add_argument("--model", type=model_name, metavar="NAME",
-                       help=f"a model preset: {_MODELS_HELP}")
+    if several:
+        group.add_argument("--model", type=model_list, action="extend", metavar="NAME[,NAME]",
+                           help="model presets, comma-separated or repeated, or 'all': "
+                                f"{_MODELS_HELP}")
+    else:
+        group.add_argument("--model", type=model_name, metavar="NAME",
+                           help=f"a model preset: {_MODELS_HELP}")
     group.add_argument("--experts", dest="num_experts", type=positive_int, metavar="E",
                        help="number of experts (all ranks together)")
     group.add_argument("--hidden", dest="hidden_size", type=positive_int, metavar="H",
@@ -916,13 +831,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common_options(tune)
     tune.set_defaults(handler=_cmd_tune, parser=tune)
 
-    bench = commands.add_parser(
-        "bench", help="time cutlass_fused_moe per token count",
+    bench_parser = commands.add_parser(
+        "bench", help="time cutlass_fused_moe and its peers per token count, with rooflines",
         description=_BENCH_DESCRIPTION, epilog=_BENCH_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_shape_options(bench)
-    _add_kernel_options(bench)
-    run = bench.add_argument_group("benchmark")
+    _add_shape_options(bench_parser, several=True)
+    _add_kernel_options(bench_parser)
+    run = bench_parser.add_argument_group("benchmark")
     run.add_argument("--tokens", type=token_counts, metavar="T,T,...",
                      default=list(DEFAULT_BENCH_TOKENS),
                      help="token counts, comma-separated (default: "
@@ -933,6 +848,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "has none (the default)")
     tactics.add_argument("--default", dest="tactics", action="store_const", const="default",
                          help="force the heuristic default tactics")
+    tactics.add_argument("--both", dest="tactics", action="store_const", const="both",
+                         help="time tuned and default tactics (two rows per token count)")
     run.add_argument("--cache", metavar="FILE",
                      help=f"tuning cache for --tuned (default: ${autotuner.CACHE_ENV} if set, "
                           f"else ./{DEFAULT_CACHE_FILE})")
@@ -941,18 +858,31 @@ def build_parser() -> argparse.ArgumentParser:
                           "experts get many more tokens) (default: uniform)")
     run.add_argument("--graph", action="store_true",
                      help="capture each call in a CUDA graph and time its replay (no launch "
-                          "overhead of the Python layer)")
+                          "overhead of the Python layer); peers that cannot be captured run "
+                          "eagerly (the table's graph column says which)")
+    run.add_argument("--peers", type=peer_list, default=None, metavar="P,P,...",
+                     help=f"peers to time in the same run: {','.join(bench.PEERS)}, all or "
+                          "none (default: all that this torch has)")
+    run.add_argument("--stages", action="store_true",
+                     help="per-stage kernel time of our op from torch.profiler")
+    run.add_argument("--rotate", type=positive_int, default=None, metavar="N",
+                     help="input/routing sets to cycle through (default: enough that their "
+                          f"activations exceed twice the L2, at most {bench.MAX_ROTATE})")
+    run.add_argument("--no-flush", action="store_true",
+                     help="do not flush the L2 before each timed call (warm-cache numbers)")
     run.add_argument("--warmup", type=positive_int, default=10, metavar="N",
                      help="untimed runs first (default: 10)")
     run.add_argument("--repeats", type=positive_int, default=50, metavar="N",
                      help="timed runs; the median is reported (default: 50)")
     run.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    run.add_argument("--out", metavar="FILE.csv|FILE.json",
-                     help="also write the rows to a CSV or JSON file")
+    run.add_argument("--out", metavar="FILE.csv|FILE.json", action="append",
+                     help="also write the rows to a CSV (stage rows to FILE.stages.csv) or "
+                          "JSON file; repeat for both")
     run.add_argument("--plot", metavar="FILE.png",
-                     help="also plot latency over T to an image file (needs matplotlib)")
-    _add_common_options(bench)
-    bench.set_defaults(handler=_cmd_bench, parser=bench, tactics="tuned")
+                     help="also plot latency and roofline fraction over T per model to an "
+                          "image file (needs matplotlib)")
+    _add_common_options(bench_parser)
+    bench_parser.set_defaults(handler=_cmd_bench, parser=bench_parser, tactics="tuned")
     return parser
 
 
