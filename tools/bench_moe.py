@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """The MoE benchmark of DESIGN.md §9 from a checkout: ``cutlass-moe bench`` with the same options.
 
     python tools/bench_moe.py --model all --graph --stages --out bench/moe.csv --plot bench/moe.png
