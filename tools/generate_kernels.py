@@ -91,6 +91,11 @@ FULL_TILES_16BIT = [
     (16, 128, 64, 16, 32, 64, 3),
     (16, 128, 64, 16, 32, 64, 4),
     (16, 128, 64, 16, 32, 64, 5),
+    # Two warps over 64 columns: twice the blocks of a 16x128 tile for decode GEMMs with few
+    # output tiles (e.g. Mixtral's GEMM2 at T=1 has 64 blocks of 16x128 for 132 SMs).
+    (16, 64, 64, 16, 32, 64, 4),
+    (16, 64, 64, 16, 32, 64, 5),
+    (16, 64, 64, 16, 32, 64, 6),
     (16, 256, 64, 16, 64, 64, 3),
     (16, 256, 64, 16, 64, 64, 4),
     (32, 128, 64, 32, 32, 64, 3),
