@@ -138,7 +138,9 @@ _device_ids: dict[int, str] = {}
 
 def device_id(device: torch.device | int | None = None) -> str:
     """GPU identity used in keys and cache files: name and multiprocessor count (looked up once
-    per device: this is on every call's path)."""
+    per device: this is on every call's path). Host-memory devices are named by their type."""
+    if isinstance(device, torch.device) and device.type != "cuda":
+        return device.type
     if isinstance(device, torch.device):
         index = device.index if device.index is not None else torch.cuda.current_device()
     else:
@@ -335,7 +337,8 @@ class AutoTuner:
             source = "cache"
             if name is not None and name not in runnable(gemm):
                 name = None  # an entry for a tactic this build or GPU cannot run
-            if name is None and self.tuning:
+            # Profiling times CUDA events: only CUDA tensors are tuned.
+            if name is None and self.tuning and device.type == "cuda":
                 if torch.cuda.is_current_stream_capturing():
                     raise RuntimeError(
                         "cutlass_moe: cannot tune during CUDA-graph capture (bucket "

@@ -239,17 +239,8 @@ def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _format_table(headers: Sequence[str], rows: Sequence[Sequence[str]],
-                  left: Sequence[int] = ()) -> str:
-    """Plain-text columns; right-aligned except the column indices in ``left``."""
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
-              for i, h in enumerate(headers)]
-
-    def line(cells: Sequence[str]) -> str:
-        return "  ".join(c.ljust(w) if i in left else c.rjust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
-
-    return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, rows)])
+# One table formatter for every command's output.
+_format_table = bench.format_table
 
 
 def _us(value: float) -> str:

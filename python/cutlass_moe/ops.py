@@ -144,29 +144,9 @@ _library = torch.library.Library("cutlass_moe", "DEF")
 _library.define(_OP_SCHEMA)
 
 
-def _fused_moe_fake(
-    output: torch.Tensor,
-    input: torch.Tensor,
-    token_selected_experts: torch.Tensor,
-    token_final_scales: torch.Tensor,
-    fc1_expert_weights: torch.Tensor,
-    fc2_expert_weights: torch.Tensor,
-    fc1_weight_scales: torch.Tensor | None,
-    fc2_weight_scales: torch.Tensor | None,
-    fc1_expert_biases: torch.Tensor | None,
-    fc2_expert_biases: torch.Tensor | None,
-    swiglu_alpha: torch.Tensor | None,
-    swiglu_beta: torch.Tensor | None,
-    swiglu_limit: torch.Tensor | None,
-    workspace_buffer: torch.Tensor | None,
-    activation: int,
-    expert_start: int,
-    num_experts_total: int,
-    tune_max_num_tokens: int,
-    tactic1: str,
-    tactic2: str,
-) -> None:
-    """Fake (meta) kernel: the op only mutates ``output``, so there is nothing to return."""
+def _fused_moe_fake(*args: Any) -> None:
+    """Fake (meta) kernel of ``_OP_SCHEMA``: the op only mutates ``output`` and returns nothing,
+    so its arguments (those of :func:`_run_fused_moe`) need no inspection."""
 
 
 def _run_fused_moe(
@@ -362,20 +342,11 @@ def _tuned_tactics(
     expected_rows = num_tokens * top_k / max(num_experts_total, 1)
 
     def runnable(gemm: int) -> list[str]:
-        return [
-            str(d["name"])
-            for d in _ext.tactics(*dtypes, gemm, device)
-            if d.get("runnable", True) and supports_activation(d, activation)
-        ]
+        return _runnable_names(dtypes, gemm, activation, device)
 
     def default(gemm: int) -> str:
         return _resolve_tactic(dtypes, gemm, activation, "", expected_rows, device)
 
-    if device.type != "cuda":  # host-memory stand-ins of the extension (tests): no tuning
-        return tuple(
-            _resolve_tactic(dtypes, gemm, activation, forced[gemm - 1], expected_rows, device)
-            for gemm in (1, 2)
-        )
     tuned = autotuner.get_tuner().select(
         runner, shape, num_tokens, tune_max_num_tokens, activation, device, weights,
         runnable, default, scales=scales,
@@ -385,6 +356,29 @@ def _tuned_tactics(
         if forced[gemm - 1] else tuned[gemm - 1]
         for gemm in (1, 2)
     )
+
+
+_runnable_cache: dict[tuple[Any, ...], list[str]] = {}
+
+
+def _runnable_names(
+    dtypes: tuple[torch.dtype, torch.dtype, torch.dtype],
+    gemm: int,
+    activation: int,
+    device: torch.device,
+) -> list[str]:
+    """Names of the tactics that can serve this GEMM and activation on ``device`` (cached: the
+    tuner checks cached entries against it on every call)."""
+    key = (_ext.generation(), dtypes, gemm, activation, device)
+    names = _runnable_cache.get(key)
+    if names is None:
+        names = [
+            str(d["name"])
+            for d in _ext.tactics(*dtypes, gemm, device)
+            if d.get("runnable", True) and supports_activation(d, activation)
+        ]
+        _runnable_cache[key] = names
+    return names
 
 
 def _choose_tactic(
