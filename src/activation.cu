@@ -23,7 +23,6 @@ namespace {
 constexpr int kWarpSize = 32;
 constexpr int kMaxThreads = 256;
 constexpr int kMaxGridY = 65535;
-constexpr int kVectorWidth = 8;  // 16-bit elements per 16-byte vector
 
 using namespace vector_access;
 
@@ -114,10 +113,6 @@ __global__ void __launch_bounds__(kMaxThreads)
   store_floats<T, kWidth>(act_out + row * inter_size + col, result);
 }
 
-bool is_aligned(const void* ptr, size_t bytes) {
-  return reinterpret_cast<uintptr_t>(ptr) % bytes == 0;
-}
-
 struct LaunchArgs {
   const void* fc1_out;
   void* act_out;
@@ -148,10 +143,8 @@ void launch_typed(const LaunchArgs& args) {
 
 template <typename T, Activation kAct>
 void launch_width(const LaunchArgs& args) {
-  const bool vectorised = args.inter_size % kVectorWidth == 0 &&
-                          is_aligned(args.fc1_out, kVectorBytes) &&
-                          is_aligned(args.act_out, kVectorBytes) &&
-                          (args.fc1_bias == nullptr || is_aligned(args.fc1_bias, kVectorBytes));
+  // fc1_out rows hold 2I (gated) or I elements: both multiples of 8 when I is.
+  const bool vectorised = vectorisable(args.inter_size, {args.fc1_out, args.act_out, args.fc1_bias});
   if (vectorised) {
     launch_typed<T, kAct, kVectorWidth>(args);
   } else {

@@ -24,7 +24,6 @@ namespace {
 constexpr int kWarpSize = 32;
 constexpr int kMaxThreads = 256;
 constexpr int kMaxGridY = 65535;
-constexpr int kVectorWidth = 8;  // 16-bit input elements per 16-byte vector
 constexpr int kRuntimeTopK = 0;  // template value meaning "k is a kernel argument"
 
 using namespace vector_access;
@@ -75,10 +74,6 @@ __global__ void __launch_bounds__(kMaxThreads)
   store_floats<Out, kWidth>(out + token * hidden_size + col, acc);
 }
 
-bool is_aligned(const void* ptr, size_t bytes) {
-  return reinterpret_cast<uintptr_t>(ptr) % bytes == 0;
-}
-
 struct LaunchArgs {
   const void* fc2_out;
   const int32_t* source_to_permuted;
@@ -110,10 +105,7 @@ void launch_typed(const LaunchArgs& args) {
 
 template <typename In, typename Out>
 void launch_out_typed(const LaunchArgs& args) {
-  const bool vectorised = args.hidden_size % kVectorWidth == 0 &&
-                          is_aligned(args.fc2_out, kVectorBytes) &&
-                          is_aligned(args.out, kVectorBytes) &&
-                          (args.fc2_bias == nullptr || is_aligned(args.fc2_bias, kVectorBytes));
+  const bool vectorised = vectorisable(args.hidden_size, {args.fc2_out, args.out, args.fc2_bias});
   if (!vectorised) return launch_typed<In, Out, 1, kRuntimeTopK>(args);
   switch (args.top_k) {
     case 1:

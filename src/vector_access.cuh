@@ -6,11 +6,13 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <initializer_list>
 
 namespace cutlass_moe {
 namespace vector_access {
 
 constexpr int kVectorBytes = 16;
+constexpr int kVectorWidth = 8;  // 16-bit elements per 16-byte vector
 
 __host__ __device__ constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -30,6 +32,20 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
 template <>
 __device__ __forceinline__ float from_float<float>(float x) {
   return x;
+}
+
+inline bool is_aligned(const void* ptr, size_t bytes) {
+  return reinterpret_cast<uintptr_t>(ptr) % bytes == 0;
+}
+
+// Whether rows of `row_elems` elements in these buffers can be read and written 8 elements at a
+// time with 16-byte accesses: the row length a multiple of 8 and every (non-null) base aligned.
+inline bool vectorisable(int64_t row_elems, std::initializer_list<const void*> buffers) {
+  if (row_elems % kVectorWidth != 0) return false;
+  for (const void* ptr : buffers) {
+    if (ptr != nullptr && !is_aligned(ptr, kVectorBytes)) return false;
+  }
+  return true;
 }
 
 // Up to 16 bytes of consecutive elements; alignas makes it one 128-bit access.
