@@ -41,6 +41,23 @@ def random_routing(
     return ids.to(torch.int32), scales.to(torch.float32)
 
 
+def random_tokens(
+    num_tokens: int,
+    hidden_size: int,
+    num_experts: int,
+    top_k: int,
+    dtype: torch.dtype,
+    seed: int,
+    device: torch.device | str = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random ``x [T, H]`` in ``dtype`` and :func:`random_routing` from one seeded generator:
+    ``(x, ids int32 [T, k], scales float32 [T, k])``."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(num_tokens, hidden_size, device=device, dtype=dtype, generator=gen)
+    ids, scales = random_routing(num_tokens, num_experts, top_k, device, gen)
+    return x, ids, scales
+
+
 def random_weights(
     num_experts: int,
     hidden_size: int,

@@ -11,7 +11,7 @@ import functools
 import pytest
 import torch
 
-from _helpers import record_error, rel_l2
+from _helpers import random_tokens, record_error, rel_l2
 from cutlass_moe import ActivationType, _ext, cutlass_fused_moe, ops, reference_moe
 
 pytestmark = pytest.mark.gpu
@@ -37,11 +37,7 @@ def _weights(num_experts, hidden, inter, gated, dtype, seed=0):
 
 def _tokens(num_tokens, hidden, num_experts, top_k, dtype, seed):
     """Random ``x [T, H]`` and softmax/top-k routing (distinct ids per row)."""
-    gen = torch.Generator(device=DEVICE).manual_seed(1000 + seed)
-    x = torch.randn(num_tokens, hidden, device=DEVICE, dtype=dtype, generator=gen)
-    logits = torch.randn(num_tokens, num_experts, device=DEVICE, generator=gen)
-    scales, ids = torch.softmax(logits, dim=-1).topk(top_k, dim=-1)
-    return x, ids.to(torch.int32), (scales / scales.sum(-1, keepdim=True)).float()
+    return random_tokens(num_tokens, hidden, num_experts, top_k, dtype, 1000 + seed, DEVICE)
 
 
 def _run(x, ids, scales, fc1, fc2, out_dtype=None, **kwargs):
