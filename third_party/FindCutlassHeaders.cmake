@@ -4,7 +4,11 @@
 #   2. third_party/cutlass (a checkout next to this file)
 #   3. the installed `nvidia-cutlass` Python package (headers under
 #      cutlass_library/source/include), located without importing it
-# Sets CUTLASS_INCLUDE_DIR, CUTLASS_VERSION and CUTLASS_SOURCE (which of the three was used).
+# Sets CUTLASS_INCLUDE_DIR, CUTLASS_VERSION, CUTLASS_SOURCE (which of the three was used) and
+# CUTLASS_DUAL_GEMM_DIR: CUTLASS's dual-GEMM building blocks (examples/45_dual_gemm: a mainloop
+# that multiplies one A tile by two B tiles, and its two-accumulator epilogue), which the fused
+# gated GEMM1 tactics are built on. Source checkouts and the nvidia-cutlass package ship them; a
+# headers-only install does not.
 
 set(_cutlass_candidates "")
 set(_cutlass_tried "")
@@ -64,3 +68,14 @@ foreach(_part MAJOR MINOR PATCH)
 endforeach()
 set(CUTLASS_VERSION "${_cutlass_MAJOR}.${_cutlass_MINOR}.${_cutlass_PATCH}")
 message(STATUS "cutlass_moe: CUTLASS ${CUTLASS_VERSION} from ${CUTLASS_SOURCE}: ${CUTLASS_INCLUDE_DIR}")
+
+get_filename_component(CUTLASS_DUAL_GEMM_DIR "${CUTLASS_INCLUDE_DIR}/../examples/45_dual_gemm"
+                       ABSOLUTE)
+if(NOT EXISTS "${CUTLASS_DUAL_GEMM_DIR}/threadblock/dual_mma_multistage.h" OR
+   NOT EXISTS "${CUTLASS_DUAL_GEMM_DIR}/threadblock/dual_epilogue.h")
+  message(FATAL_ERROR
+    "cutlass_moe: CUTLASS at ${CUTLASS_INCLUDE_DIR} lacks examples/45_dual_gemm/threadblock "
+    "(dual_mma_multistage.h, dual_epilogue.h), which the fused gated GEMM1 kernels use. Point "
+    "CUTLASS_DIR at a CUTLASS source checkout (not a headers-only install), or use the "
+    "nvidia-cutlass package.")
+endif()
