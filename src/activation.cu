@@ -15,6 +15,7 @@
 #include "cutlass_moe/activation.h"
 #include "cutlass_moe/cuda_check.h"
 #include "cutlass_moe/problem.h"
+#include "activation_math.cuh"
 #include "vector_access.cuh"
 
 namespace cutlass_moe {
@@ -26,23 +27,7 @@ constexpr int kMaxGridY = 65535;
 
 using namespace vector_access;
 
-// Comparisons are written so that NaN propagates, as in the torch reference
-// (fmaxf/fminf would turn NaN into the other operand).
-__device__ __forceinline__ float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
-
-template <Activation kAct>
-__device__ __forceinline__ float activate(float x) {
-  if constexpr (kAct == Activation::kRelu) {
-    return x < 0.0f ? 0.0f : x;
-  } else if constexpr (kAct == Activation::kGelu || kAct == Activation::kGeglu) {
-    constexpr float kInvSqrt2 = 0.70710678118654752440f;
-    return 0.5f * x * (1.0f + erff(x * kInvSqrt2));  // exact (erf) GELU, not the tanh form
-  } else if constexpr (kAct == Activation::kSilu || kAct == Activation::kSwiglu) {
-    return x * sigmoid(x);
-  } else {
-    return x;  // identity
-  }
-}
+using activation_math::activate;
 
 // Clamped SwiGLU parameters of one expert (gpt-oss). Each pointer is optional on its own; a
 // missing one takes the value that leaves that part of the formula inert: alpha = 1,
@@ -97,10 +82,7 @@ __global__ void __launch_bounds__(kMaxThreads)
       const float limit = clamp.limit != nullptr ? clamp.limit[expert] : CUDART_INF_F;
 #pragma unroll
       for (int i = 0; i < kWidth; ++i) {
-        const float g = gate[i] > limit ? limit : gate[i];
-        float u = up[i] > limit ? limit : up[i];
-        u = u < -limit ? -limit : u;
-        result[i] = g * sigmoid(alpha * g) * (u + beta);
+        result[i] = activation_math::clamped_swiglu(gate[i], up[i], alpha, beta, limit);
       }
     } else {
 #pragma unroll

@@ -79,6 +79,14 @@ py::dict descriptor_dict(const cutlass_moe::TacticDescriptor& d, int gemm) {
   out["runnable"] = d.runnable;
   out["act_dtype"] = cutlass_moe::dtype_name(d.act_dtype);
   out["weight_dtype"] = cutlass_moe::dtype_name(d.weight_dtype);
+  // Fused gated GEMM1 tactics run only with the activations they fuse.
+  out["gated"] = d.gated;
+  if (d.gated) {
+    py::list activations;
+    activations.append(static_cast<int>(cutlass_moe::Activation::kSwiglu));
+    activations.append(static_cast<int>(cutlass_moe::Activation::kGeglu));
+    out["activations"] = activations;
+  }
   return out;
 }
 

@@ -219,7 +219,8 @@ __global__ void __launch_bounds__(kRoutingThreads)
                          int64_t* __restrict__ expert_first_token_offset,
                          int32_t* __restrict__ permuted_to_source,
                          int32_t* __restrict__ source_to_permuted,
-                         int32_t* __restrict__ permuted_expert) {
+                         int32_t* __restrict__ permuted_expert,
+                         int32_t* __restrict__ permuted_token) {
   extern __shared__ int32_t warp_next_row[];  // [kRoutingWarps][num_experts]
   const int64_t num_entries = num_tokens * top_k;
   const int warp = threadIdx.x / kWarpSize;
@@ -303,6 +304,7 @@ __global__ void __launch_bounds__(kRoutingThreads)
           const int32_t dest_row = my_next_row[key] + __popc(peers & lanes_below_mask(lane));
           permuted_to_source[dest_row] = source_row;
           permuted_expert[dest_row] = key;
+          permuted_token[dest_row] = static_cast<int32_t>(token);
           source_to_permuted[source_row] = dest_row;
         } else {
           source_to_permuted[source_row] = -1;
@@ -380,8 +382,8 @@ size_t routing_scratch_size(int64_t expanded_rows, int num_experts) {
 void launch_routing(const int32_t* token_selected_experts, int64_t num_tokens, int top_k,
                     int num_experts, int expert_start, int64_t* expert_first_token_offset,
                     int32_t* permuted_to_source, int32_t* source_to_permuted,
-                    int32_t* permuted_expert, void* scratch, size_t scratch_bytes,
-                    cudaStream_t stream) {
+                    int32_t* permuted_expert, int32_t* permuted_token, void* scratch,
+                    size_t scratch_bytes, cudaStream_t stream) {
   const int64_t num_entries = checked_expanded_rows(num_tokens, top_k);
   check_routing_shape(num_entries, num_experts);
   if (expert_first_token_offset == nullptr) {
@@ -394,7 +396,7 @@ void launch_routing(const int32_t* token_selected_experts, int64_t num_tokens, i
     return;
   }
   if (token_selected_experts == nullptr || permuted_to_source == nullptr ||
-      source_to_permuted == nullptr || permuted_expert == nullptr) {
+      source_to_permuted == nullptr || permuted_expert == nullptr || permuted_token == nullptr) {
     throw InvalidArgument("routing: a required device pointer is null");
   }
 
@@ -405,7 +407,7 @@ void launch_routing(const int32_t* token_selected_experts, int64_t num_tokens, i
     scatter_ranks_kernel<true><<<1, kRoutingThreads, scatter_smem, stream>>>(
         token_selected_experts, num_tokens, top_k, layout.entries_per_warp,
         layout.entries_per_chunk, expert_start, num_experts, nullptr, expert_first_token_offset,
-        permuted_to_source, source_to_permuted, permuted_expert);
+        permuted_to_source, source_to_permuted, permuted_expert, permuted_token);
     CUTLASS_MOE_CHECK_LAUNCH("scatter_ranks_kernel<single chunk>");
     return;
   }
@@ -440,7 +442,8 @@ void launch_routing(const int32_t* token_selected_experts, int64_t num_tokens, i
   scatter_ranks_kernel<false><<<num_chunks, kRoutingThreads, scatter_smem, stream>>>(
       token_selected_experts, num_tokens, top_k, layout.entries_per_warp,
       layout.entries_per_chunk, expert_start, num_experts, chunk_counts,
-      expert_first_token_offset, permuted_to_source, source_to_permuted, permuted_expert);
+      expert_first_token_offset, permuted_to_source, source_to_permuted, permuted_expert,
+      permuted_token);
   CUTLASS_MOE_CHECK_LAUNCH("scatter_ranks_kernel");
 }
 

@@ -2,6 +2,10 @@
 //
 //   routing -> gather -> grouped-GEMM arguments -> GEMM1 -> activation -> GEMM2 -> finalize
 //
+// or, with a fused gated GEMM1 tactic (gather, GEMM1 and the gated activation in one kernel):
+//
+//   routing -> grouped-GEMM arguments -> gated GEMM1 -> GEMM2 -> finalize
+//
 // Every launch's grid depends only on host-known sizes; rows per expert exist only on the device,
 // where a small kernel writes the grouped GEMMs' problem sizes and pointers. No host sync.
 #include "cutlass_moe/runner.h"
@@ -33,8 +37,15 @@ size_t align_up(size_t bytes) {
 
 // Byte offsets of one grouped GEMM's device-resident arguments inside the workspace.
 struct GemmArgsLayout {
-  size_t problem_sizes, ptr_a, ptr_b, ptr_d, lda, ldb, ldd, ptr_scale;
+  size_t problem_sizes, ptr_a, ptr_b, ptr_d, lda, ldb, ldd, ptr_scale, ptr_rows;
 };
+
+// Indices of the argument sets in WorkspaceLayout::gemm: GEMM1 as a plain GEMM (A = gathered
+// rows, D = [T*k, N1]), GEMM2, and GEMM1 as a fused gated GEMM (A = tokens through row indices,
+// D = [T*k, I]). Both GEMM1 forms are always written, so either kind of tactic can run.
+constexpr int kArgsGemm1 = 0;
+constexpr int kArgsGemm2 = 1;
+constexpr int kArgsGemm1Gated = 2;
 
 // Device-side view of one grouped GEMM's argument arrays.
 struct GemmArgsDevice {
@@ -46,6 +57,7 @@ struct GemmArgsDevice {
   int64_t* ldb;
   int64_t* ldd;
   void** ptr_scale;
+  int32_t** ptr_rows;
 };
 
 // Where everything lives in the caller's workspace. A pure function of the problem's shapes.
@@ -54,10 +66,11 @@ struct WorkspaceLayout {
   size_t permuted_to_source = 0;
   size_t source_to_permuted = 0;
   size_t permuted_expert = 0;
+  size_t permuted_token = 0;  // [T*k] int32: token row of each permuted row
   size_t expert_counts = 0;  // [E] int32, used by synthetic (profiling) routing
   size_t routing_scratch = 0;
   size_t routing_scratch_bytes = 0;
-  GemmArgsLayout gemm[2] = {};
+  GemmArgsLayout gemm[3] = {};
   size_t gathered = 0;  // [T*k, H]: GEMM1's A; reused as GEMM2's output once GEMM1 is done
   size_t fc1_out = 0;   // [T*k, N1]
   size_t act_out = 0;   // [T*k, I]
@@ -77,6 +90,7 @@ struct WorkspaceLayout {
     w.permuted_to_source = take(rows * sizeof(int32_t));
     w.source_to_permuted = take(rows * sizeof(int32_t));
     w.permuted_expert = take(rows * sizeof(int32_t));
+    w.permuted_token = take(rows * sizeof(int32_t));
     w.expert_counts = take(experts * sizeof(int32_t));
     w.routing_scratch_bytes = routing_scratch_size(p.expanded_rows(), p.num_experts);
     w.routing_scratch = take(w.routing_scratch_bytes);
@@ -89,6 +103,7 @@ struct WorkspaceLayout {
       g.ldb = take(experts * sizeof(int64_t));
       g.ldd = take(experts * sizeof(int64_t));
       g.ptr_scale = take(experts * sizeof(void*));
+      g.ptr_rows = take(experts * sizeof(int32_t*));
     }
     w.gathered = take(rows * static_cast<size_t>(p.hidden_size) * elem_bytes);
     w.fc1_out = take(rows * static_cast<size_t>(p.fc1_out_size()) * elem_bytes);
@@ -106,7 +121,8 @@ struct WorkspaceLayout {
             reinterpret_cast<int64_t*>(base + g.lda),
             reinterpret_cast<int64_t*>(base + g.ldb),
             reinterpret_cast<int64_t*>(base + g.ldd),
-            reinterpret_cast<void**>(base + g.ptr_scale)};
+            reinterpret_cast<void**>(base + g.ptr_scale),
+            reinterpret_cast<int32_t**>(base + g.ptr_rows)};
   }
 
   GroupedGemmArgs gemm_args(int index, char* base, int problem_count) const {
@@ -121,13 +137,18 @@ struct WorkspaceLayout {
     a.ldb = d.ldb;
     a.ldd = d.ldd;
     a.ptr_scale = d.ptr_scale;
+    a.ptr_rows = d.ptr_rows;
     return a;
   }
 };
 
 // Both GEMMs' operands in bytes; GEMM2's A is the activation output (or GEMM1's output directly
-// when there is no elementwise stage).
+// when there is no elementwise stage). The fused gated GEMM1 reads `tokens` through
+// `permuted_token` and writes `act_out`.
 struct GemmOperands {
+  const char* tokens;
+  const int32_t* permuted_token;
+  char* act_out;
   const char* gathered;
   const char* fc1_weights;
   const char* fc1_scales;  // [E, N1] activation dtype, int8 weights only (else null)
@@ -146,10 +167,28 @@ __device__ void write_problem(GemmArgsDevice g, int e, int rows, int64_t first_r
   g.ptr_a[e] = const_cast<char*>(a + first_row * k * elem_bytes);
   g.ptr_b[e] = const_cast<char*>(weights + e * n * k * weight_bytes);
   g.ptr_scale[e] = scales ? const_cast<char*>(scales + e * n * elem_bytes) : nullptr;
+  g.ptr_rows[e] = nullptr;
   g.ptr_d[e] = d + first_row * n * elem_bytes;
   g.lda[e] = k;
   g.ldb[e] = k;
   g.ldd[e] = n;
+}
+
+// Problem e of the fused gated GEMM1: D[rows, inter] = act(gate) * up with A's rows taken from
+// `tokens` at permuted_token[first_row ...]; the expert's weight is [2 * inter, k].
+__device__ void write_gated_problem(GemmArgsDevice g, int e, int rows, int64_t first_row,
+                                    int64_t inter, int64_t k, const GemmOperands& ops,
+                                    int64_t elem_bytes) {
+  g.problem_sizes[e] =
+      cutlass::gemm::GemmCoord(rows, static_cast<int>(inter), static_cast<int>(k));
+  g.ptr_a[e] = const_cast<char*>(ops.tokens);
+  g.ptr_rows[e] = const_cast<int32_t*>(ops.permuted_token + first_row);
+  g.ptr_b[e] = const_cast<char*>(ops.fc1_weights + e * 2 * inter * k * elem_bytes);
+  g.ptr_scale[e] = nullptr;
+  g.ptr_d[e] = ops.act_out + first_row * inter * elem_bytes;
+  g.lda[e] = k;
+  g.ldb[e] = k;
+  g.ldd[e] = inter;
 }
 
 // One thread per expert writes both grouped GEMMs' problem sizes, pointers and strides from the
@@ -158,7 +197,7 @@ __global__ void write_grouped_gemm_args_kernel(const int64_t* __restrict__ exper
                                                int num_experts, int64_t hidden, int64_t fc1_cols,
                                                int64_t inter, int elem_bytes, int weight_bytes,
                                                GemmOperands ops, GemmArgsDevice gemm1,
-                                               GemmArgsDevice gemm2) {
+                                               GemmArgsDevice gemm2, GemmArgsDevice gemm1_gated) {
   const int e = blockIdx.x * blockDim.x + threadIdx.x;
   if (e >= num_experts) return;
   const int64_t first_row = expert_first_token_offset[e];
@@ -167,6 +206,10 @@ __global__ void write_grouped_gemm_args_kernel(const int64_t* __restrict__ exper
                 ops.fc1_scales, ops.fc1_out, elem_bytes, weight_bytes);
   write_problem(gemm2, e, rows, first_row, hidden, inter, ops.gemm2_a, ops.fc2_weights,
                 ops.fc2_scales, ops.fc2_out, elem_bytes, weight_bytes);
+  // Gated tactics exist only for 16-bit weights; for int8 weights the set is never read.
+  if (weight_bytes == elem_bytes && fc1_cols == 2 * inter) {
+    write_gated_problem(gemm1_gated, e, rows, first_row, inter, hidden, ops, elem_bytes);
+  }
 }
 
 // A 64-bit mix (splitmix64's finaliser) folded to 32 bits: cheap, well-spread pseudo-randomness.
@@ -180,10 +223,15 @@ __host__ __device__ uint32_t hash_u32(uint64_t x) {
 }
 
 // Synthetic routing for profiling: seed 0 spreads rows evenly over experts; any other seed draws
-// each row's expert uniformly. One block: profiling shapes are small enough.
+// each row's expert uniformly. Permuted row r reads token row r (the gathered buffer stands in
+// for the token matrix). One block: profiling shapes are small enough.
 __global__ void synthetic_offsets_kernel(int64_t rows, int num_experts, uint64_t seed,
                                          int* __restrict__ counts,
-                                         int64_t* __restrict__ expert_first_token_offset) {
+                                         int64_t* __restrict__ expert_first_token_offset,
+                                         int32_t* __restrict__ permuted_token) {
+  for (int64_t r = threadIdx.x; r < rows; r += blockDim.x) {
+    permuted_token[r] = static_cast<int32_t>(r);
+  }
   for (int e = threadIdx.x; e < num_experts; e += blockDim.x) counts[e] = 0;
   __syncthreads();
   if (seed == 0) {
@@ -224,7 +272,8 @@ void write_grouped_gemm_args(const MoeProblem& p, const int64_t* offsets, const 
                                    stream>>>(
       offsets, p.num_experts, p.hidden_size, p.fc1_out_size(), p.inter_size,
       static_cast<int>(elem_bytes), static_cast<int>(weight_bytes), ops,
-      layout.gemm_device(0, base), layout.gemm_device(1, base));
+      layout.gemm_device(kArgsGemm1, base), layout.gemm_device(kArgsGemm2, base),
+      layout.gemm_device(kArgsGemm1Gated, base));
   CUTLASS_MOE_CHECK_LAUNCH("write_grouped_gemm_args_kernel");
 }
 
@@ -282,6 +331,17 @@ struct MoeRunner::Impl {
     }
     throw InvalidArgument("unknown tactic '" + name + "' for GEMM" + std::to_string(gemm) +
                           "; compiled tactics: " + tactic_names(tactics));
+  }
+
+  bool gated(size_t index) const { return tactics[index]->gated; }
+
+  // A fused gated GEMM1 computes act(gate) * up itself: only gated activations qualify.
+  void check_gated_activation(size_t index, Activation activation) const {
+    if (gated(index) && activation != Activation::kSwiglu && activation != Activation::kGeglu) {
+      throw InvalidArgument("tactic '" + std::string(tactics[index]->name) +
+                            "' fuses a gated activation (SwiGLU or GeGLU) into GEMM1; activation " +
+                            std::to_string(static_cast<int>(activation)) + " is not gated");
+    }
   }
 
   // Persistent blocks for one grouped GEMM: a full wave, but no more than the tiles that can
@@ -357,6 +417,7 @@ std::vector<TacticDescriptor> MoeRunner::tactics(int gemm, bool runnable_only) c
     d.threads = t->threads;
     d.smem_bytes = t->smem_bytes;
     d.gemms = t->gemms;
+    d.gated = t->gated;
     d.runnable = state != nullptr && state->blocks_per_sm[i] > 0;
     if (runnable_only && !d.runnable) continue;
     out.push_back(d);
@@ -410,6 +471,7 @@ void MoeRunner::run_moe(const MoeProblem& p, const MoePointers& ptrs, const std:
   const DeviceState& state = impl_->device_state();
   const size_t t1 = impl_->find(tactic1, 1, state);
   const size_t t2 = impl_->find(tactic2, 2, state);
+  impl_->check_gated_activation(t1, p.activation);
   if (p.num_tokens == 0) return;
 
   if (!ptrs.input || !ptrs.token_selected_experts || !ptrs.token_final_scales ||
@@ -431,38 +493,56 @@ void MoeRunner::run_moe(const MoeProblem& p, const MoePointers& ptrs, const std:
   auto* permuted_to_source = reinterpret_cast<int32_t*>(base + layout.permuted_to_source);
   auto* source_to_permuted = reinterpret_cast<int32_t*>(base + layout.source_to_permuted);
   auto* permuted_expert = reinterpret_cast<int32_t*>(base + layout.permuted_expert);
+  auto* permuted_token = reinterpret_cast<int32_t*>(base + layout.permuted_token);
   const int64_t rows = p.expanded_rows();
+  const bool fused_gemm1 = impl_->gated(t1);
 
   launch_routing(ptrs.token_selected_experts, p.num_tokens, p.top_k, p.num_experts,
                  p.expert_start, offsets, permuted_to_source, source_to_permuted,
-                 permuted_expert, base + layout.routing_scratch, layout.routing_scratch_bytes,
-                 stream);
-  launch_gather_rows(act_dtype_, ptrs.input, permuted_to_source, offsets, p.num_experts,
-                     p.num_tokens, p.top_k, p.hidden_size, base + layout.gathered, stream);
+                 permuted_expert, permuted_token, base + layout.routing_scratch,
+                 layout.routing_scratch_bytes, stream);
+  // A fused gated GEMM1 reads the token rows itself.
+  if (!fused_gemm1) {
+    launch_gather_rows(act_dtype_, ptrs.input, permuted_to_source, offsets, p.num_experts,
+                       p.num_tokens, p.top_k, p.hidden_size, base + layout.gathered, stream);
+  }
 
-  // The elementwise stage is skipped only when it would copy GEMM1's output unchanged.
-  const bool needs_activation = p.activation != Activation::kIdentity || ptrs.fc1_bias != nullptr;
+  // The elementwise stage is skipped only when it would copy GEMM1's output unchanged, or when
+  // GEMM1 applies it.
+  const bool needs_activation =
+      !fused_gemm1 && (p.activation != Activation::kIdentity || ptrs.fc1_bias != nullptr);
   GemmOperands ops;
+  ops.tokens = static_cast<const char*>(ptrs.input);
+  ops.permuted_token = permuted_token;
+  ops.act_out = base + layout.act_out;
   ops.gathered = base + layout.gathered;
   ops.fc1_weights = static_cast<const char*>(ptrs.fc1_weights);
   ops.fc1_scales = static_cast<const char*>(ptrs.fc1_scales);
   ops.fc1_out = base + layout.fc1_out;
-  ops.gemm2_a = needs_activation ? base + layout.act_out : base + layout.fc1_out;
+  ops.gemm2_a = (needs_activation || fused_gemm1) ? base + layout.act_out : base + layout.fc1_out;
   ops.fc2_weights = static_cast<const char*>(ptrs.fc2_weights);
   ops.fc2_scales = static_cast<const char*>(ptrs.fc2_scales);
   ops.fc2_out = base + layout.gathered;  // GEMM1 has consumed the gathered input by then
   write_grouped_gemm_args(p, offsets, ops, layout, base, dtype_size(act_dtype_),
                           dtype_size(weight_dtype_), stream);
 
-  impl_->launch(t1, 1, layout.gemm_args(0, base, p.num_experts),
-                impl_->threadblock_count(t1, state, rows, p.num_experts, p.fc1_out_size()),
-                stream);
+  if (fused_gemm1) {
+    GroupedGemmArgs args = layout.gemm_args(kArgsGemm1Gated, base, p.num_experts);
+    args.gated = GatedEpilogueArgs{static_cast<int>(p.activation), ptrs.fc1_bias,
+                                   ptrs.swiglu_alpha, ptrs.swiglu_beta, ptrs.swiglu_limit};
+    impl_->launch(t1, 1, args,
+                  impl_->threadblock_count(t1, state, rows, p.num_experts, p.inter_size), stream);
+  } else {
+    impl_->launch(t1, 1, layout.gemm_args(kArgsGemm1, base, p.num_experts),
+                  impl_->threadblock_count(t1, state, rows, p.num_experts, p.fc1_out_size()),
+                  stream);
+  }
   if (needs_activation) {
     launch_activation(act_dtype_, p.activation, base + layout.fc1_out, base + layout.act_out,
                       rows, p.inter_size, offsets, p.num_experts, permuted_expert, ptrs.fc1_bias,
                       ptrs.swiglu_alpha, ptrs.swiglu_beta, ptrs.swiglu_limit, stream);
   }
-  impl_->launch(t2, 2, layout.gemm_args(1, base, p.num_experts),
+  impl_->launch(t2, 2, layout.gemm_args(kArgsGemm2, base, p.num_experts),
                 impl_->threadblock_count(t2, state, rows, p.num_experts, p.hidden_size), stream);
   launch_finalize(act_dtype_, out_dtype_, base + layout.gathered, source_to_permuted,
                   ptrs.token_selected_experts, ptrs.token_final_scales, ptrs.fc2_bias,
@@ -487,10 +567,14 @@ void MoeRunner::prepare_gemm_profile(int gemm, const MoeProblem& p, const void* 
   auto* offsets = reinterpret_cast<int64_t*>(base + layout.expert_first_token_offset);
   const int64_t rows = p.expanded_rows();
   synthetic_offsets_kernel<<<1, 256, 0, stream>>>(
-      rows, p.num_experts, seed, reinterpret_cast<int*>(base + layout.expert_counts), offsets);
+      rows, p.num_experts, seed, reinterpret_cast<int*>(base + layout.expert_counts), offsets,
+      reinterpret_cast<int32_t*>(base + layout.permuted_token));
   CUTLASS_MOE_CHECK_LAUNCH("synthetic_offsets_kernel");
 
   GemmOperands ops;
+  ops.tokens = base + layout.gathered;  // the synthetic routing maps row r to token row r
+  ops.permuted_token = reinterpret_cast<const int32_t*>(base + layout.permuted_token);
+  ops.act_out = base + layout.act_out;
   ops.gathered = base + layout.gathered;
   ops.fc1_weights = static_cast<const char*>(gemm == 1 ? weights : nullptr);
   ops.fc1_scales = static_cast<const char*>(gemm == 1 ? scales : nullptr);
@@ -532,12 +616,35 @@ void MoeRunner::run_gemm_profile(int gemm, const std::string& tactic, const MoeP
   }
   const DeviceState& state = impl_->device_state();
   const size_t index = impl_->find(tactic, gemm, state);
+  impl_->check_gated_activation(index, p.activation);
   if (p.num_tokens == 0) return;
   char* base = static_cast<char*>(workspace);
-  const int64_t n = gemm == 1 ? p.fc1_out_size() : p.hidden_size;
-  impl_->launch(index, gemm, layout.gemm_args(gemm - 1, base, p.num_experts),
-                impl_->threadblock_count(index, state, p.expanded_rows(), p.num_experts, n),
+  const int64_t rows = p.expanded_rows();
+  if (gemm == 2) {
+    impl_->launch(index, gemm, layout.gemm_args(kArgsGemm2, base, p.num_experts),
+                  impl_->threadblock_count(index, state, rows, p.num_experts, p.hidden_size),
+                  stream);
+    return;
+  }
+  // GEMM1 is timed with the elementwise stage that follows it in a real call, so that fused
+  // gated tactics and plain ones (GEMM1 + activation kernel) compare like for like.
+  if (impl_->gated(index)) {
+    GroupedGemmArgs args = layout.gemm_args(kArgsGemm1Gated, base, p.num_experts);
+    args.gated.activation = static_cast<int>(p.activation);
+    impl_->launch(index, gemm, args,
+                  impl_->threadblock_count(index, state, rows, p.num_experts, p.inter_size),
+                  stream);
+    return;
+  }
+  impl_->launch(index, gemm, layout.gemm_args(kArgsGemm1, base, p.num_experts),
+                impl_->threadblock_count(index, state, rows, p.num_experts, p.fc1_out_size()),
                 stream);
+  if (p.activation != Activation::kIdentity) {
+    char* offsets = base + layout.expert_first_token_offset;
+    launch_activation(act_dtype_, p.activation, base + layout.fc1_out, base + layout.act_out,
+                      rows, p.inter_size, reinterpret_cast<const int64_t*>(offsets),
+                      p.num_experts, nullptr, nullptr, nullptr, nullptr, nullptr, stream);
+  }
 }
 
 }  // namespace cutlass_moe

@@ -234,6 +234,82 @@ def test_gate_up_order_against_explicit_reference(dtype):
     assert rel_l2(swapped.float(), expected) > 0.1
 
 
+# ------------------------------------------------------------------ fused gated GEMM1
+
+
+def _gemm1_tactics(dtype, activation, rows_per_expert):
+    """``(fused gated, plain)`` default GEMM1 tactics for ``activation``."""
+    runner = _ext.get_runner(dtype, dtype, dtype)
+    act = _ext.activation_to_enum(activation)
+    descs = [d for d in runner.tactics(1) if ops.supports_activation(d, act)]
+    fused = ops.default_tactic(descs, rows_per_expert)
+    plain = ops.default_tactic([d for d in descs if not d.get("gated")], rows_per_expert)
+    return fused, plain
+
+
+def test_gated_activation_defaults_to_the_fused_gemm1():
+    dtype = torch.bfloat16
+    runner = _ext.get_runner(dtype, dtype, dtype)
+    gated = [d for d in runner.tactics(1) if d.get("gated")]
+    assert gated, "no fused gated GEMM1 tactic in this build"
+    assert all(d["name"].startswith("sm80_gated_") for d in gated)
+    assert not any(d.get("gated") for d in runner.tactics(2))
+    fused, plain = _gemm1_tactics(dtype, ActivationType.Swiglu, 2.0)
+    assert fused.startswith("sm80_gated_") and not plain.startswith("sm80_gated_")
+    # Not offered for activations it does not fuse.
+    relu = _ext.activation_to_enum(ActivationType.Relu)
+    assert not any(ops.supports_activation(d, relu) for d in gated)
+
+
+_GATED_CASES = ["swiglu", "geglu", "bias", "clamped", "bias-clamped"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", _GATED_CASES)
+@pytest.mark.parametrize("num_tokens", [1, 333])
+def test_fused_gated_gemm1_matches_reference_and_plain(dtype, case, num_tokens):
+    """Fused and plain GEMM1 on shapes with K and N residues in every tile (H=2056, I=776),
+    uneven experts, biases and per-expert clamped SwiGLU: both match the reference."""
+    num_experts, hidden, inter, top_k = 12, 2056, 776, 3
+    activation = ActivationType.Geglu if case == "geglu" else ActivationType.Swiglu
+    fc1, fc2 = _weights(num_experts, hidden, inter, True, dtype, seed=21)
+    x, ids, scales = _tokens(num_tokens, hidden, num_experts, top_k, dtype, seed=21)
+    gen = torch.Generator(device=DEVICE).manual_seed(22)
+    kwargs = {"activation_type": activation}
+    if "bias" in case:
+        kwargs["fc1_expert_biases"] = (
+            torch.randn(fc1.shape[:2], device=DEVICE, generator=gen) * 0.5).to(dtype)
+    if "clamped" in case:
+        x = x * 3  # so that the limits clamp
+        kwargs["swiglu_alpha"] = torch.rand(num_experts, device=DEVICE, generator=gen) + 1.0
+        kwargs["swiglu_beta"] = torch.rand(num_experts, device=DEVICE, generator=gen)
+        kwargs["swiglu_limit"] = torch.rand(num_experts, device=DEVICE, generator=gen) + 1.0
+    fused, plain = _gemm1_tactics(dtype, activation, num_tokens * top_k / num_experts)
+    act = _ext.activation_to_enum(activation)
+    gemm2 = ops.default_tactic(
+        [d for d in _ext.get_runner(dtype, dtype, dtype).tactics(2)
+         if ops.supports_activation(d, act)], num_tokens * top_k / num_experts)
+    out_fused, ref = _check(x, ids, scales, fc1, fc2, tactics=(fused, gemm2), **kwargs)
+    out_plain, _ = _check(x, ids, scales, fc1, fc2, tactics=(plain, gemm2), **kwargs)
+    # The two paths round the same intermediates: they agree far more closely than either
+    # agrees with the float32 reference's bound.
+    assert rel_l2(out_fused.float(), out_plain.float()) <= TOLERANCE[dtype]
+    if "clamped" in case:
+        unclamped = reference_moe(x, ids, scales, fc1, fc2, activation_type=activation,
+                                  fc1_expert_biases=kwargs.get("fc1_expert_biases"))
+        assert rel_l2(out_fused.float(), unclamped) > 0.05, "the clamp had no effect"
+
+
+def test_fused_gated_gemm1_refuses_a_plain_activation():
+    dtype = torch.bfloat16
+    fc1, fc2 = _weights(8, 2048, 1408, False, dtype)
+    x, ids, scales = _tokens(4, 2048, 8, 2, dtype, seed=23)
+    fused, _ = _gemm1_tactics(dtype, ActivationType.Swiglu, 1.0)
+    with pytest.raises(ValueError, match="not a runnable GEMM1 tactic"):
+        _run(x, ids, scales, fc1, fc2, activation_type=ActivationType.Relu,
+             tactics=(fused, ""))
+
+
 # ------------------------------------------------------------------ outputs
 
 

@@ -3,7 +3,9 @@
 
 Each tactic is one compiled CUTLASS configuration with a stable name such as
 ``sm80_bf16_bf16_m64n128k64_w32x64x64_s4`` (16-bit weights) or
-``sm80_bf16_int8_m16n128k64_w16x32x64_s4`` (int8 weights, per-output-channel scales). Instances
+``sm80_bf16_int8_m16n128k64_w16x32x64_s4`` (int8 weights, per-output-channel scales) or
+``sm80_gated_bf16_bf16_m16n64k64_w16x32x64_s5`` (fused gated GEMM1: the tile's N counts output
+columns, each of which reads one up and one gate weight row). Instances
 are grouped a few per translation unit: every TU pays a fixed front-end cost, so batching is
 several times cheaper than one TU per tactic, while enough TUs remain to keep a parallel build
 busy.
@@ -36,6 +38,7 @@ QUANT_WEIGHT_DTYPES = {
 KERNEL_TEMPLATES = {
     "16bit": ("grouped_gemm/sm80_grouped_gemm.cuh", "grouped_gemm::Sm80GroupedGemm"),
     "int8": ("grouped_gemm/sm80_grouped_gemm_int8.cuh", "grouped_gemm::Sm80GroupedGemmInt8"),
+    "gated": ("grouped_gemm/sm80_grouped_gemm_gated.cuh", "grouped_gemm::Sm80GroupedGemmGated"),
 }
 
 GEMM1 = 1
@@ -54,6 +57,7 @@ class Tactic:
     stages: int
     gemms: int = GEMM1 | GEMM2
     weight: str | None = None  # a QUANT_WEIGHT_DTYPES tag; None: weights in the activation dtype
+    gated: bool = False  # fused gated GEMM1 (16-bit weights, GEMM1 only)
 
     @property
     def weight_tag(self) -> str:
@@ -62,6 +66,8 @@ class Tactic:
     @property
     def kind(self) -> str:
         """Key of KERNEL_TEMPLATES."""
+        if self.gated:
+            return "gated"
         return self.weight or "16bit"
 
     @property
@@ -70,8 +76,9 @@ class Tactic:
 
     @property
     def name(self) -> str:
+        prefix = "sm80_gated" if self.gated else "sm80"
         return (
-            f"sm80_{self.dtype}_{self.weight_tag}_m{self.tile_m}n{self.tile_n}k{self.tile_k}"
+            f"{prefix}_{self.dtype}_{self.weight_tag}_m{self.tile_m}n{self.tile_n}k{self.tile_k}"
             f"_w{self.warp_m}x{self.warp_n}x{self.warp_k}_s{self.stages}"
         )
 
@@ -156,13 +163,45 @@ FAST_TILES_INT8 = [
 ]
 
 
+# Fused gated GEMM1 (16-bit weights): one A tile and two weight tiles (up and gate rows) per
+# stage, two accumulators. Per stage (TileM + 2 TileN) * 64 * 2 bytes of shared memory, so the
+# same output tile needs about twice the shared memory of an unfused one; and two accumulators
+# per thread: warp tiles stay at or below 64x32 / 32x64 (a 64x64 warp tile would need 256
+# accumulator registers). Tile N counts output columns, so a GEMM1 of I columns has I / TileN
+# column tiles per expert (half an unfused GEMM1's 2I / TileN): narrow tiles keep decode grids
+# wide enough to fill the GPU.
+FULL_TILES_GATED = [
+    (16, 32, 64, 16, 32, 64, 6),
+    (16, 64, 64, 16, 32, 64, 4),
+    (16, 64, 64, 16, 32, 64, 5),
+    (16, 64, 64, 16, 32, 64, 6),
+    (16, 128, 64, 16, 32, 64, 3),
+    (16, 128, 64, 16, 32, 64, 4),
+    (32, 64, 64, 32, 32, 64, 4),
+    (32, 128, 64, 32, 32, 64, 3),
+    (64, 64, 64, 32, 32, 64, 3),
+    (64, 128, 64, 32, 64, 64, 3),
+    (128, 64, 64, 64, 32, 64, 3),
+    (128, 64, 64, 64, 32, 64, 4),
+    (128, 128, 64, 64, 32, 64, 3),
+]
+
+# One gated tactic per dtype (72 KB: fits sm_86/89).
+FAST_TILES_GATED = [
+    (16, 64, 64, 16, 32, 64, 4),
+]
+
+
 def tactics(fast: bool = False) -> list[Tactic]:
     """All tactics of a build, in registry order."""
     tiles = FAST_TILES_16BIT if fast else FULL_TILES_16BIT
     tiles_int8 = FAST_TILES_INT8 if fast else FULL_TILES_INT8
-    return [Tactic(dtype, *tile) for dtype in DTYPES for tile in tiles] + [
-        Tactic(dtype, *tile, weight="int8") for dtype in DTYPES for tile in tiles_int8
-    ]
+    tiles_gated = FAST_TILES_GATED if fast else FULL_TILES_GATED
+    return (
+        [Tactic(dtype, *tile) for dtype in DTYPES for tile in tiles]
+        + [Tactic(dtype, *tile, weight="int8") for dtype in DTYPES for tile in tiles_int8]
+        + [Tactic(dtype, *tile, gemms=GEMM1, gated=True) for dtype in DTYPES for tile in tiles_gated]
+    )
 
 
 def _instance_file(group: list[Tactic]) -> str:
@@ -188,6 +227,7 @@ def _instance_file(group: list[Tactic]) -> str:
             f'    "{t.name}", {dtype_enum}, {t.weight_enum},',
             f"    {t.tile_m}, {t.tile_n}, {t.tile_k}, {t.warp_m}, {t.warp_n}, {t.warp_k},",
             f"    {t.stages}, Kernel_{t.name}::kThreads, Kernel_{t.name}::kSmemBytes, {t.gemms},",
+            f"    {'true' if t.gated else 'false'},",
             f"    &Kernel_{t.name}::prepare, &Kernel_{t.name}::launch}};",
             "",
         ]

@@ -11,6 +11,7 @@
 //   source_to_permuted[s]    = dest row of expanded source row s, or -1 when its expert is not
 //                              on this rank (such rows contribute zero)
 //   permuted_expert[d]       = local expert id of dest row d             (d < kept)
+//   permuted_token[d]        = token t of dest row d                     (d < kept)
 // Everything runs on the device; grid sizes depend only on (T, k, E), never on routed data.
 #pragma once
 
@@ -31,8 +32,8 @@ size_t routing_scratch_size(int64_t expanded_rows, int num_experts);
 void launch_routing(const int32_t* token_selected_experts, int64_t num_tokens, int top_k,
                     int num_experts, int expert_start, int64_t* expert_first_token_offset,
                     int32_t* permuted_to_source, int32_t* source_to_permuted,
-                    int32_t* permuted_expert, void* scratch, size_t scratch_bytes,
-                    cudaStream_t stream);
+                    int32_t* permuted_expert, int32_t* permuted_token, void* scratch,
+                    size_t scratch_bytes, cudaStream_t stream);
 
 // gathered[d, :] = input[permuted_to_source[d] % T, :] for d < expert_first_token_offset[E].
 // Rows at or past the kept count are left untouched. dtype: kFloat16 or kBFloat16.

@@ -21,6 +21,7 @@ struct TacticDescriptor {
   int threads = 0;
   int smem_bytes = 0;
   int gemms = 0;          // bit 0: GEMM1, bit 1: GEMM2
+  bool gated = false;     // fused gated GEMM1 (gather + both halves + SwiGLU/GeGLU)
   bool runnable = false;  // fits this device's shared memory and occupancy
 };
 
@@ -29,6 +30,19 @@ struct TacticDescriptor {
 // pointers and leading dimensions live in device memory and are written by a device kernel.
 // Weight-only quantised tactics (weight_dtype kInt8) also scale output column n of problem e by
 // ptr_scale[e][n] (N values in the activation dtype); 16-bit tactics ignore ptr_scale.
+//
+// Fused gated GEMM1 tactics (GemmTactic::gated) read it differently: problem e has N = I (the
+// output width); ptr_a[e] is the token matrix, whose rows ptr_rows[e][0..M_e) feed the problem;
+// ptr_b[e] is the expert's [2I, K] weight (up rows, then gate rows); `gated` describes the
+// activation and the optional fc1 bias [E, 2I].
+struct GatedEpilogueArgs {
+  int activation = 0;  // Activation::kSwiglu or kGeglu
+  const void* bias = nullptr;
+  const float* swiglu_alpha = nullptr;
+  const float* swiglu_beta = nullptr;
+  const float* swiglu_limit = nullptr;
+};
+
 struct GroupedGemmArgs {
   int problem_count = 0;
   void* problem_sizes = nullptr;  // cutlass::gemm::GemmCoord[problem_count]
@@ -39,6 +53,8 @@ struct GroupedGemmArgs {
   int64_t* ldb = nullptr;
   int64_t* ldd = nullptr;
   void** ptr_scale = nullptr;  // [problem_count] per-output-column scales (int8 weights only)
+  int32_t** ptr_rows = nullptr;  // [problem_count] row indices (gated tactics only)
+  GatedEpilogueArgs gated;       // gated tactics only
 };
 
 // One compiled tactic: its static description and entry points. Generated registry tables list
@@ -53,6 +69,7 @@ struct GemmTactic {
   int threads;
   int smem_bytes;  // sizeof(SharedStorage)
   int gemms;       // bit 0: usable for GEMM1, bit 1: usable for GEMM2
+  bool gated;      // fused gated GEMM1: serves only gated activations, reads tokens directly
   // Raises the kernel's dynamic shared-memory limit on the current device and returns its
   // occupancy (blocks per SM); 0 when it cannot run there.
   int (*prepare)();

@@ -73,8 +73,20 @@ _DEFAULT_TABLE_INT8 = (
 )
 
 
+# Fused gated GEMM1 tactics (gather + both halves + activation in one kernel), used by default
+# for GEMM1 whenever the activation is gated; tile N counts output columns.
+_DEFAULT_TABLE_GATED = (
+    (8.0, 16, 64, 5),
+    (16.0, 32, 64, 4),
+    (48.0, 64, 64, 3),
+    (math.inf, 128, 128, 3),
+)
+
+
 def _default_table(descs: Sequence[Mapping[str, Any]]) -> tuple[tuple[float, int, int, int], ...]:
-    """The measured table for the descriptors' weight type (int8 or 16-bit)."""
+    """The measured table for the descriptors' kind (fused gated, int8 or 16-bit)."""
+    if any(d.get("gated") for d in descs):
+        return _DEFAULT_TABLE_GATED
     if any(d.get("weight_dtype") == "int8" for d in descs):
         return _DEFAULT_TABLE_INT8
     return _DEFAULT_TABLE
@@ -90,11 +102,15 @@ def default_tactic(
     when that exact tactic is not compiled or not runnable, the smallest ``tile_m`` at least the
     preferred one (else the largest) is taken, with more ``stages`` first, then the narrower
     ``tile_n``, then the name — so the choice never depends on the order of ``descs``.
-    Descriptors with ``runnable`` false are skipped.
+    Descriptors with ``runnable`` false are skipped. When fused gated GEMM1 tactics are among
+    them (a gated activation's GEMM1), only those are considered, with their own table.
     """
     candidates = [d for d in descs if d.get("runnable", True)]
     if not candidates:
         raise RuntimeError("no runnable tactic is compiled for this configuration and device")
+    gated = [d for d in candidates if d.get("gated")]
+    if gated:
+        candidates = gated
     rows = max(float(expected_rows_per_expert), 0.0)
     table = _default_table(candidates)
     _, tile_m, tile_n, stages = next(row for row in table if rows <= row[0])
@@ -118,7 +134,8 @@ def _tile_m_target(expected_rows_per_expert: float) -> float:
     bound (both tables are step functions over these bounds, so ``default_tactic`` gives the
     same answer for the bound as for the rows)."""
     rows = max(float(expected_rows_per_expert), 0.0)
-    return min(row[0] for row in (*_DEFAULT_TABLE, *_DEFAULT_TABLE_INT8) if rows <= row[0])
+    tables = (*_DEFAULT_TABLE, *_DEFAULT_TABLE_INT8, *_DEFAULT_TABLE_GATED)
+    return min(row[0] for row in tables if rows <= row[0])
 
 
 # --------------------------------------------------------------------------------------------
