@@ -24,6 +24,9 @@
 #ifndef CUTLASS_MOE_CUDA_ARCHS
 #define CUTLASS_MOE_CUDA_ARCHS ""
 #endif
+#ifndef CUTLASS_MOE_PTX_ARCHS
+#define CUTLASS_MOE_PTX_ARCHS ""
+#endif
 #ifndef CUTLASS_MOE_FAST_BUILD
 #define CUTLASS_MOE_FAST_BUILD 0
 #endif
@@ -96,22 +99,38 @@ py::list descriptor_list(const MoeRunner& runner, int gemm, bool runnable_only) 
   return out;
 }
 
+// The entries of a ';'-separated list (empty entries skipped).
+py::list split_list(const std::string& spec) {
+  py::list out;
+  size_t start = 0;
+  while (start <= spec.size()) {
+    size_t end = spec.find(';', start);
+    if (end == std::string::npos) end = spec.size();
+    if (end > start) out.append(spec.substr(start, end - start));
+    start = end + 1;
+  }
+  return out;
+}
+
+// The CUDA version the installed driver supports, as 1000 * major + 10 * minor (12080 for
+// 12.8), or 0 when no NVIDIA driver is installed. Needs no GPU and creates no context.
+int driver_cuda_version() {
+  int version = 0;
+  CUTLASS_MOE_CHECK_CUDA(cudaDriverGetVersion(&version));
+  return version;
+}
+
 py::dict build_info() {
   py::dict info;
   info["version"] = CUTLASS_MOE_VERSION;
   info["cutlass_version"] = CUTLASS_MOE_CUTLASS_VERSION;
   info["cuda_version"] = std::to_string(CUDART_VERSION / 1000) + "." +
                          std::to_string((CUDART_VERSION % 1000) / 10);
-  py::list archs;
-  std::string spec = CUTLASS_MOE_CUDA_ARCHS;
-  size_t start = 0;
-  while (start <= spec.size()) {
-    size_t end = spec.find(';', start);
-    if (end == std::string::npos) end = spec.size();
-    if (end > start) archs.append(spec.substr(start, end - start));
-    start = end + 1;
-  }
-  info["archs"] = archs;
+  // The same, as CUDART_VERSION (12080 for 12.8), to compare with driver_cuda_version().
+  info["cuda_runtime_version"] = CUDART_VERSION;
+  // Archs with machine code (SASS) in the binary, and those with PTX for JIT compilation.
+  info["archs"] = split_list(CUTLASS_MOE_CUDA_ARCHS);
+  info["ptx_archs"] = split_list(CUTLASS_MOE_PTX_ARCHS);
   info["fast_build"] = static_cast<bool>(CUTLASS_MOE_FAST_BUILD);
 
   // Tactic counts per dtype configuration and GEMM, from the generated registry (no CUDA call).
@@ -143,6 +162,8 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "cutlass_moe native extension: CUTLASS grouped-GEMM MoE kernels (no libtorch)";
 
   m.def("build_info", &build_info, "Build configuration: versions, archs, tactic counts.");
+  m.def("driver_cuda_version", &driver_cuda_version,
+        "CUDA version of the installed driver (12080 for 12.8); 0 when there is no driver.");
 
   py::class_<MoeRunner>(m, "MoeRunner")
       .def(py::init([](int act, int weight, int out) {

@@ -448,6 +448,146 @@ def test_arch_support():
     assert cli.arch_support(9, 0, []) == "no"
 
 
+def test_arch_support_with_ptx():
+    assert cli.arch_support(10, 0, ["80", "90"], ["90"]) == "yes (JIT from compute_90 PTX)"
+    assert cli.arch_support(12, 0, ["80"], ["80", "90"]) == "yes (JIT from compute_90 PTX)"
+    assert cli.arch_support(9, 0, ["80", "90"], ["90"]) == "yes"  # SASS wins
+    assert cli.arch_support(8, 9, ["80", "86"], ["90"]) == "yes (sm_86 code)"
+    assert cli.arch_support(8, 0, ["86"], ["90"]) == "no"  # PTX of a newer arch never fits
+
+
+def test_cuda_version_text():
+    assert cli.cuda_version_text(12080) == "12.8"
+    assert cli.cuda_version_text(12040) == "12.4"
+    assert cli.cuda_version_text(13000) == "13.0"
+    assert cli.cuda_version_text(12020) == "12.2"
+
+
+@pytest.mark.parametrize("driver, runtime, kwargs, status, words", [
+    (12080, 12080, {}, "ok", ["supports CUDA 12.8", "new enough for this CUDA 12.8 build"]),
+    (12090, 12040, {"needs_jit": True}, "ok", ["supports CUDA 12.9"]),
+    (13000, 12080, {"needs_jit": True}, "ok", ["supports CUDA 13.0"]),
+    (12020, 12080, {}, "minor-compat", ["supports CUDA 12.2", "minor-version compatibility"]),
+    (12020, 12080, {"has_ptx": True}, "minor-compat",
+     ["minor-version compatibility; PTX JIT for newer GPUs needs a driver >= 12.8"]),
+    (12020, 12080, {"has_ptx": True, "needs_jit": True}, "too-old",
+     ["driver supports CUDA 12.2 but this wheel was built with CUDA 12.8",
+      "only a driver >= 12.8 can JIT-compile", "supports CUDA >= 12.8"]),
+    (12080, 13000, {}, "too-old",
+     ["driver supports CUDA 12.8 but this wheel was built with CUDA 13.0",
+      "update the NVIDIA driver to one that supports CUDA >= 13.0",
+      "or install cutlass-moe-cu12 instead"]),
+    (11080, 12040, {}, "too-old", [("driver supports CUDA 11.8 but this wheel was built with "
+                                    "CUDA 12.4: update the NVIDIA driver to one that supports "
+                                    "CUDA >= 12.0")]),
+    (0, 12080, {}, "no-driver",
+     ["none found", "needs an NVIDIA driver that supports CUDA >= 12.0"]),
+    (None, 13000, {}, "unknown", ["unknown (could not ask the driver;", "CUDA >= 13.0"]),
+    (None, 13000, {"unknown_reason": "boom"}, "unknown", ["unknown (boom;"]),
+])
+def test_check_driver(driver, runtime, kwargs, status, words):
+    check = cli.check_driver(driver, runtime, **kwargs)
+    assert check.status == status
+    for text in words:
+        assert text in check.message
+    if driver and driver // 1000 < 12:
+        assert "cutlass-moe-cu" not in check.message  # no cu11 wheel to suggest
+
+
+def fake_ext_with_driver(driver, **build):
+    """A fake extension whose build_info has ``build`` and whose driver reports ``driver``
+    (an int, or an exception to raise; ``...`` = a build without driver_cuda_version)."""
+    module = make_fake_extension()
+    base = module.build_info()
+    module.build_info = lambda: {**base, **build}
+    if driver is not ...:
+        def driver_cuda_version():
+            if isinstance(driver, Exception):
+                raise driver
+            return driver
+        module.driver_cuda_version = driver_cuda_version
+    return _ext._replaced_extension(module)
+
+
+CU128_PTX = {"cuda_version": "12.8", "cuda_runtime_version": 12080, "ptx_archs": ["90"]}
+
+
+def test_info_driver_new_enough(capsys, no_gpu, no_cache_env):
+    with fake_ext_with_driver(12090, **CU128_PTX):
+        status, out, err = run_cli(capsys, "info")
+    assert status == 0 and err == ""
+    assert "CUDA toolkit:    12.8 (runtime linked statically)" in out
+    assert "PTX:             compute_90 (JIT-compiled by the driver for newer GPUs)" in out
+    assert "driver:          supports CUDA 12.9 (new enough for this CUDA 12.8 build)" in out
+
+
+def test_info_driver_minor_compat_and_jit(capsys, gpu, monkeypatch, no_cache_env):
+    props = [fake_properties("NVIDIA A100", 8, 0, 108, 80)]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(props))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: props[i])
+    with fake_ext_with_driver(12020, **CU128_PTX):
+        status, out, _ = run_cli(capsys, "info")
+    assert status == 0
+    assert ("driver:          supports CUDA 12.2: runs this CUDA 12.8 build through "
+            "minor-version compatibility; PTX JIT for newer GPUs needs a driver >= 12.8") in out
+    # a GPU with no SASS in the build runs the PTX: the same driver is now too old
+    props.append(fake_properties("NVIDIA B200", 10, 0, 148, 179))
+    with fake_ext_with_driver(12020, **CU128_PTX):
+        status, out, _ = run_cli(capsys, "info")
+    assert status == 0
+    assert "NVIDIA B200, sm_100, 148 SMs, 179.0 GiB, kernels for it: yes (JIT from compute_90 " \
+           "PTX)" in out
+    assert ("driver:          TOO OLD: driver supports CUDA 12.2 but this wheel was built with "
+            "CUDA 12.8") in out
+
+
+def test_info_driver_too_old_major(capsys, no_gpu, no_cache_env):
+    with fake_ext_with_driver(12080, cuda_version="13.0", cuda_runtime_version=13000):
+        status, out, _ = run_cli(capsys, "info")
+    assert status == 0
+    assert ("driver:          TOO OLD: driver supports CUDA 12.8 but this wheel was built with "
+            "CUDA 13.0: update the NVIDIA driver to one that supports CUDA >= 13.0, or install "
+            "cutlass-moe-cu12 instead") in out
+    assert "PTX:             none" in out
+
+
+def test_info_without_driver(capsys, no_gpu, no_cache_env):
+    with fake_ext_with_driver(0, **CU128_PTX):
+        status, out, _ = run_cli(capsys, "info")
+    assert status == 0
+    assert ("driver:          none found (running this CUDA 12.8 build needs an NVIDIA driver "
+            "that supports CUDA >= 12.0)") in out
+
+
+@pytest.mark.parametrize("driver, reason", [
+    (RuntimeError("CUDA error cudaErrorUnknown"),
+     "asking the driver failed: CUDA error cudaErrorUnknown"),
+    (..., "this build has no driver_cuda_version()"),
+])
+def test_info_driver_unknown(capsys, no_gpu, no_cache_env, driver, reason):
+    with fake_ext_with_driver(driver, cuda_version="12.4"):  # no cuda_runtime_version: parsed
+        status, out, _ = run_cli(capsys, "info")
+    assert status == 0
+    assert (f"driver:          unknown ({reason}; this CUDA 12.4 build needs a driver that "
+            "supports CUDA >= 12.0)") in out
+
+
+def test_info_json_driver(capsys, no_gpu, no_cache_env):
+    with fake_ext_with_driver(12020, **CU128_PTX):
+        status, out, _ = run_cli(capsys, "info", "--json")
+    assert status == 0
+    info = json.loads(out)
+    assert info["driver_cuda_version"] == 12020 and info["cuda_runtime_version"] == 12080
+    assert info["ptx_archs"] == ["90"]
+    assert info["driver"]["status"] == "minor-compat"
+
+
+def test_info_without_extension_skips_the_driver(capsys, no_gpu, no_ext):
+    status, out, _ = run_cli(capsys, "info", "--json")
+    assert status == 0
+    assert "driver" not in json.loads(out)
+
+
 # ------------------------------------------------------------------------------------------
 # tune (with a fake tune_model)
 # ------------------------------------------------------------------------------------------
