@@ -582,6 +582,48 @@ def test_info_json_driver(capsys, no_gpu, no_cache_env):
     assert info["driver"]["status"] == "minor-compat"
 
 
+@pytest.mark.parametrize("dists, line", [
+    ([{"name": "cutlass-moe-cu12", "version": "0.1.0"}],
+     "distribution:    cutlass-moe-cu12 0.1.0"),
+    ([], "distribution:    none installed (running from a source tree)"),
+    ([{"name": "cutlass-moe-cu12", "version": "0.1.0"},
+      {"name": "cutlass-moe-cu13", "version": "0.1.0"}],
+     ("distribution:    CONFLICT: cutlass-moe-cu12 0.1.0, cutlass-moe-cu13 0.1.0 each install "
+      "cutlass_moe; uninstall all but one")),
+])
+def test_info_distribution(capsys, no_gpu, fake_ext, no_cache_env, monkeypatch, dists, line):
+    monkeypatch.setattr(cli, "installed_distributions", lambda: dists)
+    status, out, _ = run_cli(capsys, "info")
+    assert status == 0
+    assert out.splitlines()[1].strip().startswith(line)
+    status, out, _ = run_cli(capsys, "info", "--json")
+    assert json.loads(out)["distributions"] == dists
+
+
+def test_installed_distributions(monkeypatch):
+    import importlib.metadata
+
+    versions = {"cutlass-moe-cu13": "0.2.0", "cutlass-moe-cu12": "0.1.0"}
+
+    def version(name):
+        if name not in versions:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return versions[name]
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    monkeypatch.setattr(importlib.metadata, "packages_distributions", lambda: {
+        "cutlass_moe": ["cutlass-moe-cu13", "cutlass-moe-cu12", "cutlass-moe-cu12", "gone"],
+        "torch": ["torch"]})
+    assert cli.installed_distributions() == [{"name": "cutlass-moe-cu12", "version": "0.1.0"},
+                                             {"name": "cutlass-moe-cu13", "version": "0.2.0"}]
+
+    def broken():
+        raise OSError("unreadable metadata")
+
+    monkeypatch.setattr(importlib.metadata, "packages_distributions", broken)
+    assert cli.installed_distributions() == []
+
+
 def test_info_without_extension_skips_the_driver(capsys, no_gpu, no_ext):
     status, out, _ = run_cli(capsys, "info", "--json")
     assert status == 0

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import importlib.metadata
 import importlib.util
 import json
 import logging
@@ -415,6 +416,23 @@ def query_driver_version() -> tuple[int | None, str | None]:
         return None, f"asking the driver failed: {exc}"
 
 
+def installed_distributions() -> list[dict[str, str]]:
+    """Name and version of each installed distribution that provides the ``cutlass_moe``
+    package (cutlass-moe, cutlass-moe-cu12, cutlass-moe-cu13): more than one is a conflict."""
+    try:
+        names = importlib.metadata.packages_distributions().get("cutlass_moe", [])
+    except (OSError, ValueError, KeyError) as exc:  # a broken installation elsewhere
+        logger.debug("listing the installed distributions failed: %s", exc)
+        return []
+    found = []
+    for name in sorted(set(names), key=str.lower):
+        try:
+            found.append({"name": name, "version": importlib.metadata.version(name)})
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return found
+
+
 def gpu_info() -> tuple[list[dict[str, Any]], str | None]:
     """The visible GPUs (index, name, compute capability, SMs, memory) and, when there are
     none, why."""
@@ -460,6 +478,7 @@ def collect_info() -> dict[str, Any]:
     info["gpus"] = gpus
     if no_gpu_reason:
         info["no_gpu_reason"] = no_gpu_reason
+    info["distributions"] = installed_distributions()
     runtime = _runtime_version(info) if info["extension_available"] else None
     if runtime is not None:
         driver, why = query_driver_version()
@@ -481,6 +500,14 @@ def format_info(info: Mapping[str, Any]) -> str:
     def field(key: str, value: Any) -> None:
         lines.append(f"  {key + ':':<16} {value}".rstrip())
 
+    dists = info.get("distributions")
+    if dists is not None:
+        names = ", ".join(f"{d['name']} {d['version']}" for d in dists)
+        if len(dists) > 1:
+            field("distribution", f"CONFLICT: {names} each install cutlass_moe; uninstall all "
+                                  "but one (pip uninstall NAME) and reinstall it")
+        else:
+            field("distribution", names or "none installed (running from a source tree)")
     field("torch", f"{info.get('torch_version')} (CUDA {info.get('torch_cuda_version') or 'none'})")
     if info.get("extension_available"):
         field("extension", f"cutlass_moe._C {info.get('version', '?')}")
