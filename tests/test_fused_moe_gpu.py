@@ -242,7 +242,7 @@ def _gemm1_tactics(dtype, activation, rows_per_expert):
     runner = _ext.get_runner(dtype, dtype, dtype)
     act = _ext.activation_to_enum(activation)
     descs = [d for d in runner.tactics(1) if ops.supports_activation(d, act)]
-    fused = ops.default_tactic(descs, rows_per_expert)
+    fused = ops.default_tactic([d for d in descs if d.get("gated")], rows_per_expert)
     plain = ops.default_tactic([d for d in descs if not d.get("gated")], rows_per_expert)
     return fused, plain
 
@@ -256,6 +256,10 @@ def test_gated_activation_defaults_to_the_fused_gemm1():
     assert not any(d.get("gated") for d in runner.tactics(2))
     fused, plain = _gemm1_tactics(dtype, ActivationType.Swiglu, 2.0)
     assert fused.startswith("sm80_gated_") and not plain.startswith("sm80_gated_")
+    swiglu = _ext.activation_to_enum(ActivationType.Swiglu)
+    descs = [d for d in runner.tactics(1) if ops.supports_activation(d, swiglu)]
+    assert ops.default_tactic(descs, 2.0) == fused  # decode: fused
+    assert not ops.default_tactic(descs, 256.0).startswith("sm80_gated_")  # prefill: plain
     # Not offered for activations it does not fuse.
     relu = _ext.activation_to_enum(ActivationType.Relu)
     assert not any(ops.supports_activation(d, relu) for d in gated)

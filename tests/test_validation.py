@@ -700,11 +700,54 @@ def test_default_tactic_on_the_fast_int8_build(rows, expected):
     assert default_tactic(_int8_descs(fast=True), rows) == f"sm80_bf16_int8_{expected}"
 
 
-@pytest.mark.parametrize("weights", ["16bit", "int8"])
+def _gemm1_descs_16bit(fast):
+    """GEMM1 descriptors of the generator's bf16 build: plain and fused gated tactics."""
+    generator = _generator_module()
+    return [
+        {"name": t.name, "gemm": 1, "tile_m": t.tile_m, "tile_n": t.tile_n, "tile_k": t.tile_k,
+         "warp_m": t.warp_m, "warp_n": t.warp_n, "warp_k": t.warp_k, "stages": t.stages,
+         "smem_bytes": 0, "threads": t.threads, "act_dtype": "bf16", "weight_dtype": "bf16",
+         "gated": t.gated, "runnable": True}
+        for t in generator.tactics(fast=fast)
+        if t.weight is None and t.dtype == "bf16" and t.gemms & 1
+    ]
+
+
+@pytest.mark.parametrize("rows,expected", [
+    # A gated activation's GEMM1: fused up to 16 rows per expert, then the plain table.
+    (0, "sm80_gated_bf16_bf16_m16n64k64_w16x32x64_s5"),
+    (8, "sm80_gated_bf16_bf16_m16n64k64_w16x32x64_s5"),
+    (9, "sm80_gated_bf16_bf16_m32n64k64_w32x32x64_s4"),
+    (16, "sm80_gated_bf16_bf16_m32n64k64_w32x32x64_s4"),
+    (17, "sm80_bf16_bf16_m64n128k64_w32x64x64_s5"),
+    (48, "sm80_bf16_bf16_m64n128k64_w32x64x64_s5"),
+    (49, "sm80_bf16_bf16_m128n128k64_w64x64x64_s3"),
+    (8192, "sm80_bf16_bf16_m128n128k64_w64x64x64_s3"),
+])
+def test_default_gemm1_of_a_gated_activation(rows, expected):
+    descs = _gemm1_descs_16bit(fast=False)
+    assert any(d["gated"] for d in descs) and not all(d["gated"] for d in descs)
+    assert default_tactic(descs, rows) == expected
+    # Only gated tactics (e.g. the plain ones filtered out): the last gated row serves all rows.
+    gated = [d for d in descs if d["gated"]]
+    assert default_tactic(gated, rows).startswith("sm80_gated_")
+
+
+@pytest.mark.parametrize("rows,expected", [
+    (1, "sm80_gated_bf16_bf16_m16n64k64_w16x32x64_s4"),
+    (16, "sm80_gated_bf16_bf16_m16n64k64_w16x32x64_s4"),
+    (17, "sm80_bf16_bf16_m128n128k64_w64x64x64_s3"),
+])
+def test_default_gemm1_of_a_gated_activation_fast_build(rows, expected):
+    assert default_tactic(_gemm1_descs_16bit(fast=True), rows) == expected
+
+
+@pytest.mark.parametrize("weights", ["16bit", "int8", "gated"])
 def test_default_choice_cached_per_bound_matches_the_rows(weights):
     """Default choices are cached per table bound: the bound must pick what the rows pick."""
     from cutlass_moe.ops import _tile_m_target
 
-    descs = _int8_descs(fast=False) if weights == "int8" else _descs()
+    descs = {"int8": lambda: _int8_descs(fast=False), "16bit": _descs,
+             "gated": lambda: _gemm1_descs_16bit(fast=False)}[weights]()
     for rows in [0, 0.5, 1, 3, 7.9, 8, 8.1, 12, 16, 16.5, 30, 48, 49, 60, 64, 64.5, 100, 5000]:
         assert default_tactic(descs, _tile_m_target(rows)) == default_tactic(descs, rows), rows
