@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Checks a built cutlass_moe wheel for what it contains, and fails on surprises.
 
-    python3 tools/check_wheel.py dist/cutlass_moe_cu12-0.1.0-cp311-cp311-manylinux_2_28_x86_64.whl \\
-        --expect-archs 80,86,89,90 --expect-ptx 90 --max-size-mb 150 --expect-name cutlass-moe-cu12
+    python3 tools/check_wheel.py dist/*.whl --expect-archs 80,86,89,90 \\
+        --expect-ptx 90 --max-size-mb 150 --expect-name cutlass-moe-cu12 --load
 
 It unpacks the wheel into a temporary folder and reports its files and size, its metadata, the
 shared libraries its ELF files need (``readelf -d``; ``auditwheel show`` when auditwheel is
