@@ -16,6 +16,7 @@
 #include "cutlass_moe/cuda_check.h"
 #include "cutlass_moe/problem.h"
 #include "activation_math.cuh"
+#include "launch.cuh"
 #include "vector_access.cuh"
 
 namespace cutlass_moe {
@@ -46,6 +47,7 @@ __global__ void __launch_bounds__(kMaxThreads)
                       const int32_t* __restrict__ permuted_expert, const T* __restrict__ fc1_bias,
                       SwigluClamp clamp) {
   constexpr bool kGated = kAct == Activation::kSwiglu || kAct == Activation::kGeglu;
+  wait_on_dependencies();
   const int64_t row = blockIdx.x;
   if (row >= expert_first_token_offset[num_experts]) return;
   const int64_t col = (static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x) * kWidth;
@@ -106,6 +108,7 @@ struct LaunchArgs {
   const void* fc1_bias;
   SwigluClamp clamp;
   cudaStream_t stream;
+  bool pdl;
 };
 
 template <typename T, Activation kAct, int kWidth>
@@ -116,11 +119,11 @@ void launch_typed(const LaunchArgs& args) {
   if (tiles > kMaxGridY) throw InvalidArgument("activation: inter_size too large");
   const int threads = static_cast<int>(ceil_div(ceil_div(groups, tiles), kWarpSize) * kWarpSize);
   const dim3 grid(static_cast<unsigned>(args.expanded_rows), static_cast<unsigned>(tiles));
-  activation_kernel<T, kAct, kWidth><<<grid, threads, 0, args.stream>>>(
-      static_cast<const T*>(args.fc1_out), static_cast<T*>(args.act_out), args.inter_size,
-      args.expert_first_token_offset, args.num_experts, args.permuted_expert,
-      static_cast<const T*>(args.fc1_bias), args.clamp);
-  CUTLASS_MOE_CHECK_LAUNCH("activation_kernel");
+  launch_kernel("activation_kernel", activation_kernel<T, kAct, kWidth>, grid, dim3(threads), 0,
+                args.stream, args.pdl, static_cast<const T*>(args.fc1_out),
+                static_cast<T*>(args.act_out), args.inter_size, args.expert_first_token_offset,
+                args.num_experts, args.permuted_expert, static_cast<const T*>(args.fc1_bias),
+                args.clamp);
 }
 
 template <typename T, Activation kAct>
@@ -161,7 +164,7 @@ void launch_activation(DType dtype, Activation activation, const void* fc1_out, 
                        const int64_t* expert_first_token_offset, int num_experts,
                        const int32_t* permuted_expert, const void* fc1_bias,
                        const float* swiglu_alpha, const float* swiglu_beta,
-                       const float* swiglu_limit, cudaStream_t stream) {
+                       const float* swiglu_limit, cudaStream_t stream, bool pdl) {
   if (dtype != DType::kFloat16 && dtype != DType::kBFloat16) {
     throw InvalidArgument("activation: dtype must be float16 or bfloat16");
   }
@@ -182,7 +185,7 @@ void launch_activation(DType dtype, Activation activation, const void* fc1_out, 
 
   const LaunchArgs args{fc1_out,          act_out,     expanded_rows,   inter_size,
                         expert_first_token_offset, num_experts, permuted_expert, fc1_bias,
-                        clamp,            stream};
+                        clamp,            stream,      pdl};
   if (dtype == DType::kFloat16) {
     launch_activation_fn<__half>(activation, args);
   } else {

@@ -84,6 +84,7 @@ py::dict descriptor_dict(const cutlass_moe::TacticDescriptor& d, int gemm) {
   out["weight_dtype"] = cutlass_moe::dtype_name(d.weight_dtype);
   // Fused gated GEMM1 tactics run only with the activations they fuse.
   out["gated"] = d.gated;
+  out["split_k"] = d.split_k;
   if (d.gated) {
     py::list activations;
     activations.append(static_cast<int>(cutlass_moe::Activation::kSwiglu));
@@ -161,6 +162,7 @@ py::dict build_info() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "cutlass_moe native extension: CUTLASS grouped-GEMM MoE kernels (no libtorch)";
 
+  m.attr("SPLIT_K_MAX_ROWS") = cutlass_moe::kSplitKMaxRows;
   m.def("build_info", &build_info, "Build configuration: versions, archs, tactic counts.");
   m.def("driver_cuda_version", &driver_cuda_version,
         "CUDA version of the installed driver (12080 for 12.8); 0 when there is no driver.");
@@ -196,7 +198,8 @@ PYBIND11_MODULE(_C, m) {
              std::uintptr_t fc2_bias, std::uintptr_t swiglu_alpha, std::uintptr_t swiglu_beta,
              std::uintptr_t swiglu_limit, std::uintptr_t output, std::uintptr_t workspace,
              size_t workspace_bytes, const std::string& tactic1, const std::string& tactic2,
-             std::uintptr_t stream, std::uintptr_t fc1_scales, std::uintptr_t fc2_scales) {
+             std::uintptr_t stream, std::uintptr_t fc1_scales, std::uintptr_t fc2_scales,
+             bool enable_pdl) {
             MoePointers p;
             p.input = as_ptr<const void>(input);
             p.token_selected_experts = as_ptr<const int32_t>(token_selected_experts);
@@ -215,7 +218,7 @@ PYBIND11_MODULE(_C, m) {
             p.workspace_bytes = workspace_bytes;
             r.run_moe(make_problem(num_tokens, hidden_size, inter_size, num_experts, top_k,
                                    expert_start, activation),
-                      p, tactic1, tactic2, as_ptr<CUstream_st>(stream));
+                      p, tactic1, tactic2, as_ptr<CUstream_st>(stream), enable_pdl);
           },
           py::arg("num_tokens"), py::arg("hidden_size"), py::arg("inter_size"),
           py::arg("num_experts"), py::arg("top_k"), py::arg("expert_start"),
@@ -225,7 +228,8 @@ PYBIND11_MODULE(_C, m) {
           py::arg("swiglu_beta"), py::arg("swiglu_limit"), py::arg("output"),
           py::arg("workspace"), py::arg("workspace_bytes"), py::arg("tactic1"),
           py::arg("tactic2"), py::arg("stream"), py::arg("fc1_scales") = 0,
-          py::arg("fc2_scales") = 0, py::call_guard<py::gil_scoped_release>())
+          py::arg("fc2_scales") = 0, py::arg("enable_pdl") = true,
+          py::call_guard<py::gil_scoped_release>())
       .def(
           "prepare_gemm_profile",
           [](const MoeRunner& r, int gemm, int64_t num_tokens, int64_t hidden_size,

@@ -16,6 +16,7 @@
 #include "cutlass_moe/cuda_check.h"
 #include "cutlass_moe/finalize.h"
 #include "cutlass_moe/problem.h"
+#include "launch.cuh"
 #include "vector_access.cuh"
 
 namespace cutlass_moe {
@@ -28,13 +29,16 @@ constexpr int kRuntimeTopK = 0;  // template value meaning "k is a kernel argume
 
 using namespace vector_access;
 
-template <typename In, typename Out, int kWidth, int kFixedTopK>
+// In: GEMM2's output type (the activation dtype, or fp32 partial sums); Bias: the activation
+// dtype; Out: the output dtype.
+template <typename In, typename Bias, typename Out, int kWidth, int kFixedTopK>
 __global__ void __launch_bounds__(kMaxThreads)
     finalize_kernel(const In* __restrict__ fc2_out, const int32_t* __restrict__ source_to_permuted,
                     const int32_t* __restrict__ token_selected_experts,
-                    const float* __restrict__ token_final_scales, const In* __restrict__ fc2_bias,
+                    const float* __restrict__ token_final_scales, const Bias* __restrict__ fc2_bias,
                     int expert_start, int64_t num_tokens, int runtime_top_k, int64_t hidden_size,
-                    Out* __restrict__ out) {
+                    int splits, Out* __restrict__ out) {
+  wait_on_dependencies();
   const int top_k = kFixedTopK != kRuntimeTopK ? kFixedTopK : runtime_top_k;
   const int64_t token = blockIdx.x;
   const int64_t col = (static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x) * kWidth;
@@ -51,12 +55,20 @@ __global__ void __launch_bounds__(kMaxThreads)
     const int64_t flat = token * top_k + j;
     const float scale = token_final_scales[flat];
     float y[kWidth];
-    load_floats<In, kWidth>(fc2_out + permuted_row * hidden_size + col, y);
+    const In* row = fc2_out + permuted_row * hidden_size + col;
+    load_floats<In, kWidth>(row, y);
+    // Split-K partial sums (fp32 only): slices of [T*k, H], added in slice order.
+    for (int s = 1; s < splits; ++s) {
+      float part[kWidth];
+      load_floats<In, kWidth>(row + s * num_tokens * top_k * hidden_size, part);
+#pragma unroll
+      for (int i = 0; i < kWidth; ++i) y[i] += part[i];
+    }
     if (fc2_bias != nullptr) {
       // In range: routing kept this choice, so its id lies in [expert_start, expert_start + E).
       const int64_t expert = static_cast<int64_t>(token_selected_experts[flat]) - expert_start;
       float bias[kWidth];
-      load_floats<In, kWidth>(fc2_bias + expert * hidden_size + col, bias);
+      load_floats<Bias, kWidth>(fc2_bias + expert * hidden_size + col, bias);
 #pragma unroll
       for (int i = 0; i < kWidth; ++i) y[i] += bias[i];
     }
@@ -86,9 +98,11 @@ struct LaunchArgs {
   int64_t hidden_size;
   void* out;
   cudaStream_t stream;
+  int splits;
+  bool pdl;
 };
 
-template <typename In, typename Out, int kWidth, int kFixedTopK>
+template <typename In, typename Bias, typename Out, int kWidth, int kFixedTopK>
 void launch_typed(const LaunchArgs& args) {
   // Spread a row's column groups evenly over the fewest tiles of at most kMaxThreads threads.
   const int64_t groups = ceil_div(args.hidden_size, kWidth);
@@ -96,45 +110,52 @@ void launch_typed(const LaunchArgs& args) {
   if (tiles > kMaxGridY) throw InvalidArgument("finalize: hidden_size too large");
   const int threads = static_cast<int>(ceil_div(ceil_div(groups, tiles), kWarpSize) * kWarpSize);
   const dim3 grid(static_cast<unsigned>(args.num_tokens), static_cast<unsigned>(tiles));
-  finalize_kernel<In, Out, kWidth, kFixedTopK><<<grid, threads, 0, args.stream>>>(
-      static_cast<const In*>(args.fc2_out), args.source_to_permuted, args.token_selected_experts,
-      args.token_final_scales, static_cast<const In*>(args.fc2_bias), args.expert_start,
-      args.num_tokens, args.top_k, args.hidden_size, static_cast<Out*>(args.out));
-  CUTLASS_MOE_CHECK_LAUNCH("finalize_kernel");
+  launch_kernel("finalize_kernel", finalize_kernel<In, Bias, Out, kWidth, kFixedTopK>, grid,
+                dim3(threads), 0, args.stream, args.pdl, static_cast<const In*>(args.fc2_out),
+                args.source_to_permuted, args.token_selected_experts, args.token_final_scales,
+                static_cast<const Bias*>(args.fc2_bias), args.expert_start, args.num_tokens,
+                args.top_k, args.hidden_size, args.splits, static_cast<Out*>(args.out));
 }
 
-template <typename In, typename Out>
+template <typename In, typename Bias, typename Out>
 void launch_out_typed(const LaunchArgs& args) {
   const bool vectorised = vectorisable(args.hidden_size, {args.fc2_out, args.out, args.fc2_bias});
-  if (!vectorised) return launch_typed<In, Out, 1, kRuntimeTopK>(args);
+  if (!vectorised) return launch_typed<In, Bias, Out, 1, kRuntimeTopK>(args);
   switch (args.top_k) {
     case 1:
-      return launch_typed<In, Out, kVectorWidth, 1>(args);
+      return launch_typed<In, Bias, Out, kVectorWidth, 1>(args);
     case 2:
-      return launch_typed<In, Out, kVectorWidth, 2>(args);
+      return launch_typed<In, Bias, Out, kVectorWidth, 2>(args);
     case 4:
-      return launch_typed<In, Out, kVectorWidth, 4>(args);
+      return launch_typed<In, Bias, Out, kVectorWidth, 4>(args);
     case 6:
-      return launch_typed<In, Out, kVectorWidth, 6>(args);
+      return launch_typed<In, Bias, Out, kVectorWidth, 6>(args);
     case 8:
-      return launch_typed<In, Out, kVectorWidth, 8>(args);
+      return launch_typed<In, Bias, Out, kVectorWidth, 8>(args);
     default:
-      return launch_typed<In, Out, kVectorWidth, kRuntimeTopK>(args);
+      return launch_typed<In, Bias, Out, kVectorWidth, kRuntimeTopK>(args);
   }
 }
 
-template <typename In>
+template <typename In, typename Bias>
 void launch_in_typed(DType out_dtype, const LaunchArgs& args) {
   switch (out_dtype) {
     case DType::kFloat16:
-      return launch_out_typed<In, __half>(args);
+      return launch_out_typed<In, Bias, __half>(args);
     case DType::kBFloat16:
-      return launch_out_typed<In, __nv_bfloat16>(args);
+      return launch_out_typed<In, Bias, __nv_bfloat16>(args);
     case DType::kFloat32:
-      return launch_out_typed<In, float>(args);
+      return launch_out_typed<In, Bias, float>(args);
     default:
       throw InvalidArgument("finalize: out_dtype must be float16, bfloat16 or float32");
   }
+}
+
+// GEMM2's output is in the activation dtype, or fp32 partial sums when split over K.
+template <typename Act>
+void launch_act_typed(DType out_dtype, const LaunchArgs& args) {
+  if (args.splits > 1) return launch_in_typed<float, Act>(out_dtype, args);
+  launch_in_typed<Act, Act>(out_dtype, args);
 }
 
 }  // namespace
@@ -143,10 +164,11 @@ void launch_finalize(DType in_dtype, DType out_dtype, const void* fc2_out,
                      const int32_t* source_to_permuted, const int32_t* token_selected_experts,
                      const float* token_final_scales, const void* fc2_bias, int expert_start,
                      int64_t num_tokens, int top_k, int64_t hidden_size, void* out,
-                     cudaStream_t stream) {
+                     cudaStream_t stream, int splits, bool pdl) {
   if (in_dtype != DType::kFloat16 && in_dtype != DType::kBFloat16) {
     throw InvalidArgument("finalize: in_dtype must be float16 or bfloat16");
   }
+  if (splits < 1) throw InvalidArgument("finalize: splits must be >= 1");
   if (out_dtype != DType::kFloat16 && out_dtype != DType::kBFloat16 &&
       out_dtype != DType::kFloat32) {
     throw InvalidArgument("finalize: out_dtype must be float16, bfloat16 or float32");
@@ -168,11 +190,12 @@ void launch_finalize(DType in_dtype, DType out_dtype, const void* fc2_out,
   const LaunchArgs args{fc2_out,    source_to_permuted, token_selected_experts,
                         token_final_scales, fc2_bias, expert_start,
                         num_tokens, top_k,  hidden_size,
-                        out,        stream};
+                        out,        stream,             splits,
+                        pdl};
   if (in_dtype == DType::kFloat16) {
-    launch_in_typed<__half>(out_dtype, args);
+    launch_act_typed<__half>(out_dtype, args);
   } else {
-    launch_in_typed<__nv_bfloat16>(out_dtype, args);
+    launch_act_typed<__nv_bfloat16>(out_dtype, args);
   }
 }
 

@@ -21,6 +21,8 @@
 #include "cutlass_moe/cuda_check.h"
 #include "cutlass_moe/problem.h"
 #include "cutlass_moe/routing.h"
+#include "gemm_args.cuh"
+#include "launch.cuh"
 #include "vector_access.cuh"
 
 namespace cutlass_moe {
@@ -108,6 +110,7 @@ __global__ void __launch_bounds__(kRoutingThreads)
     count_chunk_experts_kernel(const int32_t* __restrict__ expert_ids, int64_t num_entries,
                                int64_t entries_per_warp, int64_t entries_per_chunk,
                                int expert_start, int num_experts, int32_t* __restrict__ chunk_counts) {
+  wait_on_dependencies();
   extern __shared__ int32_t expert_counts[];  // [num_experts]
   for (int e = threadIdx.x; e < num_experts; e += blockDim.x) expert_counts[e] = 0;
   __syncthreads();
@@ -167,11 +170,14 @@ __device__ int32_t block_exclusive_scan(int32_t value, int32_t* block_total) {
 }
 
 // Kernel 2 (one block): chunk_counts[c][e] becomes the number of rows of expert e in chunks < c;
-// expert_first_token_offset gets the exclusive scan of the per-expert totals. Each thread owns a
-// contiguous run of experts so that the scan over experts is a single block-wide scan.
+// expert_first_token_offset gets the exclusive scan of the per-expert totals, and the grouped
+// GEMMs' arguments are written from it (when asked). Each thread owns a contiguous run of
+// experts so that the scan over experts is a single block-wide scan.
 __global__ void __launch_bounds__(kScanMaxThreads)
     scan_chunk_counts_kernel(int32_t* __restrict__ chunk_counts, int64_t num_chunks, int num_experts,
-                             int64_t* __restrict__ expert_first_token_offset) {
+                             int64_t* __restrict__ expert_first_token_offset,
+                             bool write_gemm_args, GemmArgsWriter gemm_args) {
+  wait_on_dependencies();
   extern __shared__ int32_t expert_totals[];  // [num_experts], each entry used by one thread only
   const int experts_per_thread = static_cast<int>(ceil_div(num_experts, blockDim.x));
   const int first_expert = min(num_experts, static_cast<int>(threadIdx.x) * experts_per_thread);
@@ -200,6 +206,7 @@ __global__ void __launch_bounds__(kScanMaxThreads)
   int32_t offset = block_exclusive_scan(thread_total, &kept_rows);
   for (int e = first_expert; e < end_expert; ++e) {
     expert_first_token_offset[e] = offset;
+    if (write_gemm_args) gemm_args.write(e, offset, expert_totals[e]);
     offset += expert_totals[e];
   }
   if (threadIdx.x == 0) expert_first_token_offset[num_experts] = kept_rows;
@@ -210,7 +217,8 @@ __global__ void __launch_bounds__(kScanMaxThreads)
 // the rows of earlier warps), then each warp walks its segment in order: a lane's row is the
 // next free row plus the number of lower lanes with the same expert.
 // kSingleChunk: the grid is one block covering all entries; it derives the expert offsets from
-// its own counts (and writes them) instead of reading kernels 1-2's results.
+// its own counts (and writes them, and the grouped GEMMs' arguments when asked) instead of
+// reading kernels 1-2's results.
 template <bool kSingleChunk>
 __global__ void __launch_bounds__(kRoutingThreads)
     scatter_ranks_kernel(const int32_t* __restrict__ expert_ids, int64_t num_tokens, int top_k,
@@ -220,7 +228,9 @@ __global__ void __launch_bounds__(kRoutingThreads)
                          int32_t* __restrict__ permuted_to_source,
                          int32_t* __restrict__ source_to_permuted,
                          int32_t* __restrict__ permuted_expert,
-                         int32_t* __restrict__ permuted_token) {
+                         int32_t* __restrict__ permuted_token, bool write_gemm_args,
+                         GemmArgsWriter gemm_args) {
+  wait_on_dependencies();
   extern __shared__ int32_t warp_next_row[];  // [kRoutingWarps][num_experts]
   const int64_t num_entries = num_tokens * top_k;
   const int warp = threadIdx.x / kWarpSize;
@@ -263,6 +273,11 @@ __global__ void __launch_bounds__(kRoutingThreads)
     int32_t next_row = block_exclusive_scan(thread_rows, &kept_rows);
     for (int e = first_expert; e < end_expert; ++e) {
       expert_first_token_offset[e] = next_row;
+      if (write_gemm_args) {
+        int32_t expert_rows = 0;
+        for (int w = 0; w < kRoutingWarps; ++w) expert_rows += warp_next_row[w * num_experts + e];
+        gemm_args.write(e, next_row, expert_rows);
+      }
       for (int w = 0; w < kRoutingWarps; ++w) {
         const int32_t rows = warp_next_row[w * num_experts + e];
         warp_next_row[w * num_experts + e] = next_row;
@@ -324,6 +339,7 @@ __global__ void __launch_bounds__(kGatherMaxThreads)
     gather_rows_kernel(const Unit* __restrict__ input, const int32_t* __restrict__ permuted_to_source,
                        const int64_t* __restrict__ expert_first_token_offset, int num_experts,
                        int64_t num_tokens, int64_t units_per_row, Unit* __restrict__ gathered) {
+  wait_on_dependencies();
   const int64_t dest_row = blockIdx.x;
   // Both loads are issued before the branch so their latencies overlap; the map entry of a row
   // past the kept count is in bounds (the map has T*k entries) and simply unused.
@@ -383,7 +399,8 @@ void launch_routing(const int32_t* token_selected_experts, int64_t num_tokens, i
                     int num_experts, int expert_start, int64_t* expert_first_token_offset,
                     int32_t* permuted_to_source, int32_t* source_to_permuted,
                     int32_t* permuted_expert, int32_t* permuted_token, void* scratch,
-                    size_t scratch_bytes, cudaStream_t stream) {
+                    size_t scratch_bytes, cudaStream_t stream, const GemmArgsWriter* gemm_args,
+                    bool pdl) {
   const int64_t num_entries = checked_expanded_rows(num_tokens, top_k);
   check_routing_shape(num_entries, num_experts);
   if (expert_first_token_offset == nullptr) {
@@ -400,15 +417,18 @@ void launch_routing(const int32_t* token_selected_experts, int64_t num_tokens, i
     throw InvalidArgument("routing: a required device pointer is null");
   }
 
+  const bool write_gemm_args = gemm_args != nullptr;
+  const GemmArgsWriter args_value = write_gemm_args ? *gemm_args : GemmArgsWriter{};
   const ChunkLayout layout = chunk_layout(num_entries);
   const size_t scatter_smem = static_cast<size_t>(kRoutingWarps) * num_experts * sizeof(int32_t);
   if (layout.num_chunks == 1) {
     allow_dynamic_smem(scatter_ranks_kernel<true>, scatter_smem);
-    scatter_ranks_kernel<true><<<1, kRoutingThreads, scatter_smem, stream>>>(
-        token_selected_experts, num_tokens, top_k, layout.entries_per_warp,
-        layout.entries_per_chunk, expert_start, num_experts, nullptr, expert_first_token_offset,
-        permuted_to_source, source_to_permuted, permuted_expert, permuted_token);
-    CUTLASS_MOE_CHECK_LAUNCH("scatter_ranks_kernel<single chunk>");
+    launch_kernel("scatter_ranks_kernel<single chunk>", scatter_ranks_kernel<true>, dim3(1),
+                  dim3(kRoutingThreads), scatter_smem, stream, pdl, token_selected_experts,
+                  num_tokens, top_k, layout.entries_per_warp, layout.entries_per_chunk,
+                  expert_start, num_experts, nullptr, expert_first_token_offset,
+                  permuted_to_source, source_to_permuted, permuted_expert, permuted_token,
+                  write_gemm_args, args_value);
     return;
   }
 
@@ -425,32 +445,32 @@ void launch_routing(const int32_t* token_selected_experts, int64_t num_tokens, i
 
   const size_t count_smem = num_experts * sizeof(int32_t);
   allow_dynamic_smem(count_chunk_experts_kernel, count_smem);
-  count_chunk_experts_kernel<<<num_chunks, kRoutingThreads, count_smem, stream>>>(
-      token_selected_experts, num_entries, layout.entries_per_warp, layout.entries_per_chunk,
-      expert_start, num_experts, chunk_counts);
-  CUTLASS_MOE_CHECK_LAUNCH("count_chunk_experts_kernel");
+  launch_kernel("count_chunk_experts_kernel", count_chunk_experts_kernel, dim3(num_chunks),
+                dim3(kRoutingThreads), count_smem, stream, pdl, token_selected_experts,
+                num_entries, layout.entries_per_warp, layout.entries_per_chunk, expert_start,
+                num_experts, chunk_counts);
 
   const int scan_threads = static_cast<int>(
       std::min<int64_t>(kScanMaxThreads, ceil_div(num_experts, kWarpSize) * kWarpSize));
   const size_t scan_smem = num_experts * sizeof(int32_t);
   allow_dynamic_smem(scan_chunk_counts_kernel, scan_smem);
-  scan_chunk_counts_kernel<<<1, scan_threads, scan_smem, stream>>>(
-      chunk_counts, layout.num_chunks, num_experts, expert_first_token_offset);
-  CUTLASS_MOE_CHECK_LAUNCH("scan_chunk_counts_kernel");
+  launch_kernel("scan_chunk_counts_kernel", scan_chunk_counts_kernel, dim3(1), dim3(scan_threads),
+                scan_smem, stream, pdl, chunk_counts, layout.num_chunks, num_experts,
+                expert_first_token_offset, write_gemm_args, args_value);
 
   allow_dynamic_smem(scatter_ranks_kernel<false>, scatter_smem);
-  scatter_ranks_kernel<false><<<num_chunks, kRoutingThreads, scatter_smem, stream>>>(
-      token_selected_experts, num_tokens, top_k, layout.entries_per_warp,
-      layout.entries_per_chunk, expert_start, num_experts, chunk_counts,
-      expert_first_token_offset, permuted_to_source, source_to_permuted, permuted_expert,
-      permuted_token);
-  CUTLASS_MOE_CHECK_LAUNCH("scatter_ranks_kernel");
+  launch_kernel("scatter_ranks_kernel", scatter_ranks_kernel<false>, dim3(num_chunks),
+                dim3(kRoutingThreads), scatter_smem, stream, pdl, token_selected_experts,
+                num_tokens, top_k, layout.entries_per_warp, layout.entries_per_chunk,
+                expert_start, num_experts, static_cast<const int32_t*>(chunk_counts),
+                expert_first_token_offset, permuted_to_source, source_to_permuted,
+                permuted_expert, permuted_token, false, args_value);
 }
 
 void launch_gather_rows(DType dtype, const void* input, const int32_t* permuted_to_source,
                         const int64_t* expert_first_token_offset, int num_experts,
                         int64_t num_tokens, int top_k, int64_t hidden_size, void* gathered,
-                        cudaStream_t stream) {
+                        cudaStream_t stream, bool pdl) {
   if (dtype != DType::kFloat16 && dtype != DType::kBFloat16) {
     throw InvalidArgument("gather_rows: dtype must be float16 or bfloat16");
   }
@@ -479,15 +499,16 @@ void launch_gather_rows(DType dtype, const void* input, const int32_t* permuted_
   const dim3 grid(static_cast<unsigned>(num_rows), static_cast<unsigned>(tiles));
 
   if (vectorised) {
-    gather_rows_kernel<uint4><<<grid, threads, 0, stream>>>(
-        static_cast<const uint4*>(input), permuted_to_source, expert_first_token_offset,
-        num_experts, num_tokens, units_per_row, static_cast<uint4*>(gathered));
+    launch_kernel("gather_rows_kernel", gather_rows_kernel<uint4>, grid, dim3(threads), 0, stream,
+                  pdl, static_cast<const uint4*>(input), permuted_to_source,
+                  expert_first_token_offset, num_experts, num_tokens, units_per_row,
+                  static_cast<uint4*>(gathered));
   } else {
-    gather_rows_kernel<uint16_t><<<grid, threads, 0, stream>>>(
-        static_cast<const uint16_t*>(input), permuted_to_source, expert_first_token_offset,
-        num_experts, num_tokens, units_per_row, static_cast<uint16_t*>(gathered));
+    launch_kernel("gather_rows_kernel", gather_rows_kernel<uint16_t>, grid, dim3(threads), 0,
+                  stream, pdl, static_cast<const uint16_t*>(input), permuted_to_source,
+                  expert_first_token_offset, num_experts, num_tokens, units_per_row,
+                  static_cast<uint16_t*>(gathered));
   }
-  CUTLASS_MOE_CHECK_LAUNCH("gather_rows_kernel");
 }
 
 }  // namespace cutlass_moe

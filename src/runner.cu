@@ -7,7 +7,10 @@
 //   routing -> grouped-GEMM arguments -> gated GEMM1 -> GEMM2 -> finalize
 //
 // Every launch's grid depends only on host-known sizes; rows per expert exist only on the device,
-// where a small kernel writes the grouped GEMMs' problem sizes and pointers. No host sync.
+// where the routing kernel that computes the per-expert offsets also writes the grouped GEMMs'
+// problem sizes and pointers. No host sync. A GEMM2 tactic split over K (decode) writes fp32
+// partial sums that finalize adds up in a fixed order. On sm_90+ the kernels are launched as
+// programmatic dependents of one another (src/launch.cuh), which hides most launch latency.
 #include "cutlass_moe/runner.h"
 
 #include <algorithm>
@@ -24,6 +27,8 @@
 #include "cutlass_moe/cuda_check.h"
 #include "cutlass_moe/finalize.h"
 #include "cutlass_moe/routing.h"
+#include "gemm_args.cuh"
+#include "launch.cuh"
 
 namespace cutlass_moe {
 namespace {
@@ -41,24 +46,29 @@ struct GemmArgsLayout {
 };
 
 // Indices of the argument sets in WorkspaceLayout::gemm: GEMM1 as a plain GEMM (A = gathered
-// rows, D = [T*k, N1]), GEMM2, and GEMM1 as a fused gated GEMM (A = tokens through row indices,
-// D = [T*k, I]). Both GEMM1 forms are always written, so either kind of tactic can run.
+// rows, D = [T*k, N1]), GEMM2, GEMM1 as a fused gated GEMM (A = tokens through row indices,
+// D = [T*k, I]), then GEMM2 split over K, one set per split factor (E * splits problems).
+// Routing writes the three unsplit sets on every call, and the split set of the call's GEMM2
+// tactic when it has one, so any tactic can run.
 constexpr int kArgsGemm1 = 0;
 constexpr int kArgsGemm2 = 1;
 constexpr int kArgsGemm1Gated = 2;
+constexpr int kSplitFactors[] = {2, 4, 8};
+constexpr int kNumSplitFactors = 3;
+constexpr int kMaxSplitK = 8;
+constexpr int kArgsSets = 3 + kNumSplitFactors;
 
-// Device-side view of one grouped GEMM's argument arrays.
-struct GemmArgsDevice {
-  cutlass::gemm::GemmCoord* problem_sizes;
-  void** ptr_a;
-  void** ptr_b;
-  void** ptr_d;
-  int64_t* lda;
-  int64_t* ldb;
-  int64_t* ldd;
-  void** ptr_scale;
-  int32_t** ptr_rows;
-};
+// GEMM2 may be split over K only for decode-sized calls (kSplitKMaxRows): its fp32 partial sums
+// take kMaxSplitK * T*k * H * 4 bytes of workspace.
+bool split_k_allowed(const MoeProblem& p) { return p.expanded_rows() <= kSplitKMaxRows; }
+
+// The argument set of a GEMM2 split into `splits` (one of kSplitFactors).
+int split_args_index(int splits) {
+  for (int i = 0; i < kNumSplitFactors; ++i) {
+    if (kSplitFactors[i] == splits) return 3 + i;
+  }
+  throw std::logic_error("no argument set for a GEMM2 split into " + std::to_string(splits));
+}
 
 // Where everything lives in the caller's workspace. A pure function of the problem's shapes.
 struct WorkspaceLayout {
@@ -70,10 +80,11 @@ struct WorkspaceLayout {
   size_t expert_counts = 0;  // [E] int32, used by synthetic (profiling) routing
   size_t routing_scratch = 0;
   size_t routing_scratch_bytes = 0;
-  GemmArgsLayout gemm[3] = {};
+  GemmArgsLayout gemm[kArgsSets] = {};
   size_t gathered = 0;  // [T*k, H]: GEMM1's A; reused as GEMM2's output once GEMM1 is done
   size_t fc1_out = 0;   // [T*k, N1]
   size_t act_out = 0;   // [T*k, I]
+  size_t fc2_partials = 0;  // fp32 [kMaxSplitK, T*k, H] when T*k <= kSplitKMaxRows, else empty
   size_t total = 0;
 
   static WorkspaceLayout make(const MoeProblem& p, size_t elem_bytes) {
@@ -94,20 +105,28 @@ struct WorkspaceLayout {
     w.expert_counts = take(experts * sizeof(int32_t));
     w.routing_scratch_bytes = routing_scratch_size(p.expanded_rows(), p.num_experts);
     w.routing_scratch = take(w.routing_scratch_bytes);
-    for (GemmArgsLayout& g : w.gemm) {
-      g.problem_sizes = take(experts * sizeof(cutlass::gemm::GemmCoord));
-      g.ptr_a = take(experts * sizeof(void*));
-      g.ptr_b = take(experts * sizeof(void*));
-      g.ptr_d = take(experts * sizeof(void*));
-      g.lda = take(experts * sizeof(int64_t));
-      g.ldb = take(experts * sizeof(int64_t));
-      g.ldd = take(experts * sizeof(int64_t));
-      g.ptr_scale = take(experts * sizeof(void*));
-      g.ptr_rows = take(experts * sizeof(int32_t*));
+    const bool split_k = split_k_allowed(p);
+    for (int set = 0; set < kArgsSets; ++set) {
+      // Split sets hold E * splits problems, and exist only where split-K may run.
+      const size_t problems =
+          set < 3 ? experts : (split_k ? experts * kSplitFactors[set - 3] : 0);
+      GemmArgsLayout& g = w.gemm[set];
+      g.problem_sizes = take(problems * sizeof(cutlass::gemm::GemmCoord));
+      g.ptr_a = take(problems * sizeof(void*));
+      g.ptr_b = take(problems * sizeof(void*));
+      g.ptr_d = take(problems * sizeof(void*));
+      g.lda = take(problems * sizeof(int64_t));
+      g.ldb = take(problems * sizeof(int64_t));
+      g.ldd = take(problems * sizeof(int64_t));
+      g.ptr_scale = take(problems * sizeof(void*));
+      g.ptr_rows = take(problems * sizeof(int32_t*));
     }
     w.gathered = take(rows * static_cast<size_t>(p.hidden_size) * elem_bytes);
     w.fc1_out = take(rows * static_cast<size_t>(p.fc1_out_size()) * elem_bytes);
     w.act_out = take(rows * static_cast<size_t>(p.inter_size) * elem_bytes);
+    w.fc2_partials = take(split_k ? kMaxSplitK * rows * static_cast<size_t>(p.hidden_size) *
+                                        sizeof(float)
+                                  : 0);
     w.total = cursor;
     return w;
   }
@@ -123,6 +142,28 @@ struct WorkspaceLayout {
             reinterpret_cast<int64_t*>(base + g.ldd),
             reinterpret_cast<void**>(base + g.ptr_scale),
             reinterpret_cast<int32_t**>(base + g.ptr_rows)};
+  }
+
+  // What routing (or the profiling set-up) needs to write every argument set, plus the split-K
+  // set of a GEMM2 split into `gemm2_splits` (1: none).
+  GemmArgsWriter writer(const MoeProblem& p, char* base, const GemmOperands& ops,
+                        size_t elem_bytes, size_t weight_bytes, int gemm2_splits) const {
+    GemmArgsWriter w;
+    w.num_experts = p.num_experts;
+    w.hidden = p.hidden_size;
+    w.fc1_cols = p.fc1_out_size();
+    w.inter = p.inter_size;
+    w.elem_bytes = static_cast<int>(elem_bytes);
+    w.weight_bytes = static_cast<int>(weight_bytes);
+    w.ops = ops;
+    w.gemm1 = gemm_device(kArgsGemm1, base);
+    w.gemm2 = gemm_device(kArgsGemm2, base);
+    w.gemm1_gated = gemm_device(kArgsGemm1Gated, base);
+    w.gemm2_splits = gemm2_splits;
+    w.gemm2_split = gemm2_splits > 1 ? gemm_device(split_args_index(gemm2_splits), base)
+                                     : GemmArgsDevice{};
+    w.partial_rows = p.expanded_rows();
+    return w;
   }
 
   GroupedGemmArgs gemm_args(int index, char* base, int problem_count) const {
@@ -142,74 +183,15 @@ struct WorkspaceLayout {
   }
 };
 
-// Both GEMMs' operands in bytes; GEMM2's A is the activation output (or GEMM1's output directly
-// when there is no elementwise stage). The fused gated GEMM1 reads `tokens` through
-// `permuted_token` and writes `act_out`.
-struct GemmOperands {
-  const char* tokens;
-  const int32_t* permuted_token;
-  char* act_out;
-  const char* gathered;
-  const char* fc1_weights;
-  const char* fc1_scales;  // [E, N1] activation dtype, int8 weights only (else null)
-  char* fc1_out;
-  const char* gemm2_a;
-  const char* fc2_weights;
-  const char* fc2_scales;  // [E, H] activation dtype, int8 weights only (else null)
-  char* fc2_out;
-};
-
-// Problem e of one grouped GEMM: D[rows, n] = A[rows, k] * W_e[n, k]^T (+ per-column scales).
-__device__ void write_problem(GemmArgsDevice g, int e, int rows, int64_t first_row, int64_t n,
-                              int64_t k, const char* a, const char* weights, const char* scales,
-                              char* d, int64_t elem_bytes, int64_t weight_bytes) {
-  g.problem_sizes[e] = cutlass::gemm::GemmCoord(rows, static_cast<int>(n), static_cast<int>(k));
-  g.ptr_a[e] = const_cast<char*>(a + first_row * k * elem_bytes);
-  g.ptr_b[e] = const_cast<char*>(weights + e * n * k * weight_bytes);
-  g.ptr_scale[e] = scales ? const_cast<char*>(scales + e * n * elem_bytes) : nullptr;
-  g.ptr_rows[e] = nullptr;
-  g.ptr_d[e] = d + first_row * n * elem_bytes;
-  g.lda[e] = k;
-  g.ldb[e] = k;
-  g.ldd[e] = n;
-}
-
-// Problem e of the fused gated GEMM1: D[rows, inter] = act(gate) * up with A's rows taken from
-// `tokens` at permuted_token[first_row ...]; the expert's weight is [2 * inter, k].
-__device__ void write_gated_problem(GemmArgsDevice g, int e, int rows, int64_t first_row,
-                                    int64_t inter, int64_t k, const GemmOperands& ops,
-                                    int64_t elem_bytes) {
-  g.problem_sizes[e] =
-      cutlass::gemm::GemmCoord(rows, static_cast<int>(inter), static_cast<int>(k));
-  g.ptr_a[e] = const_cast<char*>(ops.tokens);
-  g.ptr_rows[e] = const_cast<int32_t*>(ops.permuted_token + first_row);
-  g.ptr_b[e] = const_cast<char*>(ops.fc1_weights + e * 2 * inter * k * elem_bytes);
-  g.ptr_scale[e] = nullptr;
-  g.ptr_d[e] = ops.act_out + first_row * inter * elem_bytes;
-  g.lda[e] = k;
-  g.ldb[e] = k;
-  g.ldd[e] = inter;
-}
-
-// One thread per expert writes both grouped GEMMs' problem sizes, pointers and strides from the
-// routed row offsets.
-__global__ void write_grouped_gemm_args_kernel(const int64_t* __restrict__ expert_first_token_offset,
-                                               int num_experts, int64_t hidden, int64_t fc1_cols,
-                                               int64_t inter, int elem_bytes, int weight_bytes,
-                                               GemmOperands ops, GemmArgsDevice gemm1,
-                                               GemmArgsDevice gemm2, GemmArgsDevice gemm1_gated) {
+// Writes every argument set of expert e = thread from the routed offsets (profiling set-up;
+// a real call has routing write them).
+__global__ void write_gemm_args_kernel(const int64_t* __restrict__ expert_first_token_offset,
+                                       GemmArgsWriter writer) {
+  wait_on_dependencies();
   const int e = blockIdx.x * blockDim.x + threadIdx.x;
-  if (e >= num_experts) return;
+  if (e >= writer.num_experts) return;
   const int64_t first_row = expert_first_token_offset[e];
-  const int rows = static_cast<int>(expert_first_token_offset[e + 1] - first_row);
-  write_problem(gemm1, e, rows, first_row, fc1_cols, hidden, ops.gathered, ops.fc1_weights,
-                ops.fc1_scales, ops.fc1_out, elem_bytes, weight_bytes);
-  write_problem(gemm2, e, rows, first_row, hidden, inter, ops.gemm2_a, ops.fc2_weights,
-                ops.fc2_scales, ops.fc2_out, elem_bytes, weight_bytes);
-  // Gated tactics exist only for 16-bit weights; for int8 weights the set is never read.
-  if (weight_bytes == elem_bytes && fc1_cols == 2 * inter) {
-    write_gated_problem(gemm1_gated, e, rows, first_row, inter, hidden, ops, elem_bytes);
-  }
+  writer.write(e, first_row, static_cast<int>(expert_first_token_offset[e + 1] - first_row));
 }
 
 // A 64-bit mix (splitmix64's finaliser) folded to 32 bits: cheap, well-spread pseudo-randomness.
@@ -264,24 +246,23 @@ __global__ void fill_random_kernel(Element* __restrict__ data, int64_t count, ui
   }
 }
 
-void write_grouped_gemm_args(const MoeProblem& p, const int64_t* offsets, const GemmOperands& ops,
-                             const WorkspaceLayout& layout, char* base, size_t elem_bytes,
-                             size_t weight_bytes, cudaStream_t stream) {
-  constexpr int kThreads = 128;
-  write_grouped_gemm_args_kernel<<<(p.num_experts + kThreads - 1) / kThreads, kThreads, 0,
-                                   stream>>>(
-      offsets, p.num_experts, p.hidden_size, p.fc1_out_size(), p.inter_size,
-      static_cast<int>(elem_bytes), static_cast<int>(weight_bytes), ops,
-      layout.gemm_device(kArgsGemm1, base), layout.gemm_device(kArgsGemm2, base),
-      layout.gemm_device(kArgsGemm1Gated, base));
-  CUTLASS_MOE_CHECK_LAUNCH("write_grouped_gemm_args_kernel");
-}
-
 // Shared-memory, occupancy and SM count of one device, computed once per device.
 struct DeviceState {
   int sm_count = 0;
   std::vector<int> blocks_per_sm;  // per entry of MoeRunner::Impl::tactics
+  // Programmatic dependent launch is safe: an sm_90+ GPU running code compiled for sm_90+ (so
+  // the kernels carry their griddepcontrol.wait; code JIT-compiled from older PTX does not).
+  bool pdl = false;
 };
+
+bool pdl_supported(int device) {
+  int major = 0;
+  CUTLASS_MOE_CHECK_CUDA(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  if (major < 9) return false;
+  cudaFuncAttributes attributes = {};
+  CUTLASS_MOE_CHECK_CUDA(cudaFuncGetAttributes(&attributes, write_gemm_args_kernel));
+  return attributes.ptxVersion >= 90;
+}
 
 int current_device() {
   int device = 0;
@@ -311,6 +292,7 @@ struct MoeRunner::Impl {
     CUTLASS_MOE_CHECK_CUDA(
         cudaDeviceGetAttribute(&state.sm_count, cudaDevAttrMultiProcessorCount, device));
     for (const GemmTactic* t : tactics) state.blocks_per_sm.push_back(t->prepare());
+    state.pdl = pdl_supported(device);
     return devices.emplace(device, std::move(state)).first->second;
   }
 
@@ -345,15 +327,28 @@ struct MoeRunner::Impl {
   }
 
   // Persistent blocks for one grouped GEMM: a full wave, but no more than the tiles that can
-  // exist (each non-empty expert adds at most one partial row tile), since idle blocks still walk
-  // the problem list.
+  // exist (each non-empty expert adds at most one partial row tile, and a GEMM split over K has
+  // each tile once per split), since idle blocks still walk the problem list.
   int threadblock_count(size_t index, const DeviceState& state, int64_t rows, int num_experts,
                         int64_t n) const {
     const GemmTactic* t = tactics[index];
     const int64_t wave = static_cast<int64_t>(state.sm_count) * state.blocks_per_sm[index];
     const int64_t row_tiles = (rows + t->tile_m - 1) / t->tile_m + std::min<int64_t>(num_experts, rows);
     const int64_t col_tiles = (n + t->tile_n - 1) / t->tile_n;
-    return static_cast<int>(std::max<int64_t>(1, std::min(wave, row_tiles * col_tiles)));
+    const int64_t tiles = row_tiles * col_tiles * t->split_k;
+    return static_cast<int>(std::max<int64_t>(1, std::min(wave, tiles)));
+  }
+
+  int split_k(size_t index) const { return tactics[index]->split_k; }
+
+  // A GEMM2 split over K needs the call's expanded rows within the partial-sum buffer.
+  void check_split_k(size_t index, const MoeProblem& p) const {
+    if (split_k(index) > 1 && !split_k_allowed(p)) {
+      throw InvalidArgument("tactic '" + std::string(tactics[index]->name) +
+                            "' splits GEMM2 over K, which runs only up to " +
+                            std::to_string(kSplitKMaxRows) + " expanded rows (T*k); this call has " +
+                            std::to_string(p.expanded_rows()));
+    }
   }
 
   void launch(size_t index, int gemm, const GroupedGemmArgs& args, int threadblocks,
@@ -418,6 +413,7 @@ std::vector<TacticDescriptor> MoeRunner::tactics(int gemm, bool runnable_only) c
     d.smem_bytes = t->smem_bytes;
     d.gemms = t->gemms;
     d.gated = t->gated;
+    d.split_k = t->split_k;
     d.runnable = state != nullptr && state->blocks_per_sm[i] > 0;
     if (runnable_only && !d.runnable) continue;
     out.push_back(d);
@@ -465,13 +461,14 @@ size_t MoeRunner::workspace_size(const MoeProblem& problem) const {
 }
 
 void MoeRunner::run_moe(const MoeProblem& p, const MoePointers& ptrs, const std::string& tactic1,
-                        const std::string& tactic2, cudaStream_t stream) const {
+                        const std::string& tactic2, cudaStream_t stream, bool enable_pdl) const {
   check_problem(p, weight_dtype_);
   const WorkspaceLayout layout = WorkspaceLayout::make(p, dtype_size(act_dtype_));
   const DeviceState& state = impl_->device_state();
   const size_t t1 = impl_->find(tactic1, 1, state);
   const size_t t2 = impl_->find(tactic2, 2, state);
   impl_->check_gated_activation(t1, p.activation);
+  impl_->check_split_k(t2, p);
   if (p.num_tokens == 0) return;
 
   if (!ptrs.input || !ptrs.token_selected_experts || !ptrs.token_final_scales ||
@@ -488,6 +485,7 @@ void MoeRunner::run_moe(const MoeProblem& p, const MoePointers& ptrs, const std:
     throw InvalidArgument("int8 weights need fc1 and fc2 per-channel scales");
   }
 
+  const bool pdl = enable_pdl && state.pdl;
   char* base = static_cast<char*>(ptrs.workspace);
   auto* offsets = reinterpret_cast<int64_t*>(base + layout.expert_first_token_offset);
   auto* permuted_to_source = reinterpret_cast<int32_t*>(base + layout.permuted_to_source);
@@ -496,16 +494,7 @@ void MoeRunner::run_moe(const MoeProblem& p, const MoePointers& ptrs, const std:
   auto* permuted_token = reinterpret_cast<int32_t*>(base + layout.permuted_token);
   const int64_t rows = p.expanded_rows();
   const bool fused_gemm1 = impl_->gated(t1);
-
-  launch_routing(ptrs.token_selected_experts, p.num_tokens, p.top_k, p.num_experts,
-                 p.expert_start, offsets, permuted_to_source, source_to_permuted,
-                 permuted_expert, permuted_token, base + layout.routing_scratch,
-                 layout.routing_scratch_bytes, stream);
-  // A fused gated GEMM1 reads the token rows itself.
-  if (!fused_gemm1) {
-    launch_gather_rows(act_dtype_, ptrs.input, permuted_to_source, offsets, p.num_experts,
-                       p.num_tokens, p.top_k, p.hidden_size, base + layout.gathered, stream);
-  }
+  const int splits = impl_->split_k(t2);
 
   // The elementwise stage is skipped only when it would copy GEMM1's output unchanged, or when
   // GEMM1 applies it.
@@ -523,30 +512,51 @@ void MoeRunner::run_moe(const MoeProblem& p, const MoePointers& ptrs, const std:
   ops.fc2_weights = static_cast<const char*>(ptrs.fc2_weights);
   ops.fc2_scales = static_cast<const char*>(ptrs.fc2_scales);
   ops.fc2_out = base + layout.gathered;  // GEMM1 has consumed the gathered input by then
-  write_grouped_gemm_args(p, offsets, ops, layout, base, dtype_size(act_dtype_),
-                          dtype_size(weight_dtype_), stream);
+  ops.fc2_partials = base + layout.fc2_partials;
+  const GemmArgsWriter writer = layout.writer(p, base, ops, dtype_size(act_dtype_),
+                                              dtype_size(weight_dtype_), splits);
+
+  // Routing also writes the grouped GEMMs' arguments (no launch of their own).
+  launch_routing(ptrs.token_selected_experts, p.num_tokens, p.top_k, p.num_experts,
+                 p.expert_start, offsets, permuted_to_source, source_to_permuted,
+                 permuted_expert, permuted_token, base + layout.routing_scratch,
+                 layout.routing_scratch_bytes, stream, &writer, pdl);
+  // A fused gated GEMM1 reads the token rows itself.
+  if (!fused_gemm1) {
+    launch_gather_rows(act_dtype_, ptrs.input, permuted_to_source, offsets, p.num_experts,
+                       p.num_tokens, p.top_k, p.hidden_size, base + layout.gathered, stream, pdl);
+  }
 
   if (fused_gemm1) {
     GroupedGemmArgs args = layout.gemm_args(kArgsGemm1Gated, base, p.num_experts);
     args.gated = GatedEpilogueArgs{static_cast<int>(p.activation), ptrs.fc1_bias,
                                    ptrs.swiglu_alpha, ptrs.swiglu_beta, ptrs.swiglu_limit};
+    args.pdl = pdl;
     impl_->launch(t1, 1, args,
                   impl_->threadblock_count(t1, state, rows, p.num_experts, p.inter_size), stream);
   } else {
-    impl_->launch(t1, 1, layout.gemm_args(kArgsGemm1, base, p.num_experts),
+    GroupedGemmArgs args = layout.gemm_args(kArgsGemm1, base, p.num_experts);
+    args.pdl = pdl;
+    impl_->launch(t1, 1, args,
                   impl_->threadblock_count(t1, state, rows, p.num_experts, p.fc1_out_size()),
                   stream);
   }
   if (needs_activation) {
     launch_activation(act_dtype_, p.activation, base + layout.fc1_out, base + layout.act_out,
                       rows, p.inter_size, offsets, p.num_experts, permuted_expert, ptrs.fc1_bias,
-                      ptrs.swiglu_alpha, ptrs.swiglu_beta, ptrs.swiglu_limit, stream);
+                      ptrs.swiglu_alpha, ptrs.swiglu_beta, ptrs.swiglu_limit, stream, pdl);
   }
-  impl_->launch(t2, 2, layout.gemm_args(kArgsGemm2, base, p.num_experts),
+  GroupedGemmArgs args2 =
+      splits > 1 ? layout.gemm_args(split_args_index(splits), base, p.num_experts * splits)
+                 : layout.gemm_args(kArgsGemm2, base, p.num_experts);
+  args2.pdl = pdl;
+  impl_->launch(t2, 2, args2,
                 impl_->threadblock_count(t2, state, rows, p.num_experts, p.hidden_size), stream);
-  launch_finalize(act_dtype_, out_dtype_, base + layout.gathered, source_to_permuted,
-                  ptrs.token_selected_experts, ptrs.token_final_scales, ptrs.fc2_bias,
-                  p.expert_start, p.num_tokens, p.top_k, p.hidden_size, ptrs.output, stream);
+  launch_finalize(act_dtype_, out_dtype_,
+                  splits > 1 ? base + layout.fc2_partials : base + layout.gathered,
+                  source_to_permuted, ptrs.token_selected_experts, ptrs.token_final_scales,
+                  ptrs.fc2_bias, p.expert_start, p.num_tokens, p.top_k, p.hidden_size,
+                  ptrs.output, stream, splits, pdl);
 }
 
 void MoeRunner::prepare_gemm_profile(int gemm, const MoeProblem& p, const void* weights,
@@ -583,8 +593,19 @@ void MoeRunner::prepare_gemm_profile(int gemm, const MoeProblem& p, const void* 
   ops.fc2_weights = static_cast<const char*>(gemm == 2 ? weights : nullptr);
   ops.fc2_scales = static_cast<const char*>(gemm == 2 ? scales : nullptr);
   ops.fc2_out = base + layout.gathered;
-  write_grouped_gemm_args(p, offsets, ops, layout, base, dtype_size(act_dtype_),
-                          dtype_size(weight_dtype_), stream);
+  ops.fc2_partials = base + layout.fc2_partials;
+  // Every argument set, the split-K ones included where split-K may run, so that one set-up
+  // serves every tactic.
+  constexpr int kThreads = 128;
+  const int blocks = (p.num_experts + kThreads - 1) / kThreads;
+  const bool split_sets = gemm == 2 && split_k_allowed(p);
+  for (int set = 0; set < (split_sets ? 1 + kNumSplitFactors : 1); ++set) {
+    const int splits = set == 0 ? 1 : kSplitFactors[set - 1];
+    launch_kernel("write_gemm_args_kernel", write_gemm_args_kernel, dim3(blocks),
+                  dim3(kThreads), 0, stream, false, static_cast<const int64_t*>(offsets),
+                  layout.writer(p, base, ops, dtype_size(act_dtype_), dtype_size(weight_dtype_),
+                                splits));
+  }
 
   const size_t input_offset = gemm == 1 ? layout.gathered : layout.act_out;
   const int64_t input_count = rows * (gemm == 1 ? p.hidden_size : p.inter_size);
@@ -617,11 +638,18 @@ void MoeRunner::run_gemm_profile(int gemm, const std::string& tactic, const MoeP
   const DeviceState& state = impl_->device_state();
   const size_t index = impl_->find(tactic, gemm, state);
   impl_->check_gated_activation(index, p.activation);
+  impl_->check_split_k(index, p);
   if (p.num_tokens == 0) return;
   char* base = static_cast<char*>(workspace);
   const int64_t rows = p.expanded_rows();
   if (gemm == 2) {
-    impl_->launch(index, gemm, layout.gemm_args(kArgsGemm2, base, p.num_experts),
+    // A split GEMM2's partial sums are added by finalize in a real call; that read (splits x
+    // fp32 rows of a decode-sized call) is not timed here.
+    const int splits = impl_->split_k(index);
+    impl_->launch(index, gemm,
+                  splits > 1
+                      ? layout.gemm_args(split_args_index(splits), base, p.num_experts * splits)
+                      : layout.gemm_args(kArgsGemm2, base, p.num_experts),
                   impl_->threadblock_count(index, state, rows, p.num_experts, p.hidden_size),
                   stream);
     return;

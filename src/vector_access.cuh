@@ -18,6 +18,7 @@ __host__ __device__ constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a
 
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_float(float x) { return x; }
 
 template <typename T>
 __device__ __forceinline__ T from_float(float x);
@@ -54,11 +55,17 @@ struct alignas(sizeof(T) * kCount) Elements {
   T v[kCount];
 };
 
+// Loads in pieces of at most 16 bytes (8 fp32 inputs are two 128-bit loads; see store_floats).
 template <typename T, int kWidth>
 __device__ __forceinline__ void load_floats(const T* src, float (&dst)[kWidth]) {
-  const Elements<T, kWidth> loaded = *reinterpret_cast<const Elements<T, kWidth>*>(src);
+  constexpr int kPiece = (sizeof(T) * kWidth > kVectorBytes) ? kVectorBytes / sizeof(T) : kWidth;
+  static_assert(kWidth % kPiece == 0, "load width must split into whole pieces");
 #pragma unroll
-  for (int i = 0; i < kWidth; ++i) dst[i] = to_float(loaded.v[i]);
+  for (int p = 0; p < kWidth / kPiece; ++p) {
+    const Elements<T, kPiece> loaded = reinterpret_cast<const Elements<T, kPiece>*>(src)[p];
+#pragma unroll
+    for (int i = 0; i < kPiece; ++i) dst[p * kPiece + i] = to_float(loaded.v[i]);
+  }
 }
 
 // Stores in pieces of at most 16 bytes: 8 fp32 outputs are two 128-bit stores, because a row of

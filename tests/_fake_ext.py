@@ -47,7 +47,15 @@ def tactic_descriptors(gemm: int) -> list[dict[str, Any]]:
                     "tile_m": tile_m, "tile_n": tile_n, "tile_k": 64, "warp_m": min(tile_m, 64), "warp_n": 64,
                     "warp_k": 64, "stages": stages, "smem_bytes": 1000 * stages, "threads": 128,
                     "runnable": not (tile_m == 128 and tile_n == 256 and stages == 4),
+                    "split_k": 1,
                 })
+    if gemm == 2:
+        # GEMM2 split over K (decode only; never a default).
+        descs.append({
+            "name": "fake_g2_m16n128k64_s4_splitk4", "gemm": 2, "tile_m": 16, "tile_n": 128,
+            "tile_k": 64, "warp_m": 16, "warp_n": 32, "warp_k": 64, "stages": 4,
+            "smem_bytes": 4000, "threads": 128, "runnable": True, "split_k": 4,
+        })
     return descs
 
 
@@ -74,7 +82,7 @@ class FakeMoeRunner:
                 activation, input, token_selected_experts, token_final_scales, fc1_weights,
                 fc2_weights, fc1_bias, fc2_bias, swiglu_alpha, swiglu_beta, swiglu_limit,
                 output, workspace, workspace_bytes, tactic1, tactic2, stream, fc1_scales=0,
-                fc2_scales=0) -> None:
+                fc2_scales=0, enable_pdl=True) -> None:
         args = dict(locals())
         del args["self"]
         self.calls.append(args)
@@ -117,6 +125,7 @@ class FakeMoeRunner:
 def make_fake_extension() -> types.ModuleType:
     module = types.ModuleType("cutlass_moe._C")
     module.MoeRunner = FakeMoeRunner
+    module.SPLIT_K_MAX_ROWS = 128
     module.build_info = lambda: {
         "version": "0.0.0-fake",
         "cutlass_version": "4.2.0",

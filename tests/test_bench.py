@@ -228,13 +228,16 @@ def test_kernel_stage_names():
     assert bench.kernel_stage(GEMM) == "gemm"
     assert bench.kernel_stage(GEMM_INT8) == "gemm"
     assert bench.kernel_stage("_ZN7cutlass6KernelINS_4gemm6kernel11GemmGroupedE") == "gemm"
+    assert bench.kernel_stage(
+        "void cutlass_moe::grouped_gemm::grouped_kernel<cutlass_moe::grouped_gemm::"
+        "Sm80GroupedGemmGatedKernel<...>>(...)") == "gemm"
     for name, stage in [
         ("void cutlass_moe::(anonymous namespace)::count_chunk_experts_kernel(int const*)",
          "routing"),
         ("void cutlass_moe::scan_chunk_counts_kernel(int*, long, int, long*)", "routing"),
         ("void cutlass_moe::scatter_ranks_kernel<true>(int const*, long)", "routing"),
         ("void cutlass_moe::gather_rows_kernel<uint4>(uint4 const*, int const*)", "gather"),
-        ("cutlass_moe::write_grouped_gemm_args_kernel(long const*, int)", "gemm_args"),
+        ("cutlass_moe::write_gemm_args_kernel(long const*, int)", "gemm_args"),
         ("void cutlass_moe::activation_kernel<cutlass::bfloat16_t, (Activation)1, 8>(...)",
          "activation"),
         ("void cutlass_moe::finalize_kernel<cutlass::bfloat16_t, float, 8, 2>(...)", "finalize"),
@@ -248,11 +251,11 @@ def test_assign_stages_splits_calls_and_gemms():
     flush = ("void at::native::reduce_kernel<512, 1>(...)", 40.0)
     call = [("count_chunk_experts_kernel", 2.0), ("scan_chunk_counts_kernel", 1.0),
             ("scatter_ranks_kernel<false>", 3.0), ("gather_rows_kernel<uint4>", 4.0),
-            ("write_grouped_gemm_args_kernel", 1.0), (GEMM, 50.0),
+            ("write_gemm_args_kernel", 1.0), (GEMM, 50.0),
             ("activation_kernel<bf16>", 5.0), ("Memset (Device)", 0.5), (GEMM, 30.0),
             ("finalize_kernel<bf16>", 6.0)]
     fused = [("scatter_ranks_kernel<true>", 2.0), ("gather_rows_kernel<uint4>", 4.0),
-             ("write_grouped_gemm_args_kernel", 1.0), (GEMM, 40.0), (GEMM, 20.0),
+             ("write_gemm_args_kernel", 1.0), (GEMM, 40.0), (GEMM, 20.0),
              ("finalize_kernel<bf16>", 6.0)]  # no activation kernel (fused / identity)
     totals, calls = bench.assign_stages([flush, *call, flush, *call, flush, *fused, flush])
     assert calls == 3

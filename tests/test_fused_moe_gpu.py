@@ -51,7 +51,7 @@ def _run(x, ids, scales, fc1, fc2, out_dtype=None, **kwargs):
 
 
 def _reference(x, ids, scales, fc1, fc2, **kwargs):
-    only_op = ("tactics", "check_inputs", "workspace_buffer")
+    only_op = ("tactics", "check_inputs", "workspace_buffer", "enable_pdl")
     ref_kwargs = {k: v for k, v in kwargs.items() if k not in only_op}
     return reference_moe(x, ids, scales, fc1, fc2, **ref_kwargs)
 
@@ -379,7 +379,9 @@ def test_every_tactic(dtype, gemm):
             other = [d for d in runner.tactics(3 - gemm) if ops.supports_activation(d, act_value)]
             other_name = ops.default_tactic(other, 300 * 2 / 8)
             names = (desc["name"], other_name) if gemm == 1 else (other_name, desc["name"])
-            for num_tokens in (1, 300):
+            # A GEMM2 split over K runs up to SPLIT_K_MAX_ROWS rows (64 tokens x k=2 here).
+            split = int(desc.get("split_k", 1)) > 1
+            for num_tokens in (1, 64) if split else (1, 300):
                 x, ids, scales = _tokens(num_tokens, 2048, 8, 2, dtype, seed=num_tokens)
                 try:
                     out = _run(x, ids, scales, fc1, fc2, tactics=names, activation_type=activation)
@@ -390,7 +392,121 @@ def test_every_tactic(dtype, gemm):
                     continue
                 if not err <= TOLERANCE[dtype]:
                     failures.append(f"{names} {activation.name} T={num_tokens}: rel err {err:.3g}")
+            if split:
+                failures += _split_refusal_failures(names, fc1, fc2, dtype, activation)
     assert not failures, "\n".join(failures)
+
+
+def _split_refusal_failures(names, fc1, fc2, dtype, activation):
+    """A split-K GEMM2 tactic forced on a call above SPLIT_K_MAX_ROWS must be refused."""
+    x, ids, scales = _tokens(300, fc1.shape[2], fc1.shape[0], 2, dtype, seed=300)
+    try:
+        _run(x, ids, scales, fc1, fc2, tactics=names, activation_type=activation)
+    except ValueError as exc:
+        return [] if "splits GEMM2 over K" in str(exc) else [f"{names} T=300: {exc}"]
+    return [f"{names} T=300: a split-K tactic ran on 600 rows"]
+
+
+# ------------------------------------------------------------------ split-K GEMM2, PDL
+
+
+def _split_tactics(dtype, weight_dtype=None):
+    descs = _ext.get_runner(dtype, weight_dtype or dtype, dtype).tactics(2)
+    return [d for d in descs if int(d.get("split_k", 1)) > 1]
+
+
+_SPLIT_CASES = [
+    # hidden, inter, E, k, T: K and N residues in every tile; I = 16 leaves trailing K slices
+    # empty at 4 and 8 splits (slices are rounded up to 16 elements).
+    pytest.param(2056, 776, 12, 3, 42, id="H2056-I776-E12-k3-T42"),
+    pytest.param(2056, 776, 12, 3, 1, id="H2056-I776-E12-k3-T1"),
+    pytest.param(512, 16, 8, 2, 5, id="H512-I16-E8-k2-T5"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden,inter,num_experts,top_k,num_tokens", _SPLIT_CASES)
+def test_split_k_gemm2_matches_unsplit_and_reference(dtype, hidden, inter, num_experts, top_k,
+                                                     num_tokens):
+    splits = _split_tactics(dtype)
+    assert splits, "no split-K GEMM2 tactic compiled"
+    assert {int(d["split_k"]) for d in splits} == {2, 4, 8}
+    assert num_tokens * top_k <= _ext.load_extension().SPLIT_K_MAX_ROWS
+    fc1, fc2 = _weights(num_experts, hidden, inter, True, dtype, seed=21)
+    x, ids, scales = _tokens(num_tokens, hidden, num_experts, top_k, dtype, seed=22)
+    gen = torch.Generator(device=DEVICE).manual_seed(23)
+    b2 = torch.randn(num_experts, hidden, device=DEVICE, dtype=dtype, generator=gen)
+    runner = _ext.get_runner(dtype, dtype, dtype)
+    gemm1 = ops.default_tactic(runner.tactics(1), 1)
+    unsplit = ops.default_tactic(runner.tactics(2), 1)
+    for out_dtype in (dtype, torch.float32):
+        base, ref = _check(x, ids, scales, fc1, fc2, out_dtype, tactics=(gemm1, unsplit),
+                           fc2_expert_biases=b2)
+        for desc in splits:
+            names = (gemm1, str(desc["name"]))
+            out, _ = _check(x, ids, scales, fc1, fc2, out_dtype, tactics=names,
+                            fc2_expert_biases=b2)
+            # Same products, summed in a different (fixed) order: close to the unsplit result,
+            # and bitwise repeatable.
+            assert rel_l2(out.float(), base.float()) <= TOLERANCE[dtype], desc["name"]
+            again = _run(x, ids, scales, fc1, fc2, out_dtype, tactics=names,
+                         fc2_expert_biases=b2)
+            assert torch.equal(out, again), f"{desc['name']} is not deterministic"
+
+
+def test_split_k_tactic_is_never_the_default_and_falls_back_above_its_rows():
+    dtype = torch.bfloat16
+    runner = _ext.get_runner(dtype, dtype, dtype)
+    descs = runner.tactics(2)
+    for rows in (0.125, 1, 8, 64, 4096):
+        name = ops.default_tactic(descs, rows)
+        assert next(int(d["split_k"]) for d in descs if d["name"] == name) == 1
+
+
+@pytest.mark.parametrize("num_tokens", [1, 300])
+def test_pdl_on_and_off_give_identical_results(num_tokens):
+    dtype = torch.bfloat16
+    fc1, fc2 = _weights(8, 2048, 1408, True, dtype)
+    x, ids, scales = _tokens(num_tokens, 2048, 8, 2, dtype, seed=24)
+    on = _run(x, ids, scales, fc1, fc2, enable_pdl=True)
+    off = _run(x, ids, scales, fc1, fc2, enable_pdl=False)
+    default = _run(x, ids, scales, fc1, fc2)
+    assert torch.equal(on, off) and torch.equal(on, default)
+    ref = _reference(x, ids, scales, fc1, fc2)
+    assert rel_l2(on.float(), ref) <= TOLERANCE[dtype]
+
+
+def test_cuda_graph_with_split_k_and_pdl():
+    """A decode call with a split-K GEMM2 and programmatic launches, captured and replayed with
+    new inputs: every replay equals an eager call."""
+    dtype = torch.bfloat16
+    fc1, fc2 = _weights(8, 2048, 1408, True, dtype)
+    runner = _ext.get_runner(dtype, dtype, dtype)
+    names = (ops.default_tactic(runner.tactics(1), 0.5), str(_split_tactics(dtype)[-1]["name"]))
+    x, ids, scales = _tokens(4, 2048, 8, 2, dtype, seed=25)
+    static_x, static_ids, static_scales = x.clone(), ids.clone(), scales.clone()
+    static_out = torch.empty(4, 2048, dtype=dtype, device=DEVICE)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        cutlass_fused_moe(static_x, static_ids, static_scales, fc1, fc2, dtype,
+                          output=static_out, tactics=names, enable_pdl=True)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        cutlass_fused_moe(static_x, static_ids, static_scales, fc1, fc2, dtype,
+                          output=static_out, tactics=names, enable_pdl=True)
+    for seed in (26, 27):
+        x, ids, scales = _tokens(4, 2048, 8, 2, dtype, seed=seed)
+        static_x.copy_(x)
+        static_ids.copy_(ids)
+        static_scales.copy_(scales)
+        static_out.fill_(float("nan"))
+        graph.replay()
+        eager = cutlass_fused_moe(x, ids, scales, fc1, fc2, dtype, tactics=names)[0]
+        torch.cuda.synchronize()
+        assert torch.equal(static_out, eager)
+        assert rel_l2(static_out.float(), _reference(x, ids, scales, fc1, fc2)) <= 1e-2
 
 
 # ------------------------------------------------------------------ graphs, compile, checks

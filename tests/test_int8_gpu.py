@@ -178,7 +178,14 @@ def test_every_int8_tactic(dtype, gemm):
             other = [d for d in runner.tactics(3 - gemm) if ops.supports_activation(d, act_value)]
             other_name = ops.default_tactic(other, 300 * 2 / 4)
             names = (desc["name"], other_name) if gemm == 1 else (other_name, desc["name"])
-            for num_tokens in (1, 300):
+            # A GEMM2 split over K runs up to SPLIT_K_MAX_ROWS rows (64 tokens x k=2 here), and
+            # is refused above.
+            split = int(desc.get("split_k", 1)) > 1
+            if split:
+                x, ids, scales = _tokens(300, 2048, 4, 2, dtype, seed=300)
+                with pytest.raises(ValueError, match="splits GEMM2 over K"):
+                    _run(x, ids, scales, layer, tactics=names, activation_type=activation)
+            for num_tokens in (1, 64) if split else (1, 300):
                 x, ids, scales = _tokens(num_tokens, 2048, 4, 2, dtype, seed=num_tokens)
                 try:
                     out = _run(x, ids, scales, layer, tactics=names, activation_type=activation)

@@ -660,7 +660,7 @@ def _int8_descs(fast: bool, act: str = "bf16", smem_limit: int | None = None):
     generator = _generator_module()
     descs = []
     for t in generator.tactics(fast=fast):
-        if t.weight != "int8" or t.dtype != act:
+        if t.weight != "int8" or t.dtype != act or t.split_k > 1:  # GEMM1's int8 tactics
             continue
         warps = (t.tile_m // t.warp_m) * (t.tile_n // t.warp_n)
         # A 16-bit A tile and an int8 B tile per stage: the sizes the generator's comment lists

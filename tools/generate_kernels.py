@@ -5,7 +5,9 @@ Each tactic is one compiled CUTLASS configuration with a stable name such as
 ``sm80_bf16_bf16_m64n128k64_w32x64x64_s4`` (16-bit weights) or
 ``sm80_bf16_int8_m16n128k64_w16x32x64_s4`` (int8 weights, per-output-channel scales) or
 ``sm80_gated_bf16_bf16_m16n64k64_w16x32x64_s5`` (fused gated GEMM1: the tile's N counts output
-columns, each of which reads one up and one gate weight row). Instances
+columns, each of which reads one up and one gate weight row) or
+``sm80_bf16_bf16_m16n64k64_w16x32x64_s4_splitk4`` (GEMM2 split over K into 4 fp32 partial sums,
+for decode; the split factors of one tile share one compiled kernel with fp32 output). Instances
 are grouped a few per translation unit: every TU pays a fixed front-end cost, so batching is
 several times cheaper than one TU per tactic, while enough TUs remain to keep a parallel build
 busy.
@@ -58,6 +60,7 @@ class Tactic:
     gemms: int = GEMM1 | GEMM2
     weight: str | None = None  # a QUANT_WEIGHT_DTYPES tag; None: weights in the activation dtype
     gated: bool = False  # fused gated GEMM1 (16-bit weights, GEMM1 only)
+    split_k: int = 1  # > 1: GEMM2 split over K, fp32 partial sums (GEMM2 only)
 
     @property
     def weight_tag(self) -> str:
@@ -75,7 +78,7 @@ class Tactic:
         return QUANT_WEIGHT_DTYPES[self.weight] if self.weight else DTYPES[self.dtype][1]
 
     @property
-    def name(self) -> str:
+    def base_name(self) -> str:
         prefix = "sm80_gated" if self.gated else "sm80"
         return (
             f"{prefix}_{self.dtype}_{self.weight_tag}_m{self.tile_m}n{self.tile_n}k{self.tile_k}"
@@ -83,8 +86,22 @@ class Tactic:
         )
 
     @property
+    def name(self) -> str:
+        return self.base_name + (f"_splitk{self.split_k}" if self.split_k > 1 else "")
+
+    @property
     def symbol(self) -> str:
         return "kTactic_" + self.name
+
+    @property
+    def kernel_alias(self) -> str:
+        """The compiled kernel: split factors of one tile share the fp32-output instance."""
+        return "Kernel_" + self.base_name + ("_f32out" if self.split_k > 1 else "")
+
+    @property
+    def file_kind(self) -> str:
+        """Instances of one file kind share a template header and are batched into files."""
+        return self.kind + ("_splitk" if self.split_k > 1 else "")
 
     @property
     def threads(self) -> int:
@@ -191,16 +208,51 @@ FAST_TILES_GATED = [
     (16, 64, 64, 16, 32, 64, 4),
 ]
 
+# GEMM2 split over K (decode): each tile is compiled once with fp32 output and registered once
+# per split factor (the runner cuts K into that many slices, E * splits problems, and finalize
+# adds the partial sums in order). Few rows per expert, so 16- and 32-row tiles only; each slice
+# walks K / splits, so deep pipelines buy little.
+SPLIT_FACTORS = (2, 4, 8)
+FULL_TILES_SPLITK_16BIT = [
+    (16, 64, 64, 16, 32, 64, 4),
+    (16, 128, 64, 16, 32, 64, 4),
+    (32, 128, 64, 32, 32, 64, 4),
+]
+FAST_TILES_SPLITK_16BIT = [
+    (16, 64, 64, 16, 32, 64, 4),
+]
+FULL_TILES_SPLITK_INT8 = [
+    (16, 128, 64, 16, 32, 64, 4),
+    (32, 128, 64, 32, 32, 64, 4),
+]
+FAST_TILES_SPLITK_INT8 = [
+    (16, 128, 64, 16, 32, 64, 4),
+]
+
 
 def tactics(fast: bool = False) -> list[Tactic]:
     """All tactics of a build, in registry order."""
     tiles = FAST_TILES_16BIT if fast else FULL_TILES_16BIT
     tiles_int8 = FAST_TILES_INT8 if fast else FULL_TILES_INT8
     tiles_gated = FAST_TILES_GATED if fast else FULL_TILES_GATED
+    tiles_split = FAST_TILES_SPLITK_16BIT if fast else FULL_TILES_SPLITK_16BIT
+    tiles_split_int8 = FAST_TILES_SPLITK_INT8 if fast else FULL_TILES_SPLITK_INT8
     return (
         [Tactic(dtype, *tile) for dtype in DTYPES for tile in tiles]
         + [Tactic(dtype, *tile, weight="int8") for dtype in DTYPES for tile in tiles_int8]
         + [Tactic(dtype, *tile, gemms=GEMM1, gated=True) for dtype in DTYPES for tile in tiles_gated]
+        + [
+            Tactic(dtype, *tile, gemms=GEMM2, split_k=splits)
+            for dtype in DTYPES
+            for tile in tiles_split
+            for splits in SPLIT_FACTORS
+        ]
+        + [
+            Tactic(dtype, *tile, gemms=GEMM2, weight="int8", split_k=splits)
+            for dtype in DTYPES
+            for tile in tiles_split_int8
+            for splits in SPLIT_FACTORS
+        ]
     )
 
 
@@ -215,20 +267,25 @@ def _instance_file(group: list[Tactic]) -> str:
         "namespace generated {",
         "",
     ]
+    declared = set()
     for t in group:
         element, dtype_enum = DTYPES[t.dtype]
-        kernel = (
-            f"{template}<{element}, {t.tile_m}, {t.tile_n}, {t.tile_k}, "
-            f"{t.warp_m}, {t.warp_n}, {t.warp_k}, {t.stages}>"
-        )
+        kernel_name = t.kernel_alias
+        if kernel_name not in declared:
+            out = ", float" if t.split_k > 1 else ""
+            kernel = (
+                f"{template}<{element}, {t.tile_m}, {t.tile_n}, {t.tile_k}, "
+                f"{t.warp_m}, {t.warp_n}, {t.warp_k}, {t.stages}{out}>"
+            )
+            lines.append(f"using {kernel_name} = {kernel};")
+            declared.add(kernel_name)
         lines += [
-            f"using Kernel_{t.name} = {kernel};",
             f"extern const GemmTactic {t.symbol} = {{",
             f'    "{t.name}", {dtype_enum}, {t.weight_enum},',
             f"    {t.tile_m}, {t.tile_n}, {t.tile_k}, {t.warp_m}, {t.warp_n}, {t.warp_k},",
-            f"    {t.stages}, Kernel_{t.name}::kThreads, Kernel_{t.name}::kSmemBytes, {t.gemms},",
-            f"    {'true' if t.gated else 'false'},",
-            f"    &Kernel_{t.name}::prepare, &Kernel_{t.name}::launch}};",
+            f"    {t.stages}, {kernel_name}::kThreads, {kernel_name}::kSmemBytes, {t.gemms},",
+            f"    {'true' if t.gated else 'false'}, {t.split_k},",
+            f"    &{kernel_name}::prepare, &{kernel_name}::launch}};",
             "",
         ]
     lines += ["}  // namespace generated", "}  // namespace cutlass_moe", ""]
@@ -280,15 +337,20 @@ def generate(out_dir: Path, fast: bool, per_file: int) -> list[Path]:
     if len(set(names)) != len(names):
         raise SystemExit("generate_kernels.py: duplicate tactic names")
     written = []
+    file_kinds = list(dict.fromkeys(t.file_kind for t in all_tactics))
     for dtype in DTYPES:
-        for kind in KERNEL_TEMPLATES:
-            group_all = [t for t in all_tactics if t.dtype == dtype and t.kind == kind]
+        for file_kind in file_kinds:
+            group_all = [t for t in all_tactics if t.dtype == dtype and t.file_kind == file_kind]
+            # Batch by compiled kernel (a split tile's factors stay in one file).
+            kernels = list(dict.fromkeys(t.kernel_alias for t in group_all))
             # 16-bit files keep their original names; others carry the weight tag.
-            suffix = "" if kind == "16bit" else f"_{kind}"
+            suffix = "" if file_kind == "16bit" else f"_{file_kind}"
             stem = f"sm80_grouped_gemm_{dtype}{suffix}"
-            for index in range(0, len(group_all), per_file):
+            for index in range(0, len(kernels), per_file):
+                batch = set(kernels[index : index + per_file])
                 path = out_dir / f"{stem}_{index // per_file}.cu"
-                _write_if_changed(path, _instance_file(group_all[index : index + per_file]))
+                group = [t for t in group_all if t.kernel_alias in batch]
+                _write_if_changed(path, _instance_file(group))
                 written.append(path)
     registry = out_dir / "tactic_registry.cu"
     _write_if_changed(registry, _registry_file(all_tactics))

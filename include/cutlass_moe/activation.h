@@ -24,6 +24,6 @@ void launch_activation(DType dtype, Activation activation, const void* fc1_out, 
                        const int64_t* expert_first_token_offset, int num_experts,
                        const int32_t* permuted_expert, const void* fc1_bias,
                        const float* swiglu_alpha, const float* swiglu_beta,
-                       const float* swiglu_limit, cudaStream_t stream);
+                       const float* swiglu_limit, cudaStream_t stream, bool pdl = false);
 
 }  // namespace cutlass_moe

@@ -24,22 +24,28 @@
 
 namespace cutlass_moe {
 
+struct GemmArgsWriter;  // src/gemm_args.cuh
+
 // Scratch bytes launch_routing needs for (T*k, E_local).
 size_t routing_scratch_size(int64_t expanded_rows, int num_experts);
 
 // Builds offsets and the permutation maps. Ids outside [expert_start, expert_start + E_local)
-// (negative ones included) are dropped and never used to index memory.
+// (negative ones included) are dropped and never used to index memory. With `gemm_args`, the
+// kernel that computes the offsets also writes the grouped GEMMs' arguments from them (no launch
+// of its own); with no rows (T = 0) they are not written. `pdl`: launch as programmatic
+// dependents (see src/launch.cuh).
 void launch_routing(const int32_t* token_selected_experts, int64_t num_tokens, int top_k,
                     int num_experts, int expert_start, int64_t* expert_first_token_offset,
                     int32_t* permuted_to_source, int32_t* source_to_permuted,
                     int32_t* permuted_expert, int32_t* permuted_token, void* scratch,
-                    size_t scratch_bytes, cudaStream_t stream);
+                    size_t scratch_bytes, cudaStream_t stream,
+                    const GemmArgsWriter* gemm_args = nullptr, bool pdl = false);
 
 // gathered[d, :] = input[permuted_to_source[d] % T, :] for d < expert_first_token_offset[E].
 // Rows at or past the kept count are left untouched. dtype: kFloat16 or kBFloat16.
 void launch_gather_rows(DType dtype, const void* input, const int32_t* permuted_to_source,
                         const int64_t* expert_first_token_offset, int num_experts,
                         int64_t num_tokens, int top_k, int64_t hidden_size, void* gathered,
-                        cudaStream_t stream);
+                        cudaStream_t stream, bool pdl = false);
 
 }  // namespace cutlass_moe

@@ -6,13 +6,15 @@
 //   .tactics(gemm: int) -> list[dict]      runnable on the current device; gemm is 1 or 2
 //   .all_tactics(gemm: int) -> list[dict]  compiled into this build, runnable or not
 //       dict keys: name, gemm, tile_m, tile_n, tile_k, warp_m, warp_n, warp_k, stages,
-//                  smem_bytes, threads, runnable, act_dtype, weight_dtype ("fp16", "int8", ...)
+//                  smem_bytes, threads, runnable, act_dtype, weight_dtype ("fp16", "int8", ...),
+//                  gated, activations, split_k (GEMM2 split over K into this many fp32 partial
+//                  sums, 1 for none; such tactics run only up to SPLIT_K_MAX_ROWS rows T*k)
 //   .workspace_size(num_tokens, hidden_size, inter_size, num_experts, top_k, activation) -> int
 //   .run_moe(num_tokens, hidden_size, inter_size, num_experts, top_k, expert_start, activation,
 //            input, token_selected_experts, token_final_scales, fc1_weights, fc2_weights,
 //            fc1_bias, fc2_bias, swiglu_alpha, swiglu_beta, swiglu_limit, output,
 //            workspace, workspace_bytes, tactic1: str, tactic2: str, stream: int,
-//            fc1_scales=0, fc2_scales=0) -> None
+//            fc1_scales=0, fc2_scales=0, enable_pdl=True) -> None
 //       int8 weights (weight_dtype kInt8): [E, N, K] row-major (K contiguous), with per-output-
 //       channel scales fc1_scales [E, N1] and fc2_scales [E, H] in the activation dtype.
 //   .prepare_gemm_profile(gemm, num_tokens, hidden_size, inter_size, num_experts, top_k,
@@ -49,8 +51,10 @@ class MoeRunner {
 
   size_t workspace_size(const MoeProblem& problem) const;
 
+  // enable_pdl: launch the call's kernels as programmatic dependents of one another (and of
+  // the stream's previous kernel) where the GPU and the build support it (sm_90+).
   void run_moe(const MoeProblem& problem, const MoePointers& ptrs, const std::string& tactic1,
-               const std::string& tactic2, cudaStream_t stream) const;
+               const std::string& tactic2, cudaStream_t stream, bool enable_pdl = true) const;
 
   void prepare_gemm_profile(int gemm, const MoeProblem& problem, const void* weights,
                             const void* scales, void* workspace, size_t workspace_bytes,

@@ -22,6 +22,7 @@ struct TacticDescriptor {
   int smem_bytes = 0;
   int gemms = 0;          // bit 0: GEMM1, bit 1: GEMM2
   bool gated = false;     // fused gated GEMM1 (gather + both halves + SwiGLU/GeGLU)
+  int split_k = 1;        // GEMM2 split over K into this many fp32 partial sums (1: no split)
   bool runnable = false;  // fits this device's shared memory and occupancy
 };
 
@@ -55,7 +56,13 @@ struct GroupedGemmArgs {
   void** ptr_scale = nullptr;  // [problem_count] per-output-column scales (int8 weights only)
   int32_t** ptr_rows = nullptr;  // [problem_count] row indices (gated tactics only)
   GatedEpilogueArgs gated;       // gated tactics only
+  bool pdl = false;  // launch as a programmatic dependent of the stream's previous kernel
 };
+
+// Tactics that split GEMM2 over K run only for calls of at most this many expanded rows (T*k):
+// the decode regime, where few output tiles leave SMs idle. Their fp32 partial sums need
+// workspace in proportion to T*k.
+constexpr int64_t kSplitKMaxRows = 128;
 
 // One compiled tactic: its static description and entry points. Generated registry tables list
 // these (see tools/generate_kernels.py).
@@ -70,6 +77,9 @@ struct GemmTactic {
   int smem_bytes;  // sizeof(SharedStorage)
   int gemms;       // bit 0: usable for GEMM1, bit 1: usable for GEMM2
   bool gated;      // fused gated GEMM1: serves only gated activations, reads tokens directly
+  // GEMM2 only: K is cut into split_k slices, problem s * E + e multiplying slice s, and the
+  // kernel writes fp32 partial sums (finalize adds them). 1: an ordinary GEMM.
+  int split_k;
   // Raises the kernel's dynamic shared-memory limit on the current device and returns its
   // occupancy (blocks per SM); 0 when it cannot run there.
   int (*prepare)();

@@ -633,8 +633,11 @@ def tune_model(
             local_tokens = max(1, math.ceil(bucket / ep_size))
             expected_rows = local_tokens * top_k / num_experts
             for gemm in (1, 2):
+                # GEMM2 tactics split over K serve only calls of few expanded rows.
                 descs = [d for d in _ext.tactics(*dtypes, gemm, device)
-                         if d.get("runnable", True) and ops.supports_activation(d, act_value)]
+                         if d.get("runnable", True) and ops.supports_activation(d, act_value)
+                         and (int(d.get("split_k", 1)) == 1
+                              or local_tokens * top_k <= ops.split_k_max_rows())]
                 names = [str(d["name"]) for d in descs]
                 default = ops.default_tactic(descs, expected_rows)
                 results = profile_gemm(runner, gemm, names, shape, bucket, act_value,

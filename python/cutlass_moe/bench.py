@@ -286,12 +286,13 @@ def make_row(preset_name: str, preset: ModelPreset, dtype: str, weights: str, nu
 
 # GEMM patterns come first: the CUTLASS kernels' template arguments are long names.
 _STAGE_PATTERNS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("gemm", ("cutlass::Kernel<", "cutlass::Kernel2<", "_ZN7cutlass6Kernel", "GemmGrouped",
-              "GroupedGemm")),
+    ("gemm", ("grouped_kernel<", "cutlass::Kernel<", "cutlass::Kernel2<", "_ZN7cutlass6Kernel",
+              "GemmGrouped", "GroupedGemm")),
     ("routing", ("count_chunk_experts_kernel", "scan_chunk_counts_kernel",
                  "scatter_ranks_kernel")),
     ("gather", ("gather_rows_kernel",)),
-    ("gemm_args", ("write_grouped_gemm_args_kernel",)),
+    # Routing writes the GEMM arguments in a real call; this kernel runs only in profiling.
+    ("gemm_args", ("write_gemm_args_kernel",)),
     ("activation", ("activation_kernel",)),
     ("finalize", ("finalize_kernel",)),
 )

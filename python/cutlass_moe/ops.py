@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -110,7 +109,9 @@ def default_tactic(
     ``_GATED_DEFAULT_MAX_ROWS`` rows per expert (with their own table), and only the others
     above it.
     """
-    candidates = [d for d in descs if d.get("runnable", True)]
+    # GEMM2 tactics split over K serve decode only and are chosen by the tuner, never by
+    # default (their speed depends on the shape more than a table can say).
+    candidates = [d for d in descs if d.get("runnable", True) and int(d.get("split_k", 1)) == 1]
     if not candidates:
         raise RuntimeError("no runnable tactic is compiled for this configuration and device")
     rows = max(float(expected_rows_per_expert), 0.0)
@@ -161,7 +162,7 @@ _OP_SCHEMA = (
     "Tensor? fc1_expert_biases, Tensor? fc2_expert_biases, Tensor? swiglu_alpha, "
     "Tensor? swiglu_beta, Tensor? swiglu_limit, Tensor(a13!)? workspace_buffer, "
     "int activation, int expert_start, int num_experts_total, int tune_max_num_tokens, "
-    "str tactic1, str tactic2) -> ()"
+    "str tactic1, str tactic2, bool enable_pdl=True) -> ()"
 )
 
 # The op lives as long as this object: keep it at module level.
@@ -195,9 +196,12 @@ def _run_fused_moe(
     tune_max_num_tokens: int,
     tactic1: str,
     tactic2: str,
+    enable_pdl: bool = True,
 ) -> None:
     """The op's kernel: runs the MoE layer into ``output`` ([T, H]). ``activation`` is the C++
-    Activation value; ``tactic1``/``tactic2`` are tactic names, "" for the heuristic default.
+    Activation value; ``tactic1``/``tactic2`` are tactic names, "" for the heuristic default;
+    ``enable_pdl``: programmatic dependent launch between the call's kernels where the GPU
+    supports it (sm_90+).
     With int8 expert weights, ``fc1_weight_scales`` ``[E, N1]`` and ``fc2_weight_scales``
     ``[E, H]`` (activation dtype) are their per-output-channel scales; else both are None."""
     num_tokens, hidden_size = input.shape
@@ -283,6 +287,7 @@ def _run_fused_moe(
             _ext.stream_handle(device),
             fc1_scales=_ptr(fc1_weight_scales),
             fc2_scales=_ptr(fc2_weight_scales),
+            enable_pdl=enable_pdl,
         )
 
 
@@ -372,15 +377,36 @@ def _tuned_tactics(
     def default(gemm: int) -> str:
         return _resolve_tactic(dtypes, gemm, activation, "", expected_rows, device)
 
-    tuned = autotuner.get_tuner().select(
+    tuned = list(autotuner.get_tuner().select(
         runner, shape, num_tokens, tune_max_num_tokens, activation, device, weights,
         runnable, default, scales=scales,
-    )
+    ))
+    # A GEMM2 split over K runs only up to SPLIT_K_MAX_ROWS expanded rows; a call above the
+    # largest tuned bucket can exceed what its bucket's tactic was tuned (and allowed) for.
+    if num_tokens * top_k > split_k_max_rows() and _split_k_of(dtypes, 2, tuned[1], device) > 1:
+        tuned[1] = default(2)
     return tuple(
         _resolve_tactic(dtypes, gemm, activation, forced[gemm - 1], expected_rows, device)
         if forced[gemm - 1] else tuned[gemm - 1]
         for gemm in (1, 2)
     )
+
+
+def split_k_max_rows() -> int:
+    """Expanded rows (T*k) up to which GEMM2 tactics split over K may run."""
+    return int(getattr(_ext.load_extension(), "SPLIT_K_MAX_ROWS", 0))
+
+
+def _split_k_of(
+    dtypes: tuple[torch.dtype, torch.dtype, torch.dtype],
+    gemm: int,
+    name: str,
+    device: torch.device,
+) -> int:
+    for d in _ext.tactics(*dtypes, gemm, device):
+        if d["name"] == name:
+            return int(d.get("split_k", 1))
+    return 1
 
 
 _runnable_cache: dict[tuple[Any, ...], list[str]] = {}
@@ -1008,7 +1034,10 @@ def cutlass_fused_moe(
         FlashInfer modes; must be False.
         tune_max_num_tokens: the largest token bucket of the AutoTuner; calls with more tokens
             share its tactics (see :func:`cutlass_moe.autotune`).
-        enable_pdl: accepted for compatibility; programmatic dependent launch is not used.
+        enable_pdl: programmatic dependent launch between the call's kernels (and with the
+            kernel before the call): each kernel's launch overlaps the end of the one before
+            it, which saves a few microseconds per decode call. None (the default) or True: on
+            where the GPU supports it (sm_90 and newer, with code built for it); False: off.
         activation_type: Swiglu (default), Geglu, Gelu, Relu, Silu or Identity.
         swizzled_input_sf: accepted for compatibility (only meaningful with ``input_sf``).
         use_fused_finalize: accepted for compatibility; finalize is always the deterministic
@@ -1085,12 +1114,6 @@ def cutlass_fused_moe(
         check_expert_ids(call.raw_token_selected_experts, call.num_experts_total)
     if not compiling:
         _require_cuda(call.input.device)
-        if enable_pdl:
-            warnings.warn(
-                "cutlass_fused_moe: enable_pdl=True is ignored (programmatic dependent launch is "
-                "not used by cutlass_moe)",
-                stacklevel=2,
-            )
 
     out = call.output
     if out is None:
@@ -1120,5 +1143,6 @@ def cutlass_fused_moe(
         tune_max_num_tokens,
         call.tactic1,
         call.tactic2,
+        enable_pdl is None or bool(enable_pdl),
     )
     return [out]

@@ -1,7 +1,7 @@
 // CUTLASS 2.x Sm80 tensor-op grouped GEMM, one problem per expert, scheduled on the device.
 //
 // D_e[M_e, N] = A_e[M_e, K] (row-major) * W_e[N, K]^T, fp32 accumulation, output in the input
-// type. Problem sizes, pointers and leading dimensions are read from device memory
+// type (or fp32: the partial sums of a GEMM split over K). Problem sizes, pointers and leading dimensions are read from device memory
 // (GroupScheduleMode::kDeviceOnly), so a call never synchronises with the host.
 // Instantiated by generated files (tools/generate_kernels.py); keep this header free of torch and
 // pybind11.
@@ -10,7 +10,6 @@
 #include <cuda_runtime_api.h>
 
 #include "cutlass/cutlass.h"
-#include "cutlass/device_kernel.h"
 #include "cutlass/epilogue/thread/linear_combination.h"
 #include "cutlass/gemm/device/gemm_grouped.h"
 #include "cutlass/gemm/gemm.h"
@@ -25,18 +24,19 @@ namespace cutlass_moe {
 namespace grouped_gemm {
 
 template <typename Element, int TileM, int TileN, int TileK, int WarpM, int WarpN, int WarpK,
-          int Stages>
+          int Stages, typename ElementOut = Element>
 struct Sm80GroupedGemm {
   // 16-byte accesses on every operand: K and N must be multiples of 8 (checked by the runner).
   static constexpr int kAlignment = 128 / cutlass::sizeof_bits<Element>::value;
+  static constexpr int kAlignmentOut = 128 / cutlass::sizeof_bits<ElementOut>::value;
 
   using EpilogueOp =
-      cutlass::epilogue::thread::LinearCombination<Element, kAlignment, float, float>;
+      cutlass::epilogue::thread::LinearCombination<ElementOut, kAlignmentOut, float, float>;
 
   using GemmKernel = typename cutlass::gemm::kernel::DefaultGemmGrouped<
       Element, cutlass::layout::RowMajor, cutlass::ComplexTransform::kNone, kAlignment,  // A
       Element, cutlass::layout::ColumnMajor, cutlass::ComplexTransform::kNone, kAlignment,  // B
-      Element, cutlass::layout::RowMajor,                                                  // C, D
+      ElementOut, cutlass::layout::RowMajor,                                               // C, D
       float, cutlass::arch::OpClassTensorOp, cutlass::arch::Sm80,
       cutlass::gemm::GemmShape<TileM, TileN, TileK>, cutlass::gemm::GemmShape<WarpM, WarpN, WarpK>,
       cutlass::gemm::GemmShape<16, 8, 16>, EpilogueOp,
@@ -54,12 +54,12 @@ struct Sm80GroupedGemm {
         threadblock_count, typename EpilogueOp::Params(1.0f, 0.0f),
         reinterpret_cast<Element**>(a.ptr_a), reinterpret_cast<Element**>(a.ptr_b),
         // beta = 0: the epilogue never reads C, so D stands in for it.
-        reinterpret_cast<Element**>(a.ptr_d), reinterpret_cast<Element**>(a.ptr_d), a.lda, a.ldb,
-        a.ldd, a.ldd);
+        reinterpret_cast<ElementOut**>(a.ptr_d), reinterpret_cast<ElementOut**>(a.ptr_d), a.lda,
+        a.ldb, a.ldd, a.ldd);
     // Params built per call (no state kept between calls): thread-safe and graph-capturable.
     typename GemmKernel::Params params(args);
-    cutlass::Kernel<GemmKernel><<<threadblock_count, kThreads, kSmemBytes, stream>>>(params);
-    CUTLASS_MOE_CHECK_LAUNCH("grouped GEMM");
+    launch_grouped_kernel<GemmKernel>(params, threadblock_count, kThreads, kSmemBytes, stream,
+                                      a.pdl);
   }
 };
 

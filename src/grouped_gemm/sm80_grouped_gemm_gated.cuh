@@ -9,7 +9,6 @@
 #include <cuda_runtime_api.h>
 
 #include "cutlass/cutlass.h"
-#include "cutlass/device_kernel.h"
 #include "cutlass/epilogue/thread/linear_combination.h"
 #include "cutlass/epilogue/threadblock/default_epilogue_tensor_op.h"
 #include "cutlass/gemm/gemm.h"
@@ -91,8 +90,8 @@ struct Sm80GroupedGemmGated {
     params.ldd = a.ldd;
     params.bias = static_cast<const Element*>(a.gated.bias);
     // Params built per call (no state kept between calls): thread-safe and graph-capturable.
-    cutlass::Kernel<GemmKernel><<<threadblock_count, kThreads, kSmemBytes, stream>>>(params);
-    CUTLASS_MOE_CHECK_LAUNCH("fused gated grouped GEMM");
+    launch_grouped_kernel<GemmKernel>(params, threadblock_count, kThreads, kSmemBytes, stream,
+                                      a.pdl);
   }
 };
 

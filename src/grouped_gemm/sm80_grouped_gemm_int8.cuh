@@ -8,7 +8,8 @@
 //            (symmetric, per output channel, no zero point).
 //   scale_e  N values in the activation dtype, one per output column (per row of Q_e); the
 //            pointer is per problem (typically scales + e * N).
-//   D_e      row-major [M_e, N] in the activation dtype, leading dimension ldd (>= N).
+//   D_e      row-major [M_e, N] in the activation dtype (or fp32: the partial sums of a GEMM
+//            split over K), leading dimension ldd (>= N).
 // The int8 tile is upcast to the activation type in registers after the shared-memory load
 // (arch::OpMultiplyAddMixedInputUpcast) and multiplied on 16-bit tensor cores with fp32
 // accumulation; the scale multiplies the fp32 accumulator in the epilogue and D is rounded once.
@@ -30,7 +31,6 @@
 #include "cutlass/arch/arch.h"
 #include "cutlass/arch/mma.h"
 #include "cutlass/cutlass.h"
-#include "cutlass/device_kernel.h"
 // default_epilogue_with_broadcast.h uses DefaultEpilogueSimt without including its header.
 #include "cutlass/epilogue/threadblock/default_epilogue_simt.h"
 #include "cutlass/epilogue/threadblock/default_epilogue_with_broadcast.h"
@@ -48,17 +48,17 @@ namespace cutlass_moe {
 namespace grouped_gemm {
 
 template <typename ElementAct, int TileM, int TileN, int TileK, int WarpM, int WarpN, int WarpK,
-          int Stages>
+          int Stages, typename ElementOut = ElementAct>
 struct Sm80GroupedGemmInt8 {
   using ElementA = ElementAct;
   using ElementB = int8_t;
-  using ElementD = ElementAct;
+  using ElementD = ElementOut;
   using ElementScale = ElementAct;
   using ElementAccumulator = float;
 
   static constexpr int kAlignmentA = 128 / cutlass::sizeof_bits<ElementA>::value;  // 8
   static constexpr int kAlignmentB = 128 / cutlass::sizeof_bits<ElementB>::value;  // 16
-  static constexpr int kAlignmentD = 128 / cutlass::sizeof_bits<ElementD>::value;  // 8
+  static constexpr int kAlignmentD = 128 / cutlass::sizeof_bits<ElementD>::value;  // 8 (fp32: 4)
 
   using ThreadblockShape = cutlass::gemm::GemmShape<TileM, TileN, TileK>;
   using WarpShape = cutlass::gemm::GemmShape<WarpM, WarpN, WarpK>;
@@ -99,8 +99,8 @@ struct Sm80GroupedGemmInt8 {
     params.lda = a.lda;
     params.ldb = a.ldb;
     params.ldd = a.ldd;
-    cutlass::Kernel<GemmKernel><<<threadblock_count, kThreads, kSmemBytes, stream>>>(params);
-    CUTLASS_MOE_CHECK_LAUNCH("int8 grouped GEMM");
+    launch_grouped_kernel<GemmKernel>(params, threadblock_count, kThreads, kSmemBytes, stream,
+                                      a.pdl);
   }
 };
 

@@ -1,0 +1,49 @@
+// Kernel launches of the run path, with programmatic dependent launch (PDL) where asked for.
+//
+// With PDL (sm_90 and newer), a kernel's blocks may be scheduled while the kernel before it on
+// the stream is still finishing, which hides most of the launch latency between the dependent
+// kernels of one MoE call. Correctness rests on one rule: every kernel launched here calls
+// wait_on_dependencies() before it touches global memory. griddepcontrol.wait returns once the
+// grids it depends on have completed and their writes are visible; without the launch attribute
+// it returns at once, and below sm_90 it is compiled out (such code is never launched with PDL:
+// see MoeRunner's per-device check). No kernel triggers its dependents early, so a dependent
+// grid starts only as its predecessor's last blocks exit and never competes with them for SMs.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <utility>
+
+#include "cutlass_moe/cuda_check.h"
+
+namespace cutlass_moe {
+
+__device__ __forceinline__ void wait_on_dependencies() {
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+// Launches `kernel` on `stream`, as a programmatic dependent of the previous work on the stream
+// when `pdl` is set. `name` labels a failure.
+template <typename... Params, typename... Args>
+void launch_kernel(const char* name, void (*kernel)(Params...), dim3 grid, dim3 block,
+                   size_t smem_bytes, cudaStream_t stream, bool pdl, Args&&... args) {
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem_bytes;
+  config.stream = stream;
+  config.attrs = pdl ? attribute : nullptr;
+  config.numAttrs = pdl ? 1 : 0;
+  const cudaError_t status = cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+  if (status != cudaSuccess) {
+    (void)cudaGetLastError();  // clear it, as a failed <<<>>> launch check would
+    throw_cuda_error(status, name, __FILE__, __LINE__);
+  }
+}
+
+}  // namespace cutlass_moe
