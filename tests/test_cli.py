@@ -940,8 +940,8 @@ def test_bench_table(capsys, fake_bench, caplog):
             config.graph, config.warmup, config.repeats, config.max_tokens, config.seed) == (
         "bf16", "bf16", [1, 32], "uniform", "tuned", False, 10, 50, 8192, 0)
     assert config.device == torch.device("cuda")
-    assert (config.peers, config.stages, config.rotate, config.flush_l2) == (
-        bench.PEERS, False, None, True)
+    assert (config.peers, config.stages, config.rotate, config.flush_l2, config.pdl) == (
+        bench.PEERS, False, None, True, True)
     assert fake_bench.loaded == []  # no cache file here
     assert "no tuning cache at cutlass_moe_tuning_cache.json" in caplog.text
 
@@ -959,13 +959,13 @@ def test_bench_default_options(capsys, fake_bench, tmp_path):
     (tmp_path / "cutlass_moe_tuning_cache.json").write_text("{}")
     assert run_cli(capsys, "bench", *SMALL, "--default", "--routing", "zipf", "--graph",
                    "--warmup", "1", "--repeats", "2", "--seed", "3", "--max-tokens", "64",
-                   "--peers", "none", "--rotate", "3", "--no-flush")[0] == 0
+                   "--peers", "none", "--rotate", "3", "--no-flush", "--no-pdl")[0] == 0
     assert fake_bench.loaded == []  # --default ignores the cache
     (config,) = fake_bench.calls
     assert config.models == [("custom", presets.ModelPreset(8, 128, 256, 2))]
     assert (config.routing, config.tactics, config.graph, config.warmup, config.repeats,
-            config.max_tokens, config.seed, config.peers, config.rotate, config.flush_l2) == (
-        "zipf", "default", True, 1, 2, 64, 3, (), 3, False)
+            config.max_tokens, config.seed, config.peers, config.rotate, config.flush_l2,
+            config.pdl) == ("zipf", "default", True, 1, 2, 64, 3, (), 3, False, False)
 
 
 def test_bench_several_models(capsys, fake_bench):

@@ -235,6 +235,7 @@ class BenchConfig:
     stages: bool = False
     rotate: int | None = None  # None: automatic
     flush_l2: bool = True
+    pdl: bool = True  # programmatic dependent launch where the GPU supports it
 
     def to_json(self) -> dict[str, Any]:
         """The configuration as JSON-able values (also the CSV's extra columns)."""
@@ -245,7 +246,7 @@ class BenchConfig:
             "warmup": self.warmup, "repeats": self.repeats, "max_tokens": self.max_tokens,
             "seed": self.seed, "peers": list(self.peers), "stages": self.stages,
             "rotate": self.rotate if self.rotate is not None else "auto",
-            "flush_l2": self.flush_l2,
+            "flush_l2": self.flush_l2, "pdl": self.pdl,
         }
 
 
@@ -730,7 +731,8 @@ def _bench_one(config: BenchConfig, name: str, preset: ModelPreset, layer: _Laye
                  forced: Sequence[str] | None = forced) -> None:
             cutlass_fused_moe(x, ids, scales, w1, w2, dtype, output=output,
                               tune_max_num_tokens=config.max_tokens, tactics=forced,
-                              workspace_buffer=workspace, **layer.clamp, **layer.quant)
+                              workspace_buffer=workspace, enable_pdl=config.pdl,
+                              **layer.clamp, **layer.quant)
 
         fns = [lambda s=s: call(*s) for s in inputs]
         fns[0]()  # resolves the tactics before any capture

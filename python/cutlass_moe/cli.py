@@ -762,7 +762,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         models=models, dtype=args.dtype, weights=weights, tokens=list(args.tokens),
         routing=args.routing, tactics=args.tactics, graph=args.graph, warmup=args.warmup,
         repeats=args.repeats, max_tokens=args.max_tokens, device=args.device, seed=args.seed,
-        peers=tuple(peers), stages=args.stages, rotate=args.rotate, flush_l2=not args.no_flush)
+        peers=tuple(peers), stages=args.stages, rotate=args.rotate, flush_l2=not args.no_flush,
+        pdl=not args.no_pdl)
     try:
         result = bench.run_bench(config)
     except torch.cuda.OutOfMemoryError as exc:
@@ -1004,6 +1005,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--rotate", type=positive_int, default=None, metavar="N",
                      help="input/routing sets to cycle through (default: enough that their "
                           f"activations exceed twice the L2, at most {bench.MAX_ROTATE})")
+    run.add_argument("--no-pdl", action="store_true",
+                     help="launch our kernels without programmatic dependent launch (on sm_90+ "
+                          "they use it by default)")
     run.add_argument("--no-flush", action="store_true",
                      help="do not flush the L2 before each timed call (warm-cache numbers)")
     run.add_argument("--warmup", type=positive_int, default=10, metavar="N",
