@@ -180,6 +180,8 @@ PYBIND11_MODULE(_C, m) {
           "all_tactics",
           [](const MoeRunner& r, int gemm) { return descriptor_list(r, gemm, false); },
           py::arg("gemm"), "Every tactic compiled for GEMM `gemm`, runnable or not.")
+      .def("pdl_supported", &MoeRunner::pdl_supported,
+           "Whether calls use programmatic dependent launch on the current device (sm_90+).")
       .def(
           "workspace_size",
           [](const MoeRunner& r, int64_t num_tokens, int64_t hidden_size, int64_t inter_size,

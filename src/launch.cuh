@@ -1,13 +1,16 @@
 // Kernel launches of the run path, with programmatic dependent launch (PDL) where asked for.
 //
 // With PDL (sm_90 and newer), a kernel's blocks may be scheduled while the kernel before it on
-// the stream is still finishing, which hides most of the launch latency between the dependent
-// kernels of one MoE call. Correctness rests on one rule: every kernel launched here calls
+// the stream is still running, which hides the launch latency between the dependent kernels of
+// one MoE call. Correctness rests on one rule: every kernel launched here calls
 // wait_on_dependencies() before it touches global memory. griddepcontrol.wait returns once the
 // grids it depends on have completed and their writes are visible; without the launch attribute
 // it returns at once, and below sm_90 it is compiled out (such code is never launched with PDL:
-// see MoeRunner's per-device check). No kernel triggers its dependents early, so a dependent
-// grid starts only as its predecessor's last blocks exit and never competes with them for SMs.
+// see MoeRunner's per-device check).
+// Right after its wait, each block allows the next kernel to launch (griddepcontrol.
+// launch_dependents). The next grid launches once every block of this one has started (or
+// exited), so its blocks never take the place of a block of this grid that has yet to run; they
+// fill SMs as they free up and wait there, and start work the moment this grid completes.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -21,6 +24,7 @@ namespace cutlass_moe {
 __device__ __forceinline__ void wait_on_dependencies() {
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
   asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;" :::);
 #endif
 }
 

@@ -255,7 +255,7 @@ struct DeviceState {
   bool pdl = false;
 };
 
-bool pdl_supported(int device) {
+bool device_supports_pdl(int device) {
   int major = 0;
   CUTLASS_MOE_CHECK_CUDA(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
   if (major < 9) return false;
@@ -292,7 +292,7 @@ struct MoeRunner::Impl {
     CUTLASS_MOE_CHECK_CUDA(
         cudaDeviceGetAttribute(&state.sm_count, cudaDevAttrMultiProcessorCount, device));
     for (const GemmTactic* t : tactics) state.blocks_per_sm.push_back(t->prepare());
-    state.pdl = pdl_supported(device);
+    state.pdl = device_supports_pdl(device);
     return devices.emplace(device, std::move(state)).first->second;
   }
 
@@ -454,6 +454,8 @@ void check_problem(const MoeProblem& p, DType weight_dtype) {
 }
 
 }  // namespace
+
+bool MoeRunner::pdl_supported() const { return impl_->device_state().pdl; }
 
 size_t MoeRunner::workspace_size(const MoeProblem& problem) const {
   check_problem(problem, weight_dtype_);

@@ -463,6 +463,15 @@ def test_split_k_tactic_is_never_the_default_and_falls_back_above_its_rows():
         assert next(int(d["split_k"]) for d in descs if d["name"] == name) == 1
 
 
+def test_pdl_is_used_where_gpu_and_build_allow():
+    """sm_90+ GPUs running code built for sm_90+ launch with PDL; others never do."""
+    info = _ext.build_info()
+    built = [int(str(a)) for a in [*info.get("archs", []), *info.get("ptx_archs", [])]]
+    major, _ = torch.cuda.get_device_capability()
+    runner = _ext.get_runner(torch.bfloat16, torch.bfloat16, torch.bfloat16)
+    assert runner.pdl_supported() == (major >= 9 and max(built) >= 90)
+
+
 @pytest.mark.parametrize("num_tokens", [1, 300])
 def test_pdl_on_and_off_give_identical_results(num_tokens):
     dtype = torch.bfloat16

@@ -10,6 +10,7 @@
 //                  gated, activations, split_k (GEMM2 split over K into this many fp32 partial
 //                  sums, 1 for none; such tactics run only up to SPLIT_K_MAX_ROWS rows T*k)
 //   .workspace_size(num_tokens, hidden_size, inter_size, num_experts, top_k, activation) -> int
+//   .pdl_supported() -> bool   programmatic dependent launch is used on the current device
 //   .run_moe(num_tokens, hidden_size, inter_size, num_experts, top_k, expert_start, activation,
 //            input, token_selected_experts, token_final_scales, fc1_weights, fc2_weights,
 //            fc1_bias, fc2_bias, swiglu_alpha, swiglu_beta, swiglu_limit, output,
@@ -50,6 +51,10 @@ class MoeRunner {
   std::vector<TacticDescriptor> tactics(int gemm, bool runnable_only) const;
 
   size_t workspace_size(const MoeProblem& problem) const;
+
+  // Whether run_moe(..., enable_pdl=true) launches with programmatic dependent launch on the
+  // current device: an sm_90+ GPU running code built for sm_90+.
+  bool pdl_supported() const;
 
   // enable_pdl: launch the call's kernels as programmatic dependents of one another (and of
   // the stream's previous kernel) where the GPU and the build support it (sm_90+).

@@ -169,6 +169,23 @@ def build_id() -> str:
 # ------------------------------------------------------------------------------------------
 
 
+_l2_flush_buffers: dict[str, torch.Tensor] = {}
+
+
+def _flush_l2(device: torch.device) -> None:
+    """Evicts the device's L2 by reading a buffer of twice its size, so that each profiled run
+    streams its weights from memory, as a model's calls do (other layers' weights evict them):
+    with a warm L2, small decode GEMMs whose weights fit in it would be timed at cache speed
+    and the tuner would favour tactics that lose on cold weights."""
+    key = str(device)
+    buffer = _l2_flush_buffers.get(key)
+    if buffer is None:
+        l2 = int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 0)
+        buffer = torch.ones(max(2 * l2, 1 << 26) // 2, dtype=torch.float16, device=device)
+        _l2_flush_buffers[key] = buffer
+    buffer.sum()
+
+
 @dataclasses.dataclass
 class ProfileResult:
     tactic: str
@@ -188,7 +205,8 @@ def profile_gemm(
 ) -> list[ProfileResult]:
     """Times each tactic of GEMM ``gemm`` on synthetic routing of ``bucket`` tokens (divided
     over ``ep_size`` ranks), with the real ``weights`` of that GEMM (and, for int8 weights,
-    their per-channel ``scales``, which the runner requires). Tactics that fail to launch
+    their per-channel ``scales``, which the runner requires), the L2 flushed before each timed
+    run. Tactics that fail to launch
     get ``inf`` and a debug log line. Synchronises the device: never call it during capture."""
     from . import _ext
 
@@ -217,6 +235,7 @@ def profile_gemm(
                         for _ in range(PROFILE_REPEATS)
                     ]
                     for start, end in events:
+                        _flush_l2(device)
                         start.record(stream)
                         runner.run_gemm_profile(gemm, name, *args, workspace.data_ptr(),
                                                 workspace_bytes, stream.cuda_stream)
