@@ -48,6 +48,7 @@ __global__ void __launch_bounds__(kMaxThreads)
                       SwigluClamp clamp) {
   constexpr bool kGated = kAct == Activation::kSwiglu || kAct == Activation::kGeglu;
   wait_on_dependencies();
+  allow_dependents();
   const int64_t row = blockIdx.x;
   if (row >= expert_first_token_offset[num_experts]) return;
   const int64_t col = (static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x) * kWidth;

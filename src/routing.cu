@@ -111,6 +111,7 @@ __global__ void __launch_bounds__(kRoutingThreads)
                                int64_t entries_per_warp, int64_t entries_per_chunk,
                                int expert_start, int num_experts, int32_t* __restrict__ chunk_counts) {
   wait_on_dependencies();
+  allow_dependents();
   extern __shared__ int32_t expert_counts[];  // [num_experts]
   for (int e = threadIdx.x; e < num_experts; e += blockDim.x) expert_counts[e] = 0;
   __syncthreads();
@@ -178,6 +179,7 @@ __global__ void __launch_bounds__(kScanMaxThreads)
                              int64_t* __restrict__ expert_first_token_offset,
                              bool write_gemm_args, GemmArgsWriter gemm_args) {
   wait_on_dependencies();
+  allow_dependents();
   extern __shared__ int32_t expert_totals[];  // [num_experts], each entry used by one thread only
   const int experts_per_thread = static_cast<int>(ceil_div(num_experts, blockDim.x));
   const int first_expert = min(num_experts, static_cast<int>(threadIdx.x) * experts_per_thread);
@@ -231,6 +233,7 @@ __global__ void __launch_bounds__(kRoutingThreads)
                          int32_t* __restrict__ permuted_token, bool write_gemm_args,
                          GemmArgsWriter gemm_args) {
   wait_on_dependencies();
+  allow_dependents();
   extern __shared__ int32_t warp_next_row[];  // [kRoutingWarps][num_experts]
   const int64_t num_entries = num_tokens * top_k;
   const int warp = threadIdx.x / kWarpSize;
@@ -340,6 +343,7 @@ __global__ void __launch_bounds__(kGatherMaxThreads)
                        const int64_t* __restrict__ expert_first_token_offset, int num_experts,
                        int64_t num_tokens, int64_t units_per_row, Unit* __restrict__ gathered) {
   wait_on_dependencies();
+  allow_dependents();
   const int64_t dest_row = blockIdx.x;
   // Both loads are issued before the branch so their latencies overlap; the map entry of a row
   // past the kept count is in bounds (the map has T*k entries) and simply unused.

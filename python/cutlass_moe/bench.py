@@ -728,10 +728,10 @@ def _bench_one(config: BenchConfig, name: str, preset: ModelPreset, layer: _Laye
             forced = default_tactics(dtype, device, num_tokens, e, k, weight_dtype)
 
         def call(x: torch.Tensor, ids: torch.Tensor, scales: torch.Tensor,
-                 forced: Sequence[str] | None = forced) -> None:
+                 forced: Sequence[str] | None = forced, pdl: bool = config.pdl) -> None:
             cutlass_fused_moe(x, ids, scales, w1, w2, dtype, output=output,
                               tune_max_num_tokens=config.max_tokens, tactics=forced,
-                              workspace_buffer=workspace, enable_pdl=config.pdl,
+                              workspace_buffer=workspace, enable_pdl=pdl,
                               **layer.clamp, **layer.quant)
 
         fns = [lambda s=s: call(*s) for s in inputs]
@@ -754,7 +754,9 @@ def _bench_one(config: BenchConfig, name: str, preset: ModelPreset, layer: _Laye
             weights=config.weights, impl=impl, graph=config.graph, latency_us=latency,
             tactic1=names[0], tactic2=names[1], source=source or "?", **common))
         if config.stages:
-            _stages(config, name, num_tokens, impl, fns[0], flush, result)
+            # Without PDL: a kernel launched early would count its wait for the one before.
+            _stages(config, name, num_tokens, impl, lambda: call(*inputs[0], pdl=False), flush,
+                    result)
         del graphs, timed
 
     activation = swiglu_fn(preset)

@@ -800,7 +800,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     print(format_bench_table(result.rows))
     if result.stages:
         print()
-        print("per-stage kernel time per call (torch.profiler, eager calls):")
+        print("per-stage kernel time per call (torch.profiler, eager calls, without PDL):")
         print(bench.format_stage_table(result.stages))
     if result.notes:
         print()
