@@ -1,10 +1,10 @@
 // MoeRunner: workspace layout, tactic lookup and the launch sequence of one MoE call.
 //
-//   routing -> gather -> grouped-GEMM arguments -> GEMM1 -> activation -> GEMM2 -> finalize
+//   routing (+ grouped-GEMM arguments) -> gather -> GEMM1 -> activation -> GEMM2 -> finalize
 //
 // or, with a fused gated GEMM1 tactic (gather, GEMM1 and the gated activation in one kernel):
 //
-//   routing -> grouped-GEMM arguments -> gated GEMM1 -> GEMM2 -> finalize
+//   routing (+ grouped-GEMM arguments) -> gated GEMM1 -> GEMM2 -> finalize
 //
 // Every launch's grid depends only on host-known sizes; rows per expert exist only on the device,
 // where the routing kernel that computes the per-expert offsets also writes the grouped GEMMs'
