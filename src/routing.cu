@@ -275,17 +275,14 @@ __global__ void __launch_bounds__(kRoutingThreads)
     int32_t kept_rows = 0;
     int32_t next_row = block_exclusive_scan(thread_rows, &kept_rows);
     for (int e = first_expert; e < end_expert; ++e) {
-      expert_first_token_offset[e] = next_row;
-      if (write_gemm_args) {
-        int32_t expert_rows = 0;
-        for (int w = 0; w < kRoutingWarps; ++w) expert_rows += warp_next_row[w * num_experts + e];
-        gemm_args.write(e, next_row, expert_rows);
-      }
+      const int32_t first_row = next_row;
+      expert_first_token_offset[e] = first_row;
       for (int w = 0; w < kRoutingWarps; ++w) {
         const int32_t rows = warp_next_row[w * num_experts + e];
         warp_next_row[w * num_experts + e] = next_row;
         next_row += rows;
       }
+      if (write_gemm_args) gemm_args.write(e, first_row, next_row - first_row);
     }
     if (threadIdx.x == 0) expert_first_token_offset[num_experts] = kept_rows;
   } else {

@@ -487,67 +487,58 @@ def test_pdl_on_and_off_give_identical_results(num_tokens):
 
 def test_cuda_graph_with_split_k_and_pdl():
     """A decode call with a split-K GEMM2 and programmatic launches, captured and replayed with
-    new inputs: every replay equals an eager call."""
+    new inputs: every replay equals an eager call and the reference."""
     dtype = torch.bfloat16
     fc1, fc2 = _weights(8, 2048, 1408, True, dtype)
     runner = _ext.get_runner(dtype, dtype, dtype)
     names = (ops.default_tactic(runner.tactics(1), 0.5), str(_split_tactics(dtype)[-1]["name"]))
-    x, ids, scales = _tokens(4, 2048, 8, 2, dtype, seed=25)
-    static_x, static_ids, static_scales = x.clone(), ids.clone(), scales.clone()
-    static_out = torch.empty(4, 2048, dtype=dtype, device=DEVICE)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        cutlass_fused_moe(static_x, static_ids, static_scales, fc1, fc2, dtype,
-                          output=static_out, tactics=names, enable_pdl=True)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        cutlass_fused_moe(static_x, static_ids, static_scales, fc1, fc2, dtype,
-                          output=static_out, tactics=names, enable_pdl=True)
-    for seed in (26, 27):
-        x, ids, scales = _tokens(4, 2048, 8, 2, dtype, seed=seed)
-        static_x.copy_(x)
-        static_ids.copy_(ids)
-        static_scales.copy_(scales)
-        static_out.fill_(float("nan"))
-        graph.replay()
-        eager = cutlass_fused_moe(x, ids, scales, fc1, fc2, dtype, tactics=names)[0]
-        torch.cuda.synchronize()
-        assert torch.equal(static_out, eager)
-        assert rel_l2(static_out.float(), _reference(x, ids, scales, fc1, fc2)) <= 1e-2
+    for x, ids, scales, replayed in _graph_replays(fc1, fc2, 4, (25, 26, 27), tactics=names,
+                                                   enable_pdl=True):
+        assert rel_l2(replayed.float(), _reference(x, ids, scales, fc1, fc2)) <= 1e-2
 
 
 # ------------------------------------------------------------------ graphs, compile, checks
 
 
-def test_cuda_graph_capture_and_replay():
-    dtype = torch.bfloat16
-    fc1, fc2 = _weights(8, 2048, 1408, True, dtype)
-    x, ids, scales = _tokens(64, 2048, 8, 2, dtype, seed=16)
+def _graph_replays(fc1, fc2, num_tokens, seeds, **kwargs):
+    """Captures one call (inputs of ``seeds[0]``, after a warm-up outside capture), then for
+    each later seed copies new inputs in, replays, checks the result equals an eager call with
+    the same ``kwargs`` and yields ``(x, ids, scales, replayed output)``."""
+    dtype = fc1.dtype
+    hidden, num_experts = fc1.shape[2], fc1.shape[0]
+    x, ids, scales = _tokens(num_tokens, hidden, num_experts, 2, dtype, seed=seeds[0])
     static_x, static_ids, static_scales = x.clone(), ids.clone(), scales.clone()
-    static_out = torch.empty(64, 2048, dtype=dtype, device=DEVICE)
+    static_out = torch.empty(num_tokens, hidden, dtype=dtype, device=DEVICE)
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up outside capture (first-call setup)
-        cutlass_fused_moe(static_x, static_ids, static_scales, fc1, fc2, dtype, output=static_out)
+        cutlass_fused_moe(static_x, static_ids, static_scales, fc1, fc2, dtype,
+                          output=static_out, **kwargs)
     torch.cuda.current_stream().wait_stream(side)
 
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        cutlass_fused_moe(static_x, static_ids, static_scales, fc1, fc2, dtype, output=static_out)
+        cutlass_fused_moe(static_x, static_ids, static_scales, fc1, fc2, dtype,
+                          output=static_out, **kwargs)
 
-    for seed in (17, 18, 19):
-        x, ids, scales = _tokens(64, 2048, 8, 2, dtype, seed=seed)
+    for seed in seeds[1:]:
+        x, ids, scales = _tokens(num_tokens, hidden, num_experts, 2, dtype, seed=seed)
         static_x.copy_(x)
         static_ids.copy_(ids)
         static_scales.copy_(scales)
         static_out.fill_(float("nan"))
         graph.replay()
-        eager = cutlass_fused_moe(x, ids, scales, fc1, fc2, dtype)[0]
+        eager = cutlass_fused_moe(x, ids, scales, fc1, fc2, dtype, **kwargs)[0]
         torch.cuda.synchronize()
         assert torch.equal(static_out, eager)
+        yield x, ids, scales, static_out
+
+
+def test_cuda_graph_capture_and_replay():
+    fc1, fc2 = _weights(8, 2048, 1408, True, torch.bfloat16)
+    replays = list(_graph_replays(fc1, fc2, 64, (16, 17, 18, 19)))
+    assert len(replays) == 3
 
 
 class _MoeBlock(torch.nn.Module):

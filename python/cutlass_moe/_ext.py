@@ -147,7 +147,8 @@ def tactics(
     """Descriptors of the tactics of GEMM ``gemm`` (1 or 2) runnable on ``device``, cached.
 
     Each is a dict with keys name, gemm, tile_m, tile_n, tile_k, warp_m, warp_n, warp_k, stages,
-    smem_bytes, threads, runnable (see include/cutlass_moe/runner.h). Callers must not mutate it.
+    smem_bytes, threads, runnable, gated, split_k (and activations for gated tactics; see
+    include/cutlass_moe/runner.h). Callers must not mutate it.
     """
     if gemm not in (1, 2):
         raise ValueError(f"gemm must be 1 or 2, got {gemm}")
