@@ -163,6 +163,7 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "cutlass_moe native extension: CUTLASS grouped-GEMM MoE kernels (no libtorch)";
 
   m.attr("SPLIT_K_MAX_ROWS") = cutlass_moe::kSplitKMaxRows;
+  m.attr("TILE_GROUP_BYTES") = cutlass_moe::kTileGroupBytes;
   m.def("build_info", &build_info, "Build configuration: versions, archs, tactic counts.");
   m.def("driver_cuda_version", &driver_cuda_version,
         "CUDA version of the installed driver (12080 for 12.8); 0 when there is no driver.");

@@ -126,6 +126,7 @@ def make_fake_extension() -> types.ModuleType:
     module = types.ModuleType("cutlass_moe._C")
     module.MoeRunner = FakeMoeRunner
     module.SPLIT_K_MAX_ROWS = 128
+    module.TILE_GROUP_BYTES = 16 << 20
     module.build_info = lambda: {
         "version": "0.0.0-fake",
         "cutlass_version": "4.2.0",

@@ -133,3 +133,30 @@ def naive_moe(
             out[t] += float(scales[t, j]) * y
     return out
 
+
+
+def check_over_tile_groups(descs, run, ref, rows, k, error_key, tolerance) -> list[str]:
+    """Grouped GEMMs walk an expert's row bands in groups whose A rows (16-bit, depth ``k``) fit
+    in ``TILE_GROUP_BYTES`` (src/grouped_gemm/tile_order.cuh). Runs every unsplit tactic of
+    ``descs`` (``run(name) -> output``) against ``ref`` on experts of at least ``rows`` rows,
+    having checked that the shape gives each tactic several groups, the last one partial.
+    Returns the failures; errors are recorded under ``error_key``."""
+    from cutlass_moe import _ext
+
+    group_bytes = _ext.load_extension().TILE_GROUP_BYTES
+    failures = []
+    for desc in descs:
+        if int(desc.get("split_k", 1)) > 1:
+            continue  # decode-only: at most SPLIT_K_MAX_ROWS rows
+        tile_m = int(desc["tile_m"])
+        bands = -(-rows // tile_m)
+        per_group = max(1, min(bands, group_bytes // (tile_m * k * 2)))
+        assert bands > per_group and bands % per_group, (desc["name"], bands, per_group)
+        try:
+            err = record_error(error_key, rel_l2(run(desc["name"]).float(), ref))
+        except (RuntimeError, ValueError, AssertionError) as exc:  # report every bad tactic
+            failures.append(f"{desc['name']}: {exc}")
+            continue
+        if not err <= tolerance:
+            failures.append(f"{desc['name']}: rel err {err:.3g}")
+    return failures

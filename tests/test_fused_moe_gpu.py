@@ -11,7 +11,7 @@ import functools
 import pytest
 import torch
 
-from _helpers import random_tokens, record_error, rel_l2
+from _helpers import check_over_tile_groups, random_tokens, record_error, rel_l2
 from cutlass_moe import ActivationType, _ext, cutlass_fused_moe, ops, reference_moe
 
 pytestmark = pytest.mark.gpu
@@ -293,7 +293,7 @@ def test_fused_gated_gemm1_matches_reference_and_plain(dtype, case, num_tokens):
     gemm2 = ops.default_tactic(
         [d for d in _ext.get_runner(dtype, dtype, dtype).tactics(2)
          if ops.supports_activation(d, act)], num_tokens * top_k / num_experts)
-    out_fused, ref = _check(x, ids, scales, fc1, fc2, tactics=(fused, gemm2), **kwargs)
+    out_fused, _ = _check(x, ids, scales, fc1, fc2, tactics=(fused, gemm2), **kwargs)
     out_plain, _ = _check(x, ids, scales, fc1, fc2, tactics=(plain, gemm2), **kwargs)
     # The two paths round the same intermediates: they agree far more closely than either
     # agrees with the float32 reference's bound.
@@ -397,6 +397,36 @@ def test_every_tactic(dtype, gemm):
     assert not failures, "\n".join(failures)
 
 
+# Tile groups (src/grouped_gemm/tile_order.cuh): see _helpers.check_over_tile_groups.
+_GROUPS_E, _GROUPS_K, _GROUPS_T = 2, 8192, 2600
+
+
+@pytest.mark.parametrize("gemm", [1, 2])
+def test_every_tactic_over_several_tile_groups(gemm):
+    dtype = torch.bfloat16
+    runner = _ext.get_runner(dtype, dtype, dtype)
+    swiglu = _ext.activation_to_enum(ActivationType.Swiglu)
+    gen = torch.Generator(device=DEVICE).manual_seed(31)
+    fc1 = torch.randn(_GROUPS_E, 2 * _GROUPS_K, _GROUPS_K, device=DEVICE, dtype=dtype,
+                      generator=gen).mul_(_GROUPS_K**-0.5)
+    fc2 = torch.randn(_GROUPS_E, _GROUPS_K, _GROUPS_K, device=DEVICE, dtype=dtype,
+                      generator=gen).mul_(_GROUPS_K**-0.5)
+    x, ids, scales = _tokens(_GROUPS_T, _GROUPS_K, _GROUPS_E, 1, dtype, seed=31)
+    rows = int(torch.bincount(ids.flatten(), minlength=_GROUPS_E).min())
+    ref = reference_moe(x, ids, scales, fc1, fc2)
+    descs = [d for d in runner.tactics(gemm) if ops.supports_activation(d, swiglu)]
+    other = ops.default_tactic(
+        [d for d in runner.tactics(3 - gemm) if ops.supports_activation(d, swiglu)],
+        _GROUPS_T / _GROUPS_E)
+
+    def run(name):
+        return _run(x, ids, scales, fc1, fc2,
+                    tactics=(name, other) if gemm == 1 else (other, name))
+
+    failures = check_over_tile_groups(descs, run, ref, rows, _GROUPS_K, dtype, TOLERANCE[dtype])
+    assert not failures, "\n".join(failures)
+
+
 def _split_refusal_failures(names, fc1, fc2, dtype, activation):
     """A split-K GEMM2 tactic forced on a call above SPLIT_K_MAX_ROWS must be refused."""
     x, ids, scales = _tokens(300, fc1.shape[2], fc1.shape[0], 2, dtype, seed=300)
@@ -440,7 +470,7 @@ def test_split_k_gemm2_matches_unsplit_and_reference(dtype, hidden, inter, num_e
     gemm1 = ops.default_tactic(runner.tactics(1), 1)
     unsplit = ops.default_tactic(runner.tactics(2), 1)
     for out_dtype in (dtype, torch.float32):
-        base, ref = _check(x, ids, scales, fc1, fc2, out_dtype, tactics=(gemm1, unsplit),
+        base, _ref = _check(x, ids, scales, fc1, fc2, out_dtype, tactics=(gemm1, unsplit),
                            fc2_expert_biases=b2)
         for desc in splits:
             names = (gemm1, str(desc["name"]))

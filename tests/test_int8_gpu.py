@@ -19,7 +19,7 @@ from typing import NamedTuple
 import pytest
 import torch
 
-from _helpers import random_tokens, record_error, rel_l2
+from _helpers import check_over_tile_groups, random_tokens, record_error, rel_l2
 from cutlass_moe import (
     ActivationType,
     _ext,
@@ -196,6 +196,29 @@ def test_every_int8_tactic(dtype, gemm):
                     continue
                 if not err <= TOLERANCE:
                     failures.append(f"{names} {activation.name} T={num_tokens}: rel err {err:.3g}")
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("gemm", [1, 2])
+def test_every_int8_tactic_over_several_tile_groups(gemm):
+    """Every unsplit int8 tactic on experts of about 1300 rows and K = 8192: several tile groups
+    per expert, the last one partial (src/grouped_gemm/tile_order.cuh)."""
+    dtype, num_experts, k, num_tokens = torch.bfloat16, 2, 8192, 2600
+    runner = _ext.get_runner(dtype, torch.int8, dtype)
+    swiglu = _ext.activation_to_enum(ActivationType.Swiglu)
+    layer = _layer.__wrapped__(num_experts, k, k, True, dtype, seed=31)  # not kept in the cache
+    x, ids, scales = _tokens(num_tokens, k, num_experts, 1, dtype, seed=31)
+    rows = int(torch.bincount(ids.flatten(), minlength=num_experts).min())
+    ref = reference_moe(x, ids, scales, *layer.deq)
+    other = ops.default_tactic(
+        [d for d in runner.tactics(3 - gemm) if ops.supports_activation(d, swiglu)],
+        num_tokens / num_experts)
+
+    def run(name):
+        return _run(x, ids, scales, layer, tactics=(name, other) if gemm == 1 else (other, name))
+
+    failures = check_over_tile_groups(runner.tactics(gemm), run, ref, rows, k,
+                                      f"{str(dtype)[6:]}_x_int8", TOLERANCE)
     assert not failures, "\n".join(failures)
 
 

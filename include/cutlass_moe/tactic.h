@@ -64,6 +64,11 @@ struct GroupedGemmArgs {
 // workspace in proportion to T*k.
 constexpr int64_t kSplitKMaxRows = 128;
 
+// Grouped GEMMs walk an expert's row bands (tiles of TileM rows) in groups whose A rows take at
+// most this many bytes (at least one band per group), column band by column band, so each weight
+// column band streams from DRAM about once per group (src/grouped_gemm/tile_order.cuh).
+constexpr int64_t kTileGroupBytes = int64_t(16) << 20;
+
 // One compiled tactic: its static description and entry points. Generated registry tables list
 // these (see tools/generate_kernels.py).
 struct GemmTactic {

@@ -19,6 +19,7 @@
 #include "cutlass_moe/cuda_check.h"
 #include "cutlass_moe/tactic.h"
 #include "grouped_gemm/kernel_setup.cuh"
+#include "grouped_gemm/sm80_grouped_gemm_kernel.cuh"
 
 namespace cutlass_moe {
 namespace grouped_gemm {
@@ -33,7 +34,7 @@ struct Sm80GroupedGemm {
   using EpilogueOp =
       cutlass::epilogue::thread::LinearCombination<ElementOut, kAlignmentOut, float, float>;
 
-  using GemmKernel = typename cutlass::gemm::kernel::DefaultGemmGrouped<
+  using StockKernel = typename cutlass::gemm::kernel::DefaultGemmGrouped<
       Element, cutlass::layout::RowMajor, cutlass::ComplexTransform::kNone, kAlignment,  // A
       Element, cutlass::layout::ColumnMajor, cutlass::ComplexTransform::kNone, kAlignment,  // B
       ElementOut, cutlass::layout::RowMajor,                                               // C, D
@@ -42,6 +43,8 @@ struct Sm80GroupedGemm {
       cutlass::gemm::GemmShape<16, 8, 16>, EpilogueOp,
       cutlass::gemm::threadblock::GemmIdentityThreadblockSwizzle<1>, Stages,
       cutlass::gemm::kernel::GroupScheduleMode::kDeviceOnly>::GemmKernel;
+  // The stock kernel with the project's tile order (tile_order.cuh).
+  using GemmKernel = Sm80GroupedGemmKernel<StockKernel>;
 
   static constexpr int kThreads = GemmKernel::kThreadCount;
   static constexpr int kSmemBytes = int(sizeof(typename GemmKernel::SharedStorage));

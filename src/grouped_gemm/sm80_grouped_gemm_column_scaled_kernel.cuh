@@ -9,6 +9,7 @@
 //     problem, like A, B and D, and handed to an EpilogueWithBroadcast.
 // Scheduling is CUTLASS's GemmGroupedProblemVisitor: persistent blocks walk the tiles of all
 // problems; problem sizes are read from device memory (kDeviceOnly), so no host synchronisation.
+// A problem's tiles are taken in the project's order (tile_order.cuh).
 //
 // Template parameters: a threadblock-scoped Mma (e.g. from cutlass::gemm::threadblock::DefaultMma)
 // and an EpilogueWithBroadcast whose output op is single-source and does not store T.
@@ -20,6 +21,7 @@
 #include "cutlass/gemm/gemm.h"
 #include "cutlass/gemm/kernel/gemm_grouped_problem_visitor.h"
 #include "cutlass/matrix_coord.h"
+#include "grouped_gemm/tile_order.cuh"
 
 namespace cutlass_moe {
 namespace grouped_gemm {
@@ -88,12 +90,10 @@ struct Sm80GroupedGemmColumnScaledKernel {
     while (problem_visitor.next_tile()) {
       const cutlass::gemm::GemmCoord problem_size = problem_visitor.problem_size();
       const int32_t problem_idx = problem_visitor.problem_index();
-      const int32_t threadblock_idx = int32_t(problem_visitor.threadblock_idx());
-      const cutlass::gemm::GemmCoord grid_shape = problem_visitor.grid_shape(problem_size);
-
-      const cutlass::MatrixCoord tile_offset(
-          int(threadblock_idx / grid_shape.n()) * ThreadblockShape::kM,
-          int(threadblock_idx % grid_shape.n()) * ThreadblockShape::kN);
+      const cutlass::MatrixCoord tile_offset =
+          grouped_tile_offset<ThreadblockShape::kM, ThreadblockShape::kN>(
+              problem_size, problem_visitor.grid_shape(problem_size),
+              int32_t(problem_visitor.threadblock_idx()), int(sizeof(ElementA)));
 
       typename Mma::IteratorA iterator_A(LayoutA(params.lda[problem_idx]),
                                          params.ptr_A[problem_idx],

@@ -13,8 +13,8 @@
 // of identical layout; DualEpilogue stages both through shared memory, applies a linear
 // combination to each (which adds the bias, broadcast down the rows with a zero row stride), then
 // the gated op combines them and only that result is stored. Scheduling is CUTLASS's
-// GemmGroupedProblemVisitor with device-resident problem sizes (no host synchronisation), as in
-// the other grouped kernels of this project.
+// GemmGroupedProblemVisitor with device-resident problem sizes (no host synchronisation) and the
+// project's tile order (tile_order.cuh), as in the other grouped kernels of this project.
 #pragma once
 
 #include <cstdint>
@@ -24,6 +24,7 @@
 #include "cutlass/gemm/kernel/gemm_grouped_problem_visitor.h"
 #include "cutlass/matrix_coord.h"
 #include "grouped_gemm/gated_activation_op.cuh"
+#include "grouped_gemm/tile_order.cuh"
 
 namespace cutlass_moe {
 namespace grouped_gemm {
@@ -94,12 +95,10 @@ struct Sm80GroupedGemmGatedKernel {
     while (problem_visitor.next_tile()) {
       const cutlass::gemm::GemmCoord problem_size = problem_visitor.problem_size();
       const int32_t problem_idx = problem_visitor.problem_index();
-      const int32_t threadblock_idx = int32_t(problem_visitor.threadblock_idx());
-      const cutlass::gemm::GemmCoord grid_shape = problem_visitor.grid_shape(problem_size);
-
-      const cutlass::MatrixCoord tile_offset(
-          int(threadblock_idx / grid_shape.n()) * ThreadblockShape::kM,
-          int(threadblock_idx % grid_shape.n()) * ThreadblockShape::kN);
+      const cutlass::MatrixCoord tile_offset =
+          grouped_tile_offset<ThreadblockShape::kM, ThreadblockShape::kN>(
+              problem_size, problem_visitor.grid_shape(problem_size),
+              int32_t(problem_visitor.threadblock_idx()), int(sizeof(ElementA)));
 
       const int64_t ldb = params.ldb[problem_idx];
       ElementB* up_weights = params.ptr_B[problem_idx];
