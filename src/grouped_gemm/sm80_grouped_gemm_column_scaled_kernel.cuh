@@ -9,7 +9,7 @@
 //     problem, like A, B and D, and handed to an EpilogueWithBroadcast.
 // Scheduling is CUTLASS's GemmGroupedProblemVisitor: persistent blocks walk the tiles of all
 // problems; problem sizes are read from device memory (kDeviceOnly), so no host synchronisation.
-// A problem's tiles are taken in the project's order (tile_order.cuh).
+// The tile loop and mainloop are the project's (tile_loop.cuh, with its tile order).
 //
 // Template parameters: a threadblock-scoped Mma (e.g. from cutlass::gemm::threadblock::DefaultMma)
 // and an EpilogueWithBroadcast whose output op is single-source and does not store T.
@@ -21,7 +21,7 @@
 #include "cutlass/gemm/gemm.h"
 #include "cutlass/gemm/kernel/gemm_grouped_problem_visitor.h"
 #include "cutlass/matrix_coord.h"
-#include "grouped_gemm/tile_order.cuh"
+#include "grouped_gemm/tile_loop.cuh"
 
 namespace cutlass_moe {
 namespace grouped_gemm {
@@ -81,62 +81,33 @@ struct Sm80GroupedGemmColumnScaledKernel {
 
   CUTLASS_DEVICE
   void operator()(Params const& params, SharedStorage& shared_storage) {
-    ProblemVisitor problem_visitor(params.problem_visitor, shared_storage.problem_visitor,
-                                   blockIdx.x);
-    const int thread_idx = threadIdx.x;
-    const int warp_idx = cutlass::canonical_warp_idx_sync();
-    const int lane_idx = threadIdx.x % 32;
+    for_each_multiplied_tile<Mma, ProblemVisitor, ElementA>(
+        params, shared_storage,
+        [&](GroupedTile const& tile, typename Mma::FragmentC const& accumulators) {
+          // Epilogue: D = convert(accumulator * float(scale[column])), on the fp32 accumulator.
+          const int p = tile.problem_idx;
+          const int thread_idx = threadIdx.x;
+          const cutlass::MatrixCoord extent = tile.problem_size.mn();
+          EpilogueOutputOp output_op(params.output_op);
+          typename Epilogue::OutputTileIterator::Params params_D(LayoutD(params.ldd[p]));
+          typename Epilogue::OutputTileIterator iterator_D(params_D, params.ptr_D[p], extent,
+                                                           thread_idx, tile.offset);
+          // T is never stored (kStoreT is false): its iterator only satisfies the interface.
+          typename Epilogue::TensorTileIterator::Params params_T(LayoutD(0));
+          typename Epilogue::TensorTileIterator iterator_T(params_T, nullptr, extent, thread_idx,
+                                                           tile.offset);
 
-    while (problem_visitor.next_tile()) {
-      const cutlass::gemm::GemmCoord problem_size = problem_visitor.problem_size();
-      const int32_t problem_idx = problem_visitor.problem_index();
-      const cutlass::MatrixCoord tile_offset =
-          grouped_tile_offset<ThreadblockShape::kM, ThreadblockShape::kN>(
-              problem_size, problem_visitor.grid_shape(problem_size),
-              int32_t(problem_visitor.threadblock_idx()), int(sizeof(ElementA)));
+          // EpilogueWithBroadcast offsets the vector by the thread's column only (its bounds
+          // check uses the tile offset): the caller moves the pointer to the tile's first column.
+          const ElementScale* scale = params.ptr_scale[p];
+          if (scale != nullptr) scale += tile.offset.column();
 
-      typename Mma::IteratorA iterator_A(LayoutA(params.lda[problem_idx]),
-                                         params.ptr_A[problem_idx],
-                                         {problem_size.m(), problem_size.k()}, thread_idx,
-                                         cutlass::MatrixCoord(tile_offset.row(), 0));
-      typename Mma::IteratorB iterator_B(LayoutB(params.ldb[problem_idx]),
-                                         params.ptr_B[problem_idx],
-                                         {problem_size.k(), problem_size.n()}, thread_idx,
-                                         cutlass::MatrixCoord(0, tile_offset.column()));
-
-      typename Mma::FragmentC accumulators;
-      accumulators.clear();
-
-      Mma mma(shared_storage.kernel.main_loop, thread_idx, warp_idx, lane_idx);
-      const int gemm_k_iterations =
-          (problem_size.k() + ThreadblockShape::kK - 1) / ThreadblockShape::kK;
-
-      // The previous tile's epilogue may still read the shared memory the mainloop reuses.
-      __syncthreads();
-      mma(gemm_k_iterations, accumulators, iterator_A, iterator_B, accumulators);
-
-      // Epilogue: D = convert(accumulator * float(scale[column])), on the fp32 accumulator.
-      EpilogueOutputOp output_op(params.output_op);
-      typename Epilogue::OutputTileIterator::Params params_D(LayoutD(params.ldd[problem_idx]));
-      typename Epilogue::OutputTileIterator iterator_D(
-          params_D, params.ptr_D[problem_idx], problem_size.mn(), thread_idx, tile_offset);
-      // T is never stored (kStoreT is false): its iterator exists only to satisfy the interface.
-      typename Epilogue::TensorTileIterator::Params params_T(LayoutD(0));
-      typename Epilogue::TensorTileIterator iterator_T(params_T, nullptr, problem_size.mn(),
-                                                       thread_idx, tile_offset);
-
-      // EpilogueWithBroadcast offsets the vector by the thread's column only (its bounds check
-      // uses the tile offset): the caller moves the pointer to this tile's first column.
-      const ElementScale* scale = params.ptr_scale[problem_idx];
-      if (scale != nullptr) scale += tile_offset.column();
-
-      Epilogue epilogue(shared_storage.kernel.epilogue, thread_idx, warp_idx, lane_idx);
-      // The source operand is not read (beta = 0): D stands in for it.
-      epilogue(output_op, scale, iterator_D, accumulators, iterator_D, iterator_T,
-               problem_size.mn(), tile_offset);
-
-      problem_visitor.advance(gridDim.x);
-    }
+          Epilogue epilogue(shared_storage.kernel.epilogue, thread_idx,
+                            cutlass::canonical_warp_idx_sync(), threadIdx.x % 32);
+          // The source operand is not read (beta = 0): D stands in for it.
+          epilogue(output_op, scale, iterator_D, accumulators, iterator_D, iterator_T, extent,
+                   tile.offset);
+        });
   }
 };
 

@@ -13,8 +13,8 @@
 // of identical layout; DualEpilogue stages both through shared memory, applies a linear
 // combination to each (which adds the bias, broadcast down the rows with a zero row stride), then
 // the gated op combines them and only that result is stored. Scheduling is CUTLASS's
-// GemmGroupedProblemVisitor with device-resident problem sizes (no host synchronisation) and the
-// project's tile order (tile_order.cuh), as in the other grouped kernels of this project.
+// GemmGroupedProblemVisitor with device-resident problem sizes (no host synchronisation), walked
+// by the tile loop the project's grouped kernels share (tile_loop.cuh, with its tile order).
 #pragma once
 
 #include <cstdint>
@@ -24,7 +24,7 @@
 #include "cutlass/gemm/kernel/gemm_grouped_problem_visitor.h"
 #include "cutlass/matrix_coord.h"
 #include "grouped_gemm/gated_activation_op.cuh"
-#include "grouped_gemm/tile_order.cuh"
+#include "grouped_gemm/tile_loop.cuh"
 
 namespace cutlass_moe {
 namespace grouped_gemm {
@@ -86,77 +86,65 @@ struct Sm80GroupedGemmGatedKernel {
 
   CUTLASS_DEVICE
   void operator()(Params const& params, SharedStorage& shared_storage) {
-    ProblemVisitor problem_visitor(params.problem_visitor, shared_storage.problem_visitor,
-                                   blockIdx.x);
     const int thread_idx = threadIdx.x;
     const int warp_idx = cutlass::canonical_warp_idx_sync();
     const int lane_idx = threadIdx.x % 32;
+    for_each_tile<ProblemVisitor, ThreadblockShape, ElementA>(
+        params.problem_visitor, shared_storage.problem_visitor, [&](GroupedTile const& tile) {
+          const cutlass::gemm::GemmCoord problem_size = tile.problem_size;
+          const int32_t problem_idx = tile.problem_idx;
+          const cutlass::MatrixCoord tile_offset = tile.offset;
 
-    while (problem_visitor.next_tile()) {
-      const cutlass::gemm::GemmCoord problem_size = problem_visitor.problem_size();
-      const int32_t problem_idx = problem_visitor.problem_index();
-      const cutlass::MatrixCoord tile_offset =
-          grouped_tile_offset<ThreadblockShape::kM, ThreadblockShape::kN>(
-              problem_size, problem_visitor.grid_shape(problem_size),
-              int32_t(problem_visitor.threadblock_idx()), int(sizeof(ElementA)));
+          const int64_t ldb = params.ldb[problem_idx];
+          ElementB* up_weights = params.ptr_B[problem_idx];
+          ElementB* gate_weights = up_weights + int64_t(problem_size.n()) * ldb;
 
-      const int64_t ldb = params.ldb[problem_idx];
-      ElementB* up_weights = params.ptr_B[problem_idx];
-      ElementB* gate_weights = up_weights + int64_t(problem_size.n()) * ldb;
+          typename DualMma::IteratorA iterator_A(
+              LayoutA(params.lda[problem_idx]), params.ptr_A[problem_idx],
+              {problem_size.m(), problem_size.k()}, thread_idx,
+              cutlass::MatrixCoord(tile_offset.row(), 0), params.ptr_rows[problem_idx]);
+          typename DualMma::IteratorB0 iterator_gate(
+              LayoutB(ldb), gate_weights, {problem_size.k(), problem_size.n()}, thread_idx,
+              cutlass::MatrixCoord(0, tile_offset.column()));
+          typename DualMma::IteratorB1 iterator_up(
+              LayoutB(ldb), up_weights, {problem_size.k(), problem_size.n()}, thread_idx,
+              cutlass::MatrixCoord(0, tile_offset.column()));
 
-      typename DualMma::IteratorA iterator_A(
-          LayoutA(params.lda[problem_idx]), params.ptr_A[problem_idx],
-          {problem_size.m(), problem_size.k()}, thread_idx,
-          cutlass::MatrixCoord(tile_offset.row(), 0), params.ptr_rows[problem_idx]);
-      typename DualMma::IteratorB0 iterator_gate(
-          LayoutB(ldb), gate_weights, {problem_size.k(), problem_size.n()}, thread_idx,
-          cutlass::MatrixCoord(0, tile_offset.column()));
-      typename DualMma::IteratorB1 iterator_up(
-          LayoutB(ldb), up_weights, {problem_size.k(), problem_size.n()}, thread_idx,
-          cutlass::MatrixCoord(0, tile_offset.column()));
+          typename DualMma::FragmentC accum_gate;
+          typename DualMma::FragmentC accum_up;
+          accum_gate.clear();
+          accum_up.clear();
 
-      typename DualMma::FragmentC accum_gate;
-      typename DualMma::FragmentC accum_up;
-      accum_gate.clear();
-      accum_up.clear();
+          DualMma mma(shared_storage.kernel.main_loop, thread_idx, warp_idx, lane_idx);
+          mma(tile.k_iterations, accum_gate, accum_up, iterator_A, iterator_gate, iterator_up,
+              accum_gate, accum_up);
 
-      DualMma mma(shared_storage.kernel.main_loop, thread_idx, warp_idx, lane_idx);
-      const int gemm_k_iterations =
-          (problem_size.k() + ThreadblockShape::kK - 1) / ThreadblockShape::kK;
+          // Sources of the two linear combinations: the bias halves, one row read for every output
+          // row (row stride 0). Without a bias the extent is empty, so nothing is read and the
+          // source fragments stay zero.
+          const bool has_bias = params.bias != nullptr;
+          const int64_t two_n = 2 * int64_t(problem_size.n());
+          ElementD* bias_up =
+              has_bias ? const_cast<ElementD*>(params.bias) + problem_idx * two_n : nullptr;
+          ElementD* bias_gate = has_bias ? bias_up + problem_size.n() : nullptr;
+          const cutlass::MatrixCoord source_extent =
+              has_bias ? problem_size.mn() : cutlass::MatrixCoord(0, 0);
+          typename OutputTileIterator::Params params_bias(LayoutD(0));
+          OutputTileIterator sources[2] = {
+              OutputTileIterator(params_bias, bias_gate, source_extent, thread_idx, tile_offset),
+              OutputTileIterator(params_bias, bias_up, source_extent, thread_idx, tile_offset)};
 
-      // The previous tile's epilogue may still read the shared memory the mainloop reuses.
-      __syncthreads();
-      mma(gemm_k_iterations, accum_gate, accum_up, iterator_A, iterator_gate, iterator_up,
-          accum_gate, accum_up);
+          typename OutputTileIterator::Params params_D(LayoutD(params.ldd[problem_idx]));
+          OutputTileIterator iterator_D(params_D, params.ptr_D[problem_idx], problem_size.mn(),
+                                        thread_idx, tile_offset);
 
-      // Sources of the two linear combinations: the bias halves, one row read for every output
-      // row (row stride 0). Without a bias the extent is empty, so nothing is read and the
-      // source fragments stay zero.
-      const bool has_bias = params.bias != nullptr;
-      const int64_t two_n = 2 * int64_t(problem_size.n());
-      ElementD* bias_up =
-          has_bias ? const_cast<ElementD*>(params.bias) + problem_idx * two_n : nullptr;
-      ElementD* bias_gate = has_bias ? bias_up + problem_size.n() : nullptr;
-      const cutlass::MatrixCoord source_extent =
-          has_bias ? problem_size.mn() : cutlass::MatrixCoord(0, 0);
-      typename OutputTileIterator::Params params_bias(LayoutD(0));
-      OutputTileIterator sources[2] = {
-          OutputTileIterator(params_bias, bias_gate, source_extent, thread_idx, tile_offset),
-          OutputTileIterator(params_bias, bias_up, source_extent, thread_idx, tile_offset)};
-
-      typename OutputTileIterator::Params params_D(LayoutD(params.ldd[problem_idx]));
-      OutputTileIterator iterator_D(params_D, params.ptr_D[problem_idx], problem_size.mn(),
-                                    thread_idx, tile_offset);
-
-      const LinearOp add_bias(typename LinearOp::Params(1.0f, has_bias ? 1.0f : 0.0f));
-      const GatedOp gated(params.activation, problem_idx);
-      Epilogue epilogue(shared_storage.kernel.epilogue, thread_idx, warp_idx, lane_idx);
-      // D0 and D1 are never stored (kStoreD0/kStoreD1 are false): D stands in for them.
-      epilogue(add_bias, add_bias, gated, iterator_D, iterator_D, iterator_D, accum_gate,
-               accum_up, sources, /*writeToD2=*/true);
-
-      problem_visitor.advance(gridDim.x);
-    }
+          const LinearOp add_bias(typename LinearOp::Params(1.0f, has_bias ? 1.0f : 0.0f));
+          const GatedOp gated(params.activation, problem_idx);
+          Epilogue epilogue(shared_storage.kernel.epilogue, thread_idx, warp_idx, lane_idx);
+          // D0 and D1 are never stored (kStoreD0/kStoreD1 are false): D stands in for them.
+          epilogue(add_bias, add_bias, gated, iterator_D, iterator_D, iterator_D, accum_gate,
+                   accum_up, sources, /*writeToD2=*/true);
+        });
   }
 };
 
