@@ -160,3 +160,14 @@ def check_over_tile_groups(descs, run, ref, rows, k, error_key, tolerance) -> li
         if not err <= tolerance:
             failures.append(f"{desc['name']}: rel err {err:.3g}")
     return failures
+
+
+def clamped_swiglu_params(num_experts: int, generator: torch.Generator) -> dict:
+    """Per-expert ``swiglu_alpha`` in [1, 2), ``swiglu_beta`` in [0, 1) and ``swiglu_limit`` in
+    [1, 2) (float32, on the generator's device, drawn in that order), as keyword arguments of
+    cutlass_fused_moe."""
+
+    def draw(low: float) -> torch.Tensor:
+        return torch.rand(num_experts, device=generator.device, generator=generator) + low
+
+    return {"swiglu_alpha": draw(1.0), "swiglu_beta": draw(0.0), "swiglu_limit": draw(1.0)}

@@ -11,7 +11,13 @@ import functools
 import pytest
 import torch
 
-from _helpers import check_over_tile_groups, random_tokens, record_error, rel_l2
+from _helpers import (
+    check_over_tile_groups,
+    clamped_swiglu_params,
+    random_tokens,
+    record_error,
+    rel_l2,
+)
 from cutlass_moe import ActivationType, _ext, cutlass_fused_moe, ops, reference_moe
 
 pytestmark = pytest.mark.gpu
@@ -198,14 +204,10 @@ def test_clamped_swiglu(dtype):
     fc1, fc2 = _weights(8, 2048, 768, True, dtype, seed=10)
     x, ids, scales = _tokens(300, 2048, 8, 2, dtype, seed=10)
     x = x * 3  # so that the limit clamps
-    gen = torch.Generator(device=DEVICE).manual_seed(10)
-    alpha = torch.rand(8, device=DEVICE, generator=gen) + 1.0
-    beta = torch.rand(8, device=DEVICE, generator=gen)
-    limit = torch.rand(8, device=DEVICE, generator=gen) + 1.0
-    out, _ = _check(x, ids, scales, fc1, fc2, swiglu_alpha=alpha, swiglu_beta=beta,
-                    swiglu_limit=limit)
+    clamp = clamped_swiglu_params(8, torch.Generator(device=DEVICE).manual_seed(10))
+    out, _ = _check(x, ids, scales, fc1, fc2, **clamp)
     assert rel_l2(out.float(), _reference(x, ids, scales, fc1, fc2)) > 0.05
-    _check(x, ids, scales, fc1, fc2, swiglu_limit=limit)
+    _check(x, ids, scales, fc1, fc2, swiglu_limit=clamp["swiglu_limit"])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -285,9 +287,7 @@ def test_fused_gated_gemm1_matches_reference_and_plain(dtype, case, num_tokens):
             torch.randn(fc1.shape[:2], device=DEVICE, generator=gen) * 0.5).to(dtype)
     if "clamped" in case:
         x = x * 3  # so that the limits clamp
-        kwargs["swiglu_alpha"] = torch.rand(num_experts, device=DEVICE, generator=gen) + 1.0
-        kwargs["swiglu_beta"] = torch.rand(num_experts, device=DEVICE, generator=gen)
-        kwargs["swiglu_limit"] = torch.rand(num_experts, device=DEVICE, generator=gen) + 1.0
+        kwargs.update(clamped_swiglu_params(num_experts, gen))
     fused, plain = _gemm1_tactics(dtype, activation, num_tokens * top_k / num_experts)
     act = _ext.activation_to_enum(activation)
     gemm2 = ops.default_tactic(

@@ -19,7 +19,13 @@ from typing import NamedTuple
 import pytest
 import torch
 
-from _helpers import check_over_tile_groups, random_tokens, record_error, rel_l2
+from _helpers import (
+    check_over_tile_groups,
+    clamped_swiglu_params,
+    random_tokens,
+    record_error,
+    rel_l2,
+)
 from cutlass_moe import (
     ActivationType,
     _ext,
@@ -266,12 +272,8 @@ def test_clamped_swiglu(dtype):
     layer = _layer(4, 2048, 768, True, dtype, seed=4)
     x, ids, scales = _tokens(300, 2048, 4, 2, dtype, seed=7)
     x = x * 3  # so that the limit clamps
-    gen = torch.Generator(device=DEVICE).manual_seed(7)
-    alpha = torch.rand(4, device=DEVICE, generator=gen) + 1.0
-    beta = torch.rand(4, device=DEVICE, generator=gen)
-    limit = torch.rand(4, device=DEVICE, generator=gen) + 1.0
-    out, _ = _check(x, ids, scales, layer, swiglu_alpha=alpha, swiglu_beta=beta,
-                    swiglu_limit=limit, unquantized=True)
+    clamp = clamped_swiglu_params(4, torch.Generator(device=DEVICE).manual_seed(7))
+    out, _ = _check(x, ids, scales, layer, unquantized=True, **clamp)
     assert rel_l2(out.float(), _reference(x, ids, scales, layer.deq)) > 0.05
 
 

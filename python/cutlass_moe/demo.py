@@ -11,12 +11,11 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import statistics
 import sys
 
 import torch
 
-from . import _ext
+from . import _ext, bench
 from .activation import ActivationType
 from .ops import cutlass_fused_moe
 from .presets import DESIGN_PRESETS as MODEL_PRESETS
@@ -63,36 +62,6 @@ def make_tokens(
     return x, ids.to(torch.int32), scales.to(torch.float32)
 
 
-def time_us(fn, warmup: int = 5, repeats: int = 20) -> float:
-    """Median latency of ``fn()`` in microseconds, measured with CUDA events."""
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) * 1e3)
-    return statistics.median(samples)
-
-
-def graph_replay(fn) -> torch.cuda.CUDAGraph:
-    """``fn`` captured in a CUDA graph (after warm-up on a side stream, as torch requires)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph
-
-
 def run_demo(
     model: str, dtype_name: str, token_counts: list[int], repeats: int
 ) -> list[tuple[int, float, float, float, bool]]:
@@ -116,11 +85,11 @@ def run_demo(
         def call(x=x, ids=ids, scales=scales, output=output) -> None:
             cutlass_fused_moe(x, ids, scales, w1, w2, dtype, output=output)
 
-        latency = time_us(call, repeats=repeats)
+        latency = bench.time_us([call], warmup=5, repeats=repeats)
         graph_latency = math.nan
         if num_tokens > 0:  # a call with no tokens launches nothing: there is no graph to time
-            graph = graph_replay(call)
-            graph_latency = time_us(graph.replay, repeats=repeats)
+            graph = bench.capture_graph(call)
+            graph_latency = bench.time_us([graph.replay], warmup=5, repeats=repeats)
             del graph
         passed = rel_err <= threshold
         if not passed:

@@ -35,9 +35,7 @@ struct Sm80GroupedGemmColumnScaledKernel {
   using EpilogueOutputOp = typename Epilogue::OutputOp;
 
   using ElementA = typename Mma::IteratorA::Element;
-  using LayoutA = typename Mma::IteratorA::Layout;
   using ElementB = typename Mma::IteratorB::Element;
-  using LayoutB = typename Mma::IteratorB::Layout;
   using ElementD = typename Epilogue::OutputTileIterator::Element;
   using LayoutD = typename Epilogue::OutputTileIterator::Layout;
   using ElementScale = typename Epilogue::ElementVector;
