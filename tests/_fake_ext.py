@@ -74,7 +74,8 @@ class FakeMoeRunner:
         return [d for d in tactic_descriptors(gemm) if d["runnable"]]
 
     def workspace_size(self, num_tokens, hidden_size, inter_size, num_experts, top_k,
-                       activation) -> int:
+                       activation, tactic1="", tactic2="", has_fc1_bias=False) -> int:
+        # The most any tactic needs, whatever the names: run_moe below checks against it.
         n1 = 2 * inter_size if activation in GATED_ENUMS else inter_size
         return num_tokens * top_k * (hidden_size + n1) * 2 + 8 * (num_experts + 1) + 256
 

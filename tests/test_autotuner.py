@@ -15,20 +15,21 @@ import pytest
 import torch
 
 from _helpers import rel_l2
-from cutlass_moe import autotuner
-from cutlass_moe.autotuner import AutoTuner, ShapeKey, TuningKey, bucket_for, tuning_buckets
+from cutlass_moe import ActivationType, autotuner, tuning_cache
+from cutlass_moe.autotuner import AutoTuner, bucket_for, tuning_buckets
+from cutlass_moe.tuning_cache import ShapeKey, TuningKey
 
 SHAPE = ShapeKey("bf16_bf16_bf16", "none", 8, 256, 128, 2, "Swiglu", 1)
 INT8_SHAPE = ShapeKey("bf16_int8_bf16", "int8_per_channel", 8, 256, 128, 2, "Swiglu", 1)
-_REAL_KNOWN_TACTICS = autotuner._known_tactics  # before the autouse fixture replaces it
+_REAL_KNOWN_TACTICS = tuning_cache.known_tactics  # before the autouse fixture replaces it
 DEVICE_ID = "Fake GPU/100"
 KNOWN = {"tactic_a", "tactic_b", "tactic_c"}
 
 
 @pytest.fixture(autouse=True)
 def _fixed_build_id(monkeypatch):
-    monkeypatch.setattr(autotuner, "build_id", lambda: "test-build")
-    monkeypatch.setattr(autotuner, "_known_tactics", lambda: set(KNOWN))
+    monkeypatch.setattr(tuning_cache, "build_id", lambda: "test-build")
+    monkeypatch.setattr(tuning_cache, "known_tactics", lambda: set(KNOWN))
 
 
 def _key(gemm=1, bucket=16, shape=SHAPE, device=DEVICE_ID):
@@ -97,8 +98,8 @@ def test_key_json_round_trip():
 
 
 def test_dtype_tag():
-    assert autotuner.dtype_tag((torch.bfloat16, torch.bfloat16, torch.float32)) == "bf16_bf16_fp32"
-    assert autotuner.dtype_tag((torch.float16, torch.int8, torch.float16)) == "fp16_int8_fp16"
+    assert tuning_cache.dtype_tag((torch.bfloat16, torch.bfloat16, torch.float32)) == "bf16_bf16_fp32"
+    assert tuning_cache.dtype_tag((torch.float16, torch.int8, torch.float16)) == "fp16_int8_fp16"
 
 
 def test_int8_entries_round_trip(tmp_path):
@@ -133,7 +134,7 @@ def test_known_tactics_include_int8_runners():
 @pytest.mark.parametrize("kwargs,match", [
     ({"weights": "int4"}, "weights must be one of '16bit', 'int8'"),
     ({"weights": "int8", "hidden_size": 24},
-     r"int8 weights need hidden_size \(24\) and inter_size \(128\) to be multiples of 16"),
+     r"int8 weights need hidden size H=24 and intermediate size I=128 to be multiples of 16"),
     ({"weights": "int8", "inter_size": 40}, "multiples of 16"),
 ])
 def test_tune_model_argument_checks(monkeypatch, kwargs, match):
@@ -150,8 +151,8 @@ def test_save_load_round_trip(tmp_path):
     path = tmp_path / "cache.json"
     _tuner_with_entries().save(path)
     document = json.loads(path.read_text())
-    assert document["schema"] == autotuner.CACHE_SCHEMA
-    assert document["version"] == autotuner.CACHE_VERSION
+    assert document["schema"] == tuning_cache.CACHE_SCHEMA
+    assert document["version"] == tuning_cache.CACHE_VERSION
     assert set(document["devices"]) == {DEVICE_ID, "Other GPU/64"}
     fresh = AutoTuner()
     with warnings.catch_warnings():
@@ -197,7 +198,7 @@ def test_older_schema_is_ignored(tmp_path):
     path = tmp_path / "cache.json"
     _tuner_with_entries().save(path)
     document = json.loads(path.read_text())
-    document["version"] = autotuner.CACHE_VERSION - 1
+    document["version"] = tuning_cache.CACHE_VERSION - 1
     path.write_text(json.dumps(document))
     _assert_ignored(path, "schema version")
 
@@ -205,7 +206,7 @@ def test_older_schema_is_ignored(tmp_path):
 def test_other_build_is_ignored(tmp_path, monkeypatch):
     path = tmp_path / "cache.json"
     _tuner_with_entries().save(path)
-    monkeypatch.setattr(autotuner, "build_id", lambda: "another-build")
+    monkeypatch.setattr(tuning_cache, "build_id", lambda: "another-build")
     _assert_ignored(path, "another-build")
 
 
@@ -238,7 +239,7 @@ def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
         f.write('{"schema": "cutlass_moe.tuning_cache", "ver')
         raise OSError("disk full")
 
-    monkeypatch.setattr(autotuner.json, "dump", broken_dump)
+    monkeypatch.setattr(tuning_cache.json, "dump", broken_dump)
     tuner = AutoTuner()
     tuner.record(_key(1, 8), "tactic_a", 2.0)
     with pytest.raises(OSError, match="disk full"):
@@ -250,7 +251,7 @@ def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
 def test_env_cache_loaded_at_first_use_and_saved_after_tuning(tmp_path, monkeypatch):
     path = tmp_path / "env_cache.json"
     _tuner_with_entries().save(path)
-    monkeypatch.setenv(autotuner.CACHE_ENV, str(path))
+    monkeypatch.setenv(tuning_cache.CACHE_ENV, str(path))
     tuner = AutoTuner()
     assert tuner.entries() == {}
     assert tuner.lookup(_key(1, 1)) == "tactic_a"  # first use loads the file
@@ -291,6 +292,133 @@ def test_concurrent_record_lookup_save(tmp_path):
     assert AutoTuner().load(path) == 8 * 199
 
 
+# ------------------------------------------------------------------ threads and contexts
+
+
+def test_autotune_holds_only_for_the_context_that_entered_it():
+    """Another thread's calls must not tune (nor refuse to run while it captures a graph)."""
+    tuner = AutoTuner()
+    seen = {}
+
+    def other_thread():
+        seen["tuning"] = tuner.tuning
+
+    with tuner.tuning_mode():
+        assert tuner.tuning
+        thread = threading.Thread(target=other_thread)
+        thread.start()
+        thread.join()
+    assert seen == {"tuning": False}
+    assert not tuner.tuning
+
+
+def _fake_select_env(monkeypatch, tuner, tune_one):
+    """select() on host tensors, with profiling stubbed by ``tune_one``."""
+    from cutlass_moe import tactics
+
+    monkeypatch.setattr(AutoTuner, "_can_profile", staticmethod(lambda device: True))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(tactics, "candidate_names", lambda *args, **kwargs: sorted(KNOWN))
+    monkeypatch.setattr(tactics, "default_for", lambda *args, **kwargs: "tactic_c")
+    monkeypatch.setattr(tuner, "tune_one", tune_one)
+
+
+def _select(tuner, num_tokens=16):
+    dtypes = (torch.bfloat16,) * 3
+    weights = (torch.empty(0), torch.empty(0))
+    return tuner.select(None, dtypes, SHAPE, ActivationType.Swiglu,
+                        torch.device("cpu"), num_tokens, 8192, weights)
+
+
+def test_two_threads_missing_one_key_profile_it_once(monkeypatch):
+    tuner = AutoTuner()
+    profiled = []
+    started = threading.Event()
+
+    def tune_one(runner, gemm, shape, bucket, activation, device, weights, candidates,
+                 scales=None):
+        profiled.append((gemm, bucket))
+        started.set()
+        threading.Event().wait(0.2)  # long enough for the other thread to arrive
+        tuner.record(TuningKey(gemm, shape, "cpu", bucket), "tactic_a", 1.0)
+        return "tactic_a"
+
+    _fake_select_env(monkeypatch, tuner, tune_one)
+    results, errors = [], []
+
+    def worker():
+        try:
+            with tuner.tuning_mode():
+                results.append(_select(tuner))
+        except Exception as exc:  # noqa: BLE001 - asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert results == [("tactic_a", "tactic_a")] * 4
+    assert sorted(profiled) == [(1, 16), (2, 16)]  # each key once, not once per thread
+
+
+def test_a_thread_outside_autotune_never_profiles(monkeypatch):
+    tuner = AutoTuner()
+    profiled = []
+
+    def tune_one(*args, **kwargs):
+        profiled.append(args)
+        return "tactic_a"
+
+    _fake_select_env(monkeypatch, tuner, tune_one)
+    out = []
+    with tuner.tuning_mode():
+        thread = threading.Thread(target=lambda: out.append(_select(tuner)))
+        thread.start()
+        thread.join()
+    assert out == [("tactic_c", "tactic_c")]  # the heuristic default
+    assert profiled == []
+    assert tuner.last_selection(1).source == "default"
+
+
+def test_concurrent_first_use_waits_for_the_env_cache(tmp_path, monkeypatch):
+    """A call arriving while the first one loads CUTLASS_MOE_TUNING_CACHE must see its
+    entries, not an empty cache (it could bake a default tactic into a captured graph)."""
+    path = tmp_path / "env_cache.json"
+    _tuner_with_entries().save(path)
+    monkeypatch.setenv(tuning_cache.CACHE_ENV, str(path))
+    loading = threading.Event()
+    real_read = autotuner.read_cache
+
+    def slow_read(*args, **kwargs):
+        loading.set()
+        threading.Event().wait(0.3)
+        return real_read(*args, **kwargs)
+
+    monkeypatch.setattr(autotuner, "read_cache", slow_read)
+    tuner = AutoTuner()
+    first = threading.Thread(target=tuner.lookup, args=(_key(1, 1),))
+    first.start()
+    assert loading.wait(5)
+    assert tuner.lookup(_key(1, 1)) == "tactic_a"  # waits for the load in progress
+    first.join()
+
+
+def test_a_failed_save_on_leaving_autotune_is_a_warning(tmp_path, monkeypatch):
+    """The body's own exception survives; the save's failure becomes a warning."""
+    monkeypatch.setenv(tuning_cache.CACHE_ENV, str(tmp_path))  # a directory: cannot be written
+    tuner = AutoTuner()
+    with (pytest.warns(UserWarning, match="could not save the tuning cache"),
+          pytest.raises(KeyError, match="from the body"), tuner.tuning_mode()):
+        tuner.record(_key(1, 2), "tactic_a", 1.0)
+        raise KeyError("from the body")
+    with (pytest.warns(UserWarning, match="could not save the tuning cache"),
+          tuner.tuning_mode()):
+        pass
+    assert tuner.entries() == {_key(1, 2): ("tactic_a", 1.0)}
+
+
 # ------------------------------------------------------------------ on the GPU
 
 GPU_SHAPE = {"num_experts": 8, "hidden": 512, "inter": 256, "top_k": 2}
@@ -311,7 +439,7 @@ def _problem(num_tokens, dtype=torch.bfloat16, seed=0):
 def real_tuner(monkeypatch):
     """The process-wide tuner, emptied, with the real build id and tactic list."""
     monkeypatch.undo()
-    monkeypatch.delenv(autotuner.CACHE_ENV, raising=False)
+    monkeypatch.delenv(tuning_cache.CACHE_ENV, raising=False)
     tuner = autotuner.get_tuner()
     tuner.clear()
     yield tuner
@@ -399,7 +527,7 @@ def test_saved_cache_is_used_by_a_fresh_process(real_tuner, tmp_path):
         print(s.source, s.tactic, err)
         """
     )
-    env = dict(os.environ, **{autotuner.CACHE_ENV: str(path)})
+    env = dict(os.environ, **{tuning_cache.CACHE_ENV: str(path)})
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
                             text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr

@@ -1,11 +1,12 @@
 """The benchmark engine (``cutlass_moe.bench``) on the CPU: bytes/FLOPs/floor arithmetic, rows,
-routing statistics, the peers' math against ``reference_moe``, stage mapping, timing with fake
-events, the writers and the entry points. The GPU run itself is exercised by test_cli's
-GPU-marked bench tests."""
+routing statistics (``cutlass_moe.synthetic``), the peers' math against ``reference_moe``, stage
+mapping, timing with fake events (``cutlass_moe.timing``), the writers and the entry points. The
+GPU run itself is exercised by test_cli's GPU-marked bench tests."""
 
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import math
 import os
@@ -17,8 +18,8 @@ import pytest
 import torch
 
 import cutlass_moe
-from _fake_ext import tactic_descriptors
-from cutlass_moe import _ext, bench, cli
+from _fake_ext import make_fake_extension, tactic_descriptors
+from cutlass_moe import _ext, bench, cli, synthetic, tactics, timing
 from cutlass_moe.activation import ActivationType
 from cutlass_moe.presets import MODEL_PRESETS, ModelPreset
 from cutlass_moe.reference import reference_moe
@@ -102,7 +103,7 @@ def test_make_row_fields():
 
 def test_make_routing_uniform_and_zipf():
     gen = torch.Generator().manual_seed(0)
-    ids, scales = bench.make_routing(4096, 16, 4, "uniform", gen)
+    ids, scales = synthetic.make_routing(4096, 16, 4, "uniform", gen)
     assert ids.shape == scales.shape == (4096, 4)
     assert ids.dtype == torch.int32 and scales.dtype == torch.float32
     assert all(len(set(row)) == 4 for row in ids.tolist())
@@ -111,44 +112,49 @@ def test_make_routing_uniform_and_zipf():
     uniform_counts = torch.bincount(ids.flatten().long(), minlength=16).double()
     # uniform: every expert near T*k/E = 1024 rows
     assert (uniform_counts - 1024).abs().max() < 150
-    zipf_ids, _ = bench.make_routing(4096, 16, 4, "zipf", torch.Generator().manual_seed(0))
+    zipf_ids, _ = synthetic.make_routing(4096, 16, 4, "zipf", torch.Generator().manual_seed(0))
     assert all(len(set(row)) == 4 for row in zipf_ids.tolist())
     zipf_counts = torch.bincount(zipf_ids.flatten().long(), minlength=16)
     assert zipf_counts.max() > 1.5 * uniform_counts.max()
     assert zipf_counts.min() < 0.5 * uniform_counts.min()
-    again, _ = bench.make_routing(4096, 16, 4, "zipf", torch.Generator().manual_seed(0))
+    again, _ = synthetic.make_routing(4096, 16, 4, "zipf", torch.Generator().manual_seed(0))
     assert torch.equal(again, zipf_ids)
     with pytest.raises(ValueError, match="routing"):
-        bench.make_routing(4, 16, 4, "skewed", gen)
+        synthetic.make_routing(4, 16, 4, "skewed", gen)
 
 
 def test_zipf_touches_fewer_experts_at_small_t():
     def touched(routing: str) -> float:
         gen = torch.Generator().manual_seed(1)
-        return sum(bench.count_touched_experts(bench.make_routing(8, 128, 8, routing, gen)[0],
+        return sum(bench.count_touched_experts(synthetic.make_routing(8, 128, 8, routing, gen)[0],
                                                128) for _ in range(50)) / 50
 
     assert touched("zipf") < touched("uniform")
 
 
 def test_default_tactics_follow_expected_rows(monkeypatch):
+    """The benchmark's default rows force ``tactics.default_tactics`` of the call's dtypes."""
     asked = []
 
-    def tactics(a, w, o, gemm, device):
+    def fake_tactics(a, w, o, gemm, device):
         asked.append((a, w, o))
         return tactic_descriptors(gemm)
 
-    monkeypatch.setattr(_ext, "tactics", tactics)
-    device = torch.device("cuda")
-    assert bench.default_tactics(torch.bfloat16, device, 1, 8, 2) == (
-        "fake_g1_m16n128k64_s4", "fake_g2_m16n128k64_s4")
-    assert set(asked) == {(torch.bfloat16,) * 3}
-    asked.clear()
-    bench.default_tactics(torch.bfloat16, device, 1, 8, 2, torch.int8)
-    assert set(asked) == {(torch.bfloat16, torch.int8, torch.bfloat16)}
-    # 8192 tokens * 2 / 8 experts = 2048 rows per expert: the 128x128 tile with 3 stages
-    assert bench.default_tactics(torch.bfloat16, device, 8192, 8, 2) == (
-        "fake_g1_m128n128k64_s3", "fake_g2_m128n128k64_s3")
+    bf16 = (torch.bfloat16,) * 3
+    int8 = (torch.bfloat16, torch.int8, torch.bfloat16)
+    swiglu = ActivationType.Swiglu
+    with _ext._replaced_extension(make_fake_extension()):  # fresh tactic caches
+        monkeypatch.setattr(_ext, "tactics", fake_tactics)
+        device = torch.device("cuda")
+        assert tactics.default_tactics(bf16, swiglu, device, 1, 2, 8) == (
+            "fake_g1_m16n128k64_s4", "fake_g2_m16n128k64_s4")
+        assert set(asked) == {bf16}
+        asked.clear()
+        tactics.default_tactics(int8, swiglu, device, 1, 2, 8)
+        assert set(asked) == {int8}
+        # 8192 tokens * 2 / 8 experts = 2048 rows per expert: the 128x128 tile with 3 stages
+        assert tactics.default_tactics(bf16, swiglu, device, 8192, 2, 8) == (
+            "fake_g1_m128n128k64_s3", "fake_g2_m128n128k64_s3")
 
 
 # ------------------------------------------------------------------------------------------
@@ -162,7 +168,7 @@ def small_layer(preset: ModelPreset, num_tokens: int, seed: int = 0):
     w1 = torch.randn(e, 2 * i, h, generator=gen) * h**-0.5
     w2 = torch.randn(e, h, i, generator=gen) * i**-0.5
     x = torch.randn(num_tokens, h, generator=gen)
-    ids, scales = bench.make_routing(num_tokens, e, preset.top_k, "zipf", gen)
+    ids, scales = synthetic.make_routing(num_tokens, e, preset.top_k, "zipf", gen)
     return x, ids, scales, w1, w2
 
 
@@ -296,6 +302,17 @@ def test_stage_table():
 # ------------------------------------------------------------------------------------------
 
 
+class FakeStream:
+    """``torch.cuda.current_stream()`` for the CPU: synchronising is logged."""
+
+    def __init__(self, log: list[str] | None = None) -> None:
+        self.log = log
+
+    def synchronize(self) -> None:
+        if self.log is not None:
+            self.log.append("sync")
+
+
 def test_time_us_rotates_flushes_and_takes_the_median(monkeypatch):
     log = []
     durations = iter([5.0, 1.0, 3.0, 2.0, 4.0])
@@ -315,8 +332,9 @@ def test_time_us_rotates_flushes_and_takes_the_median(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: log.append("sync"))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: FakeStream(log))
     fns = [lambda i=i: log.append(f"set{i}") for i in range(3)]
-    latency = bench.time_us(fns, warmup=2, repeats=5, flush=lambda: log.append("flush"))
+    latency = timing.time_us(fns, warmup=2, repeats=5, flush=lambda: log.append("flush"))
     assert latency == pytest.approx(3.0)
     assert log[:2] == ["set0", "set1"]  # warm-up
     assert log[2:7] == ["flush", "sync", "event", "set0", "event"]
@@ -417,15 +435,22 @@ def test_config_json():
 # ------------------------------------------------------------------------------------------
 
 
-def test_bench_main_runs_the_bench_command(monkeypatch):
+TOOL_SCRIPT = Path(__file__).resolve().parents[1] / "tools" / "bench_moe.py"
+
+
+def test_tool_script_runs_the_bench_command(monkeypatch):
     seen = []
     monkeypatch.setattr(cli, "main", lambda argv: seen.append(argv) or 0)
-    assert bench.main(["--model", "all"]) == 0
+    monkeypatch.setattr(sys, "argv", [str(TOOL_SCRIPT), "--model", "all"])
+    spec = importlib.util.spec_from_file_location("bench_moe_tool", TOOL_SCRIPT)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.main() == 0
     assert seen == [["bench", "--model", "all"]]
 
 
 def test_tool_script_help():
-    script = Path(__file__).resolve().parents[1] / "tools" / "bench_moe.py"
+    script = TOOL_SCRIPT
     env = dict(os.environ)
     package_root = str(Path(cutlass_moe.__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
@@ -448,7 +473,7 @@ def cpu_run(monkeypatch):
     import contextlib
 
     from _fake_ext import FakeMoeRunner, make_fake_extension
-    from cutlass_moe import autotuner, ops
+    from cutlass_moe import autotuner, validation
 
     class FakeEvent:
         def __init__(self, enable_timing=False):
@@ -465,16 +490,48 @@ def cpu_run(monkeypatch):
 
     monkeypatch.setattr(_ext, "device_guard", lambda device: contextlib.nullcontext())
     monkeypatch.setattr(_ext, "stream_handle", lambda device: 0)
-    monkeypatch.setattr(ops, "_require_cuda", lambda device: None)
+    monkeypatch.setattr(validation, "require_cuda", lambda device: None)
     monkeypatch.setattr(autotuner, "device_id", lambda device=None: "FakeGPU/1")
     monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: FakeStream())
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     monkeypatch.setattr(torch, "_grouped_mm", fake_grouped_mm, raising=False)
     FakeMoeRunner.constructed.clear()
     with _ext._replaced_extension(make_fake_extension()):
         yield
+
+
+def test_measure_ceilings_profiles_the_candidate_tactics(cpu_run, monkeypatch):
+    """The Sm80 rate is the best GEMM2 candidate of tactics.candidates for one expert of
+    T=n rows (split-K tactics only serve a few rows: not at n=256)."""
+    from cutlass_moe import autotuner
+
+    calls = []
+
+    def profile_gemm(runner, gemm, names, shape, bucket, activation, weights, device,
+                     scales=None):
+        calls.append((gemm, list(names), shape, bucket, activation, tuple(weights.shape)))
+        return [autotuner.ProfileResult(name, 10.0 + index) for index, name in enumerate(names)]
+
+    monkeypatch.setattr(autotuner, "profile_gemm", profile_gemm)
+    monkeypatch.setattr(timing, "time_us", lambda fns, warmup, repeats, flush=None: 2.0)
+    device = torch.device("cpu")
+    ceilings = bench.measure_ceilings(torch.bfloat16, device, repeats=1, copy_bytes=1 << 10,
+                                      gemm_size=256)
+    ((gemm, names, shape, bucket, activation, weight_shape),) = calls
+    dtypes = (torch.bfloat16,) * 3
+    assert names == tactics.candidate_names(dtypes, 2, ActivationType.Swiglu, device, 256)
+    assert not any("splitk" in name for name in names) and names
+    assert (gemm, bucket, activation, weight_shape) == (2, 256, ActivationType.Swiglu,
+                                                         (1, 256, 256))
+    assert (shape.num_experts, shape.hidden_size, shape.inter_size, shape.top_k,
+            shape.activation, shape.ep_size) == (1, 256, 256, 1, "Swiglu", 1)
+    assert ceilings.sm80_tactic == names[0]
+    assert ceilings.sm80_tflops == pytest.approx(2.0 * 256**3 / 10.0 / 1e6)
+    assert ceilings.copy_tb_s == pytest.approx(2 * 1024 / 2.0 / 1e6)
+    assert ceilings.notes == []
 
 
 @pytest.mark.parametrize("weights", ["bf16", "int8"])
@@ -494,6 +551,10 @@ def test_run_bench_on_cpu(cpu_run, weights):
     forced = [r for r in result.rows if r.impl == bench.IMPL_DEFAULT]
     assert all(r.tactic1.startswith("fake_g1_") and r.tactic2.startswith("fake_g2_")
                and r.source == "default" for r in forced)
+    dtypes = (torch.bfloat16, torch.int8 if weights == "int8" else torch.bfloat16, torch.bfloat16)
+    assert [(r.tactic1, r.tactic2) for r in forced] == [
+        tactics.default_tactics(dtypes, ActivationType.Swiglu, torch.device("cpu"), t, 2, 4)
+        for t in (1, 3)]
     # every call goes through the AutoTuner; with an empty cache (and no tuning of host-memory
     # calls) the tuned rows ran, and name, the same heuristic defaults as the forced rows
     tuned = [r for r in result.rows if r.impl == bench.IMPL_TUNED]

@@ -23,7 +23,17 @@ import torch
 
 import cutlass_moe
 from _fake_ext import make_fake_extension, tactic_descriptors
-from cutlass_moe import _ext, autotuner, bench, cli, demo, presets
+from cutlass_moe import (
+    _ext,
+    autotuner,
+    bench,
+    cli,
+    demo,
+    diagnostics,
+    presets,
+    tables,
+    tuning_cache,
+)
 from cutlass_moe.autotuner import TuneRow
 
 SMALL = ["--experts", "8", "--hidden", "128", "--inter", "256", "--top-k", "2"]
@@ -53,7 +63,7 @@ def no_gpu(monkeypatch):
 
 @pytest.fixture
 def no_cache_env(monkeypatch, tmp_path):
-    monkeypatch.delenv(autotuner.CACHE_ENV, raising=False)
+    monkeypatch.delenv(tuning_cache.CACHE_ENV, raising=False)
     monkeypatch.chdir(tmp_path)
 
 
@@ -80,7 +90,7 @@ def test_presets():
     }
     assert presets.MODEL_PRESETS["gpt-oss-20b"].clamped_swiglu
     assert not any(p.clamped_swiglu for p in presets.DESIGN_PRESETS.values())
-    assert demo.MODEL_PRESETS is presets.DESIGN_PRESETS
+    assert demo.MODEL_PRESETS is presets.MODEL_PRESETS
     assert presets.MODEL_PRESETS["mixtral-8x7b"].describe() == "E=8 H=4096 I=14336 k=2"
 
 
@@ -165,7 +175,7 @@ def test_bench_defaults_and_options():
     args = parse("bench", "--model", "gpt-oss-20b")
     assert args.handler is cli._cmd_bench
     assert args.model == ["gpt-oss-20b"]
-    assert args.tokens == list(cli.DEFAULT_BENCH_TOKENS)
+    assert args.tokens == list(bench.DEFAULT_BENCH_TOKENS)
     assert (args.tactics, args.routing, args.graph, args.warmup, args.repeats, args.seed,
             args.out, args.plot, args.cache, args.max_tokens) == (
         "tuned", "uniform", False, 10, 50, 0, None, None, None, 8192)
@@ -248,6 +258,8 @@ def test_argument_types():
      "--top-k 5 exceeds the number of experts (4)"),
     (["--experts", "8", "--hidden", "100", "--inter", "256", "--top-k", "2"],
      "must be multiples of 8"),
+    (["--experts", "3000000000", "--hidden", "128", "--inter", "256", "--top-k", "2"],
+     "--experts 3000000000: "),
     (["--model", "mixtral-8x7b", "--max-tokens", "0"], "argument --max-tokens"),
     (["--model", "mixtral-8x7b", "--dtype", "fp32"], "argument --dtype: invalid choice"),
     (["--model", "mixtral-8x7b", "--weights", "fp8"], "argument --weights: invalid choice"),
@@ -413,7 +425,7 @@ def test_info_with_gpus(capsys, gpu, fake_ext, monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: props[i])
     cache = tmp_path / "tc.json"
     cache.write_text("{}")
-    monkeypatch.setenv(autotuner.CACHE_ENV, str(cache))
+    monkeypatch.setenv(tuning_cache.CACHE_ENV, str(cache))
     status, out, _ = run_cli(capsys, "info")
     assert status == 0
     assert ("GPU 0:           NVIDIA H100 80GB HBM3, sm_90, 132 SMs, 80.0 GiB, kernels for it: "
@@ -435,32 +447,32 @@ def test_info_json(capsys, gpu, fake_ext, monkeypatch, no_cache_env):
                                "bf16_int8_bf16": {"gemm1": 23, "gemm2": 23}}
     assert info["gpus"] == [{"index": 0, "name": "NVIDIA A10", "capability": "8.6",
                              "multiprocessors": 72, "memory_gib": 22.0, "kernels": "yes"}]
-    assert info["tuning_cache"] == {"env": autotuner.CACHE_ENV, "path": None, "exists": False}
+    assert info["tuning_cache"] == {"env": tuning_cache.CACHE_ENV, "path": None, "exists": False}
 
 
 def test_arch_support():
-    assert cli.arch_support(9, 0, ["80", "90"]) == "yes"
-    assert cli.arch_support(8, 9, ["80", "86"]) == "yes (sm_86 code)"
-    assert cli.arch_support(8, 9, [80]) == "yes (sm_80 code)"
-    assert cli.arch_support(9, 0, ["90a"]) == "yes"
-    assert cli.arch_support(8, 0, ["86", "90"]) == "no"
-    assert cli.arch_support(10, 0, ["80", "90"]) == "no"
-    assert cli.arch_support(9, 0, []) == "no"
+    assert diagnostics.arch_support(9, 0, ["80", "90"]) == "yes"
+    assert diagnostics.arch_support(8, 9, ["80", "86"]) == "yes (sm_86 code)"
+    assert diagnostics.arch_support(8, 9, [80]) == "yes (sm_80 code)"
+    assert diagnostics.arch_support(9, 0, ["90a"]) == "yes"
+    assert diagnostics.arch_support(8, 0, ["86", "90"]) == "no"
+    assert diagnostics.arch_support(10, 0, ["80", "90"]) == "no"
+    assert diagnostics.arch_support(9, 0, []) == "no"
 
 
 def test_arch_support_with_ptx():
-    assert cli.arch_support(10, 0, ["80", "90"], ["90"]) == "yes (JIT from compute_90 PTX)"
-    assert cli.arch_support(12, 0, ["80"], ["80", "90"]) == "yes (JIT from compute_90 PTX)"
-    assert cli.arch_support(9, 0, ["80", "90"], ["90"]) == "yes"  # SASS wins
-    assert cli.arch_support(8, 9, ["80", "86"], ["90"]) == "yes (sm_86 code)"
-    assert cli.arch_support(8, 0, ["86"], ["90"]) == "no"  # PTX of a newer arch never fits
+    assert diagnostics.arch_support(10, 0, ["80", "90"], ["90"]) == "yes (JIT from compute_90 PTX)"
+    assert diagnostics.arch_support(12, 0, ["80"], ["80", "90"]) == "yes (JIT from compute_90 PTX)"
+    assert diagnostics.arch_support(9, 0, ["80", "90"], ["90"]) == "yes"  # SASS wins
+    assert diagnostics.arch_support(8, 9, ["80", "86"], ["90"]) == "yes (sm_86 code)"
+    assert diagnostics.arch_support(8, 0, ["86"], ["90"]) == "no"  # PTX of a newer arch never fits
 
 
 def test_cuda_version_text():
-    assert cli.cuda_version_text(12080) == "12.8"
-    assert cli.cuda_version_text(12040) == "12.4"
-    assert cli.cuda_version_text(13000) == "13.0"
-    assert cli.cuda_version_text(12020) == "12.2"
+    assert diagnostics.cuda_version_text(12080) == "12.8"
+    assert diagnostics.cuda_version_text(12040) == "12.4"
+    assert diagnostics.cuda_version_text(13000) == "13.0"
+    assert diagnostics.cuda_version_text(12020) == "12.2"
 
 
 @pytest.mark.parametrize("driver, runtime, kwargs, status, words", [
@@ -486,7 +498,7 @@ def test_cuda_version_text():
     (None, 13000, {"unknown_reason": "boom"}, "unknown", ["unknown (boom;"]),
 ])
 def test_check_driver(driver, runtime, kwargs, status, words):
-    check = cli.check_driver(driver, runtime, **kwargs)
+    check = diagnostics.check_driver(driver, runtime, **kwargs)
     assert check.status == status
     for text in words:
         assert text in check.message
@@ -592,7 +604,7 @@ def test_info_json_driver(capsys, no_gpu, no_cache_env):
       "cutlass_moe; uninstall all but one")),
 ])
 def test_info_distribution(capsys, no_gpu, fake_ext, no_cache_env, monkeypatch, dists, line):
-    monkeypatch.setattr(cli, "installed_distributions", lambda: dists)
+    monkeypatch.setattr(diagnostics, "installed_distributions", lambda: dists)
     status, out, _ = run_cli(capsys, "info")
     assert status == 0
     assert out.splitlines()[1].strip().startswith(line)
@@ -614,14 +626,15 @@ def test_installed_distributions(monkeypatch):
     monkeypatch.setattr(importlib.metadata, "packages_distributions", lambda: {
         "cutlass_moe": ["cutlass-moe-cu13", "cutlass-moe-cu12", "cutlass-moe-cu12", "gone"],
         "torch": ["torch"]})
-    assert cli.installed_distributions() == [{"name": "cutlass-moe-cu12", "version": "0.1.0"},
-                                             {"name": "cutlass-moe-cu13", "version": "0.2.0"}]
+    assert diagnostics.installed_distributions() == [
+        {"name": "cutlass-moe-cu12", "version": "0.1.0"},
+        {"name": "cutlass-moe-cu13", "version": "0.2.0"}]
 
     def broken():
         raise OSError("unreadable metadata")
 
     monkeypatch.setattr(importlib.metadata, "packages_distributions", broken)
-    assert cli.installed_distributions() == []
+    assert diagnostics.installed_distributions() == []
 
 
 def test_info_without_extension_skips_the_driver(capsys, no_gpu, no_ext):
@@ -705,7 +718,8 @@ def test_tune_table(capsys, fake_tuner):
     (args, kwargs), = fake_tuner.calls
     assert args == (8, 4096, 14336, 2)
     assert kwargs["dtype"] == torch.bfloat16 and kwargs["ep_size"] == 1
-    assert kwargs["max_tokens"] == 8192 and kwargs["activation"] == cutlass_moe.ActivationType.Swiglu
+    assert kwargs["max_tokens"] == 8192
+    assert kwargs["activation"] == cutlass_moe.ActivationType.Swiglu
     assert kwargs["weights"] == "16bit"
     assert fake_tuner.saved == [Path("cutlass_moe_tuning_cache.json")]
     assert fake_tuner.loaded == []
@@ -742,7 +756,7 @@ def test_tune_int8_weights(capsys, fake_tuner, json_output):
 
 def test_tune_out_from_env(capsys, fake_tuner, monkeypatch, tmp_path):
     cache = tmp_path / "env_cache.json"
-    monkeypatch.setenv(autotuner.CACHE_ENV, str(cache))
+    monkeypatch.setenv(tuning_cache.CACHE_ENV, str(cache))
     assert run_cli(capsys, "tune", "--model", "qwen3-30b-a3b")[0] == 0
     assert fake_tuner.saved == [cache] and fake_tuner.loaded == []
 
@@ -814,10 +828,10 @@ def test_tune_with_the_real_cache(capsys, monkeypatch, gpu, fake_ext, tmp_path, 
     names = [d["name"] for d in tactic_descriptors(1)]
 
     def fake_tune_model(num_experts, hidden_size, inter_size, top_k, **kwargs):
-        shape = autotuner.ShapeKey("bf16_bf16_bf16", "none", num_experts, hidden_size,
+        shape = tuning_cache.ShapeKey("bf16_bf16_bf16", "none", num_experts, hidden_size,
                                    inter_size, top_k, "Swiglu", kwargs["ep_size"])
         for gemm in (1, 2):
-            key = autotuner.TuningKey(gemm, shape, "Fake GPU/1", 1)
+            key = tuning_cache.TuningKey(gemm, shape, "Fake GPU/1", 1)
             autotuner.get_tuner().record(key, names[0], 1.0)
         return [TuneRow(1, 1, names[0], 1.0, names[1], 2.0),
                 TuneRow(1, 2, names[0], 1.0, names[1], 2.0)]
@@ -1034,13 +1048,8 @@ def test_bench_plot(capsys, fake_bench, monkeypatch, tmp_path):
     figure.savefig.assert_called_once_with(tmp_path / "p.png")
 
 
-def test_bench_names_kept_in_cli():
-    assert cli.BenchRow is bench.BenchRow and cli.make_routing is bench.make_routing
-    assert cli.default_tactics is bench.default_tactics
-
-
 def test_format_table_alignment():
-    text = cli._format_table(["a", "name"], [["1", "x"], ["100", "long"]], left=(1,))
+    text = tables.format_table(["a", "name"], [["1", "x"], ["100", "long"]], left=(1,))
     assert text.splitlines() == ["  a  name", "---  ----", "  1  x", "100  long"]
 
 
@@ -1079,7 +1088,7 @@ def test_gpu_tune_tiny(capsys, real_gpu, tmp_path):
     assert sorted({(r["bucket"], r["gemm"]) for r in document["rows"]}) == [
         (b, g) for b in (1, 2, 4) for g in (1, 2)]
     assert all(r["best_us"] > 0 and r["speedup"] >= 1.0 for r in document["rows"])
-    assert json.loads(cache.read_text())["schema"] == autotuner.CACHE_SCHEMA
+    assert json.loads(cache.read_text())["schema"] == tuning_cache.CACHE_SCHEMA
 
 
 @pytest.mark.gpu

@@ -15,9 +15,9 @@ import torch
 
 from _fake_ext import FakeMoeRunner, make_fake_extension
 from _helpers import random_routing, random_weights, rel_l2
-from cutlass_moe import ActivationType, _ext, cutlass_fused_moe, ops, reference_moe
-from cutlass_moe.ops import default_tactic
+from cutlass_moe import ActivationType, _ext, cutlass_fused_moe, ops, reference_moe, validation
 from cutlass_moe.quantization import dequantize, quantize_moe_weights_int8
+from cutlass_moe.tactics import default_tactic
 
 STREAM = 0xC0FFEE
 GATED = (ActivationType.Swiglu, ActivationType.Geglu)
@@ -29,8 +29,8 @@ def fake_cpu(monkeypatch):
     CPU-friendly so the whole call path runs on host tensors."""
     monkeypatch.setattr(_ext, "device_guard", lambda device: contextlib.nullcontext())
     monkeypatch.setattr(_ext, "stream_handle", lambda device: STREAM)
-    monkeypatch.setattr(ops, "_require_cuda", lambda device: None)
-    monkeypatch.delenv(ops.CHECK_INPUTS_ENV, raising=False)
+    monkeypatch.setattr(validation, "require_cuda", lambda device: None)
+    monkeypatch.delenv(validation.CHECK_INPUTS_ENV, raising=False)
     FakeMoeRunner.constructed.clear()
     with _ext._replaced_extension(make_fake_extension()):
         yield
@@ -255,7 +255,7 @@ def test_opcheck(fake_cpu):
     output = torch.empty(9, 16, dtype=torch.float32)
     workspace = torch.empty(1 << 14, dtype=torch.uint8)
     args = (output, x, ids, scales, fc1, fc2, None, None, b1, None, None, None, None, workspace,
-            _ext.activation_to_enum(ActivationType.Swiglu), 0, 4, 8192, "", "")
+            int(ActivationType.Swiglu), 0, 4, 8192, "", "")
     torch.library.opcheck(torch.ops.cutlass_moe.fused_moe.default, args)
 
 
@@ -265,7 +265,7 @@ def test_opcheck_int8(fake_cpu):
     q1, q2, (s1, s2) = quantize_moe_weights_int8(fc1, fc2)
     output = torch.empty(9, 16, dtype=torch.bfloat16)
     args = (output, x, ids, scales, q1, q2, s1, s2, None, None, None, None, None, None,
-            _ext.activation_to_enum(ActivationType.Swiglu), 0, 4, 8192, "", "")
+            int(ActivationType.Swiglu), 0, 4, 8192, "", "")
     torch.library.opcheck(torch.ops.cutlass_moe.fused_moe.default, args)
 
 
@@ -391,7 +391,8 @@ def test_int8_op_without_scales_is_refused(fake_cpu):
     output = torch.empty(9, 16, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="need fc1_weight_scales and fc2_weight_scales"):
         torch.ops.cutlass_moe.fused_moe(output, x, ids, scales, q1, q2, s1, None, None, None,
-                                        None, None, None, None, 4, 0, 4, 8192, "", "")
+                                        None, None, None, None, int(ActivationType.Swiglu), 0,
+                                        4, 8192, "", "")
 
 
 class _Int8MoeBlock(torch.nn.Module):
@@ -418,3 +419,188 @@ def test_int8_torch_compile_fullgraph(fake_cpu):
         eager = block(x, ids, scales)
         compiled = torch.compile(block, fullgraph=True, backend="aot_eager")(x, ids, scales)
     torch.testing.assert_close(compiled, eager)
+
+
+# ------------------------------------------------------------------ the raw op validates
+
+
+def _op_args(**overrides):
+    """Arguments of torch.ops.cutlass_moe.fused_moe for a valid small call, by name."""
+    x, ids, scales, fc1, fc2 = _problem(seed=21)
+    args = {
+        "output": torch.empty(9, 16, dtype=torch.bfloat16), "input": x,
+        "token_selected_experts": ids, "token_final_scales": scales,
+        "fc1_expert_weights": fc1, "fc2_expert_weights": fc2, "fc1_weight_scales": None,
+        "fc2_weight_scales": None, "fc1_expert_biases": None, "fc2_expert_biases": None,
+        "swiglu_alpha": None, "swiglu_beta": None, "swiglu_limit": None,
+        "workspace_buffer": None, "activation": int(ActivationType.Swiglu),
+        "expert_start": 0, "num_experts_total": 4, "tune_max_num_tokens": 8192,
+        "tactic1": "", "tactic2": "",
+    }
+    args.update(overrides)
+    return args
+
+
+def _run_op(args):
+    torch.ops.cutlass_moe.fused_moe(*args.values())
+
+
+def test_raw_op_runs_valid_arguments(fake_cpu):
+    args = _op_args()
+    _run_op(args)
+    ref = reference_moe(args["input"], args["token_selected_experts"],
+                        args["token_final_scales"], args["fc1_expert_weights"],
+                        args["fc2_expert_weights"])
+    _close(args["output"], ref)
+
+
+@pytest.mark.parametrize("overrides,match", [
+    # Experts disagree between the weights: out-of-bounds reads on a GPU.
+    (lambda a: {"fc2_expert_weights": torch.randn(2, 16, 8).to(torch.bfloat16)},
+     r"fc2_expert_weights must be \[4, 16, 8\]"),
+    (lambda a: {"fc1_expert_weights": torch.randn(2, 16, 16).to(torch.bfloat16)},
+     r"fc2_expert_weights must be \[2, 16, 8\]"),
+    # float16 router weights would be read as float32.
+    (lambda a: {"token_final_scales": a["token_final_scales"].half()},
+     "token_final_scales must be .* of torch.float32"),
+    (lambda a: {"token_selected_experts": a["token_selected_experts"].long()},
+     "token_selected_experts must be .* of torch.int32"),
+    (lambda a: {"token_final_scales": a["token_final_scales"][:5]},
+     r"token_final_scales must be \[9, 2\]"),
+    (lambda a: {"output": torch.empty(9, 8, dtype=torch.bfloat16)}, r"output must be \[9, 16\]"),
+    (lambda a: {"output": torch.empty(16, 9, dtype=torch.bfloat16).t()},
+     "output must be contiguous"),
+    (lambda a: {"fc1_expert_biases": torch.zeros(4, 8, dtype=torch.bfloat16)},
+     r"fc1_expert_biases must be \[4, 16\]"),
+    (lambda a: {"swiglu_limit": torch.ones(4)}, "swiglu_alpha is required"),
+    (lambda a: {"swiglu_alpha": torch.ones(4, dtype=torch.float16),
+                "swiglu_beta": torch.ones(4), "swiglu_limit": torch.ones(4)},
+     "swiglu_alpha must be .* of torch.float32"),
+    (lambda a: {"fc1_weight_scales": torch.ones(4, 16, dtype=torch.bfloat16)},
+     "only for int8 weights"),
+    (lambda a: {"activation": 10}, "not supported|not an ActivationType"),
+    (lambda a: {"activation": 99}, "not an ActivationType"),
+    (lambda a: {"expert_start": 2}, "expert_start=2 and num_experts_total=4"),
+    (lambda a: {"num_experts_total": 2**31}, "int32"),
+    (lambda a: {"workspace_buffer": torch.empty(64, dtype=torch.float32)},
+     "workspace_buffer must be"),
+    (lambda a: {"output": a["input"]}, "output overlaps input"),
+])
+def test_raw_op_refuses_inconsistent_arguments(fake_cpu, overrides, match):
+    args = _op_args()
+    args.update(overrides(args))
+    with pytest.raises((ValueError, NotImplementedError), match=match):
+        _run_op(args)
+    assert _runner().calls == []  # nothing reached the runner
+
+
+def test_raw_op_int8_needs_scales_of_the_right_shape(fake_cpu):
+    x, ids, scales, fc1, fc2 = _problem(i=16, seed=22)
+    q1, q2, (s1, s2) = quantize_moe_weights_int8(fc1, fc2)
+    args = _op_args(input=x, token_selected_experts=ids, token_final_scales=scales,
+                    fc1_expert_weights=q1, fc2_expert_weights=q2, fc1_weight_scales=s1,
+                    fc2_weight_scales=s2[:2])
+    with pytest.raises(ValueError, match=r"fc2_weight_scales must be \[4, 16\]"):
+        _run_op(args)
+    args.update(fc2_weight_scales=None)
+    with pytest.raises(ValueError, match="need fc1_weight_scales and fc2_weight_scales"):
+        _run_op(args)
+
+
+def test_raw_op_fake_kernel_validates_under_meta(fake_cpu):
+    """torch.compile traces the op through its fake kernel: it checks shapes too."""
+    args = {k: v.to("meta") if isinstance(v, torch.Tensor) else v
+            for k, v in _op_args().items()}
+    _run_op(args)  # valid: nothing raised
+    args["fc2_expert_weights"] = torch.empty(2, 16, 8, dtype=torch.bfloat16, device="meta")
+    with pytest.raises(ValueError, match=r"fc2_expert_weights must be \[4, 16, 8\]"):
+        _run_op(args)
+
+
+def test_public_calls_are_validated_once(fake_cpu, monkeypatch):
+    """cutlass_fused_moe validates and its op call skips the second check; a direct op call
+    is checked by the kernel."""
+    checks = []
+    real = validation.check_op_arguments
+    monkeypatch.setattr(validation, "check_op_arguments",
+                        lambda *a, **k: (checks.append(1), real(*a, **k)))
+    x, ids, scales, fc1, fc2 = _problem(seed=23)
+    cutlass_fused_moe(x, ids, scales, fc1, fc2, torch.bfloat16)
+    assert checks == []
+    _run_op(_op_args())
+    assert checks == [1]
+
+
+# ------------------------------------------------------------------ memory overlaps
+
+
+def test_output_overlapping_the_workspace_is_refused(fake_cpu):
+    x, ids, scales, fc1, fc2 = _problem(seed=24)
+    workspace = torch.empty(1 << 16, dtype=torch.uint8)
+    output = workspace[1024:1024 + 9 * 16 * 2].view(torch.bfloat16).view(9, 16)
+    with pytest.raises(ValueError, match="output overlaps workspace_buffer"):
+        cutlass_fused_moe(x, ids, scales, fc1, fc2, torch.bfloat16, output=output,
+                          workspace_buffer=workspace)
+    assert _runner().calls == []
+
+
+@pytest.mark.parametrize("target", ["input", "token_final_scales", "fc2_expert_biases"])
+def test_output_overlapping_an_input_is_refused(fake_cpu, target):
+    x, ids, scales, fc1, fc2 = _problem(seed=25)
+    storage = torch.zeros(4096, dtype=torch.float32)
+    output = storage[:9 * 16].view(9, 16)
+    kwargs = {}
+    if target == "input":
+        x = storage[64:64 + 9 * 8].view(torch.bfloat16).view(9, 16)
+    elif target == "token_final_scales":
+        scales = storage[100:118].view(9, 2)
+    else:
+        kwargs["fc2_expert_biases"] = storage[32:64].view(torch.bfloat16).view(4, 16)
+    with pytest.raises(ValueError, match=f"output overlaps {target}"):
+        cutlass_fused_moe(x, ids, scales, fc1, fc2, torch.float32, output=output, **kwargs)
+
+
+def test_workspace_overlapping_a_weight_is_refused(fake_cpu):
+    x, ids, scales, fc1, fc2 = _problem(seed=26)
+    workspace = fc2.view(-1).view(torch.uint8)
+    with pytest.raises(ValueError, match="workspace_buffer overlaps fc2_expert_weights"):
+        cutlass_fused_moe(x, ids, scales, fc1, fc2, torch.bfloat16, workspace_buffer=workspace)
+
+
+def test_adjacent_tensors_do_not_overlap(fake_cpu):
+    x, ids, scales, fc1, fc2 = _problem(seed=27)
+    storage = torch.empty(2 * 9 * 16 * 2 + 4096, dtype=torch.uint8)
+    output = storage[:9 * 16 * 2].view(torch.bfloat16).view(9, 16)
+    workspace = storage[9 * 16 * 2:]
+    cutlass_fused_moe(x, ids, scales, fc1, fc2, torch.bfloat16, output=output,
+                      workspace_buffer=workspace)
+    _close(output, reference_moe(x, ids, scales, fc1, fc2))
+
+
+# ------------------------------------------------------------------ check_inputs and capture
+
+
+def _capturing(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+
+
+def test_env_id_check_is_skipped_with_one_warning_during_capture(fake_cpu, monkeypatch):
+    x, ids, scales, fc1, fc2 = _problem(seed=28)
+    ids[0, 0] = 99  # the check would raise; inside capture it must not run (it synchronises)
+    monkeypatch.setenv(validation.CHECK_INPUTS_ENV, "1")
+    with pytest.raises(ValueError, match="outside"):
+        cutlass_fused_moe(x, ids, scales, fc1, fc2, torch.bfloat16)
+    _capturing(monkeypatch)
+    monkeypatch.setattr(ops, "_capture_check_warned", False)
+    with pytest.warns(UserWarning, match="CUTLASS_MOE_CHECK_INPUTS=1 is ignored") as record:
+        cutlass_fused_moe(x, ids, scales, fc1, fc2, torch.bfloat16)
+        cutlass_fused_moe(x, ids, scales, fc1, fc2, torch.bfloat16)
+    assert len(record) == 1
+
+
+def test_explicit_id_check_during_capture_is_refused(fake_cpu, monkeypatch):
+    x, ids, scales, fc1, fc2 = _problem(seed=29)
+    _capturing(monkeypatch)
+    with pytest.raises(RuntimeError, match="check_inputs=True .* CUDA-graph capture"):
+        cutlass_fused_moe(x, ids, scales, fc1, fc2, torch.bfloat16, check_inputs=True)

@@ -6,6 +6,7 @@ Every check here runs before the extension is touched: the tests replace the ext
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import pathlib
 import random
@@ -14,9 +15,9 @@ import sys
 import pytest
 import torch
 
-from cutlass_moe import ActivationType, _ext, cutlass_fused_moe, ops
-from cutlass_moe.ops import default_tactic
+from cutlass_moe import ActivationType, _ext, cutlass_fused_moe, tactics, validation
 from cutlass_moe.quantization import quantize_int8_per_channel
+from cutlass_moe.tactics import default_tactic
 
 E, H, I, K, T = 4, 16, 8, 2, 5
 BF16 = torch.bfloat16
@@ -25,7 +26,7 @@ BF16 = torch.bfloat16
 @pytest.fixture(autouse=True)
 def _no_extension(monkeypatch):
     """No extension, and no check of CUDA availability unless a test asks for it."""
-    monkeypatch.delenv(ops.CHECK_INPUTS_ENV, raising=False)
+    monkeypatch.delenv(validation.CHECK_INPUTS_ENV, raising=False)
     with _ext._replaced_extension(None):
         yield
 
@@ -314,10 +315,10 @@ def test_check_inputs_lists_first_few():
 
 def test_check_inputs_from_environment(monkeypatch):
     ids = torch.full((T, K), E, dtype=torch.int32)
-    monkeypatch.setenv(ops.CHECK_INPUTS_ENV, "1")
+    monkeypatch.setenv(validation.CHECK_INPUTS_ENV, "1")
     with pytest.raises(ValueError, match="outside"):
         _call(token_selected_experts=ids)
-    monkeypatch.setenv(ops.CHECK_INPUTS_ENV, "0")
+    monkeypatch.setenv(validation.CHECK_INPUTS_ENV, "0")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(RuntimeError, match="no CUDA device"):
         _call(token_selected_experts=ids)
@@ -375,7 +376,7 @@ def _prepared(**overrides):
         "profile_ids": None, "workspace_buffer": None, "tactics": None,
     }
     defaults.update(args)
-    return ops._prepare_call(**defaults)
+    return validation.prepare_call(**defaults)
 
 
 def test_prepare_tp_bias_rule_and_expert_start():
@@ -462,15 +463,31 @@ def test_default_tactic_prefers_more_stages_and_skips_unrunnable():
 
 
 def test_supports_activation():
-    swiglu, relu = _ext.activation_to_enum(ActivationType.Swiglu), _ext.activation_to_enum(
-        ActivationType.Relu
-    )
+    swiglu, relu = ActivationType.Swiglu, ActivationType.Relu
     plain = {"name": "t", "tile_m": 16}
-    assert ops.supports_activation(plain, swiglu) and ops.supports_activation(plain, relu)
-    fused = {"name": "t_swiglu", "activations": [swiglu]}
-    assert ops.supports_activation(fused, swiglu) and not ops.supports_activation(fused, relu)
-    by_name = {"name": "t_gated", "activations": ["swiglu", "Geglu"]}
-    assert ops.supports_activation(by_name, swiglu) and not ops.supports_activation(by_name, relu)
+    assert tactics.supports_activation(plain, swiglu) and tactics.supports_activation(plain, relu)
+    fused = {"name": "t_swiglu", "activations": frozenset({swiglu})}
+    assert tactics.supports_activation(fused, swiglu)
+    assert not tactics.supports_activation(fused, relu)
+
+
+def test_descriptor_activations_are_converted_at_the_boundary(monkeypatch):
+    """The binding lists a gated tactic's activations as C++ values; _ext.tactics hands them
+    on as ActivationType members (the one form above the extension boundary)."""
+    from _fake_ext import FakeMoeRunner, make_fake_extension
+
+    gated = {"name": "g", "gemm": 1, "tile_m": 16, "tile_n": 64, "tile_k": 64, "stages": 4,
+             "runnable": True, "gated": True, "split_k": 1,
+             "activations": [_ext.activation_to_enum(ActivationType.Swiglu),
+                             _ext.activation_to_enum(ActivationType.Geglu)]}
+    monkeypatch.setattr(FakeMoeRunner, "tactics", lambda self, gemm: [gated])
+    monkeypatch.setattr(_ext, "device_guard", lambda device: contextlib.nullcontext())
+    with _ext._replaced_extension(make_fake_extension()):
+        (desc,) = _ext.tactics(torch.bfloat16, torch.bfloat16, torch.bfloat16, 1,
+                               torch.device("cpu"))
+    assert desc["activations"] == frozenset({ActivationType.Swiglu, ActivationType.Geglu})
+    assert tactics.supports_activation(desc, ActivationType.Geglu)
+    assert not tactics.supports_activation(desc, ActivationType.Silu)
 
 
 # -------------------------------------------------------------------- int8 weight-only mode
@@ -745,7 +762,7 @@ def test_default_gemm1_of_a_gated_activation_fast_build(rows, expected):
 @pytest.mark.parametrize("weights", ["16bit", "int8", "gated"])
 def test_default_choice_cached_per_bound_matches_the_rows(weights):
     """Default choices are cached per table bound: the bound must pick what the rows pick."""
-    from cutlass_moe.ops import _tile_m_target
+    from cutlass_moe.tactics import tile_m_target as _tile_m_target
 
     descs = {"int8": lambda: _int8_descs(fast=False), "16bit": _descs,
              "gated": lambda: _gemm1_descs_16bit(fast=False)}[weights]()

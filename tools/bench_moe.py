@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The MoE benchmark of DESIGN.md §9 from a checkout: ``cutlass-moe bench`` with the same options.
+"""The MoE layer benchmark from a checkout: ``cutlass-moe bench`` with the same options.
 
     python tools/bench_moe.py --model all --graph --stages --out bench/moe.csv --plot bench/moe.png
 
@@ -15,11 +15,12 @@ from pathlib import Path
 
 
 def main() -> int:
+    """Runs ``cutlass-moe bench`` with this script's arguments; returns its exit status."""
     if importlib.util.find_spec("cutlass_moe") is None:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
-    from cutlass_moe.bench import main as bench_main
+    from cutlass_moe import cli  # after the path is set up: the checkout's package
 
-    return bench_main(sys.argv[1:])
+    return cli.main(["bench", *sys.argv[1:]])
 
 
 if __name__ == "__main__":

@@ -73,11 +73,11 @@ def activation_to_enum(activation_type: ActivationType) -> int:
         ) from None
 
 
-def activation_name(activation: int) -> str:
-    """The name of a C++ ``Activation`` value (e.g. 4 -> "Swiglu")."""
+def activation_from_enum(activation: int) -> ActivationType:
+    """The ``ActivationType`` of a C++ ``Activation`` value (e.g. 4 -> Swiglu)."""
     for act, value in _ACTIVATION_TO_ENUM.items():
         if value == activation:
-            return act.name
+            return act
     raise ValueError(f"unknown C++ Activation value {activation}")
 
 
@@ -147,8 +147,10 @@ def tactics(
     """Descriptors of the tactics of GEMM ``gemm`` (1 or 2) runnable on ``device``, cached.
 
     Each is a dict with keys name, gemm, tile_m, tile_n, tile_k, warp_m, warp_n, warp_k, stages,
-    smem_bytes, threads, runnable, gated, split_k (and activations for gated tactics; see
-    include/cutlass_moe/runner.h). Callers must not mutate it.
+    smem_bytes, threads, runnable, gated, split_k (see include/cutlass_moe/runner.h) and, for
+    tactics that serve only some activations (fused gated GEMM1), ``activations``: a frozenset
+    of :class:`ActivationType` (the binding's C++ values are converted here, at the boundary).
+    Callers must not mutate it.
     """
     if gemm not in (1, 2):
         raise ValueError(f"gemm must be 1 or 2, got {gemm}")
@@ -159,6 +161,9 @@ def tactics(
     runner = get_runner(act_dtype, weight_dtype, out_dtype)
     with device_guard(device):
         descs = [dict(d) for d in runner.tactics(gemm)]
+    for d in descs:
+        if d.get("activations") is not None:
+            d["activations"] = frozenset(activation_from_enum(int(a)) for a in d["activations"])
     with _lock:
         return _tactics.setdefault(key, descs)
 

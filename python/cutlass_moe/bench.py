@@ -1,4 +1,4 @@
-"""The MoE layer benchmark of DESIGN.md §9: ``cutlass-moe bench`` and ``tools/bench_moe.py``.
+"""The MoE layer benchmark behind ``cutlass-moe bench`` (docs/architecture.md, "Benchmark").
 
 For each model preset (or explicit shape) and token count ``T`` it times ``cutlass_fused_moe``
 (tuned and/or heuristic-default tactics, eagerly or as CUDA-graph replays) and, in the same run,
@@ -7,18 +7,21 @@ its peers: the naive torch loop over experts (what Hugging Face transformers doe
 
 Method:
 
-* Routing is random: ``k`` distinct experts per token, uniform or Zipf-skewed (expert popularity
-  ``~ 1/rank``). Several input/routing sets are rotated (``rotate``, automatic by default: enough
-  sets that their activations exceed twice the L2 size, at most :data:`MAX_ROTATE`).
+* Routing is random (:func:`cutlass_moe.synthetic.make_routing`): ``k`` distinct experts per
+  token, uniform or Zipf-skewed (expert popularity ``~ 1/rank``). Several input/routing sets are
+  rotated (``rotate``, automatic by default: enough sets that their activations exceed twice
+  the L2 size, at most :data:`MAX_ROTATE`).
 * The L2 cache is flushed before every timed call by *reading* a buffer of twice the L2 size
-  (reads leave clean lines, so no write-back lands in the timed call). Flushing, rather than
-  rotating weight copies, is what keeps the weights cold: one flush covers weights and
-  activations of every model, whereas rotating copies of, e.g., Qwen3-30B-A3B's 1.2 GB of expert
-  weights would cost memory per copy and still need enough copies to exceed L2 at every ``T``.
-  Real layers read their weights cold too (the next layer's experts are other tensors).
+  (:class:`cutlass_moe.timing.L2Flusher`: reads leave clean lines, so no write-back lands in
+  the timed call). Flushing, rather than rotating weight copies, is what keeps the weights
+  cold: one flush covers weights and activations of every model, whereas rotating copies of,
+  e.g., Qwen3-30B-A3B's 1.2 GB of expert weights would cost memory per copy and still need
+  enough copies to exceed L2 at every ``T``. Real layers read their weights cold too (the next
+  layer's experts are other tensors).
 * Each sample is one call (or one graph replay) between CUDA events after the flush and a
-  synchronise, so eager numbers include the host overhead of one call from an idle GPU; the
-  median of ``repeats`` samples after ``warmup`` untimed calls is reported.
+  synchronise (:func:`cutlass_moe.timing.time_us`), so eager numbers include the host overhead
+  of one call from an idle GPU; the median of ``repeats`` samples after ``warmup`` untimed calls
+  is reported.
 * Ceilings are measured in the same run: the copy bandwidth of a 1 GiB device-to-device copy
   (bytes read + written over time), the dense GEMM rate of cuBLAS (``torch.matmul``, 8192^3)
   and of our own CUTLASS Sm80 grouped GEMM with one expert (T=8192, H=I=8192, best tactic).
@@ -37,25 +40,31 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import logging
 import math
 import statistics
-import sys
 import textwrap
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
 
+from . import _ext, autotuner, synthetic, tactics, timing
+from .activation import ActivationType
+from .ops import cutlass_fused_moe
 from .presets import ModelPreset
+from .quantization import quantize_moe_weights_int8
+from .reference import _clamped_swiglu, apply_activation, reference_moe
+from .tables import format_table
+from .tuning_cache import QUANT_NONE, ShapeKey, dtype_tag
 
 logger = logging.getLogger("cutlass_moe.bench")
 
 DEFAULT_BENCH_TOKENS = (1, 8, 32, 128, 512, 2048, 8192)
-#: Expert popularity of ``routing="zipf"``: p(expert of rank r) ~ 1 / r**ZIPF_EXPONENT.
-ZIPF_EXPONENT = 1.0
-ROUTINGS = ("uniform", "zipf")
 
 IMPL_TUNED = "cutlass_moe_tuned"
 IMPL_DEFAULT = "cutlass_moe_default"
@@ -75,8 +84,7 @@ STAGE_CALLS = 5
 COPY_BYTES = 1 << 30
 DENSE_GEMM_SIZE = 8192
 CEILING_REPEATS = 10
-#: Assumed L2 size when the device does not report one (H100).
-DEFAULT_L2_BYTES = 50 * 2**20
+#: The most input/routing sets rotated through (see :func:`rotation_count`).
 MAX_ROTATE = 16
 
 
@@ -85,16 +93,11 @@ MAX_ROTATE = 16
 # ------------------------------------------------------------------------------------------
 
 
-def fc1_rows(preset: ModelPreset) -> int:
-    """GEMM1's output columns ``N1``: ``2*I`` (every preset is SwiGLU-gated)."""
-    return 2 * preset.inter_size
-
-
 def expert_weight_bytes(preset: ModelPreset, weights: str, act_bytes: int) -> int:
     """Bytes of one expert's fc1 + fc2 weights: ``weights`` ``"16bit"`` (``act_bytes`` per
     weight) or ``"int8"`` (1 byte per weight plus per-channel scales ``[N1]`` and ``[H]`` in
     the activation dtype)."""
-    n1, h, i = fc1_rows(preset), preset.hidden_size, preset.inter_size
+    n1, h, i = preset.fc1_rows, preset.hidden_size, preset.inter_size
     count = n1 * h + h * i
     if weights == "int8":
         return count + (n1 + h) * act_bytes
@@ -122,7 +125,7 @@ def bytes_touched(preset: ModelPreset, num_tokens: int, experts_touched: float, 
 def moe_flops(preset: ModelPreset, num_tokens: int) -> float:
     """FLOPs of both GEMMs: ``2*T*k*(N1*H + H*I)`` (``2*T*k*3*H*I`` for the gated layers)."""
     h, i = preset.hidden_size, preset.inter_size
-    return 2.0 * num_tokens * preset.top_k * (fc1_rows(preset) * h + h * i)
+    return 2.0 * num_tokens * preset.top_k * (preset.fc1_rows * h + h * i)
 
 
 def ratio(numerator: float, denominator: float) -> float:
@@ -252,6 +255,9 @@ class BenchConfig:
 
 @dataclasses.dataclass
 class BenchResult:
+    """What :func:`run_bench` measured: the ceilings, one row per implementation and token
+    count, the stage rows (``stages``) and notes on what was skipped or failed."""
+
     ceilings: Ceilings
     rows: list[BenchRow]
     stages: list[StageRow] = dataclasses.field(default_factory=list)
@@ -358,9 +364,6 @@ def profile_kernels(fn: Callable[[], object], calls: int = STAGE_CALLS,
     ``fn`` in start order, traced with torch.profiler. ``before_each`` (e.g. an L2 flush) runs
     before every call and is traced too. Raises RuntimeError when the profiler records no
     device activity."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
     fn()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -381,50 +384,6 @@ def profile_kernels(fn: Callable[[], object], calls: int = STAGE_CALLS,
 
 
 # ------------------------------------------------------------------------------------------
-# Routing and default tactics
-# ------------------------------------------------------------------------------------------
-
-
-def make_routing(num_tokens: int, num_experts: int, top_k: int, routing: str,
-                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random routing ``(ids int32 [T, k], scales float32 [T, k])`` on the generator's device:
-    ``k`` distinct experts per token, drawn uniformly (``"uniform"``) or with popularity
-    ``1 / rank**ZIPF_EXPONENT`` over a random ranking of the experts (``"zipf"``); scales are
-    a softmax over the ``k`` choices."""
-    device = generator.device
-    if routing == "uniform":
-        probs = torch.ones(num_experts, device=device)
-    elif routing == "zipf":
-        ranks = torch.randperm(num_experts, generator=generator, device=device) + 1
-        probs = ranks.double().pow(-ZIPF_EXPONENT).float()
-    else:
-        raise ValueError(f"routing must be 'uniform' or 'zipf', got {routing!r}")
-    ids = torch.multinomial(probs.expand(num_tokens, num_experts).contiguous(), top_k,
-                            replacement=False, generator=generator)
-    scales = torch.softmax(torch.randn(num_tokens, top_k, generator=generator, device=device),
-                           dim=-1)
-    return ids.to(torch.int32), scales.to(torch.float32)
-
-
-def default_tactics(dtype: torch.dtype, device: torch.device, num_tokens: int,
-                    num_experts: int, top_k: int, weight_dtype: torch.dtype | None = None
-                    ) -> tuple[str, str]:
-    """The heuristic default tactics of a Swiglu call with ``num_tokens`` tokens (what an
-    untuned call runs); ``weight_dtype`` is ``dtype`` (default) or ``torch.int8``."""
-    from . import _ext, ops
-    from .activation import ActivationType
-
-    activation = _ext.activation_to_enum(ActivationType.Swiglu)
-    expected_rows = num_tokens * top_k / num_experts
-    names = []
-    for gemm in (1, 2):
-        descs = [d for d in _ext.tactics(dtype, weight_dtype or dtype, dtype, gemm, device)
-                 if d.get("runnable", True) and ops.supports_activation(d, activation)]
-        names.append(ops.default_tactic(descs, expected_rows))
-    return names[0], names[1]
-
-
-# ------------------------------------------------------------------------------------------
 # Peers
 # ------------------------------------------------------------------------------------------
 
@@ -432,9 +391,6 @@ def default_tactics(dtype: torch.dtype, device: torch.device, num_tokens: int,
 def swiglu_fn(preset: ModelPreset) -> Callable[[torch.Tensor], torch.Tensor]:
     """The layer's activation on GEMM1's output ``[rows, 2I]`` (``[up | gate]``): SwiGLU, or
     gpt-oss's clamped SwiGLU (same alpha/beta/limit for every expert)."""
-    from .activation import ActivationType
-    from .reference import _clamped_swiglu, apply_activation
-
     if not preset.clamped_swiglu:
         return lambda h: apply_activation(h, ActivationType.Swiglu)
     alpha = 1.0 if preset.swiglu_alpha is None else preset.swiglu_alpha
@@ -510,67 +466,6 @@ def grouped_mm_moe(x: torch.Tensor, ids: torch.Tensor, scales: torch.Tensor,
 
 
 # ------------------------------------------------------------------------------------------
-# Timing
-# ------------------------------------------------------------------------------------------
-
-
-def l2_bytes(device: torch.device) -> int:
-    """The device's L2 size (:data:`DEFAULT_L2_BYTES` when not reported)."""
-    try:
-        size = int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0))
-    except (RuntimeError, AssertionError):
-        size = 0
-    return size if size > 0 else DEFAULT_L2_BYTES
-
-
-class L2Flusher:
-    """Evicts the L2 by reading a buffer of twice its size (a read leaves clean lines, so the
-    timed call that follows pays no write-back)."""
-
-    def __init__(self, device: torch.device, l2: int) -> None:
-        self.buffer = torch.ones(max(2 * l2, 1 << 26) // 2, dtype=torch.float16, device=device)
-
-    def __call__(self) -> None:
-        self.buffer.sum()
-
-
-def time_us(fns: Sequence[Callable[[], object]], warmup: int, repeats: int,
-            flush: Callable[[], object] | None = None) -> float:
-    """Median latency in us of one call, cycling through ``fns`` (one per input set): each
-    sample is flush, synchronise, event, call, event (a call from an idle GPU)."""
-    for index in range(warmup):
-        fns[index % len(fns)]()
-    samples = []
-    for index in range(repeats):
-        if flush is not None:
-            flush()
-        torch.cuda.synchronize()
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        start.record()
-        fns[index % len(fns)]()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) * 1e3)
-    return statistics.median(samples)
-
-
-def capture_graph(fn: Callable[[], object], pool: Any = None) -> torch.cuda.CUDAGraph:
-    """``fn`` captured in a CUDA graph (warmed up on a side stream first); graphs of one token
-    count share ``pool`` (they are never replayed concurrently)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
-        fn()
-    return graph
-
-
-# ------------------------------------------------------------------------------------------
 # Ceilings
 # ------------------------------------------------------------------------------------------
 
@@ -579,13 +474,10 @@ def measure_ceilings(dtype: torch.dtype, device: torch.device, repeats: int = CE
                      copy_bytes: int = COPY_BYTES, gemm_size: int = DENSE_GEMM_SIZE
                      ) -> Ceilings:
     """Copy bandwidth, cuBLAS and CUTLASS Sm80 dense GEMM rates of ``device`` (nan with a note
-    for a measurement that fails)."""
-    from . import _ext
-    from .activation import ActivationType
-    from .autotuner import QUANT_NONE, ShapeKey, dtype_tag, profile_gemm
-
+    for a measurement that fails). The CUTLASS rate is the best of the GEMM2 tactics that
+    :func:`cutlass_moe.tactics.candidates` offers for that call."""
     name = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
-    ceilings = Ceilings(name, math.nan, math.nan, math.nan, "", l2_bytes(device))
+    ceilings = Ceilings(name, math.nan, math.nan, math.nan, "", timing.l2_bytes(device))
     try:
         ceilings.device = f"{torch.cuda.get_device_name(device)} ({device})"
     except (RuntimeError, AssertionError):
@@ -594,7 +486,7 @@ def measure_ceilings(dtype: torch.dtype, device: torch.device, repeats: int = CE
         try:
             src = torch.empty(copy_bytes, dtype=torch.uint8, device=device)
             dst = torch.empty_like(src)
-            us = time_us([lambda: dst.copy_(src)], 3, repeats)
+            us = timing.time_us([lambda: dst.copy_(src)], 3, repeats)
             ceilings.copy_tb_s = 2 * copy_bytes / (us * 1e6)
         except RuntimeError as exc:
             ceilings.notes.append(f"copy bandwidth not measured: {exc}")
@@ -603,20 +495,21 @@ def measure_ceilings(dtype: torch.dtype, device: torch.device, repeats: int = CE
             a = torch.randn(n, n, dtype=dtype, device=device)
             b = torch.randn(n, n, dtype=dtype, device=device)
             c = torch.empty(n, n, dtype=dtype, device=device)
-            us = time_us([lambda: torch.matmul(a, b, out=c)], 3, repeats)
+            us = timing.time_us([lambda: torch.matmul(a, b, out=c)], 3, repeats)
             ceilings.cublas_tflops = 2.0 * n**3 / (us * 1e6)
         except RuntimeError as exc:
             ceilings.notes.append(f"cuBLAS rate not measured: {exc}")
         try:
-            runner = _ext.get_runner(dtype, dtype, dtype)
-            activation = _ext.activation_to_enum(ActivationType.Swiglu)
-            names = [str(d["name"]) for d in _ext.tactics(dtype, dtype, dtype, 2, device)
-                     if d.get("runnable", True)]
-            shape = ShapeKey(dtype_tag((dtype, dtype, dtype)), QUANT_NONE, 1, n, n, 1,
-                             _ext.activation_name(activation), 1)
-            weights = torch.randn(1, n, n, dtype=dtype, device=device) * n**-0.5
-            results = [r for r in profile_gemm(runner, 2, names, shape, n, activation, weights,
-                                               device) if math.isfinite(r.time_us)]
+            dtypes = (dtype, dtype, dtype)
+            runner = _ext.get_runner(*dtypes)
+            activation = ActivationType.Swiglu
+            # One expert, T=n tokens, top_k 1: n expanded rows.
+            names = tactics.candidate_names(dtypes, 2, activation, device, expanded_rows=n)
+            shape = ShapeKey(dtype_tag(dtypes), QUANT_NONE, 1, n, n, 1, activation.name, 1)
+            weights = synthetic.random_expert_weights(1, n, n, n, dtype, device)[1]
+            results = [r for r in autotuner.profile_gemm(runner, 2, names, shape, n, activation,
+                                                         weights, device)
+                       if math.isfinite(r.time_us)]
             if not results:
                 raise RuntimeError("no GEMM2 tactic ran")
             best = min(results, key=lambda r: r.time_us)
@@ -636,6 +529,7 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def grouped_mm_available() -> bool:
+    """Whether this torch has ``torch._grouped_mm`` (the grouped_mm peer needs it)."""
     return hasattr(torch, "_grouped_mm")
 
 
@@ -650,22 +544,13 @@ class _Layer:
 
     def __init__(self, preset: ModelPreset, dtype: torch.dtype, device: torch.device,
                  int8: bool, seed: int) -> None:
-        from .demo import make_layer
-        from .quantization import quantize_moe_weights_int8
-
-        self.w1, self.w2 = make_layer(preset, dtype, device, seed=seed)
+        self.w1, self.w2 = synthetic.make_layer(preset, dtype, device, seed=seed)
         self.quant: dict[str, Any] = {}
         self.q1 = self.q2 = None
         if int8:
             self.q1, self.q2, weight_scales = quantize_moe_weights_int8(self.w1, self.w2)
             self.quant = {"quant_scales": weight_scales, "use_int8_woq_per_channel": True}
-        self.clamp = {
-            name: torch.full((preset.num_experts,), value, dtype=torch.float32, device=device)
-            for name, value in (("swiglu_alpha", preset.swiglu_alpha),
-                                ("swiglu_beta", preset.swiglu_beta),
-                                ("swiglu_limit", preset.swiglu_limit))
-            if value is not None
-        }
+        self.clamp = synthetic.swiglu_clamp(preset, device)
 
 
 def run_bench(config: BenchConfig, ceilings: Ceilings | None = None) -> BenchResult:
@@ -677,7 +562,7 @@ def run_bench(config: BenchConfig, ceilings: Ceilings | None = None) -> BenchRes
         if ceilings is None:
             ceilings = measure_ceilings(dtype, device)
         result = BenchResult(ceilings, [], [], list(ceilings.notes))
-        flush = L2Flusher(device, ceilings.l2_bytes) if config.flush_l2 else None
+        flush = timing.L2Flusher(device, ceilings.l2_bytes) if config.flush_l2 else None
         for name, preset in config.models:
             layer = _Layer(preset, dtype, device, config.weights == "int8", config.seed)
             for num_tokens in config.tokens:
@@ -689,12 +574,7 @@ def run_bench(config: BenchConfig, ceilings: Ceilings | None = None) -> BenchRes
 
 
 def _bench_one(config: BenchConfig, name: str, preset: ModelPreset, layer: _Layer,
-               num_tokens: int, result: BenchResult, flush: L2Flusher | None) -> None:
-    from . import _ext, autotuner
-    from .activation import ActivationType
-    from .ops import cutlass_fused_moe
-    from .reference import reference_moe
-
+               num_tokens: int, result: BenchResult, flush: timing.L2Flusher | None) -> None:
     device, dtype = config.device, _DTYPES[config.dtype]
     e, h, k = preset.num_experts, preset.hidden_size, preset.top_k
     int8 = config.weights == "int8"
@@ -705,7 +585,7 @@ def _bench_one(config: BenchConfig, name: str, preset: ModelPreset, layer: _Laye
     inputs = []
     for _ in range(sets):
         x = torch.randn(num_tokens, h, device=device, dtype=dtype, generator=gen)
-        ids, scales = make_routing(num_tokens, e, k, config.routing, gen)
+        ids, scales = synthetic.make_routing(num_tokens, e, k, config.routing, gen)
         inputs.append((x, ids, scales))
     touched = statistics.fmean(count_touched_experts(ids, e) for _, ids, _ in inputs)
     common = {"preset_name": name, "preset": preset, "dtype": config.dtype,
@@ -713,8 +593,8 @@ def _bench_one(config: BenchConfig, name: str, preset: ModelPreset, layer: _Laye
               "act_bytes": act_bytes}
     output = torch.empty(num_tokens, h, device=device, dtype=dtype)
     w1, w2 = (layer.q1, layer.q2) if int8 else (layer.w1, layer.w2)
-    weight_dtype = torch.int8 if int8 else dtype
-    runner = _ext.get_runner(dtype, weight_dtype, dtype)
+    dtypes = (dtype, torch.int8 if int8 else dtype, dtype)
+    runner = _ext.get_runner(*dtypes)
     workspace = torch.empty(max(1, int(runner.workspace_size(
         num_tokens, h, preset.inter_size, e, k,
         _ext.activation_to_enum(ActivationType.Swiglu)))), dtype=torch.uint8, device=device)
@@ -725,7 +605,8 @@ def _bench_one(config: BenchConfig, name: str, preset: ModelPreset, layer: _Laye
     for impl in variants:
         forced = None
         if impl == IMPL_DEFAULT:
-            forced = default_tactics(dtype, device, num_tokens, e, k, weight_dtype)
+            forced = tactics.default_tactics(dtypes, ActivationType.Swiglu, device, num_tokens,
+                                             k, e)
 
         def call(x: torch.Tensor, ids: torch.Tensor, scales: torch.Tensor,
                  forced: Sequence[str] | None = forced, pdl: bool = config.pdl) -> None:
@@ -745,11 +626,11 @@ def _bench_one(config: BenchConfig, name: str, preset: ModelPreset, layer: _Laye
         graphs: list[torch.cuda.CUDAGraph] = []
         if config.graph:
             pool = torch.cuda.graph_pool_handle()
-            graphs = [capture_graph(fn, pool) for fn in fns]
+            graphs = [timing.capture_graph(fn, pool) for fn in fns]
             timed = [g.replay for g in graphs]
         else:
             timed = fns
-        latency = time_us(timed, config.warmup, config.repeats, flush)
+        latency = timing.time_us(timed, config.warmup, config.repeats, flush)
         result.rows.append(make_row(
             weights=config.weights, impl=impl, graph=config.graph, latency_us=latency,
             tactic1=names[0], tactic2=names[1], source=source or "?", **common))
@@ -770,7 +651,7 @@ def _bench_one(config: BenchConfig, name: str, preset: ModelPreset, layer: _Laye
             if note not in result.notes:
                 result.notes.append(note)
             continue
-        fns, note = _peer_calls(impl, inputs, layer, preset, activation, reference_moe)
+        fns, note = _peer_calls(impl, inputs, layer, activation)
         if fns is None:
             result.notes.append(f"{name} T={num_tokens}: {note}")
             continue
@@ -779,13 +660,13 @@ def _bench_one(config: BenchConfig, name: str, preset: ModelPreset, layer: _Laye
         if config.graph and impl == "grouped_mm":
             try:
                 pool = torch.cuda.graph_pool_handle()
-                graphs = [capture_graph(fn, pool) for fn in fns]
+                graphs = [timing.capture_graph(fn, pool) for fn in fns]
                 timed, graph = [g.replay for g in graphs], True
             except RuntimeError as exc:
                 note = f"not capturable ({str(exc).splitlines()[0][:80]}); timed eagerly"
         warmup, repeats = _peer_repeats(impl, config.warmup, config.repeats)
         try:
-            latency = time_us(timed, warmup, repeats, flush)
+            latency = timing.time_us(timed, warmup, repeats, flush)
         except RuntimeError as exc:  # out of memory, mostly: the other rows still count
             result.notes.append(f"{name} T={num_tokens}: {impl} failed while timed, skipped "
                                 f"({str(exc).splitlines()[0][:120]})")
@@ -797,12 +678,9 @@ def _bench_one(config: BenchConfig, name: str, preset: ModelPreset, layer: _Laye
 
 
 def _peer_calls(impl: str, inputs: Sequence[tuple[torch.Tensor, ...]], layer: _Layer,
-                preset: ModelPreset, activation: Callable[[torch.Tensor], torch.Tensor],
-                reference_moe: Callable[..., torch.Tensor]
+                activation: Callable[[torch.Tensor], torch.Tensor]
                 ) -> tuple[list[Callable[[], object]] | None, str]:
     """The peer's call per input set (run once to check it works), or None and why not."""
-    from .activation import ActivationType
-
     w1, w2 = layer.w1, layer.w2
     if impl == "naive":
         fns = [lambda s=s: naive_moe(*s, w1, w2, activation) for s in inputs]
@@ -836,7 +714,8 @@ def _peer_calls(impl: str, inputs: Sequence[tuple[torch.Tensor, ...]], layer: _L
 
 
 def _stages(config: BenchConfig, name: str, num_tokens: int, impl: str,
-            fn: Callable[[], object], flush: L2Flusher | None, result: BenchResult) -> None:
+            fn: Callable[[], object], flush: timing.L2Flusher | None, result: BenchResult
+            ) -> None:
     try:
         kernels = profile_kernels(fn, STAGE_CALLS, flush)
     except (RuntimeError, ImportError) as exc:
@@ -852,19 +731,6 @@ def _stages(config: BenchConfig, name: str, num_tokens: int, impl: str,
 # ------------------------------------------------------------------------------------------
 # Output: table, CSV/JSON, plot
 # ------------------------------------------------------------------------------------------
-
-
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]],
-                 left: Sequence[int] = ()) -> str:
-    """Plain-text columns; right-aligned except the column indices in ``left``."""
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
-              for i, h in enumerate(headers)]
-
-    def line(cells: Sequence[str]) -> str:
-        return "  ".join(c.ljust(w) if i in left else c.rjust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
-
-    return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, rows)])
 
 
 def _num(value: float, digits: int = 1) -> str:
@@ -946,8 +812,6 @@ def write_bench_rows(path: Path, result: BenchResult, config: Mapping[str, Any])
     """Writes the run as JSON (:func:`result_json`) or CSV (one line per row; the ceilings and
     scalar config values repeated as columns; stage rows to :func:`stages_csv_path`), by
     ``path``'s suffix. Returns the files written."""
-    import json
-
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix.lower() != ".csv":
         with open(path, "w") as f:
@@ -971,7 +835,7 @@ def plot_bench_rows(path: Path, rows: Sequence[BenchRow], ceilings: Ceilings | N
                     title: str) -> None:
     """One column per preset: latency over T (log-log) per implementation with the memory
     floor, and below it the roofline fraction over T. Needs matplotlib."""
-    import matplotlib
+    import matplotlib  # optional dependency: imported only when plotting
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -1017,10 +881,3 @@ def plot_bench_rows(path: Path, rows: Sequence[BenchRow], ceilings: Ceilings | N
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``cutlass-moe bench`` with ``argv`` (what ``tools/bench_moe.py`` runs)."""
-    from .cli import main as cli_main
-
-    return cli_main(["bench", *(sys.argv[1:] if argv is None else argv)])

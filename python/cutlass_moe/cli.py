@@ -8,6 +8,10 @@
 ran, ...), 2 for usage errors and a missing GPU or extension, 130 when interrupted. User errors
 are one ``cutlass-moe: error: ...`` line on stderr (with the usage for argument errors), never a
 traceback. The command's results go to stdout; progress and diagnostics go to stderr.
+
+This module parses and reports; the work lives elsewhere: what ``info`` reports in
+:mod:`cutlass_moe.diagnostics`, tuning in :mod:`cutlass_moe.autotuner`, the benchmark in
+:mod:`cutlass_moe.bench`. Only ``python -m cutlass_moe`` (``__main__``) imports this module.
 """
 
 from __future__ import annotations
@@ -15,7 +19,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
-import importlib.metadata
 import importlib.util
 import json
 import logging
@@ -29,10 +32,12 @@ from typing import Any, TextIO
 
 import torch
 
-from . import _ext, autotuner, bench
+from . import _ext, autotuner, bench, diagnostics, validation
 from ._version import __version__
 from .activation import ActivationType
 from .presets import MODEL_PRESETS, ModelPreset
+from .tables import format_table
+from .tuning_cache import CACHE_ENV
 
 logger = logging.getLogger("cutlass_moe.cli")
 
@@ -43,7 +48,6 @@ DEFAULT_CACHE_FILE = "cutlass_moe_tuning_cache.json"
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
 #: ``--weights`` accepts these; which ones a build can run is checked after parsing.
 WEIGHT_CHOICES = ("bf16", "fp16", "int8", "int4")
-DEFAULT_BENCH_TOKENS = bench.DEFAULT_BENCH_TOKENS
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -107,7 +111,8 @@ def cuda_device(text: str) -> torch.device:
     except RuntimeError:
         device = None
     if device is None or device.type != "cuda":
-        raise argparse.ArgumentTypeError(f"expected a CUDA device like cuda or cuda:1, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected a CUDA device like cuda or cuda:1, got {text!r}")
     return device
 
 
@@ -142,13 +147,43 @@ def resolve_shape(args: argparse.Namespace, parser: argparse.ArgumentParser
         name = "custom"
         preset = ModelPreset(num_experts=args.num_experts, hidden_size=args.hidden_size,
                              inter_size=args.inter_size, top_k=args.top_k)
-    if preset.top_k > preset.num_experts:
-        parser.error(f"--top-k {preset.top_k} exceeds the number of experts "
-                     f"({preset.num_experts})")
-    if preset.hidden_size % 8 or preset.inter_size % 8:
-        parser.error(f"--hidden ({preset.hidden_size}) and --inter ({preset.inter_size}) must "
-                     "be multiples of 8 (rows are read with 16-byte vector accesses)")
+    problem = layer_shape_problem(preset, "16bit")
+    if problem is not None:
+        parser.error(problem)
     return name, preset
+
+
+def _accepts(num_experts: int, hidden_size: int, inter_size: int, top_k: int,
+             weights: str) -> bool:
+    try:
+        validation.check_layer_shape(num_experts, hidden_size, inter_size, top_k,
+                                     weights=weights)
+    except ValueError:
+        return False
+    return True
+
+
+def layer_shape_problem(preset: ModelPreset, weights: str) -> str | None:
+    """None when :func:`cutlass_moe.validation.check_layer_shape` accepts the layer with
+    ``weights`` (``"16bit"`` or ``"int8"``), else what is wrong in terms of the command's
+    options. The rule is validation's alone: the option at fault is found by asking it about
+    the shape without ``--top-k`` (1) and with one expert."""
+    e, h, i, k = preset.num_experts, preset.hidden_size, preset.inter_size, preset.top_k
+    try:
+        validation.check_layer_shape(e, h, i, k, weights=weights)
+    except ValueError as exc:
+        problem = str(exc)
+    else:
+        return None
+    if not _accepts(1, h, i, 1, "16bit"):
+        return (f"--hidden ({h}) and --inter ({i}) must be multiples of "
+                f"{validation.ALIGN_ELEMS} (rows are read with 16-byte vector accesses)")
+    if not _accepts(1, h, i, 1, weights):
+        return (f"--weights {weights} needs --hidden ({h}) and --inter ({i}) to be multiples "
+                f"of {validation.INT8_ALIGN_ELEMS} (16-byte int8 weight rows)")
+    if _accepts(e, h, i, 1, weights):
+        return f"--top-k {k} exceeds the number of experts ({e})"
+    return f"--experts {e}: {problem}"
 
 
 def supported_weight_types(dtype: str, info: Mapping[str, Any]) -> list[str]:
@@ -199,10 +234,11 @@ def weight_mode(weights: str) -> str:
 
 def check_weight_shape(weights: str, preset: ModelPreset, parser: argparse.ArgumentParser
                        ) -> None:
-    """int8 weights need H and I to be multiples of 16 (``parser.error`` otherwise)."""
-    if weights == "int8" and (preset.hidden_size % 16 or preset.inter_size % 16):
-        parser.error(f"--weights int8 needs --hidden ({preset.hidden_size}) and --inter "
-                     f"({preset.inter_size}) to be multiples of 16 (16-byte int8 weight rows)")
+    """The layer shape with the ``--weights`` value ``weights`` (int8 weights need H and I to
+    be multiples of 16): ``parser.error`` when :func:`layer_shape_problem` finds a problem."""
+    problem = layer_shape_problem(preset, weight_mode(weights))
+    if problem is not None:
+        parser.error(problem)
 
 
 def kernel_label(dtype: str, weights: str) -> str:
@@ -224,7 +260,7 @@ def require_gpu_and_extension(command: str, device: torch.device) -> None:
 
 def default_cache_path() -> Path:
     """``$CUTLASS_MOE_TUNING_CACHE`` when set, else ``./cutlass_moe_tuning_cache.json``."""
-    return Path(os.environ.get(autotuner.CACHE_ENV) or DEFAULT_CACHE_FILE)
+    return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE_FILE)
 
 
 def gpu_label(device: torch.device) -> str:
@@ -235,23 +271,8 @@ def gpu_label(device: torch.device) -> str:
         return str(device)
 
 
-def _finite(value: float) -> float | None:
-    """``value``, or None for inf/nan (JSON has neither)."""
-    return value if math.isfinite(value) else None
-
-
-# One table formatter for every command's output.
-_format_table = bench.format_table
-
-
 def _us(value: float) -> str:
     return f"{value:.1f}" if math.isfinite(value) else "failed"
-
-
-def _ratio(numerator: float, denominator: float) -> float:
-    if denominator > 0 and math.isfinite(numerator) and math.isfinite(denominator):
-        return numerator / denominator
-    return math.nan
 
 
 def _speedup(value: float) -> str:
@@ -277,7 +298,7 @@ class Progress:
             return
         if self._use_tqdm:
             if self._bar is None:
-                from tqdm import tqdm
+                from tqdm import tqdm  # optional dependency: imported only when drawing
 
                 self._bar = tqdm(total=total, desc=self.description, unit="GEMM",
                                  file=self.stream, dynamic_ncols=True)
@@ -291,6 +312,7 @@ class Progress:
         self._done = done
 
     def close(self) -> None:
+        """Ends the bar or the status line (call once the work is over)."""
         if self._bar is not None:
             self._bar.close()
             self._bar = None
@@ -305,261 +327,12 @@ class Progress:
 # ------------------------------------------------------------------------------------------
 
 
-def _arch_number(arch: Any) -> int | None:
-    digits = ""
-    for ch in str(arch).removeprefix("sm_"):
-        if not ch.isdigit():
-            break
-        digits += ch
-    return int(digits) if digits else None
-
-
-def arch_support(major: int, minor: int, archs: Sequence[Any],
-                 ptx_archs: Sequence[Any] = ()) -> str:
-    """Whether a build for ``archs`` (SASS) and ``ptx_archs`` (PTX) has kernels for compute
-    capability ``major.minor``: ``"yes"``, ``"yes (sm_86 code)"`` for a binary-compatible lower
-    arch of the same major, ``"yes (JIT from compute_90 PTX)"`` when only PTX of an arch at or
-    below it fits (the driver compiles it at first use), or ``"no"``."""
-    numbers = {n for n in map(_arch_number, archs) if n is not None}
-    capability = 10 * major + minor
-    if capability in numbers:
-        return "yes"
-    compatible = [n for n in numbers if n // 10 == major and n < capability]
-    if compatible:
-        return f"yes (sm_{max(compatible)} code)"
-    ptx = [n for n in map(_arch_number, ptx_archs) if n is not None and n <= capability]
-    if ptx:
-        return f"yes ({JIT_PREFIX} compute_{max(ptx)} PTX)"
-    return "no"
-
-
-#: ``arch_support`` says ``"yes (JIT from compute_NN PTX)"`` when a GPU runs JIT-compiled PTX.
-JIT_PREFIX = "JIT from"
-
-
-def cuda_version_text(version: int) -> str:
-    """``12080`` -> ``"12.8"`` (the encoding of ``CUDART_VERSION`` and
-    ``cudaDriverGetVersion``: 1000 * major + 10 * minor)."""
-    return f"{version // 1000}.{(version % 1000) // 10}"
-
-
-@dataclasses.dataclass(frozen=True)
-class DriverCheck:
-    """Whether the installed driver can run this build. ``status`` is one of ``ok``,
-    ``minor-compat`` (usable through CUDA minor-version compatibility, except for PTX JIT),
-    ``too-old``, ``no-driver`` or ``unknown``; ``message`` says it in words."""
-
-    status: str
-    message: str
-
-
-def check_driver(driver_version: int | None, runtime_version: int, *, has_ptx: bool = False,
-                 needs_jit: bool = False, unknown_reason: str = "could not ask the driver"
-                 ) -> DriverCheck:
-    """The driver rule for a build whose CUDA runtime (linked statically) is
-    ``runtime_version`` and a driver reporting ``driver_version`` (both encoded as
-    1000 * major + 10 * minor; 0 = no driver, None = not known).
-
-    - driver >= runtime: ok.
-    - same major, older minor: the kernels compiled to SASS run (CUDA minor-version
-      compatibility: a 12.x runtime works with any driver that supports 12.0 or newer), but
-      PTX can only be JIT-compiled by a driver at least as new as the toolkit that wrote it.
-      ``needs_jit`` (a GPU here has no SASS of its own and would run the PTX) makes that
-      ``too-old``; otherwise it is ``minor-compat``, with the PTX caveat when ``has_ptx``.
-    - older major: ``too-old`` (a CUDA 13 build needs a driver that supports CUDA 13.0).
-    - 0: ``no-driver``; None: ``unknown`` (``unknown_reason`` says why).
-    """
-    built = cuda_version_text(runtime_version)
-    major = runtime_version // 1000
-    if driver_version is None:
-        return DriverCheck("unknown", f"unknown ({unknown_reason}; this CUDA {built} build "
-                                      f"needs a driver that supports CUDA >= {major}.0)")
-    if driver_version <= 0:
-        return DriverCheck("no-driver", f"none found (running this CUDA {built} build needs an "
-                                        f"NVIDIA driver that supports CUDA >= {major}.0)")
-    have = cuda_version_text(driver_version)
-    if driver_version >= runtime_version:
-        return DriverCheck("ok", f"supports CUDA {have} (new enough for this CUDA {built} build)")
-    if driver_version // 1000 < major:
-        other = (f", or install cutlass-moe-cu{driver_version // 1000} instead"
-                 if driver_version // 1000 >= 12 else "")
-        return DriverCheck(
-            "too-old",
-            f"driver supports CUDA {have} but this wheel was built with CUDA {built}: update "
-            f"the NVIDIA driver to one that supports CUDA >= {major}.0{other}")
-    if needs_jit:
-        return DriverCheck(
-            "too-old",
-            f"driver supports CUDA {have} but this wheel was built with CUDA {built}, and a GPU "
-            f"here runs its PTX, which only a driver >= {built} can JIT-compile: update the "
-            f"NVIDIA driver to one that supports CUDA >= {built}")
-    caveat = f"; PTX JIT for newer GPUs needs a driver >= {built}" if has_ptx else ""
-    return DriverCheck(
-        "minor-compat",
-        f"supports CUDA {have}: runs this CUDA {built} build through minor-version "
-        f"compatibility{caveat}")
-
-
-def query_driver_version() -> tuple[int | None, str | None]:
-    """``(_C.driver_cuda_version(), None)`` (0 = no driver), or ``(None, why)`` when the
-    driver cannot be asked."""
-    try:
-        ext = _ext.load_extension()
-    except RuntimeError:
-        return None, "the extension is not available"
-    query = getattr(ext, "driver_cuda_version", None)
-    if query is None:
-        return None, "this build has no driver_cuda_version()"
-    try:
-        return int(query()), None
-    except (RuntimeError, ValueError, TypeError) as exc:
-        return None, f"asking the driver failed: {exc}"
-
-
-def installed_distributions() -> list[dict[str, str]]:
-    """Name and version of each installed distribution that provides the ``cutlass_moe``
-    package (cutlass-moe, cutlass-moe-cu12, cutlass-moe-cu13): more than one is a conflict."""
-    try:
-        names = importlib.metadata.packages_distributions().get("cutlass_moe", [])
-    except (OSError, ValueError, KeyError) as exc:  # a broken installation elsewhere
-        logger.debug("listing the installed distributions failed: %s", exc)
-        return []
-    found = []
-    for name in sorted(set(names), key=str.lower):
-        try:
-            found.append({"name": name, "version": importlib.metadata.version(name)})
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return found
-
-
-def gpu_info() -> tuple[list[dict[str, Any]], str | None]:
-    """The visible GPUs (index, name, compute capability, SMs, memory) and, when there are
-    none, why."""
-    if not torch.cuda.is_available():
-        return [], "no CUDA device is available"
-    gpus = []
-    try:
-        for index in range(torch.cuda.device_count()):
-            props = torch.cuda.get_device_properties(index)
-            gpus.append({
-                "index": index,
-                "name": props.name,
-                "capability": f"{props.major}.{props.minor}",
-                "multiprocessors": props.multi_processor_count,
-                "memory_gib": round(props.total_memory / 2**30, 1),
-            })
-    except (RuntimeError, AssertionError) as exc:
-        return gpus, f"querying the CUDA devices failed: {exc}"
-    return gpus, None if gpus else "no CUDA device is visible"
-
-
-def _runtime_version(info: Mapping[str, Any]) -> int | None:
-    """The build's CUDA runtime as 1000 * major + 10 * minor: ``cuda_runtime_version``, or
-    parsed from ``cuda_version`` ("12.8") for builds that lack it."""
-    if info.get("cuda_runtime_version") is not None:
-        return int(info["cuda_runtime_version"])
-    major, _, minor = str(info.get("cuda_version", "")).partition(".")
-    if not (major.isdigit() and minor.isdigit()):
-        return None
-    return 1000 * int(major) + 10 * int(minor)
-
-
-def collect_info() -> dict[str, Any]:
-    """Everything ``cutlass-moe info`` reports, as one JSON-able dict."""
-    info = dict(_ext.build_info())
-    gpus, no_gpu_reason = gpu_info()
-    archs = info.get("archs") or []
-    ptx_archs = info.get("ptx_archs") or []
-    for gpu in gpus:
-        major, minor = (int(x) for x in gpu["capability"].split("."))
-        gpu["kernels"] = (arch_support(major, minor, archs, ptx_archs)
-                          if info["extension_available"] else "no")
-    info["gpus"] = gpus
-    if no_gpu_reason:
-        info["no_gpu_reason"] = no_gpu_reason
-    info["distributions"] = installed_distributions()
-    runtime = _runtime_version(info) if info["extension_available"] else None
-    if runtime is not None:
-        driver, why = query_driver_version()
-        needs_jit = any(str(g["kernels"]).startswith(f"yes ({JIT_PREFIX}") for g in gpus)
-        check = check_driver(driver, runtime, has_ptx=bool(ptx_archs), needs_jit=needs_jit,
-                             unknown_reason=why or "could not ask the driver")
-        info["driver_cuda_version"] = driver
-        info["driver"] = {"status": check.status, "message": check.message}
-    cache = os.environ.get(autotuner.CACHE_ENV)
-    info["tuning_cache"] = {"env": autotuner.CACHE_ENV, "path": cache,
-                            "exists": bool(cache) and os.path.isfile(cache)}
-    return info
-
-
-def format_info(info: Mapping[str, Any]) -> str:
-    """The text of ``cutlass-moe info``."""
-    lines = [f"{PROG} {info.get('package_version', __version__)}"]
-
-    def field(key: str, value: Any) -> None:
-        lines.append(f"  {key + ':':<16} {value}".rstrip())
-
-    dists = info.get("distributions")
-    if dists is not None:
-        names = ", ".join(f"{d['name']} {d['version']}" for d in dists)
-        if len(dists) > 1:
-            field("distribution", f"CONFLICT: {names} each install cutlass_moe; uninstall all "
-                                  "but one (pip uninstall NAME) and reinstall it")
-        else:
-            field("distribution", names or "none installed (running from a source tree)")
-    field("torch", f"{info.get('torch_version')} (CUDA {info.get('torch_cuda_version') or 'none'})")
-    if info.get("extension_available"):
-        field("extension", f"cutlass_moe._C {info.get('version', '?')}")
-        field("CUTLASS", info.get("cutlass_version", "?"))
-        field("CUDA toolkit", f"{info.get('cuda_version', '?')} (runtime linked statically)")
-        archs = info.get("archs") or []
-        field("compiled archs", ", ".join(f"sm_{a}" for a in archs) or "none")
-        ptx_archs = info.get("ptx_archs") or []
-        field("PTX", (", ".join(f"compute_{a}" for a in ptx_archs)
-                      + " (JIT-compiled by the driver for newer GPUs)") if ptx_archs else "none")
-        driver = info.get("driver")
-        if driver:
-            label = "TOO OLD: " if driver["status"] == "too-old" else ""
-            field("driver", label + driver["message"])
-        field("fast build", "yes (a reduced set of tactics)" if info.get("fast_build") else "no")
-        tactics = info.get("tactics") or {}
-        if tactics:
-            field("tactics", "")
-            table = _format_table(
-                ["config", "GEMM1", "GEMM2"],
-                [[str(config), str(counts.get("gemm1", 0)), str(counts.get("gemm2", 0))]
-                 for config, counts in sorted(tactics.items())],
-                left=(0,))
-            lines += ["    " + row for row in table.splitlines()]
-        else:
-            field("tactics", "none")
-    else:
-        field("extension", f"NOT AVAILABLE: {info.get('extension_error', 'unknown reason')}")
-    gpus = info.get("gpus") or []
-    for gpu in gpus:
-        major, minor = gpu["capability"].split(".")
-        field(f"GPU {gpu['index']}",
-              f"{gpu['name']}, sm_{major}{minor}, {gpu['multiprocessors']} SMs, "
-              f"{gpu['memory_gib']} GiB, kernels for it: {gpu.get('kernels', '?')}")
-    if not gpus:
-        field("GPU", f"none ({info.get('no_gpu_reason', 'no CUDA device is available')})")
-    cache = info.get("tuning_cache") or {}
-    if cache.get("path"):
-        state = "exists" if cache.get("exists") else "does not exist yet"
-        field("tuning cache", f"${cache['env']}={cache['path']} ({state})")
-    else:
-        field("tuning cache", f"${autotuner.CACHE_ENV} is not set (tuned tactics live in "
-                              "memory unless saved)")
-    return "\n".join(lines)
-
-
 def _cmd_info(args: argparse.Namespace) -> int:
-    info = collect_info()
+    info = diagnostics.collect_info()
     if args.json:
         print(json.dumps(info, indent=2, default=str))
     else:
-        print(format_info(info))
+        print(diagnostics.format_info(info, PROG))
     return EXIT_OK
 
 
@@ -591,19 +364,19 @@ def format_tune_table(rows: Sequence[autotuner.TuneRow]) -> str:
                 cells += ["-", "-", "-"]
             else:
                 cells += [row.best_tactic, _us(row.best_us),
-                          _speedup(_ratio(row.default_us, row.best_us))]
+                          _speedup(bench.ratio(row.default_us, row.best_us))]
         tuned = sum(r.best_us for r in gemms.values())
         default = sum(r.default_us for r in gemms.values())
-        cells += [_us(tuned), _us(default), _speedup(_ratio(default, tuned))]
+        cells += [_us(tuned), _us(default), _speedup(bench.ratio(default, tuned))]
         lines.append(cells)
-    return _format_table(headers, lines, left=(1, 4))
+    return format_table(headers, lines, left=(1, 4))
 
 
 def tune_row_json(row: autotuner.TuneRow) -> dict[str, Any]:
     """A ``TuneRow`` as JSON-able dict with its speed-up (None for inf/nan times)."""
     data = dataclasses.asdict(row)
-    data["speedup"] = _ratio(row.default_us, row.best_us)
-    return {k: _finite(v) if isinstance(v, float) else v for k, v in data.items()}
+    data["speedup"] = bench.ratio(row.default_us, row.best_us)
+    return {k: bench.finite_or_none(v) for k, v in data.items()}
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
@@ -684,13 +457,6 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------
 # bench
 # ------------------------------------------------------------------------------------------
-
-# The benchmark engine lives in cutlass_moe.bench; these names stay importable from here.
-BenchRow = bench.BenchRow
-make_routing = bench.make_routing
-default_tactics = bench.default_tactics
-format_bench_table = bench.format_bench_table
-
 
 def model_list(text: str) -> list[str]:
     """Comma-separated model presets, or ``all`` (``argparse`` type, ``action="extend"``)."""
@@ -797,7 +563,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     print("mem = memory floor (bytes of touched experts + activations / copy bandwidth) / "
           "latency; compute = TFLOP/s / CUTLASS Sm80 rate; roofline = the larger")
     print()
-    print(format_bench_table(result.rows))
+    print(bench.format_bench_table(result.rows))
     if result.stages:
         print()
         print("per-stage kernel time per call (torch.profiler, eager calls, without PDL):")
@@ -836,7 +602,7 @@ untuned bucket (for example while a server captures CUDA graphs). Entries alread
 file for other shapes or GPUs are kept. Prints a table: per bucket the tuned tactic of each
 GEMM, its time and its speed-up over the heuristic default, and both GEMMs together.
 
-Use the cache by pointing ${autotuner.CACHE_ENV} at it, or with
+Use the cache by pointing ${CACHE_ENV} at it, or with
 cutlass_moe.load_tuning_cache(path)."""
 
 _TUNE_EPILOG = f"""\
@@ -848,10 +614,11 @@ examples:
 """
 
 _BENCH_DESCRIPTION = f"""\
-The MoE benchmark of DESIGN.md section 9. For each model preset (or explicit shape) and token
-count it times cutlass_fused_moe (random weights of the shape, random routing) and, in the same
-run, its peers: the naive torch loop over experts (Hugging Face style), a torch._grouped_mm MoE
-where this torch has it, and reference_moe (float32, up to {bench.REFERENCE_MAX_TOKENS} tokens).
+The MoE layer benchmark (docs/architecture.md, "Benchmark"). For each model preset (or explicit
+shape) and token count it times cutlass_fused_moe (random weights of the shape, random routing)
+and, in the same run, its peers: the naive torch loop over experts (Hugging Face style), a
+torch._grouped_mm MoE where this torch has it, and reference_moe (float32, up to
+{bench.REFERENCE_MAX_TOKENS} tokens).
 
 Method: CUDA events, --warmup calls, then the median of --repeats calls, each from an idle GPU
 with the L2 flushed before it (a read of twice the L2 size: weights and activations are cold, as
@@ -906,10 +673,10 @@ def _add_shape_options(parser: argparse.ArgumentParser, several: bool = False) -
     group.add_argument("--experts", dest="num_experts", type=positive_int, metavar="E",
                        help="number of experts (all ranks together)")
     group.add_argument("--hidden", dest="hidden_size", type=positive_int, metavar="H",
-                       help="hidden size (a multiple of 8)")
+                       help=f"hidden size (a multiple of {validation.ALIGN_ELEMS})")
     group.add_argument("--inter", dest="inter_size", type=positive_int, metavar="I",
-                       help="expert intermediate size (a multiple of 8); GEMM1 has 2*I outputs "
-                            "(SwiGLU)")
+                       help=f"expert intermediate size (a multiple of {validation.ALIGN_ELEMS}); "
+                            "GEMM1 has 2*I outputs (SwiGLU)")
     group.add_argument("--top-k", dest="top_k", type=positive_int, metavar="K",
                        help="experts per token")
 
@@ -963,7 +730,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "tokens of one rank (default: 1)")
     tuning.add_argument("--out", metavar="FILE",
                         help="tuning cache to update; entries it has for other shapes are "
-                             f"kept (default: ${autotuner.CACHE_ENV} if set, else "
+                             f"kept (default: ${CACHE_ENV} if set, else "
                              f"./{DEFAULT_CACHE_FILE})")
     _add_common_options(tune)
     tune.set_defaults(handler=_cmd_tune, parser=tune)
@@ -976,9 +743,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_kernel_options(bench_parser)
     run = bench_parser.add_argument_group("benchmark")
     run.add_argument("--tokens", type=token_counts, metavar="T,T,...",
-                     default=list(DEFAULT_BENCH_TOKENS),
+                     default=list(bench.DEFAULT_BENCH_TOKENS),
                      help="token counts, comma-separated (default: "
-                          f"{','.join(map(str, DEFAULT_BENCH_TOKENS))})")
+                          f"{','.join(map(str, bench.DEFAULT_BENCH_TOKENS))})")
     tactics = run.add_mutually_exclusive_group()
     tactics.add_argument("--tuned", dest="tactics", action="store_const", const="tuned",
                          help="tactics from the tuning cache, the heuristic default where it "
@@ -988,7 +755,7 @@ def build_parser() -> argparse.ArgumentParser:
     tactics.add_argument("--both", dest="tactics", action="store_const", const="both",
                          help="time tuned and default tactics (two rows per token count)")
     run.add_argument("--cache", metavar="FILE",
-                     help=f"tuning cache for --tuned (default: ${autotuner.CACHE_ENV} if set, "
+                     help=f"tuning cache for --tuned (default: ${CACHE_ENV} if set, "
                           f"else ./{DEFAULT_CACHE_FILE})")
     run.add_argument("--routing", choices=("uniform", "zipf"), default="uniform",
                      help="expert choice: uniform, or zipf (expert popularity ~ 1/rank, some "

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class ModelPreset:
-    """One MoE layer's shape (DESIGN.md §9), and gpt-oss's SwiGLU clamp where it has one."""
+    """One MoE layer's shape, and gpt-oss's SwiGLU clamp where it has one."""
 
     num_experts: int
     hidden_size: int
@@ -22,6 +22,11 @@ class ModelPreset:
     swiglu_alpha: float | None = None
     swiglu_beta: float | None = None
     swiglu_limit: float | None = None
+
+    @property
+    def fc1_rows(self) -> int:
+        """GEMM1's output columns ``N1``: ``2*I`` (every preset is SwiGLU-gated)."""
+        return 2 * self.inter_size
 
     @property
     def clamped_swiglu(self) -> bool:
@@ -38,7 +43,8 @@ class ModelPreset:
         return text
 
 
-#: The four models of DESIGN.md §9.
+#: The four models the benchmark was designed around (docs/architecture.md, "Benchmark"), all
+#: with plain SwiGLU.
 DESIGN_PRESETS: dict[str, ModelPreset] = {
     "mixtral-8x7b": ModelPreset(num_experts=8, hidden_size=4096, inter_size=14336, top_k=2),
     "qwen1.5-moe-a2.7b": ModelPreset(num_experts=60, hidden_size=2048, inter_size=1408, top_k=4),
@@ -46,7 +52,7 @@ DESIGN_PRESETS: dict[str, ModelPreset] = {
     "deepseek-v2-lite": ModelPreset(num_experts=64, hidden_size=2048, inter_size=1408, top_k=6),
 }
 
-#: Every preset the command line knows: DESIGN.md §9's and gpt-oss-20b.
+#: Every preset the command line and the demo know: the four above and gpt-oss-20b.
 MODEL_PRESETS: dict[str, ModelPreset] = {
     **DESIGN_PRESETS,
     "gpt-oss-20b": ModelPreset(num_experts=32, hidden_size=2880, inter_size=2880, top_k=4,

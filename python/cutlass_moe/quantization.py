@@ -151,6 +151,25 @@ def _check_int8_weight(name: str, w: torch.Tensor) -> None:
         raise ValueError(f"{name} needs int8 weights [E, N, K], got shape {list(w.shape)}")
 
 
+def check_int8_alignment(*weights: tuple[str, torch.Tensor]) -> None:
+    """The int8 kernels' alignment rule for weights ``[E, N, K]``, given as ``(label, tensor)``
+    pairs: every ``N`` a multiple of 8 (16-byte scale and output accesses), then every ``K`` (the
+    contiguous dimension) a multiple of 16 (16-byte int8 loads). ValueError naming the first
+    weight that breaks it."""
+    for label, w in weights:
+        if w.shape[1] % INT8_N_ALIGNMENT != 0:
+            raise ValueError(
+                f"{label} [E, N, K] = {list(w.shape)}: N={w.shape[1]} must be a multiple of "
+                f"{INT8_N_ALIGNMENT}"
+            )
+    for label, w in weights:
+        if w.shape[2] % INT8_K_ALIGNMENT != 0:
+            raise ValueError(
+                f"{label} [E, N, K] = {list(w.shape)}: K={w.shape[2]} (the contiguous dimension) "
+                f"must be a multiple of {INT8_K_ALIGNMENT}"
+            )
+
+
 def to_int8_kernel_layout(w: torch.Tensor) -> torch.Tensor:
     """The layout the int8 kernels read, from ordinary int8 weights ``[E, N, K]``.
 
@@ -164,17 +183,7 @@ def to_int8_kernel_layout(w: torch.Tensor) -> torch.Tensor:
             a multiple of 8 (the message names the shape).
     """
     _check_int8_weight("to_int8_kernel_layout", w)
-    _, rows, cols = w.shape
-    if rows % INT8_N_ALIGNMENT != 0:
-        raise ValueError(
-            f"int8 weights [E, N, K] = {list(w.shape)}: N={rows} must be a multiple of "
-            f"{INT8_N_ALIGNMENT}"
-        )
-    if cols % INT8_K_ALIGNMENT != 0:
-        raise ValueError(
-            f"int8 weights [E, N, K] = {list(w.shape)}: K={cols} (the contiguous dimension) must "
-            f"be a multiple of {INT8_K_ALIGNMENT}"
-        )
+    check_int8_alignment(("int8 weights", w))
     return w.contiguous()
 
 
