@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+
+from cutlass_moe import _ext
 
 #: Worst relative L2 error seen per output-vs-reference dtype in this session (reported by
 #: conftest's terminal summary): a passing suite still shows how close it came to the bound.
@@ -15,6 +19,12 @@ def record_error(dtype: torch.dtype | str, err: float) -> float:
     key = dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
     WORST_ERRORS[key] = max(WORST_ERRORS.get(key, 0.0), err)
     return err
+
+
+def descriptors(runner: Any, gemm: int) -> list[dict[str, Any]]:
+    """A runner's runnable tactic descriptors of GEMM ``gemm`` as the package sees them
+    (activations as ActivationType members)."""
+    return [_ext.descriptor(d) for d in runner.tactics(gemm)]
 
 
 def rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -98,7 +98,8 @@ def test_key_json_round_trip():
 
 
 def test_dtype_tag():
-    assert tuning_cache.dtype_tag((torch.bfloat16, torch.bfloat16, torch.float32)) == "bf16_bf16_fp32"
+    tag = tuning_cache.dtype_tag((torch.bfloat16, torch.bfloat16, torch.float32))
+    assert tag == "bf16_bf16_fp32"
     assert tuning_cache.dtype_tag((torch.float16, torch.int8, torch.float16)) == "fp16_int8_fp16"
 
 

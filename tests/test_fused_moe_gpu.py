@@ -1,4 +1,4 @@
-"""cutlass_fused_moe on a GPU against reference_moe (float32), DESIGN.md §8.
+"""cutlass_fused_moe on a GPU against reference_moe (float32); docs/architecture.md, "Correctness".
 
 Every output buffer is poisoned with NaN before the run; inputs are random (never zeros) and
 weights are drawn from N(0, 1/fan_in). Thresholds (relative L2): fp16 2e-3, bf16 1e-2.
@@ -12,13 +12,14 @@ import pytest
 import torch
 
 from _helpers import (
+    descriptors,
     check_over_tile_groups,
     clamped_swiglu_params,
     random_tokens,
     record_error,
     rel_l2,
 )
-from cutlass_moe import ActivationType, _ext, cutlass_fused_moe, ops, reference_moe
+from cutlass_moe import ActivationType, _ext, cutlass_fused_moe, reference_moe, tactics, validation
 
 pytestmark = pytest.mark.gpu
 
@@ -242,29 +243,29 @@ def test_gate_up_order_against_explicit_reference(dtype):
 def _gemm1_tactics(dtype, activation, rows_per_expert):
     """``(fused gated, plain)`` default GEMM1 tactics for ``activation``."""
     runner = _ext.get_runner(dtype, dtype, dtype)
-    act = _ext.activation_to_enum(activation)
-    descs = [d for d in runner.tactics(1) if ops.supports_activation(d, act)]
-    fused = ops.default_tactic([d for d in descs if d.get("gated")], rows_per_expert)
-    plain = ops.default_tactic([d for d in descs if not d.get("gated")], rows_per_expert)
+    act = activation
+    descs = [d for d in descriptors(runner, 1) if tactics.supports_activation(d, act)]
+    fused = tactics.default_tactic([d for d in descs if d.get("gated")], rows_per_expert)
+    plain = tactics.default_tactic([d for d in descs if not d.get("gated")], rows_per_expert)
     return fused, plain
 
 
 def test_gated_activation_defaults_to_the_fused_gemm1():
     dtype = torch.bfloat16
     runner = _ext.get_runner(dtype, dtype, dtype)
-    gated = [d for d in runner.tactics(1) if d.get("gated")]
+    gated = [d for d in descriptors(runner, 1) if d.get("gated")]
     assert gated, "no fused gated GEMM1 tactic in this build"
     assert all(d["name"].startswith("sm80_gated_") for d in gated)
-    assert not any(d.get("gated") for d in runner.tactics(2))
+    assert not any(d.get("gated") for d in descriptors(runner, 2))
     fused, plain = _gemm1_tactics(dtype, ActivationType.Swiglu, 2.0)
     assert fused.startswith("sm80_gated_") and not plain.startswith("sm80_gated_")
-    swiglu = _ext.activation_to_enum(ActivationType.Swiglu)
-    descs = [d for d in runner.tactics(1) if ops.supports_activation(d, swiglu)]
-    assert ops.default_tactic(descs, 2.0) == fused  # decode: fused
-    assert not ops.default_tactic(descs, 256.0).startswith("sm80_gated_")  # prefill: plain
+    swiglu = ActivationType.Swiglu
+    descs = [d for d in descriptors(runner, 1) if tactics.supports_activation(d, swiglu)]
+    assert tactics.default_tactic(descs, 2.0) == fused  # decode: fused
+    assert not tactics.default_tactic(descs, 256.0).startswith("sm80_gated_")  # prefill: plain
     # Not offered for activations it does not fuse.
-    relu = _ext.activation_to_enum(ActivationType.Relu)
-    assert not any(ops.supports_activation(d, relu) for d in gated)
+    relu = ActivationType.Relu
+    assert not any(tactics.supports_activation(d, relu) for d in gated)
 
 
 _GATED_CASES = ["swiglu", "geglu", "bias", "clamped", "bias-clamped"]
@@ -289,10 +290,10 @@ def test_fused_gated_gemm1_matches_reference_and_plain(dtype, case, num_tokens):
         x = x * 3  # so that the limits clamp
         kwargs.update(clamped_swiglu_params(num_experts, gen))
     fused, plain = _gemm1_tactics(dtype, activation, num_tokens * top_k / num_experts)
-    act = _ext.activation_to_enum(activation)
-    gemm2 = ops.default_tactic(
+    act = activation
+    gemm2 = tactics.default_tactic(
         [d for d in _ext.get_runner(dtype, dtype, dtype).tactics(2)
-         if ops.supports_activation(d, act)], num_tokens * top_k / num_experts)
+         if tactics.supports_activation(d, act)], num_tokens * top_k / num_experts)
     out_fused, _ = _check(x, ids, scales, fc1, fc2, tactics=(fused, gemm2), **kwargs)
     out_plain, _ = _check(x, ids, scales, fc1, fc2, tactics=(plain, gemm2), **kwargs)
     # The two paths round the same intermediates: they agree far more closely than either
@@ -360,7 +361,7 @@ def _activations_of(desc):
     """Activations to check a tactic with: those it declares, else a gated and a plain one."""
     if "activations" in desc:
         return [a for a in ALL_ACTIVATIONS
-                if ops.supports_activation(desc, _ext.activation_to_enum(a))]
+                if tactics.supports_activation(desc, a)]
     return [ActivationType.Swiglu, ActivationType.Relu]
 
 
@@ -368,16 +369,16 @@ def _activations_of(desc):
 @pytest.mark.parametrize("gemm", [1, 2])
 def test_every_tactic(dtype, gemm):
     runner = _ext.get_runner(dtype, dtype, dtype)
-    descs = runner.tactics(gemm)
+    descs = descriptors(runner, gemm)
     assert descs, f"no runnable GEMM{gemm} tactic"
     failures = []
     for desc in descs:
         for activation in _activations_of(desc):
             gated = activation in GATED
             fc1, fc2 = _weights(8, 2048, 1408, gated, dtype, seed=15)
-            act_value = _ext.activation_to_enum(activation)
-            other = [d for d in runner.tactics(3 - gemm) if ops.supports_activation(d, act_value)]
-            other_name = ops.default_tactic(other, 300 * 2 / 8)
+            other = [d for d in descriptors(runner, 3 - gemm)
+                     if tactics.supports_activation(d, activation)]
+            other_name = tactics.default_tactic(other, 300 * 2 / 8)
             names = (desc["name"], other_name) if gemm == 1 else (other_name, desc["name"])
             # A GEMM2 split over K runs up to SPLIT_K_MAX_ROWS rows (64 tokens x k=2 here).
             split = int(desc.get("split_k", 1)) > 1
@@ -405,7 +406,7 @@ _GROUPS_E, _GROUPS_K, _GROUPS_T = 2, 8192, 2600
 def test_every_tactic_over_several_tile_groups(gemm):
     dtype = torch.bfloat16
     runner = _ext.get_runner(dtype, dtype, dtype)
-    swiglu = _ext.activation_to_enum(ActivationType.Swiglu)
+    swiglu = ActivationType.Swiglu
     gen = torch.Generator(device=DEVICE).manual_seed(31)
     fc1 = torch.randn(_GROUPS_E, 2 * _GROUPS_K, _GROUPS_K, device=DEVICE, dtype=dtype,
                       generator=gen).mul_(_GROUPS_K**-0.5)
@@ -414,9 +415,9 @@ def test_every_tactic_over_several_tile_groups(gemm):
     x, ids, scales = _tokens(_GROUPS_T, _GROUPS_K, _GROUPS_E, 1, dtype, seed=31)
     rows = int(torch.bincount(ids.flatten(), minlength=_GROUPS_E).min())
     ref = reference_moe(x, ids, scales, fc1, fc2)
-    descs = [d for d in runner.tactics(gemm) if ops.supports_activation(d, swiglu)]
-    other = ops.default_tactic(
-        [d for d in runner.tactics(3 - gemm) if ops.supports_activation(d, swiglu)],
+    descs = [d for d in descriptors(runner, gemm) if tactics.supports_activation(d, swiglu)]
+    other = tactics.default_tactic(
+        [d for d in descriptors(runner, 3 - gemm) if tactics.supports_activation(d, swiglu)],
         _GROUPS_T / _GROUPS_E)
 
     def run(name):
@@ -467,8 +468,8 @@ def test_split_k_gemm2_matches_unsplit_and_reference(dtype, hidden, inter, num_e
     gen = torch.Generator(device=DEVICE).manual_seed(23)
     b2 = torch.randn(num_experts, hidden, device=DEVICE, dtype=dtype, generator=gen)
     runner = _ext.get_runner(dtype, dtype, dtype)
-    gemm1 = ops.default_tactic(runner.tactics(1), 1)
-    unsplit = ops.default_tactic(runner.tactics(2), 1)
+    gemm1 = tactics.default_tactic(descriptors(runner, 1), 1)
+    unsplit = tactics.default_tactic(descriptors(runner, 2), 1)
     for out_dtype in (dtype, torch.float32):
         base, _ref = _check(x, ids, scales, fc1, fc2, out_dtype, tactics=(gemm1, unsplit),
                            fc2_expert_biases=b2)
@@ -487,9 +488,9 @@ def test_split_k_gemm2_matches_unsplit_and_reference(dtype, hidden, inter, num_e
 def test_split_k_tactic_is_never_the_default_and_falls_back_above_its_rows():
     dtype = torch.bfloat16
     runner = _ext.get_runner(dtype, dtype, dtype)
-    descs = runner.tactics(2)
+    descs = descriptors(runner, 2)
     for rows in (0.125, 1, 8, 64, 4096):
-        name = ops.default_tactic(descs, rows)
+        name = tactics.default_tactic(descs, rows)
         assert next(int(d["split_k"]) for d in descs if d["name"] == name) == 1
 
 
@@ -521,7 +522,8 @@ def test_cuda_graph_with_split_k_and_pdl():
     dtype = torch.bfloat16
     fc1, fc2 = _weights(8, 2048, 1408, True, dtype)
     runner = _ext.get_runner(dtype, dtype, dtype)
-    names = (ops.default_tactic(runner.tactics(1), 0.5), str(_split_tactics(dtype)[-1]["name"]))
+    names = (tactics.default_tactic(descriptors(runner, 1), 0.5),
+             str(_split_tactics(dtype)[-1]["name"]))
     for x, ids, scales, replayed in _graph_replays(fc1, fc2, 4, (25, 26, 27), tactics=names,
                                                    enable_pdl=True):
         assert rel_l2(replayed.float(), _reference(x, ids, scales, fc1, fc2)) <= 1e-2
@@ -604,6 +606,6 @@ def test_check_inputs_rejects_bad_ids(monkeypatch):
     ids[5, 0] = -2
     with pytest.raises(ValueError, match=r"outside \[0, 8\): -2, 8"):
         cutlass_fused_moe(x, ids, scales, fc1, fc2, dtype, check_inputs=True)
-    monkeypatch.setenv(ops.CHECK_INPUTS_ENV, "1")
+    monkeypatch.setenv(validation.CHECK_INPUTS_ENV, "1")
     with pytest.raises(ValueError, match="outside"):
         cutlass_fused_moe(x, ids, scales, fc1, fc2, dtype)

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from _helpers import (
+    descriptors,
     check_over_tile_groups,
     clamped_swiglu_params,
     random_tokens,
@@ -32,9 +33,10 @@ from cutlass_moe import (
     autotune,
     autotuner,
     cutlass_fused_moe,
-    ops,
     reference_moe,
     swap_w13_to_w31,
+    tactics,
+    tuning_cache,
 )
 from cutlass_moe.quantization import (
     dequantize,
@@ -163,7 +165,7 @@ def test_output_dtype_float32(dtype):
 def _activations_of(desc):
     if "activations" in desc:
         return [a for a in (ActivationType.Swiglu, ActivationType.Relu)
-                if ops.supports_activation(desc, _ext.activation_to_enum(a))]
+                if tactics.supports_activation(desc, a)]
     return [ActivationType.Swiglu, ActivationType.Relu]
 
 
@@ -173,16 +175,16 @@ def test_every_int8_tactic(dtype, gemm):
     """Each runnable int8 tactic of one GEMM, the other GEMM on its default, forced through
     ``tactics=(name1, name2)``: gated and plain activations, decode- and prefill-sized T."""
     runner = _ext.get_runner(dtype, torch.int8, dtype)
-    descs = runner.tactics(gemm)
+    descs = descriptors(runner, gemm)
     assert descs, f"no runnable int8 GEMM{gemm} tactic"
     assert all("_int8_" in str(d["name"]) for d in descs)
     failures = []
     for desc in descs:
         for activation in _activations_of(desc):
             layer = _layer(4, 2048, 768, activation in GATED, dtype, seed=1)
-            act_value = _ext.activation_to_enum(activation)
-            other = [d for d in runner.tactics(3 - gemm) if ops.supports_activation(d, act_value)]
-            other_name = ops.default_tactic(other, 300 * 2 / 4)
+            other = [d for d in descriptors(runner, 3 - gemm)
+                     if tactics.supports_activation(d, activation)]
+            other_name = tactics.default_tactic(other, 300 * 2 / 4)
             names = (desc["name"], other_name) if gemm == 1 else (other_name, desc["name"])
             # A GEMM2 split over K runs up to SPLIT_K_MAX_ROWS rows (64 tokens x k=2 here), and
             # is refused above.
@@ -211,19 +213,19 @@ def test_every_int8_tactic_over_several_tile_groups(gemm):
     per expert, the last one partial (src/grouped_gemm/tile_order.cuh)."""
     dtype, num_experts, k, num_tokens = torch.bfloat16, 2, 8192, 2600
     runner = _ext.get_runner(dtype, torch.int8, dtype)
-    swiglu = _ext.activation_to_enum(ActivationType.Swiglu)
+    swiglu = ActivationType.Swiglu
     layer = _layer.__wrapped__(num_experts, k, k, True, dtype, seed=31)  # not kept in the cache
     x, ids, scales = _tokens(num_tokens, k, num_experts, 1, dtype, seed=31)
     rows = int(torch.bincount(ids.flatten(), minlength=num_experts).min())
     ref = reference_moe(x, ids, scales, *layer.deq)
-    other = ops.default_tactic(
-        [d for d in runner.tactics(3 - gemm) if ops.supports_activation(d, swiglu)],
+    other = tactics.default_tactic(
+        [d for d in descriptors(runner, 3 - gemm) if tactics.supports_activation(d, swiglu)],
         num_tokens / num_experts)
 
     def run(name):
         return _run(x, ids, scales, layer, tactics=(name, other) if gemm == 1 else (other, name))
 
-    failures = check_over_tile_groups(runner.tactics(gemm), run, ref, rows, k,
+    failures = check_over_tile_groups(descriptors(runner, gemm), run, ref, rows, k,
                                       f"{str(dtype)[6:]}_x_int8", TOLERANCE)
     assert not failures, "\n".join(failures)
 
@@ -418,7 +420,7 @@ def test_torch_compile_fullgraph():
 
 @pytest.fixture
 def empty_tuner(monkeypatch):
-    monkeypatch.delenv(autotuner.CACHE_ENV, raising=False)
+    monkeypatch.delenv(tuning_cache.CACHE_ENV, raising=False)
     tuner = autotuner.get_tuner()
     tuner.clear()
     yield tuner

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from types import ModuleType
 from typing import Any
 
@@ -160,12 +160,18 @@ def tactics(
         return cached
     runner = get_runner(act_dtype, weight_dtype, out_dtype)
     with device_guard(device):
-        descs = [dict(d) for d in runner.tactics(gemm)]
-    for d in descs:
-        if d.get("activations") is not None:
-            d["activations"] = frozenset(activation_from_enum(int(a)) for a in d["activations"])
+        descs = [descriptor(d) for d in runner.tactics(gemm)]
     with _lock:
         return _tactics.setdefault(key, descs)
+
+
+def descriptor(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """A tactic descriptor of the binding as the package uses it: a new dict whose
+    ``activations`` (when present) is a frozenset of :class:`ActivationType`."""
+    desc = dict(raw)
+    if desc.get("activations") is not None:
+        desc["activations"] = frozenset(activation_from_enum(int(a)) for a in desc["activations"])
+    return desc
 
 
 def _device_index(device: torch.device) -> int:

@@ -746,7 +746,8 @@ def check_expert_ids(token_selected_experts: torch.Tensor, num_experts_total: in
         return
     values = torch.unique(bad).cpu().tolist()
     shown = ", ".join(str(v) for v in values[:_MAX_BAD_IDS_SHOWN])
-    more = f" (and {len(values) - _MAX_BAD_IDS_SHOWN} more)" if len(values) > _MAX_BAD_IDS_SHOWN else ""
+    hidden = len(values) - _MAX_BAD_IDS_SHOWN
+    more = f" (and {hidden} more)" if hidden > 0 else ""
     raise ValueError(
         f"token_selected_experts holds {bad.numel()} id(s) outside [0, {num_experts_total}): "
         f"{shown}{more}"
