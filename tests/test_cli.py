@@ -89,7 +89,7 @@ def test_presets():
         "gpt-oss-20b": (32, 2880, 2880, 4),
     }
     assert presets.MODEL_PRESETS["gpt-oss-20b"].clamped_swiglu
-    assert not any(p.clamped_swiglu for p in presets.DESIGN_PRESETS.values())
+    assert not any(p.clamped_swiglu for p in presets.CORE_PRESETS.values())
     assert demo.MODEL_PRESETS is presets.MODEL_PRESETS
     assert presets.MODEL_PRESETS["mixtral-8x7b"].describe() == "E=8 H=4096 I=14336 k=2"
 

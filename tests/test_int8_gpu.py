@@ -1,6 +1,6 @@
 """W8A16 on a GPU: fp16/bf16 activations x int8 expert weights with per-channel scales.
 
-Two baselines (DESIGN.md §8):
+Two baselines (docs/architecture.md, "Correctness"):
 - ``reference_moe`` on the dequantised weights ``q * scale`` (float32, unrounded): what the
   kernels compute, so the bf16 tolerance applies to both activation dtypes (1e-2);
   recorded under ``<dtype>_x_int8``;

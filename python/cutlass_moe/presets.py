@@ -45,7 +45,7 @@ class ModelPreset:
 
 #: The four models the benchmark was designed around (docs/architecture.md, "Benchmark"), all
 #: with plain SwiGLU.
-DESIGN_PRESETS: dict[str, ModelPreset] = {
+CORE_PRESETS: dict[str, ModelPreset] = {
     "mixtral-8x7b": ModelPreset(num_experts=8, hidden_size=4096, inter_size=14336, top_k=2),
     "qwen1.5-moe-a2.7b": ModelPreset(num_experts=60, hidden_size=2048, inter_size=1408, top_k=4),
     "qwen3-30b-a3b": ModelPreset(num_experts=128, hidden_size=2048, inter_size=768, top_k=8),
@@ -54,7 +54,7 @@ DESIGN_PRESETS: dict[str, ModelPreset] = {
 
 #: Every preset the command line and the demo know: the four above and gpt-oss-20b.
 MODEL_PRESETS: dict[str, ModelPreset] = {
-    **DESIGN_PRESETS,
+    **CORE_PRESETS,
     "gpt-oss-20b": ModelPreset(num_experts=32, hidden_size=2880, inter_size=2880, top_k=4,
                                swiglu_alpha=1.702, swiglu_beta=1.0, swiglu_limit=7.0),
 }

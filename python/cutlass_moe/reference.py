@@ -1,4 +1,5 @@
-"""Plain-torch reference of the fused MoE layer (the correctness standard of DESIGN.md §8).
+"""Plain-torch reference of the fused MoE layer, the standard of correctness
+(docs/architecture.md, "Correctness").
 
 Same semantics as ``cutlass_fused_moe``, computed in ``compute_dtype`` without rounding of
 intermediates:
