@@ -65,98 +65,46 @@ _library.define(_OP_SCHEMA)
 _validated = threading.local()
 
 
-def _op_activation(activation: int) -> ActivationType:
-    try:
-        return ActivationType(activation)
-    except ValueError:
-        raise ValueError(f"activation {activation} is not an ActivationType value") from None
-
-
-def _fused_moe_fake(
-    output: torch.Tensor, input: torch.Tensor, token_selected_experts: torch.Tensor,
-    token_final_scales: torch.Tensor, fc1_expert_weights: torch.Tensor,
-    fc2_expert_weights: torch.Tensor, fc1_weight_scales: torch.Tensor | None,
-    fc2_weight_scales: torch.Tensor | None, fc1_expert_biases: torch.Tensor | None,
-    fc2_expert_biases: torch.Tensor | None, swiglu_alpha: torch.Tensor | None,
-    swiglu_beta: torch.Tensor | None, swiglu_limit: torch.Tensor | None,
-    workspace_buffer: torch.Tensor | None, activation: int, expert_start: int,
-    num_experts_total: int, tune_max_num_tokens: int, tactic1: str, tactic2: str,
-    enable_pdl: bool = True,
-) -> None:
+def _fused_moe_fake(*args: Any) -> None:
     """Fake (meta) kernel: the op only mutates ``output`` and returns nothing; the arguments
-    are checked as the real kernel checks them, memory overlaps excepted."""
-    validation.check_op_arguments(
-        output, input, token_selected_experts, token_final_scales, fc1_expert_weights,
-        fc2_expert_weights, fc1_weight_scales, fc2_weight_scales, fc1_expert_biases,
-        fc2_expert_biases, swiglu_alpha, swiglu_beta, swiglu_limit, workspace_buffer,
-        _op_activation(activation), expert_start, num_experts_total, tune_max_num_tokens,
-        traced=True)
+    (:class:`~cutlass_moe.validation.OpArguments`) are checked as the real kernel checks them,
+    memory overlaps excepted."""
+    validation.check_op_arguments(validation.OpArguments(*args), traced=True)
 
 
-def _run_fused_moe(
-    output: torch.Tensor,
-    input: torch.Tensor,
-    token_selected_experts: torch.Tensor,
-    token_final_scales: torch.Tensor,
-    fc1_expert_weights: torch.Tensor,
-    fc2_expert_weights: torch.Tensor,
-    fc1_weight_scales: torch.Tensor | None,
-    fc2_weight_scales: torch.Tensor | None,
-    fc1_expert_biases: torch.Tensor | None,
-    fc2_expert_biases: torch.Tensor | None,
-    swiglu_alpha: torch.Tensor | None,
-    swiglu_beta: torch.Tensor | None,
-    swiglu_limit: torch.Tensor | None,
-    workspace_buffer: torch.Tensor | None,
-    activation: int,
-    expert_start: int,
-    num_experts_total: int,
-    tune_max_num_tokens: int,
-    tactic1: str,
-    tactic2: str,
-    enable_pdl: bool = True,
-) -> None:
-    """The op's kernel: runs the MoE layer into ``output`` ([T, H]); arguments as in the
-    comment above ``_OP_SCHEMA``."""
-    act = _op_activation(activation)
-    if getattr(_validated, "output", None) is output:
+def _run_fused_moe(*args: Any) -> None:
+    """The op's kernel: runs the MoE layer into ``output`` ([T, H]); ``args`` in the order of
+    :class:`~cutlass_moe.validation.OpArguments`."""
+    op = validation.OpArguments(*args)
+    if getattr(_validated, "output", None) is op.output:
         _validated.output = None
     else:
-        validation.check_op_arguments(
-            output, input, token_selected_experts, token_final_scales, fc1_expert_weights,
-            fc2_expert_weights, fc1_weight_scales, fc2_weight_scales, fc1_expert_biases,
-            fc2_expert_biases, swiglu_alpha, swiglu_beta, swiglu_limit, workspace_buffer, act,
-            expert_start, num_experts_total, tune_max_num_tokens)
-    num_tokens, hidden_size = input.shape
+        validation.check_op_arguments(op)
+    act = validation.op_activation(op.activation)
+    num_tokens, hidden_size = op.input.shape
     if num_tokens == 0:
         return
-    top_k = token_selected_experts.shape[1]
-    num_experts = fc1_expert_weights.shape[0]
-    inter_size = fc2_expert_weights.shape[2]
-    device = input.device
-    validation.check_alignment({
-        "input": input, "fc1_expert_weights": fc1_expert_weights,
-        "fc2_expert_weights": fc2_expert_weights, "fc1_weight_scales": fc1_weight_scales,
-        "fc2_weight_scales": fc2_weight_scales, "fc1_expert_biases": fc1_expert_biases,
-        "fc2_expert_biases": fc2_expert_biases, "output": output,
-        "workspace_buffer": workspace_buffer,
-    })
-    dtypes = (input.dtype, fc1_expert_weights.dtype, output.dtype)
+    top_k = op.token_selected_experts.shape[1]
+    num_experts = op.fc1_expert_weights.shape[0]
+    inter_size = op.fc2_expert_weights.shape[2]
+    device = op.input.device
+    validation.check_alignment(op)
+    dtypes = (op.input.dtype, op.fc1_expert_weights.dtype, op.output.dtype)
     runner = _ext.get_runner(*dtypes)
     act_enum = _ext.activation_to_enum(act)
     with _ext.device_guard(device):
         tactic1, tactic2 = _choose_tactics(
             runner, dtypes, act, device, num_tokens, hidden_size, inter_size, num_experts,
-            top_k, num_experts_total, tune_max_num_tokens,
-            (fc1_expert_weights, fc2_expert_weights), (fc1_weight_scales, fc2_weight_scales),
-            (tactic1, tactic2))
+            top_k, op.num_experts_total, op.tune_max_num_tokens,
+            (op.fc1_expert_weights, op.fc2_expert_weights),
+            (op.fc1_weight_scales, op.fc2_weight_scales), (op.tactic1, op.tactic2))
         workspace_bytes = int(runner.workspace_size(
             num_tokens, hidden_size, inter_size, num_experts, top_k, act_enum,
-            tactic1=tactic1, tactic2=tactic2, has_fc1_bias=fc1_expert_biases is not None))
-        if workspace_buffer is None:
+            tactic1=tactic1, tactic2=tactic2, has_fc1_bias=op.fc1_expert_biases is not None))
+        workspace = op.workspace_buffer
+        if workspace is None:
             workspace = torch.empty(workspace_bytes, dtype=torch.uint8, device=device)
         else:
-            workspace = workspace_buffer
             available = workspace.numel() * workspace.element_size()
             if available < workspace_bytes:
                 raise ValueError(
@@ -165,32 +113,15 @@ def _run_fused_moe(
                 )
             workspace_bytes = available
         runner.run_moe(
-            num_tokens,
-            hidden_size,
-            inter_size,
-            num_experts,
-            top_k,
-            expert_start,
-            act_enum,
-            input.data_ptr(),
-            token_selected_experts.data_ptr(),
-            token_final_scales.data_ptr(),
-            fc1_expert_weights.data_ptr(),
-            fc2_expert_weights.data_ptr(),
-            _ptr(fc1_expert_biases),
-            _ptr(fc2_expert_biases),
-            _ptr(swiglu_alpha),
-            _ptr(swiglu_beta),
-            _ptr(swiglu_limit),
-            output.data_ptr(),
-            workspace.data_ptr() if workspace_bytes > 0 else 0,
-            workspace_bytes,
-            tactic1,
-            tactic2,
-            _ext.stream_handle(device),
-            fc1_scales=_ptr(fc1_weight_scales),
-            fc2_scales=_ptr(fc2_weight_scales),
-            enable_pdl=enable_pdl,
+            num_tokens, hidden_size, inter_size, num_experts, top_k, op.expert_start, act_enum,
+            op.input.data_ptr(), op.token_selected_experts.data_ptr(),
+            op.token_final_scales.data_ptr(), op.fc1_expert_weights.data_ptr(),
+            op.fc2_expert_weights.data_ptr(), _ptr(op.fc1_expert_biases),
+            _ptr(op.fc2_expert_biases), _ptr(op.swiglu_alpha), _ptr(op.swiglu_beta),
+            _ptr(op.swiglu_limit), op.output.data_ptr(),
+            workspace.data_ptr() if workspace_bytes > 0 else 0, workspace_bytes, tactic1,
+            tactic2, _ext.stream_handle(device), fc1_scales=_ptr(op.fc1_weight_scales),
+            fc2_scales=_ptr(op.fc2_weight_scales), enable_pdl=op.enable_pdl,
         )
 
 

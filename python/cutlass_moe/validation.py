@@ -595,10 +595,17 @@ def check_overlaps(
         )
 
 
-def check_alignment(named: Mapping[str, torch.Tensor | None]) -> None:
-    """ValueError for a tensor whose data does not start on a 16-byte boundary (the kernels
-    use 16-byte vector accesses)."""
-    for name, tensor in named.items():
+#: Op arguments the kernels read or write with 16-byte vector accesses.
+ALIGNED_ARGUMENTS = ("input", "fc1_expert_weights", "fc2_expert_weights", "fc1_weight_scales",
+                     "fc2_weight_scales", "fc1_expert_biases", "fc2_expert_biases", "output",
+                     "workspace_buffer")
+
+
+def check_alignment(args: OpArguments) -> None:
+    """ValueError for a tensor of :data:`ALIGNED_ARGUMENTS` whose data does not start on a
+    16-byte boundary."""
+    for name in ALIGNED_ARGUMENTS:
+        tensor = getattr(args, name)
         if tensor is not None and tensor.data_ptr() % ALIGN_BYTES != 0:
             raise ValueError(
                 f"{name} must be {ALIGN_BYTES}-byte aligned (data_ptr {tensor.data_ptr():#x}); "
@@ -618,32 +625,52 @@ def _expect(name: str, t: torch.Tensor | None, shape: Sequence[int],
         raise ValueError(f"{name} must be contiguous, got stride {list(t.stride())}")
 
 
-def check_op_arguments(
-    output: torch.Tensor,
-    input: torch.Tensor,
-    token_selected_experts: torch.Tensor,
-    token_final_scales: torch.Tensor,
-    fc1_expert_weights: torch.Tensor,
-    fc2_expert_weights: torch.Tensor,
-    fc1_weight_scales: torch.Tensor | None,
-    fc2_weight_scales: torch.Tensor | None,
-    fc1_expert_biases: torch.Tensor | None,
-    fc2_expert_biases: torch.Tensor | None,
-    swiglu_alpha: torch.Tensor | None,
-    swiglu_beta: torch.Tensor | None,
-    swiglu_limit: torch.Tensor | None,
-    workspace_buffer: torch.Tensor | None,
-    activation: ActivationType,
-    expert_start: int,
-    num_experts_total: int,
-    tune_max_num_tokens: int,
-    *,
-    traced: bool = False,
-) -> None:
-    """Every rule of the registered op ``cutlass_moe::fused_moe`` (arguments as documented in
-    ``ops``: already normalised, ids int32, router weights float32, tensors contiguous), so that
+class OpArguments(NamedTuple):
+    """The arguments of the registered op ``cutlass_moe::fused_moe``, in its schema's order
+    (the one definition of that list besides the schema string in ``ops``)."""
+
+    output: torch.Tensor  # [T, H], input dtype or float32; written
+    input: torch.Tensor  # [T, H] float16/bfloat16
+    token_selected_experts: torch.Tensor  # [T, k] int32 global expert ids
+    token_final_scales: torch.Tensor  # [T, k] float32 router weights
+    fc1_expert_weights: torch.Tensor  # [E, N1, H], input dtype or int8
+    fc2_expert_weights: torch.Tensor  # [E, H, I], as fc1
+    fc1_weight_scales: torch.Tensor | None  # int8 only: [E, N1], input dtype
+    fc2_weight_scales: torch.Tensor | None  # int8 only: [E, H], input dtype
+    fc1_expert_biases: torch.Tensor | None  # [E, N1], input dtype
+    fc2_expert_biases: torch.Tensor | None  # [E, H], input dtype
+    swiglu_alpha: torch.Tensor | None  # [E] float32: all three clamp tensors, or none
+    swiglu_beta: torch.Tensor | None
+    swiglu_limit: torch.Tensor | None
+    workspace_buffer: torch.Tensor | None  # 1-D uint8; written
+    activation: int  # an ActivationType value
+    expert_start: int  # this rank's first global expert id
+    num_experts_total: int  # E * ep_size
+    tune_max_num_tokens: int
+    tactic1: str  # tactic names; "" for the AutoTuner's choice
+    tactic2: str
+    enable_pdl: bool = True
+
+
+def op_activation(activation: int) -> ActivationType:
+    """The ``ActivationType`` of the op's ``activation`` argument (ValueError for another
+    value)."""
+    try:
+        return ActivationType(activation)
+    except ValueError:
+        raise ValueError(f"activation {activation} is not an ActivationType value") from None
+
+
+def check_op_arguments(args: OpArguments, *, traced: bool = False) -> None:
+    """Every rule of the registered op ``cutlass_moe::fused_moe`` on its arguments as they
+    arrive (already normalised: ids int32, router weights float32, tensors contiguous), so that
     nothing inconsistent reaches the kernels. ``traced``: fake tensors under ``torch.compile``,
     whose memory cannot be compared (overlaps are then left to the run)."""
+    (output, input, token_selected_experts, token_final_scales, fc1_expert_weights,
+     fc2_expert_weights, fc1_weight_scales, fc2_weight_scales, fc1_expert_biases,
+     fc2_expert_biases, swiglu_alpha, swiglu_beta, swiglu_limit, workspace_buffer, _,
+     expert_start, num_experts_total, tune_max_num_tokens, *_) = args
+    activation = op_activation(args.activation)
     if not isinstance(input, torch.Tensor) or input.dim() != 2:
         raise ValueError("input must be a 2-D [T, H] tensor")
     if input.dtype not in ACT_DTYPES:
@@ -718,13 +745,7 @@ def check_op_arguments(
     if workspace_buffer is not None:
         _expect("workspace_buffer", workspace_buffer, [workspace_buffer.numel()],
                 (torch.uint8, torch.int8))
-    named = {
-        "output": output, "input": input, "token_selected_experts": token_selected_experts,
-        "token_final_scales": token_final_scales, "fc1_expert_weights": fc1_expert_weights,
-        "fc2_expert_weights": fc2_expert_weights, "fc1_weight_scales": fc1_weight_scales,
-        "fc2_weight_scales": fc2_weight_scales, "fc1_expert_biases": fc1_expert_biases,
-        "fc2_expert_biases": fc2_expert_biases, **clamp, "workspace_buffer": workspace_buffer,
-    }
+    named = {name: t for name, t in args._asdict().items() if isinstance(t, torch.Tensor)}
     elsewhere = [f"{name} on {t.device}" for name, t in named.items()
                  if t is not None and t.device != input.device]
     if elsewhere:
