@@ -121,6 +121,11 @@ int driver_cuda_version() {
   return version;
 }
 
+// Test hook: one runtime call that fails without side effects (no device has id -1), through the
+// usual check, so it raises RuntimeError. Tests use it to see that the error does not stay
+// latched for the next launch check (cudaGetLastError) of an unrelated call.
+void fail_cuda_call_for_tests() { CUTLASS_MOE_CHECK_CUDA(cudaSetDevice(-1)); }
+
 py::dict build_info() {
   py::dict info;
   info["version"] = CUTLASS_MOE_VERSION;
@@ -167,6 +172,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("build_info", &build_info, "Build configuration: versions, archs, tactic counts.");
   m.def("driver_cuda_version", &driver_cuda_version,
         "CUDA version of the installed driver (12080 for 12.8); 0 when there is no driver.");
+  m.def("_fail_cuda_call_for_tests", &fail_cuda_call_for_tests,
+        "For tests: makes a CUDA runtime call that fails (cudaSetDevice(-1)) and so raises "
+        "RuntimeError; the error must not leak into later calls.");
 
   py::class_<MoeRunner>(m, "MoeRunner")
       .def(py::init([](int act, int weight, int out) {
@@ -186,12 +194,16 @@ PYBIND11_MODULE(_C, m) {
       .def(
           "workspace_size",
           [](const MoeRunner& r, int64_t num_tokens, int64_t hidden_size, int64_t inter_size,
-             int num_experts, int top_k, int activation) {
+             int num_experts, int top_k, int activation, const std::string& tactic1,
+             const std::string& tactic2, bool has_fc1_bias) {
             return r.workspace_size(make_problem(num_tokens, hidden_size, inter_size,
-                                                 num_experts, top_k, 0, activation));
+                                                 num_experts, top_k, 0, activation),
+                                    tactic1, tactic2, has_fc1_bias);
           },
           py::arg("num_tokens"), py::arg("hidden_size"), py::arg("inter_size"),
-          py::arg("num_experts"), py::arg("top_k"), py::arg("activation"))
+          py::arg("num_experts"), py::arg("top_k"), py::arg("activation"),
+          py::arg("tactic1") = "", py::arg("tactic2") = "", py::arg("has_fc1_bias") = false,
+          "Workspace bytes run_moe needs with these tactics (\"\": any) and fc1 bias presence.")
       .def(
           "run_moe",
           [](const MoeRunner& r, int64_t num_tokens, int64_t hidden_size, int64_t inter_size,

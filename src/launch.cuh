@@ -53,10 +53,7 @@ void launch_kernel(const char* name, void (*kernel)(Params...), dim3 grid, dim3 
   config.attrs = pdl ? attribute : nullptr;
   config.numAttrs = pdl ? 1 : 0;
   const cudaError_t status = cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
-  if (status != cudaSuccess) {
-    (void)cudaGetLastError();  // clear it, as a failed <<<>>> launch check would
-    throw_cuda_error(status, name, __FILE__, __LINE__);
-  }
+  if (status != cudaSuccess) throw_cuda_error(status, name, __FILE__, __LINE__);
 }
 
 }  // namespace cutlass_moe

@@ -16,6 +16,8 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <map>
+#include <mutex>
 #include <string>
 
 #include "cutlass_moe/cuda_check.h"
@@ -52,7 +54,13 @@ constexpr int kScanBatch = 16;
 // kernel 3 keeps an int32 table [kRoutingWarps][E] in shared memory; 99 KB is the opt-in limit
 // of the smallest supported part (sm_86/89), so this bounds E to 3168. Round down to 3072.
 constexpr int kMaxLocalExperts = 3072;
-constexpr size_t kDefaultDynamicSmemLimit = 48 * 1024;
+// Dynamic shared memory of the routing kernels at E_local = kMaxLocalExperts: kernel 3's
+// per-warp table needs the opt-in above 48 KB; kernels 1-2's [E] table (plus the scan's 128-byte
+// static warp sums) stays within the default 48 KB, so their attribute is never touched.
+constexpr size_t kScatterMaxSmem = size_t(kRoutingWarps) * kMaxLocalExperts * sizeof(int32_t);
+constexpr size_t kExpertTableMaxSmem = size_t(kMaxLocalExperts) * sizeof(int32_t);
+static_assert(kExpertTableMaxSmem + 1024 <= 48 * 1024,
+              "kernels 1-2 would need the dynamic shared-memory opt-in");
 
 // Gather: one 16-byte unit per thread, at most this many threads per block (128 measured faster
 // than 256 on H100 for H = 2048).
@@ -356,12 +364,49 @@ __global__ void __launch_bounds__(kGatherMaxThreads)
   __stcs(&gathered[dest_row * units_per_row + unit], __ldg(&input[token * units_per_row + unit]));
 }
 
+// Raises `kernel`'s dynamic shared-memory limit on the current device to `wanted` bytes, or to
+// as much as the device allows beside the kernel's static shared memory, and returns the limit
+// now in force.
 template <typename Kernel>
-void allow_dynamic_smem(Kernel kernel, size_t bytes) {
-  if (bytes > kDefaultDynamicSmemLimit) {
+size_t raise_dynamic_smem_limit(Kernel kernel, size_t wanted, int device) {
+  int optin = 0;
+  CUTLASS_MOE_CHECK_CUDA(
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  cudaFuncAttributes attributes = {};
+  CUTLASS_MOE_CHECK_CUDA(cudaFuncGetAttributes(&attributes, kernel));
+  const size_t optin_bytes = static_cast<size_t>(std::max(optin, 0));
+  const size_t available =
+      optin_bytes > attributes.sharedSizeBytes ? optin_bytes - attributes.sharedSizeBytes : 0;
+  const size_t limit = std::min(wanted, available);
+  if (limit > static_cast<size_t>(std::max(attributes.maxDynamicSharedSizeBytes, 0))) {
     CUTLASS_MOE_CHECK_CUDA(cudaFuncSetAttribute(
-        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(limit)));
   }
+  return limit;
+}
+
+// Dynamic shared memory kernel 3 may take on one device.
+struct ScatterSmemLimits {
+  size_t single_chunk = 0;  // scatter_ranks_kernel<true>
+  size_t multi_chunk = 0;   // scatter_ranks_kernel<false>
+};
+
+// The kernel attribute is process-wide (per device), so it is raised once per device, to what
+// the largest E_local needs, and never changed again: were it set per call to that call's need,
+// a call on another host thread could shrink it between this call's set and its launch.
+ScatterSmemLimits scatter_smem_limits() {
+  static std::mutex mutex;
+  static std::map<int, ScatterSmemLimits> limits;  // by device
+  int device = 0;
+  CUTLASS_MOE_CHECK_CUDA(cudaGetDevice(&device));
+  std::lock_guard<std::mutex> lock(mutex);
+  auto found = limits.find(device);
+  if (found != limits.end()) return found->second;
+  ScatterSmemLimits set;
+  set.single_chunk = raise_dynamic_smem_limit(scatter_ranks_kernel<true>, kScatterMaxSmem, device);
+  set.multi_chunk = raise_dynamic_smem_limit(scatter_ranks_kernel<false>, kScatterMaxSmem, device);
+  limits.emplace(device, set);
+  return set;
 }
 
 void check_routing_shape(int64_t expanded_rows, int num_experts) {
@@ -422,8 +467,18 @@ void launch_routing(const int32_t* token_selected_experts, int64_t num_tokens, i
   const GemmArgsWriter args_value = write_gemm_args ? *gemm_args : GemmArgsWriter{};
   const ChunkLayout layout = chunk_layout(num_entries);
   const size_t scatter_smem = static_cast<size_t>(kRoutingWarps) * num_experts * sizeof(int32_t);
+  const ScatterSmemLimits smem_limits = scatter_smem_limits();
+  const size_t smem_limit =
+      layout.num_chunks == 1 ? smem_limits.single_chunk : smem_limits.multi_chunk;
+  if (scatter_smem > smem_limit) {
+    throw InvalidArgument("routing: " + std::to_string(num_experts) + " local experts need " +
+                          std::to_string(scatter_smem) +
+                          " bytes of shared memory per block, more than the " +
+                          std::to_string(smem_limit) + " this GPU allows (at most " +
+                          std::to_string(smem_limit / (kRoutingWarps * sizeof(int32_t))) +
+                          " local experts)");
+  }
   if (layout.num_chunks == 1) {
-    allow_dynamic_smem(scatter_ranks_kernel<true>, scatter_smem);
     launch_kernel("scatter_ranks_kernel<single chunk>", scatter_ranks_kernel<true>, dim3(1),
                   dim3(kRoutingThreads), scatter_smem, stream, pdl, token_selected_experts,
                   num_tokens, top_k, layout.entries_per_warp, layout.entries_per_chunk,
@@ -445,7 +500,6 @@ void launch_routing(const int32_t* token_selected_experts, int64_t num_tokens, i
   const unsigned num_chunks = static_cast<unsigned>(layout.num_chunks);
 
   const size_t count_smem = num_experts * sizeof(int32_t);
-  allow_dynamic_smem(count_chunk_experts_kernel, count_smem);
   launch_kernel("count_chunk_experts_kernel", count_chunk_experts_kernel, dim3(num_chunks),
                 dim3(kRoutingThreads), count_smem, stream, pdl, token_selected_experts,
                 num_entries, layout.entries_per_warp, layout.entries_per_chunk, expert_start,
@@ -454,12 +508,10 @@ void launch_routing(const int32_t* token_selected_experts, int64_t num_tokens, i
   const int scan_threads = static_cast<int>(
       std::min<int64_t>(kScanMaxThreads, ceil_div(num_experts, kWarpSize) * kWarpSize));
   const size_t scan_smem = num_experts * sizeof(int32_t);
-  allow_dynamic_smem(scan_chunk_counts_kernel, scan_smem);
   launch_kernel("scan_chunk_counts_kernel", scan_chunk_counts_kernel, dim3(1), dim3(scan_threads),
                 scan_smem, stream, pdl, chunk_counts, layout.num_chunks, num_experts,
                 expert_first_token_offset, write_gemm_args, args_value);
 
-  allow_dynamic_smem(scatter_ranks_kernel<false>, scatter_smem);
   launch_kernel("scatter_ranks_kernel", scatter_ranks_kernel<false>, dim3(num_chunks),
                 dim3(kRoutingThreads), scatter_smem, stream, pdl, token_selected_experts,
                 num_tokens, top_k, layout.entries_per_warp, layout.entries_per_chunk,

@@ -16,7 +16,6 @@
 #include <algorithm>
 #include <map>
 #include <mutex>
-#include <sstream>
 #include <stdexcept>
 
 #include <cuda_bf16.h>
@@ -39,7 +38,6 @@ size_t align_up(size_t bytes) {
   return (bytes + kWorkspaceAlignment - 1) / kWorkspaceAlignment * kWorkspaceAlignment;
 }
 
-
 // Byte offsets of one grouped GEMM's device-resident arguments inside the workspace.
 struct GemmArgsLayout {
   size_t problem_sizes, ptr_a, ptr_b, ptr_d, lda, ldb, ldd, ptr_scale, ptr_rows;
@@ -48,29 +46,69 @@ struct GemmArgsLayout {
 // Indices of the argument sets in WorkspaceLayout::gemm: GEMM1 as a plain GEMM (A = gathered
 // rows, D = [T*k, N1]), GEMM2, GEMM1 as a fused gated GEMM (A = tokens through row indices,
 // D = [T*k, I]), then GEMM2 split over K, one set per split factor (E * splits problems).
-// Routing writes the three unsplit sets on every call, and the split set of the call's GEMM2
-// tactic when it has one, so any tactic can run.
+// Routing writes the three unsplit sets on every call (the unused ones are small), and the split
+// set of the call's GEMM2 tactic when it has one.
 constexpr int kArgsGemm1 = 0;
 constexpr int kArgsGemm2 = 1;
 constexpr int kArgsGemm1Gated = 2;
 constexpr int kSplitFactors[] = {2, 4, 8};
 constexpr int kNumSplitFactors = 3;
-constexpr int kMaxSplitK = 8;
 constexpr int kArgsSets = 3 + kNumSplitFactors;
 
 // GEMM2 may be split over K only for decode-sized calls (kSplitKMaxRows): its fp32 partial sums
-// take kMaxSplitK * T*k * H * 4 bytes of workspace.
+// take splits * T*k * H * 4 bytes of workspace.
 bool split_k_allowed(const MoeProblem& p) { return p.expanded_rows() <= kSplitKMaxRows; }
 
-// The argument set of a GEMM2 split into `splits` (one of kSplitFactors).
-int split_args_index(int splits) {
+// Position of `splits` in kSplitFactors.
+int split_factor_index(int splits) {
   for (int i = 0; i < kNumSplitFactors; ++i) {
-    if (kSplitFactors[i] == splits) return 3 + i;
+    if (kSplitFactors[i] == splits) return i;
   }
   throw std::logic_error("no argument set for a GEMM2 split into " + std::to_string(splits));
 }
 
-// Where everything lives in the caller's workspace. A pure function of the problem's shapes.
+// The argument set of a GEMM2 split into `splits` (one of kSplitFactors).
+int split_args_index(int splits) { return 3 + split_factor_index(splits); }
+
+// The elementwise stage runs after a plain GEMM1 unless it would copy GEMM1's output unchanged
+// (Identity without fc1 bias: GEMM2 then reads GEMM1's output); a fused gated GEMM1 applies it.
+bool activation_stage_runs(const MoeProblem& p, bool fused_gemm1, bool has_fc1_bias) {
+  return !fused_gemm1 && (p.activation != Activation::kIdentity || has_fc1_bias);
+}
+
+// Which workspace buffers a call's tactics use. Default-constructed: every buffer, which serves
+// any tactic (profiling, and workspace_size without tactic names).
+struct WorkspacePlan {
+  bool gathered = true;  // [T*k, H]: a plain GEMM1's A, then an unsplit GEMM2's output
+  bool fc1_out = true;   // [T*k, N1]: a plain GEMM1's output
+  bool act_out = true;   // [T*k, I]: the activation stage's or a fused gated GEMM1's output
+  // Bit i: GEMM2 may be split into kSplitFactors[i]; its argument set, and fp32 partial sums
+  // for the largest such split (both only where split_k_allowed).
+  unsigned split_sets = (1u << kNumSplitFactors) - 1;
+};
+
+// The plan of a call with GEMM1 tactic t1 and GEMM2 tactic t2 (null: any tactic of that GEMM).
+// A plain GEMM1 reads the gathered rows and writes [T*k, N1], then the activation stage (when it
+// runs) writes [T*k, I]; a fused gated GEMM1 reads the token rows and writes [T*k, I] directly.
+// GEMM2 writes [T*k, H], or fp32 partial sums when split over K.
+WorkspacePlan plan_for(const MoeProblem& p, const GemmTactic* t1, const GemmTactic* t2,
+                       bool has_fc1_bias) {
+  WorkspacePlan plan;
+  const bool plain_gemm1 = t1 == nullptr || !t1->gated;
+  const bool unsplit_gemm2 = t2 == nullptr || t2->split_k == 1;
+  if (t1 != nullptr) {
+    plan.fc1_out = plain_gemm1;
+    plan.act_out = t1->gated || activation_stage_runs(p, false, has_fc1_bias);
+  }
+  if (t2 != nullptr) {
+    plan.split_sets = t2->split_k > 1 ? 1u << split_factor_index(t2->split_k) : 0u;
+  }
+  plan.gathered = plain_gemm1 || unsplit_gemm2;
+  return plan;
+}
+
+// Where everything lives in the caller's workspace. A pure function of the problem's shapes and
+// the plan, so that workspace_size and run_moe agree.
 struct WorkspaceLayout {
   size_t expert_first_token_offset = 0;
   size_t permuted_to_source = 0;
@@ -81,13 +119,14 @@ struct WorkspaceLayout {
   size_t routing_scratch = 0;
   size_t routing_scratch_bytes = 0;
   GemmArgsLayout gemm[kArgsSets] = {};
+  // Buffers the plan leaves out take no bytes (their offset is where they would start).
   size_t gathered = 0;  // [T*k, H]: GEMM1's A; reused as GEMM2's output once GEMM1 is done
   size_t fc1_out = 0;   // [T*k, N1]
   size_t act_out = 0;   // [T*k, I]
-  size_t fc2_partials = 0;  // fp32 [kMaxSplitK, T*k, H] when T*k <= kSplitKMaxRows, else empty
+  size_t fc2_partials = 0;  // fp32 [splits, T*k, H] for the plan's largest split, if any
   size_t total = 0;
 
-  static WorkspaceLayout make(const MoeProblem& p, size_t elem_bytes) {
+  static WorkspaceLayout make(const MoeProblem& p, size_t elem_bytes, const WorkspacePlan& plan) {
     WorkspaceLayout w;
     size_t cursor = 0;
     auto take = [&cursor](size_t bytes) {
@@ -106,10 +145,13 @@ struct WorkspaceLayout {
     w.routing_scratch_bytes = routing_scratch_size(p.expanded_rows(), p.num_experts);
     w.routing_scratch = take(w.routing_scratch_bytes);
     const bool split_k = split_k_allowed(p);
+    int max_splits = 1;
     for (int set = 0; set < kArgsSets; ++set) {
-      // Split sets hold E * splits problems, and exist only where split-K may run.
+      // Split sets hold E * splits problems, and exist only where the plan's split may run.
+      const bool split_set = set >= 3 && split_k && ((plan.split_sets >> (set - 3)) & 1u);
+      if (split_set) max_splits = std::max(max_splits, kSplitFactors[set - 3]);
       const size_t problems =
-          set < 3 ? experts : (split_k ? experts * kSplitFactors[set - 3] : 0);
+          set < 3 ? experts : (split_set ? experts * kSplitFactors[set - 3] : 0);
       GemmArgsLayout& g = w.gemm[set];
       g.problem_sizes = take(problems * sizeof(cutlass::gemm::GemmCoord));
       g.ptr_a = take(problems * sizeof(void*));
@@ -121,12 +163,12 @@ struct WorkspaceLayout {
       g.ptr_scale = take(problems * sizeof(void*));
       g.ptr_rows = take(problems * sizeof(int32_t*));
     }
-    w.gathered = take(rows * static_cast<size_t>(p.hidden_size) * elem_bytes);
-    w.fc1_out = take(rows * static_cast<size_t>(p.fc1_out_size()) * elem_bytes);
-    w.act_out = take(rows * static_cast<size_t>(p.inter_size) * elem_bytes);
-    w.fc2_partials = take(split_k ? kMaxSplitK * rows * static_cast<size_t>(p.hidden_size) *
-                                        sizeof(float)
-                                  : 0);
+    const size_t hidden = static_cast<size_t>(p.hidden_size);
+    w.gathered = take(plan.gathered ? rows * hidden * elem_bytes : 0);
+    w.fc1_out = take(plan.fc1_out ? rows * static_cast<size_t>(p.fc1_out_size()) * elem_bytes : 0);
+    w.act_out = take(plan.act_out ? rows * static_cast<size_t>(p.inter_size) * elem_bytes : 0);
+    w.fc2_partials =
+        take(max_splits > 1 ? static_cast<size_t>(max_splits) * rows * hidden * sizeof(float) : 0);
     w.total = cursor;
     return w;
   }
@@ -271,9 +313,12 @@ int current_device() {
 }
 
 std::string tactic_names(const std::vector<const GemmTactic*>& tactics) {
-  std::ostringstream out;
-  for (size_t i = 0; i < tactics.size(); ++i) out << (i ? ", " : "") << tactics[i]->name;
-  return out.str();
+  std::string out;
+  for (size_t i = 0; i < tactics.size(); ++i) {
+    if (i) out += ", ";
+    out += tactics[i]->name;
+  }
+  return out;
 }
 
 }  // namespace
@@ -296,23 +341,29 @@ struct MoeRunner::Impl {
     return devices.emplace(device, std::move(state)).first->second;
   }
 
-  // The tactic named `name`, checked to exist for this configuration, to serve GEMM `gemm` and
-  // to run on the current device. Returns its index in `tactics`.
-  size_t find(const std::string& name, int gemm, const DeviceState& state) const {
+  // The tactic named `name`, checked to exist for this configuration and to serve GEMM `gemm`
+  // (no device needed). Returns its index in `tactics`.
+  size_t lookup(const std::string& name, int gemm) const {
     for (size_t i = 0; i < tactics.size(); ++i) {
       if (name != tactics[i]->name) continue;
       if (!(tactics[i]->gemms & (1 << (gemm - 1)))) {
         throw InvalidArgument("tactic '" + name + "' cannot serve GEMM" + std::to_string(gemm));
       }
-      if (state.blocks_per_sm[i] <= 0) {
-        throw InvalidArgument("tactic '" + name + "' needs " +
-                              std::to_string(tactics[i]->smem_bytes) +
-                              " bytes of shared memory per block, more than this GPU allows");
-      }
       return i;
     }
     throw InvalidArgument("unknown tactic '" + name + "' for GEMM" + std::to_string(gemm) +
                           "; compiled tactics: " + tactic_names(tactics));
+  }
+
+  // As lookup, and checked to run on the current device.
+  size_t find(const std::string& name, int gemm, const DeviceState& state) const {
+    const size_t i = lookup(name, gemm);
+    if (state.blocks_per_sm[i] <= 0) {
+      throw InvalidArgument("tactic '" + name + "' needs " +
+                            std::to_string(tactics[i]->smem_bytes) +
+                            " bytes of shared memory per block, more than this GPU allows");
+    }
+    return i;
   }
 
   bool gated(size_t index) const { return tactics[index]->gated; }
@@ -351,13 +402,20 @@ struct MoeRunner::Impl {
     }
   }
 
+  // Adds the GEMM and tactic to a launch failure, keeping bad arguments InvalidArgument (Python
+  // ValueError) and everything else std::runtime_error.
   void launch(size_t index, int gemm, const GroupedGemmArgs& args, int threadblocks,
               cudaStream_t stream) const {
+    const auto context = [&] {
+      return std::string("GEMM") + std::to_string(gemm) + " with tactic '" +
+             tactics[index]->name + "' failed: ";
+    };
     try {
       tactics[index]->launch(args, threadblocks, stream);
+    } catch (const InvalidArgument& e) {
+      throw InvalidArgument(context() + e.what());
     } catch (const std::exception& e) {
-      throw std::runtime_error(std::string("GEMM") + std::to_string(gemm) + " with tactic '" +
-                               tactics[index]->name + "' failed: " + e.what());
+      throw std::runtime_error(context() + e.what());
     }
   }
 };
@@ -423,54 +481,76 @@ std::vector<TacticDescriptor> MoeRunner::tactics(int gemm, bool runnable_only) c
 
 namespace {
 
+// Messages are built without iostreams (see throw_cuda_error in cuda_check.h).
 void check_problem(const MoeProblem& p, DType weight_dtype) {
-  std::ostringstream err;
-  if (p.num_tokens < 0) err << "num_tokens must be >= 0 (got " << p.num_tokens << "); ";
+  using std::to_string;
+  std::string err;
+  if (p.num_tokens < 0) err += "num_tokens must be >= 0 (got " + to_string(p.num_tokens) + "); ";
   if (p.hidden_size < 8 || p.hidden_size % 8 != 0) {
-    err << "hidden_size must be a positive multiple of 8 (got " << p.hidden_size << "); ";
+    err += "hidden_size must be a positive multiple of 8 (got " + to_string(p.hidden_size) + "); ";
   }
   if (p.inter_size < 8 || p.inter_size % 8 != 0) {
-    err << "inter_size must be a positive multiple of 8 (got " << p.inter_size << "); ";
+    err += "inter_size must be a positive multiple of 8 (got " + to_string(p.inter_size) + "); ";
   }
   // Mixed-input (int8) tactics read K in steps of 16 elements: both GEMMs' K must follow.
   if (weight_dtype == DType::kInt8 && (p.hidden_size % 16 != 0 || p.inter_size % 16 != 0)) {
-    err << "int8 weights need hidden_size and inter_size to be multiples of 16 (got "
-        << p.hidden_size << " and " << p.inter_size << "); ";
+    err += "int8 weights need hidden_size and inter_size to be multiples of 16 (got " +
+           to_string(p.hidden_size) + " and " + to_string(p.inter_size) + "); ";
   }
-  if (p.num_experts < 1) err << "num_experts must be >= 1 (got " << p.num_experts << "); ";
-  if (p.top_k < 1) err << "top_k must be >= 1 (got " << p.top_k << "); ";
-  if (p.expert_start < 0) err << "expert_start must be >= 0 (got " << p.expert_start << "); ";
+  if (p.num_experts < 1) err += "num_experts must be >= 1 (got " + to_string(p.num_experts) + "); ";
+  if (p.top_k < 1) err += "top_k must be >= 1 (got " + to_string(p.top_k) + "); ";
+  if (p.expert_start < 0) {
+    err += "expert_start must be >= 0 (got " + to_string(p.expert_start) + "); ";
+  }
   const int act = static_cast<int>(p.activation);
   if (act < static_cast<int>(Activation::kIdentity) || act > static_cast<int>(Activation::kGeglu)) {
-    err << "unknown activation " << act << "; ";
+    err += "unknown activation " + to_string(act) + "; ";
   }
   // GEMM sizes are 32-bit in CUTLASS's GemmCoord.
   constexpr int64_t kMaxDim = (int64_t(1) << 31) - 1;
   if (p.expanded_rows() > kMaxDim || p.fc1_out_size() > kMaxDim) {
-    err << "num_tokens * top_k and 2 * inter_size must stay below 2^31; ";
+    err += "num_tokens * top_k and 2 * inter_size must stay below 2^31; ";
   }
-  const std::string msg = err.str();
-  if (!msg.empty()) throw InvalidArgument(msg.substr(0, msg.size() - 2));
+  if (!err.empty()) throw InvalidArgument(err.substr(0, err.size() - 2));
 }
 
 }  // namespace
 
 bool MoeRunner::pdl_supported() const { return impl_->device_state().pdl; }
 
-size_t MoeRunner::workspace_size(const MoeProblem& problem) const {
+size_t MoeRunner::workspace_size(const MoeProblem& problem, const std::string& tactic1,
+                                 const std::string& tactic2, bool has_fc1_bias) const {
   check_problem(problem, weight_dtype_);
-  return WorkspaceLayout::make(problem, dtype_size(act_dtype_)).total;
+  // Named tactics are checked as run_moe checks them, bar the device (this needs none).
+  const GemmTactic* t1 = nullptr;
+  const GemmTactic* t2 = nullptr;
+  if (!tactic1.empty()) {
+    const size_t index = impl_->lookup(tactic1, 1);
+    impl_->check_gated_activation(index, problem.activation);
+    t1 = impl_->tactics[index];
+  }
+  if (!tactic2.empty()) {
+    const size_t index = impl_->lookup(tactic2, 2);
+    impl_->check_split_k(index, problem);
+    t2 = impl_->tactics[index];
+  }
+  return WorkspaceLayout::make(problem, dtype_size(act_dtype_),
+                               plan_for(problem, t1, t2, has_fc1_bias))
+      .total;
 }
 
 void MoeRunner::run_moe(const MoeProblem& p, const MoePointers& ptrs, const std::string& tactic1,
                         const std::string& tactic2, cudaStream_t stream, bool enable_pdl) const {
   check_problem(p, weight_dtype_);
-  const WorkspaceLayout layout = WorkspaceLayout::make(p, dtype_size(act_dtype_));
   const DeviceState& state = impl_->device_state();
   const size_t t1 = impl_->find(tactic1, 1, state);
   const size_t t2 = impl_->find(tactic2, 2, state);
   impl_->check_gated_activation(t1, p.activation);
   impl_->check_split_k(t2, p);
+  const WorkspaceLayout layout =
+      WorkspaceLayout::make(p, dtype_size(act_dtype_),
+                            plan_for(p, impl_->tactics[t1], impl_->tactics[t2],
+                                     ptrs.fc1_bias != nullptr));
   if (p.num_tokens == 0) return;
 
   if (!ptrs.input || !ptrs.token_selected_experts || !ptrs.token_final_scales ||
@@ -481,7 +561,8 @@ void MoeRunner::run_moe(const MoeProblem& p, const MoePointers& ptrs, const std:
   }
   if (ptrs.workspace_bytes < layout.total) {
     throw InvalidArgument("workspace has " + std::to_string(ptrs.workspace_bytes) +
-                          " bytes, the call needs " + std::to_string(layout.total));
+                          " bytes, the call needs " + std::to_string(layout.total) +
+                          " (tactics '" + tactic1 + "' and '" + tactic2 + "')");
   }
   if (weight_dtype_ == DType::kInt8 && (!ptrs.fc1_scales || !ptrs.fc2_scales)) {
     throw InvalidArgument("int8 weights need fc1 and fc2 per-channel scales");
@@ -498,10 +579,7 @@ void MoeRunner::run_moe(const MoeProblem& p, const MoePointers& ptrs, const std:
   const bool fused_gemm1 = impl_->gated(t1);
   const int splits = impl_->split_k(t2);
 
-  // The elementwise stage is skipped only when it would copy GEMM1's output unchanged, or when
-  // GEMM1 applies it.
-  const bool needs_activation =
-      !fused_gemm1 && (p.activation != Activation::kIdentity || ptrs.fc1_bias != nullptr);
+  const bool needs_activation = activation_stage_runs(p, fused_gemm1, ptrs.fc1_bias != nullptr);
   GemmOperands ops;
   ops.tokens = static_cast<const char*>(ptrs.input);
   ops.permuted_token = permuted_token;
@@ -513,7 +591,7 @@ void MoeRunner::run_moe(const MoeProblem& p, const MoePointers& ptrs, const std:
   ops.gemm2_a = (needs_activation || fused_gemm1) ? base + layout.act_out : base + layout.fc1_out;
   ops.fc2_weights = static_cast<const char*>(ptrs.fc2_weights);
   ops.fc2_scales = static_cast<const char*>(ptrs.fc2_scales);
-  ops.fc2_out = base + layout.gathered;  // GEMM1 has consumed the gathered input by then
+  ops.fc2_out = base + layout.gathered;  // a plain GEMM1 has consumed the gathered rows by then
   ops.fc2_partials = base + layout.fc2_partials;
   const GemmArgsWriter writer = layout.writer(p, base, ops, dtype_size(act_dtype_),
                                               dtype_size(weight_dtype_), splits);
@@ -569,7 +647,8 @@ void MoeRunner::prepare_gemm_profile(int gemm, const MoeProblem& p, const void* 
     throw InvalidArgument("int8 weights need their per-channel scales for profiling");
   }
   if (gemm != 1 && gemm != 2) throw InvalidArgument("gemm must be 1 or 2");
-  const WorkspaceLayout layout = WorkspaceLayout::make(p, dtype_size(act_dtype_));
+  // Every buffer, so that one set-up serves every tactic.
+  const WorkspaceLayout layout = WorkspaceLayout::make(p, dtype_size(act_dtype_), WorkspacePlan{});
   if (!weights || !workspace) throw InvalidArgument("weights and workspace must be non-null");
   if (workspace_bytes < layout.total) {
     throw InvalidArgument("workspace has " + std::to_string(workspace_bytes) +
@@ -632,7 +711,7 @@ void MoeRunner::run_gemm_profile(int gemm, const std::string& tactic, const MoeP
                                  cudaStream_t stream) const {
   check_problem(p, weight_dtype_);
   if (gemm != 1 && gemm != 2) throw InvalidArgument("gemm must be 1 or 2");
-  const WorkspaceLayout layout = WorkspaceLayout::make(p, dtype_size(act_dtype_));
+  const WorkspaceLayout layout = WorkspaceLayout::make(p, dtype_size(act_dtype_), WorkspacePlan{});
   if (!workspace || workspace_bytes < layout.total) {
     throw InvalidArgument("workspace is null or smaller than the " +
                           std::to_string(layout.total) + " bytes profiling needs");

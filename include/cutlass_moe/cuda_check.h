@@ -3,7 +3,6 @@
 
 #include <cuda_runtime_api.h>
 
-#include <sstream>
 #include <stdexcept>
 #include <string>
 
@@ -15,12 +14,17 @@ class InvalidArgument : public std::invalid_argument {
   using std::invalid_argument::invalid_argument;
 };
 
+// Also resets the runtime's last-error state, so that the next, unrelated launch check
+// (cudaGetLastError) does not report this error again. Sticky errors (a kernel fault, which
+// corrupts the context) cannot be cleared: every later call reports them.
+// The message is built without iostreams: where the toolchain links libstdc++ statically into
+// the module, formatting a number through an ostringstream crashed once torch was imported.
 [[noreturn]] inline void throw_cuda_error(cudaError_t status, const char* what, const char* file,
                                           int line) {
-  std::ostringstream msg;
-  msg << "CUDA error " << cudaGetErrorName(status) << " (" << cudaGetErrorString(status)
-      << ") in " << what << " at " << file << ":" << line;
-  throw std::runtime_error(msg.str());
+  (void)cudaGetLastError();
+  throw std::runtime_error(std::string("CUDA error ") + cudaGetErrorName(status) + " (" +
+                           cudaGetErrorString(status) + ") in " + what + " at " + file + ":" +
+                           std::to_string(line));
 }
 
 }  // namespace cutlass_moe

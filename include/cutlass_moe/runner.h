@@ -9,7 +9,11 @@
 //                  smem_bytes, threads, runnable, act_dtype, weight_dtype ("fp16", "int8", ...),
 //                  gated, activations, split_k (GEMM2 split over K into this many fp32 partial
 //                  sums, 1 for none; such tactics run only up to SPLIT_K_MAX_ROWS rows T*k)
-//   .workspace_size(num_tokens, hidden_size, inter_size, num_experts, top_k, activation) -> int
+//   .workspace_size(num_tokens, hidden_size, inter_size, num_experts, top_k, activation,
+//            tactic1="", tactic2="", has_fc1_bias=False) -> int
+//       bytes run_moe needs with these tactics ("": any tactic of that GEMM, the most any
+//       needs) and fc1 bias presence (which decides whether the activation stage runs after a
+//       plain GEMM1 with Identity); see MoeRunner::workspace_size.
 //   .pdl_supported() -> bool   programmatic dependent launch is used on the current device
 //   .run_moe(num_tokens, hidden_size, inter_size, num_experts, top_k, expert_start, activation,
 //            input, token_selected_experts, token_final_scales, fc1_weights, fc2_weights,
@@ -25,6 +29,10 @@
 //   .run_gemm_profile(gemm, tactic: str, num_tokens, hidden_size, inter_size, num_experts, top_k,
 //            activation, workspace, workspace_bytes, stream) -> None
 //       runs only that GEMM on what prepare_gemm_profile left in the workspace (for the tuner).
+//       Both profiling calls need workspace_size(...) with no tactic names.
+//   _fail_cuda_call_for_tests() -> None   (module function, for tests)
+//       makes one CUDA runtime call that fails without side effects, so always raises
+//       RuntimeError; a later call must not see that error again.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -50,7 +58,16 @@ class MoeRunner {
   // Tactics for GEMM `gemm` (1 or 2): all compiled ones, or only those this device can run.
   std::vector<TacticDescriptor> tactics(int gemm, bool runnable_only) const;
 
-  size_t workspace_size(const MoeProblem& problem) const;
+  // Workspace bytes run_moe needs for `problem` with these tactics. Buffers are reserved only
+  // for what the tactics use: a plain GEMM1 needs the gathered rows [T*k, H] and its output
+  // [T*k, N1], plus [T*k, I] when the activation stage runs (not for Identity without fc1 bias);
+  // a fused gated GEMM1 needs only [T*k, I]; GEMM2 needs [T*k, H] (shared with the gathered
+  // rows), or fp32 partial sums [splits, T*k, H] when split over K. An empty name stands for any
+  // tactic of that GEMM (the most any of them needs, which profiling also uses). Unknown
+  // tactics, a fused gated one with a non-gated activation and a split one for more than
+  // kSplitKMaxRows rows raise InvalidArgument, as in run_moe (runnability is not checked).
+  size_t workspace_size(const MoeProblem& problem, const std::string& tactic1 = "",
+                        const std::string& tactic2 = "", bool has_fc1_bias = false) const;
 
   // Whether run_moe(..., enable_pdl=true) launches with programmatic dependent launch on the
   // current device: an sm_90+ GPU running code built for sm_90+.
@@ -58,6 +75,8 @@ class MoeRunner {
 
   // enable_pdl: launch the call's kernels as programmatic dependents of one another (and of
   // the stream's previous kernel) where the GPU and the build support it (sm_90+).
+  // ptrs.workspace_bytes must be at least workspace_size(problem, tactic1, tactic2,
+  // ptrs.fc1_bias != nullptr); a smaller workspace raises InvalidArgument naming both sizes.
   void run_moe(const MoeProblem& problem, const MoePointers& ptrs, const std::string& tactic1,
                const std::string& tactic2, cudaStream_t stream, bool enable_pdl = true) const;
 
