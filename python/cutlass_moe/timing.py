@@ -25,7 +25,7 @@ def l2_bytes(device: torch.device | int | None = None) -> int:
     """The device's L2 size in bytes (:data:`DEFAULT_L2_BYTES` when it is not reported)."""
     try:
         size = int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0))
-    except (RuntimeError, AssertionError):  # CPU-only torch raises AssertionError
+    except (RuntimeError, AssertionError, ValueError):  # not a CUDA device / CPU-only torch
         size = 0
     return size if size > 0 else DEFAULT_L2_BYTES
 
