@@ -480,7 +480,7 @@ def measure_ceilings(dtype: torch.dtype, device: torch.device, repeats: int = CE
     ceilings = Ceilings(name, math.nan, math.nan, math.nan, "", timing.l2_bytes(device))
     try:
         ceilings.device = f"{torch.cuda.get_device_name(device)} ({device})"
-    except (RuntimeError, AssertionError):
+    except (RuntimeError, AssertionError, ValueError):  # not a CUDA device / CPU-only torch
         ceilings.device = str(device)
     with torch.cuda.device(device):
         try:
