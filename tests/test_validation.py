@@ -210,6 +210,42 @@ def test_hidden_and_inter_alignment():
         cutlass_fused_moe(**_args(i=12))
 
 
+@pytest.mark.parametrize("h,i,bad", [(0, 8, "H=0"), (16, 0, "I=0")])
+def test_zero_hidden_or_inter_size_is_refused_in_python(h, i, bad):
+    """H = 0 or I = 0 passes `% 8`; the shape rule refuses it before any extension call."""
+    with pytest.raises(ValueError, match=f"positive multiples of 8.*{bad} is not"):
+        cutlass_fused_moe(**_args(h=h, i=i))
+
+
+def test_expert_ids_beyond_int32_are_refused():
+    """ep_rank * E_local (the first expert id of a rank) must fit the int32 ids: a huge
+    ep_size is a ValueError, not a TypeError from the binding."""
+    with pytest.raises(ValueError, match=r"E_local\*ep_size=4\*1073741824=4294967296 .*int32"):
+        cutlass_fused_moe(**_args(), ep_size=2**30, ep_rank=2**30 - 1)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"num_experts": 4, "hidden_size": 16, "inter_size": 8, "top_k": 2}, None),
+    ({"num_experts": 0, "hidden_size": 16, "inter_size": 8, "top_k": 1}, "at least one expert"),
+    ({"num_experts": 4, "hidden_size": 16, "inter_size": 8, "top_k": 0}, "top_k must be >= 1"),
+    ({"num_experts": 4, "hidden_size": 16, "inter_size": 8, "top_k": 1, "ep_size": 0},
+     "ep_size must be >= 1"),
+    ({"num_experts": 4, "hidden_size": 24, "inter_size": 16, "top_k": 1, "weights": "int8"},
+     "int8 weights need hidden size H=24"),
+    ({"num_experts": 4, "hidden_size": 32, "inter_size": 16, "top_k": 1, "weights": "int4"},
+     "weights must be one of"),
+    ({"num_experts": 2, "hidden_size": 16, "inter_size": 8, "top_k": 5, "ep_size": 2},
+     r"top_k=5 exceeds .*2\*2=4"),
+])
+def test_check_layer_shape(kwargs, match):
+    """The one shape rule that the op, the tuner and the command line share."""
+    if match is None:
+        validation.check_layer_shape(**kwargs)
+    else:
+        with pytest.raises(ValueError, match=match):
+            validation.check_layer_shape(**kwargs)
+
+
 def test_top_k_larger_than_total_experts():
     with pytest.raises(ValueError, match=r"top_k=5 exceeds.*4\*1=4"):
         cutlass_fused_moe(**_args(k=5))
