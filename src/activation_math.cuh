@@ -38,5 +38,27 @@ __device__ __forceinline__ float clamped_swiglu(float gate, float up, float alph
   return g * sigmoid(alpha * g) * (u + beta);
 }
 
+// Per-expert parameters of the gated activations that take any (the clamped SwiGLU's alpha,
+// beta and limit today); kernels fill it from the per-expert arrays.
+struct GatedParams {
+  float alpha = 1.0f;
+  float beta = 0.0f;
+  float limit = CUDART_INF_F;
+  bool clamped = false;
+};
+
+// A gated activation chosen at run time, for kernels that serve several (the decode kernels):
+// act(gate) * up, or the clamped SwiGLU. `activation` is a gated Activation value.
+__device__ __forceinline__ float gated(int activation, float gate, float up,
+                                       const GatedParams& params) {
+  if (activation == static_cast<int>(Activation::kGeglu)) {
+    return up * activate<Activation::kGeglu>(gate);
+  }
+  if (params.clamped) {
+    return clamped_swiglu(gate, up, params.alpha, params.beta, params.limit);
+  }
+  return up * activate<Activation::kSwiglu>(gate);
+}
+
 }  // namespace activation_math
 }  // namespace cutlass_moe

@@ -85,6 +85,7 @@ py::dict descriptor_dict(const cutlass_moe::TacticDescriptor& d, int gemm) {
   // Fused gated GEMM1 tactics run only with the activations they fuse.
   out["gated"] = d.gated;
   out["split_k"] = d.split_k;
+  out["decode"] = d.decode;
   if (d.gated) {
     py::list activations;
     activations.append(static_cast<int>(cutlass_moe::Activation::kSwiglu));

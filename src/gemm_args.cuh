@@ -110,14 +110,15 @@ struct GemmArgsWriter {
                       gemm2_a + begin * eb, inter, fc2_w + begin * wb, inter, fc2_s, d, hidden);
       }
     }
-    // Gated tactics exist only for 16-bit weights; for int8 weights the set is never read.
-    if (weight_bytes == elem_bytes && fc1_cols == 2 * inter) {
+    // The fused gated set: CUTLASS gated tactics read it for 16-bit weights, the decode kernels
+    // for any weights (with the int8 weights' per-column scales, up rows then gate rows).
+    if (fc1_cols == 2 * inter) {
       gemm1_gated.problem_sizes[e] =
           cutlass::gemm::GemmCoord(rows, static_cast<int>(inter), static_cast<int>(hidden));
       gemm1_gated.ptr_a[e] = const_cast<char*>(ops.tokens);
       gemm1_gated.ptr_rows[e] = const_cast<int32_t*>(ops.permuted_token + first_row);
       gemm1_gated.ptr_b[e] = const_cast<char*>(fc1_w);
-      gemm1_gated.ptr_scale[e] = nullptr;
+      gemm1_gated.ptr_scale[e] = const_cast<char*>(fc1_s);
       gemm1_gated.ptr_d[e] = ops.act_out + first_row * inter * eb;
       gemm1_gated.lda[e] = hidden;
       gemm1_gated.ldb[e] = hidden;

@@ -472,6 +472,7 @@ std::vector<TacticDescriptor> MoeRunner::tactics(int gemm, bool runnable_only) c
     d.gemms = t->gemms;
     d.gated = t->gated;
     d.split_k = t->split_k;
+    d.decode = t->decode;
     d.runnable = state != nullptr && state->blocks_per_sm[i] > 0;
     if (runnable_only && !d.runnable) continue;
     out.push_back(d);

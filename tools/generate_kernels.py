@@ -284,7 +284,7 @@ def _instance_file(group: list[Tactic]) -> str:
             f'    "{t.name}", {dtype_enum}, {t.weight_enum},',
             f"    {t.tile_m}, {t.tile_n}, {t.tile_k}, {t.warp_m}, {t.warp_n}, {t.warp_k},",
             f"    {t.stages}, {kernel_name}::kThreads, {kernel_name}::kSmemBytes, {t.gemms},",
-            f"    {'true' if t.gated else 'false'}, {t.split_k},",
+            f"    {'true' if t.gated else 'false'}, {t.split_k}, false,",
             f"    &{kernel_name}::prepare, &{kernel_name}::launch}};",
             "",
         ]

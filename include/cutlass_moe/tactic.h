@@ -23,6 +23,7 @@ struct TacticDescriptor {
   int gemms = 0;          // bit 0: GEMM1, bit 1: GEMM2
   bool gated = false;     // fused gated GEMM1 (gather + both halves + SwiGLU/GeGLU)
   int split_k = 1;        // GEMM2 split over K into this many fp32 partial sums (1: no split)
+  bool decode = false;    // weight-streaming decode kernel (few rows per expert), not CUTLASS
   bool runnable = false;  // fits this device's shared memory and occupancy
 };
 
@@ -85,6 +86,10 @@ struct GemmTactic {
   // GEMM2 only: K is cut into split_k slices, problem s * E + e multiplying slice s, and the
   // kernel writes fp32 partial sums (finalize adds them). 1: an ordinary GEMM.
   int split_k;
+  // A weight-streaming decode kernel (src/grouped_gemm/decode_gemm.cuh) rather than a CUTLASS
+  // tile kernel: tile_m is the rows per expert it takes in one pass, tile_n the output columns
+  // of one block's work item; it reads the same arguments.
+  bool decode;
   // Raises the kernel's dynamic shared-memory limit on the current device and returns its
   // occupancy (blocks per SM); 0 when it cannot run there.
   int (*prepare)();
