@@ -43,7 +43,7 @@ __device__ __forceinline__ float clamped_swiglu(float gate, float up, float alph
 struct GatedParams {
   float alpha = 1.0f;
   float beta = 0.0f;
-  float limit = CUDART_INF_F;
+  float limit = __builtin_huge_valf();
   bool clamped = false;
 };
 

@@ -483,6 +483,18 @@ def test_default_tactic_when_no_tile_is_large_or_small_enough():
     assert default_tactic(_descs(tile_ms=(256,)), 1000) == "t_m256_n128_s4"
 
 
+def test_default_tactic_never_picks_a_decode_tactic():
+    """Weight-streaming decode tactics (tile_m of 1-8 rows, no K tile) are chosen by the tuner
+    only: a table row for 1 row per expert must not fall through to them."""
+    descs = _descs(tile_ms=(16, 32))
+    decode = [dict(d, name=f"decode_m{m}", tile_m=m, tile_k=0, decode=True, stages=9)
+              for m in (1, 2, 4, 8) for d in descs[:1]]
+    for rows in (0.5, 1, 8, 100):
+        assert default_tactic(descs + decode, rows) == default_tactic(descs, rows)
+    with pytest.raises(RuntimeError, match="no runnable tactic"):
+        default_tactic(decode, 1)
+
+
 def test_default_tactic_prefers_more_stages_and_skips_unrunnable():
     descs = _descs(tile_ms=(64,), stages=(2, 3, 5), tile_ns=(128,))
     assert default_tactic(descs, 50) == "t_m64_n128_s5"
@@ -723,6 +735,7 @@ def _int8_descs(fast: bool, act: str = "bf16", smem_limit: int | None = None):
                       "tile_k": t.tile_k, "warp_m": t.warp_m, "warp_n": t.warp_n,
                       "warp_k": t.warp_k, "stages": t.stages, "smem_bytes": smem,
                       "threads": 32 * warps, "act_dtype": act, "weight_dtype": "int8",
+                      "decode": t.decode, "gated": t.gated,
                       "runnable": smem_limit is None or smem <= smem_limit})
     return descs
 
@@ -741,7 +754,8 @@ def _int8_descs(fast: bool, act: str = "bf16", smem_limit: int | None = None):
 ])
 def test_default_tactic_on_int8_tactics(act, smem_limit, rows, expected):
     descs = _int8_descs(fast=False, act=act, smem_limit=smem_limit)
-    assert len(descs) == 17
+    assert len([d for d in descs if not d["decode"]]) == 17  # and the decode ones, never default
+    descs = [d for d in descs if not d["gated"]]  # GEMM1 of an ungated activation
     assert default_tactic(descs, rows) == f"sm80_{act}_int8_{expected}"
 
 
@@ -760,7 +774,7 @@ def _gemm1_descs_16bit(fast):
         {"name": t.name, "gemm": 1, "tile_m": t.tile_m, "tile_n": t.tile_n, "tile_k": t.tile_k,
          "warp_m": t.warp_m, "warp_n": t.warp_n, "warp_k": t.warp_k, "stages": t.stages,
          "smem_bytes": 0, "threads": t.threads, "act_dtype": "bf16", "weight_dtype": "bf16",
-         "gated": t.gated, "runnable": True}
+         "gated": t.gated, "decode": t.decode, "runnable": True}
         for t in generator.tactics(fast=fast)
         if t.weight is None and t.dtype == "bf16" and t.gemms & 1
     ]

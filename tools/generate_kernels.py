@@ -7,7 +7,11 @@ Each tactic is one compiled CUTLASS configuration with a stable name such as
 ``sm80_gated_bf16_bf16_m16n64k64_w16x32x64_s5`` (fused gated GEMM1: the tile's N counts output
 columns, each of which reads one up and one gate weight row) or
 ``sm80_bf16_bf16_m16n64k64_w16x32x64_s4_splitk4`` (GEMM2 split over K into 4 fp32 partial sums,
-for decode; the split factors of one tile share one compiled kernel with fp32 output). Instances
+for decode; the split factors of one tile share one compiled kernel with fp32 output) or
+``sm80_decode_bf16_int8_m2n16_c4x4_u4`` / ``sm80_decode_gated_bf16_bf16_m1n8_c2x4_u4``
+(weight-streaming decode kernels: up to 2 rows per expert per pass, 16 output columns per work
+item from 4 warps of 4 columns, 4 K-steps of loads in flight; src/grouped_gemm/decode_gemm.cuh).
+Instances
 are grouped a few per translation unit: every TU pays a fixed front-end cost, so batching is
 several times cheaper than one TU per tactic, while enough TUs remain to keep a parallel build
 busy.
@@ -38,6 +42,7 @@ QUANT_WEIGHT_DTYPES = {
 
 # Kernel template header and class of each weight kind ("16bit": weights in the activation dtype).
 KERNEL_TEMPLATES = {
+    "decode": ("grouped_gemm/decode_gemm.cuh", "grouped_gemm::decode::DecodeGemm"),
     "16bit": ("grouped_gemm/sm80_grouped_gemm.cuh", "grouped_gemm::Sm80GroupedGemm"),
     "int8": ("grouped_gemm/sm80_grouped_gemm_int8.cuh", "grouped_gemm::Sm80GroupedGemmInt8"),
     "gated": ("grouped_gemm/sm80_grouped_gemm_gated.cuh", "grouped_gemm::Sm80GroupedGemmGated"),
@@ -61,6 +66,8 @@ class Tactic:
     weight: str | None = None  # a QUANT_WEIGHT_DTYPES tag; None: weights in the activation dtype
     gated: bool = False  # fused gated GEMM1 (16-bit weights, GEMM1 only)
     split_k: int = 1  # > 1: GEMM2 split over K, fp32 partial sums (GEMM2 only)
+    decode: bool = False  # weight-streaming decode kernel: tile_m rows per pass, tile_n columns
+    # per work item, warp_n columns per warp, stages = K-steps of loads issued together
 
     @property
     def weight_tag(self) -> str:
@@ -69,6 +76,8 @@ class Tactic:
     @property
     def kind(self) -> str:
         """Key of KERNEL_TEMPLATES."""
+        if self.decode:
+            return "decode"
         if self.gated:
             return "gated"
         return self.weight or "16bit"
@@ -79,6 +88,10 @@ class Tactic:
 
     @property
     def base_name(self) -> str:
+        if self.decode:
+            prefix = "sm80_decode_gated" if self.gated else "sm80_decode"
+            return (f"{prefix}_{self.dtype}_{self.weight_tag}_m{self.tile_m}n{self.tile_n}"
+                    f"_c{self.warp_n}x{self.warps}_u{self.stages}")
         prefix = "sm80_gated" if self.gated else "sm80"
         return (
             f"{prefix}_{self.dtype}_{self.weight_tag}_m{self.tile_m}n{self.tile_n}k{self.tile_k}"
@@ -104,8 +117,12 @@ class Tactic:
         return self.kind + ("_splitk" if self.split_k > 1 else "")
 
     @property
+    def warps(self) -> int:
+        return (self.tile_m // self.warp_m) * (self.tile_n // self.warp_n)
+
+    @property
     def threads(self) -> int:
-        return 32 * (self.tile_m // self.warp_m) * (self.tile_n // self.warp_n)
+        return 32 * self.warps
 
 
 # (tile_m, tile_n, tile_k, warp_m, warp_n, warp_k, stages). K-tile 64 throughout: a 16-bit
@@ -230,6 +247,35 @@ FAST_TILES_SPLITK_INT8 = [
 ]
 
 
+# Weight-streaming decode kernels: (rows per pass, output columns per warp, warps, K-steps in
+# flight), for 16-bit and int8 weights, plain (GEMM1 and GEMM2) and gated (GEMM1: up and gate
+# rows per column, so half the columns per warp). A warp keeps columns x halves x K-steps
+# 16-byte loads per lane in flight: 16 for every configuration, 8 KB per warp. More rows per
+# pass re-read fewer weights when experts get several rows but cost registers (accumulators:
+# columns x halves x rows per lane), so those take fewer K-steps.
+FULL_DECODE = {
+    ("16bit", False): [(1, 4, 4, 4), (2, 4, 4, 4), (4, 4, 4, 2), (8, 2, 4, 2)],
+    ("16bit", True): [(1, 2, 4, 4), (2, 2, 4, 4), (4, 2, 4, 2), (8, 1, 4, 2)],
+    ("int8", False): [(1, 2, 4, 4), (2, 2, 4, 4), (4, 2, 4, 2), (8, 1, 4, 2)],
+    # 8 rows of int8 gated columns spill registers on sm_90 (both halves' 16-wide vectors):
+    # not compiled.
+    ("int8", True): [(1, 1, 4, 4), (2, 1, 4, 4), (4, 1, 4, 2)],
+}
+FAST_DECODE = {kind: configs[1:2] for kind, configs in FULL_DECODE.items()}
+
+
+def _decode_tactics(fast: bool) -> list[Tactic]:
+    found = []
+    for (weights, gated), configs in (FAST_DECODE if fast else FULL_DECODE).items():
+        for dtype in DTYPES:
+            for rows, cols, warps, unroll in configs:
+                found.append(Tactic(
+                    dtype, rows, cols * warps, 0, rows, cols, 0, unroll,
+                    gemms=GEMM1 if gated else GEMM1 | GEMM2,
+                    weight="int8" if weights == "int8" else None, gated=gated, decode=True))
+    return found
+
+
 def tactics(fast: bool = False) -> list[Tactic]:
     """All tactics of a build, in registry order."""
     tiles = FAST_TILES_16BIT if fast else FULL_TILES_16BIT
@@ -253,7 +299,12 @@ def tactics(fast: bool = False) -> list[Tactic]:
             for tile in tiles_split_int8
             for splits in SPLIT_FACTORS
         ]
+        + _decode_tactics(fast)
     )
+
+
+def _cpp_bool(value: bool) -> str:
+    return "true" if value else "false"
 
 
 def _instance_file(group: list[Tactic]) -> str:
@@ -273,10 +324,17 @@ def _instance_file(group: list[Tactic]) -> str:
         kernel_name = t.kernel_alias
         if kernel_name not in declared:
             out = ", float" if t.split_k > 1 else ""
-            kernel = (
-                f"{template}<{element}, {t.tile_m}, {t.tile_n}, {t.tile_k}, "
-                f"{t.warp_m}, {t.warp_n}, {t.warp_k}, {t.stages}{out}>"
-            )
+            if t.decode:
+                weight = "int8_t" if t.weight == "int8" else element
+                kernel = (
+                    f"{template}<{element}, {weight}, {t.tile_m}, {t.warp_n}, {t.warps}, "
+                    f"{t.stages}, {_cpp_bool(t.gated)}>"
+                )
+            else:
+                kernel = (
+                    f"{template}<{element}, {t.tile_m}, {t.tile_n}, {t.tile_k}, "
+                    f"{t.warp_m}, {t.warp_n}, {t.warp_k}, {t.stages}{out}>"
+                )
             lines.append(f"using {kernel_name} = {kernel};")
             declared.add(kernel_name)
         lines += [
@@ -284,7 +342,7 @@ def _instance_file(group: list[Tactic]) -> str:
             f'    "{t.name}", {dtype_enum}, {t.weight_enum},',
             f"    {t.tile_m}, {t.tile_n}, {t.tile_k}, {t.warp_m}, {t.warp_n}, {t.warp_k},",
             f"    {t.stages}, {kernel_name}::kThreads, {kernel_name}::kSmemBytes, {t.gemms},",
-            f"    {'true' if t.gated else 'false'}, {t.split_k}, false,",
+            f"    {_cpp_bool(t.gated)}, {t.split_k}, {_cpp_bool(t.decode)},",
             f"    &{kernel_name}::prepare, &{kernel_name}::launch}};",
             "",
         ]

@@ -294,7 +294,7 @@ def make_row(preset_name: str, preset: ModelPreset, dtype: str, weights: str, nu
 # GEMM patterns come first: the CUTLASS kernels' template arguments are long names.
 _STAGE_PATTERNS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("gemm", ("grouped_kernel<", "cutlass::Kernel<", "cutlass::Kernel2<", "_ZN7cutlass6Kernel",
-              "GemmGrouped", "GroupedGemm")),
+              "GemmGrouped", "GroupedGemm", "decode_gemm_kernel<")),
     ("routing", ("count_chunk_experts_kernel", "scan_chunk_counts_kernel",
                  "scatter_ranks_kernel")),
     ("gather", ("gather_rows_kernel",)),

@@ -133,13 +133,15 @@ def default_tactic(descs: Sequence[Mapping[str, Any]], expected_rows_per_expert:
     when that exact tactic is not compiled or not runnable, the smallest ``tile_m`` at least the
     preferred one (else the largest) is taken, with more ``stages`` first, then the narrower
     ``tile_n``, then the name — so the choice never depends on the order of ``descs``.
-    Descriptors with ``runnable`` false are skipped, and so are GEMM2 tactics split over K
-    (their speed depends on the shape more than a table can say: only the tuner picks them).
+    Descriptors with ``runnable`` false are skipped, and so are GEMM2 tactics split over K and
+    the weight-streaming decode tactics (their speed depends on the shape more than a table can
+    say: only the tuner picks them, by measurement).
     When fused gated GEMM1 tactics are among them (a gated activation's GEMM1), only those are
     considered up to ``GATED_DEFAULT_MAX_ROWS`` rows per expert (with their own table), and only
     the others above it.
     """
-    pool = [d for d in descs if d.get("runnable", True) and int(d.get("split_k", 1)) == 1]
+    pool = [d for d in descs if d.get("runnable", True) and int(d.get("split_k", 1)) == 1
+            and not d.get("decode")]
     if not pool:
         raise RuntimeError("no runnable tactic is compiled for this configuration and device")
     rows = max(float(expected_rows_per_expert), 0.0)

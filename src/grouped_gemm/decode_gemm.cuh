@@ -1,0 +1,356 @@
+// Weight-streaming decode tactics ("sm80_decode"): grouped GEMMs for calls with few rows per
+// expert, where a GEMM is bound by reading the touched experts' weights once.
+//
+// They read the same device-resident arguments as the CUTLASS tactics (GroupedGemmArgs: problem
+// sizes, A/B/D pointers and leading dimensions per expert, per-column scales for int8 weights,
+// and, for the gated variant, token row indices, the fc1 bias and the gated activation), so the
+// runner launches them like any other tactic. What differs is the schedule:
+//
+// - A work item is (a chunk of up to kRows rows of one expert, a tile of kCols output columns).
+//   Every block first scans the problem sizes into a prefix of row chunks (in shared memory), so
+//   the persistent grid's blocks walk only the items that exist: no block visits an empty expert.
+// - Each warp owns kColsPerWarp output columns of the item (both the up and the gate weight row
+//   of each in the gated variant). Its lanes split K in 16-byte weight vectors; every lane
+//   issues kUnroll x (weight rows) 16-byte loads before it uses any of them, with a streaming
+//   cache hint, so each warp keeps several KB of weights in flight: a wave of such warps is what
+//   saturates HBM when a decode GEMM has few output tiles for a tensor-core kernel.
+// - The activation rows (at most kRows) are read through the read-only cache: every warp of
+//   every block that works on this chunk reads the same few KB.
+// - Products are summed in fp32 per lane, then across the warp by a fixed butterfly: results do
+//   not depend on timing (deterministic).
+// - Epilogue: int8 weights' per-column scale, rounding to the activation dtype where the unfused
+//   path rounds (GEMM1's output; then bias and activation in fp32, as the activation kernel).
+//
+// No tensor cores: with at most kRows rows, a 16-byte weight vector feeds 8 or 16 x kRows FMAs,
+// which the SM's fp32 units sustain at memory speed for the row counts these tactics serve.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include <cub/block/block_scan.cuh>
+
+#include "activation_math.cuh"
+#include "cutlass/gemm_coord.h"
+#include "cutlass/numeric_types.h"
+#include "cutlass_moe/cuda_check.h"
+#include "cutlass_moe/problem.h"
+#include "cutlass_moe/tactic.h"
+#include "launch.cuh"
+
+namespace cutlass_moe {
+namespace grouped_gemm {
+namespace decode {
+
+// Local experts a decode kernel can scan (as many as routing accepts).
+constexpr int kMaxExperts = 3072;
+
+// 16-byte vectors of weights or activations, converted to fp32.
+__device__ __forceinline__ void to_float(const uint4& v, cutlass::bfloat16_t, float* out) {
+  const uint32_t words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    out[2 * i] = __uint_as_float(words[i] << 16);
+    out[2 * i + 1] = __uint_as_float(words[i] & 0xffff0000u);
+  }
+}
+
+__device__ __forceinline__ void to_float(const uint4& v, cutlass::half_t, float* out) {
+  const uint32_t words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 pair = __half22float2(*reinterpret_cast<const __half2*>(&words[i]));
+    out[2 * i] = pair.x;
+    out[2 * i + 1] = pair.y;
+  }
+}
+
+// int8 -> fp32 without the (quarter-rate) integer conversion: byte b ^ 0x80 placed in the low
+// mantissa bits of 2^23 gives 2^23 + b + 128 exactly, one byte permute and one add per value.
+__device__ __forceinline__ void to_float(const uint4& v, int8_t, float* out) {
+  const uint32_t words[4] = {v.x ^ 0x80808080u, v.y ^ 0x80808080u, v.z ^ 0x80808080u,
+                             v.w ^ 0x80808080u};
+  constexpr float kBias = 8388608.0f + 128.0f;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+#pragma unroll
+    for (int b = 0; b < 4; ++b) {
+      out[4 * i + b] = __uint_as_float(__byte_perm(words[i], 0x4B000000u, 0x7440 + b)) - kBias;
+    }
+  }
+}
+
+__device__ __forceinline__ uint4 load_streaming(const void* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ uint4 load_cached(const void* p) {
+  return __ldg(reinterpret_cast<const uint4*>(p));
+}
+
+template <typename Element>
+__device__ __forceinline__ float to_float(Element x) {
+  return static_cast<float>(x);
+}
+
+// Rounds to the activation dtype and back: the value the tensor-core path would have stored.
+template <typename Element>
+__device__ __forceinline__ float rounded(float x) {
+  return static_cast<float>(Element(x));
+}
+
+struct Params {
+  const cutlass::gemm::GemmCoord* problem_sizes;
+  int problem_count;
+  void* const* ptr_a;
+  void* const* ptr_b;
+  void* const* ptr_d;
+  const int64_t* lda;
+  const int64_t* ldb;
+  const int64_t* ldd;
+  void* const* ptr_scale;        // int8 weights: per-column scales (activation dtype)
+  int32_t* const* ptr_rows;      // gated: token rows of each problem
+  GatedEpilogueArgs gated;       // gated: activation, fc1 bias [E, 2I], clamp parameters
+};
+
+// Element: activation dtype; Weight: Element or int8_t. kRows rows per work item, kColsPerWarp
+// output columns per warp, kWarps warps, kUnroll K-steps of loads issued together. Gated: the
+// problem's N is I; output column n multiplies weight rows n (up) and I + n (gate).
+template <typename Element, typename Weight, int kRows, int kColsPerWarp, int kWarps,
+          int kUnroll, bool kGated>
+struct Kernel {
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kCols = kColsPerWarp * kWarps;
+  static constexpr int kHalves = kGated ? 2 : 1;  // weight rows per output column
+  static constexpr int kVec = 16 / int(sizeof(Weight));  // weights per 16-byte vector
+  static constexpr int kStep = 32 * kVec;                // K per warp-wide step
+  static constexpr bool kInt8 = sizeof(Weight) == 1;
+
+  using BlockScan = cub::BlockScan<int, kThreads>;
+  struct SharedStorage {
+    typename BlockScan::TempStorage scan;
+    int chunk_prefix[kMaxExperts + 1];  // row chunks of the experts before e
+  };
+
+  static __device__ void run(const Params& p, SharedStorage& shared) {
+    const int num_experts = p.problem_count;
+    // Row chunks per expert, as an exclusive prefix over the experts.
+    int running = 0;
+    for (int base = 0; base < num_experts; base += kThreads) {
+      const int e = base + static_cast<int>(threadIdx.x);
+      const int rows = e < num_experts ? p.problem_sizes[e].m() : 0;
+      int before = 0, total = 0;
+      BlockScan(shared.scan).ExclusiveSum((rows + kRows - 1) / kRows, before, total);
+      if (e < num_experts) shared.chunk_prefix[e] = running + before;
+      running += total;
+      __syncthreads();  // the scan's storage is reused by the next pass
+    }
+    if (threadIdx.x == 0) shared.chunk_prefix[num_experts] = running;
+    __syncthreads();
+    const int total_chunks = shared.chunk_prefix[num_experts];
+    if (total_chunks == 0) return;
+    const int64_t n_total = p.problem_sizes[0].n();  // every problem of a GEMM shares N and K
+    const int64_t k_total = p.problem_sizes[0].k();
+    const int col_tiles = static_cast<int>((n_total + kCols - 1) / kCols);
+    const int64_t items = static_cast<int64_t>(total_chunks) * col_tiles;
+    const int warp = static_cast<int>(threadIdx.x) / 32;
+    const int lane = static_cast<int>(threadIdx.x) % 32;
+
+    for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
+      const int chunk = static_cast<int>(item / col_tiles);
+      const int col_tile = static_cast<int>(item % col_tiles);
+      // The expert of this chunk: the last e with chunk_prefix[e] <= chunk (empty experts share
+      // their successor's prefix and are skipped by taking the last).
+      int lo = 0, hi = num_experts;  // invariant: prefix[lo] <= chunk < prefix[hi]
+      while (hi - lo > 1) {
+        const int mid = (lo + hi) / 2;
+        if (shared.chunk_prefix[mid] <= chunk) lo = mid; else hi = mid;
+      }
+      const int e = lo;
+      const int first = (chunk - shared.chunk_prefix[e]) * kRows;
+      const int rows = min(kRows, p.problem_sizes[e].m() - first);
+      compute(p, e, first, rows, col_tile * kCols + warp * kColsPerWarp, n_total, k_total,
+              lane);
+    }
+  }
+
+  static __device__ __forceinline__ void compute(const Params& p, int e, int first, int rows,
+                                                 int64_t col0, int64_t n_total, int64_t k_total,
+                                                 int lane) {
+    if (col0 >= n_total) return;
+    const int64_t lda = p.lda[e];
+    const int64_t ldb = p.ldb[e];
+    const Element* a_base = static_cast<const Element*>(p.ptr_a[e]);
+    const Element* a_rows[kRows];
+#pragma unroll
+    for (int m = 0; m < kRows; ++m) {
+      const int row = first + (m < rows ? m : rows - 1);  // padding rows repeat the last one
+      const int64_t source = kGated ? static_cast<int64_t>(p.ptr_rows[e][row]) : row;
+      a_rows[m] = a_base + source * lda;
+    }
+    const Weight* b = static_cast<const Weight*>(p.ptr_b[e]);
+    const Weight* w_rows[kColsPerWarp][kHalves];
+#pragma unroll
+    for (int c = 0; c < kColsPerWarp; ++c) {
+      const int64_t n = col0 + c < n_total ? col0 + c : n_total - 1;  // past N: repeat, unstored
+#pragma unroll
+      for (int h = 0; h < kHalves; ++h) w_rows[c][h] = b + (n + h * n_total) * ldb;
+    }
+
+    float acc[kColsPerWarp][kHalves][kRows];
+#pragma unroll
+    for (int c = 0; c < kColsPerWarp; ++c)
+#pragma unroll
+      for (int h = 0; h < kHalves; ++h)
+#pragma unroll
+        for (int m = 0; m < kRows; ++m) acc[c][h][m] = 0.0f;
+
+    for (int64_t k_base = int64_t(lane) * kVec; k_base < k_total; k_base += kUnroll * kStep) {
+      uint4 w[kUnroll][kColsPerWarp][kHalves];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t k = k_base + u * kStep;
+#pragma unroll
+        for (int c = 0; c < kColsPerWarp; ++c)
+#pragma unroll
+          for (int h = 0; h < kHalves; ++h)
+            w[u][c][h] = k < k_total ? load_streaming(w_rows[c][h] + k) : make_uint4(0, 0, 0, 0);
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t k = k_base + u * kStep;
+        if (k >= k_total) break;
+        float wf[kColsPerWarp][kHalves][kVec];
+#pragma unroll
+        for (int c = 0; c < kColsPerWarp; ++c)
+#pragma unroll
+          for (int h = 0; h < kHalves; ++h) to_float(w[u][c][h], Weight(), wf[c][h]);
+        // Activations 8 at a time (one 16-byte vector), in K order: few live registers.
+#pragma unroll
+        for (int m = 0; m < kRows; ++m) {
+#pragma unroll
+          for (int part = 0; part < kVec / 8; ++part) {
+            float a[8];
+            to_float(load_cached(a_rows[m] + k + part * 8), Element(), a);
+#pragma unroll
+            for (int c = 0; c < kColsPerWarp; ++c)
+#pragma unroll
+              for (int h = 0; h < kHalves; ++h)
+#pragma unroll
+                for (int i = 0; i < 8; ++i)
+                  acc[c][h][m] = fmaf(wf[c][h][part * 8 + i], a[i], acc[c][h][m]);
+          }
+        }
+      }
+    }
+
+    // Butterfly sums: every lane ends with every total, added in the same order everywhere.
+#pragma unroll
+    for (int c = 0; c < kColsPerWarp; ++c)
+#pragma unroll
+      for (int h = 0; h < kHalves; ++h)
+#pragma unroll
+        for (int m = 0; m < kRows; ++m)
+#pragma unroll
+          for (int offset = 16; offset > 0; offset /= 2)
+            acc[c][h][m] += __shfl_xor_sync(0xffffffffu, acc[c][h][m], offset);
+
+    // Lane c * kRows + m stores column c of row m.
+    Element* d = static_cast<Element*>(p.ptr_d[e]);
+    const int64_t ldd = p.ldd[e];
+    const Element* scales = kInt8 ? static_cast<const Element*>(p.ptr_scale[e]) : nullptr;
+#pragma unroll
+    for (int c = 0; c < kColsPerWarp; ++c) {
+#pragma unroll
+      for (int m = 0; m < kRows; ++m) {
+        if (lane != c * kRows + m) continue;
+        const int64_t n = col0 + c;
+        if (m >= rows || n >= n_total) continue;
+        float out[kHalves];
+#pragma unroll
+        for (int h = 0; h < kHalves; ++h) {
+          const float scale = kInt8 ? to_float(scales[n + h * n_total]) : 1.0f;
+          out[h] = rounded<Element>(acc[c][h][m] * scale);
+        }
+        float value = out[0];
+        if constexpr (kGated) {
+          float up = out[0], gate = out[1];
+          const Element* bias = static_cast<const Element*>(p.gated.bias);
+          if (bias != nullptr) {
+            up += to_float(bias[e * 2 * n_total + n]);
+            gate += to_float(bias[e * 2 * n_total + n_total + n]);
+          }
+          activation_math::GatedParams gp;
+          gp.clamped = p.gated.swiglu_alpha != nullptr || p.gated.swiglu_beta != nullptr ||
+                       p.gated.swiglu_limit != nullptr;
+          if (p.gated.swiglu_alpha != nullptr) gp.alpha = p.gated.swiglu_alpha[e];
+          if (p.gated.swiglu_beta != nullptr) gp.beta = p.gated.swiglu_beta[e];
+          if (p.gated.swiglu_limit != nullptr) gp.limit = p.gated.swiglu_limit[e];
+          value = activation_math::gated(p.gated.activation, gate, up, gp);
+        }
+        d[(first + m) * ldd + n] = Element(value);
+      }
+    }
+  }
+};
+
+template <typename K>
+__global__ void __launch_bounds__(K::kThreads) decode_gemm_kernel(Params params) {
+  wait_on_dependencies();
+  __shared__ typename K::SharedStorage shared;
+  K::run(params, shared);
+}
+
+// The tactic's host side: the interface every grouped-GEMM tactic has (see tactic.h).
+template <typename Element, typename Weight, int kRows, int kColsPerWarp, int kWarps,
+          int kUnroll, bool kGated>
+struct DecodeGemm {
+  using K = Kernel<Element, Weight, kRows, kColsPerWarp, kWarps, kUnroll, kGated>;
+  static constexpr int kThreads = K::kThreads;
+  static constexpr int kSmemBytes = int(sizeof(typename K::SharedStorage));
+
+  static int prepare() {
+    int blocks_per_sm = 0;
+    CUTLASS_MOE_CHECK_CUDA(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+        &blocks_per_sm, decode_gemm_kernel<K>, kThreads, 0));
+    return blocks_per_sm;
+  }
+
+  static void launch(const GroupedGemmArgs& a, int threadblock_count, cudaStream_t stream) {
+    if (a.problem_count > kMaxExperts) {
+      throw InvalidArgument("decode GEMM: more than " + std::to_string(kMaxExperts) +
+                            " local experts");
+    }
+    if (kGated && a.ptr_rows == nullptr) {
+      throw InvalidArgument("decode GEMM: the gated variant needs the row-index arrays");
+    }
+    if (K::kInt8 && a.ptr_scale == nullptr) {
+      throw InvalidArgument("decode GEMM: int8 weights need their per-column scales");
+    }
+    Params params;
+    params.problem_sizes = static_cast<const cutlass::gemm::GemmCoord*>(a.problem_sizes);
+    params.problem_count = a.problem_count;
+    params.ptr_a = a.ptr_a;
+    params.ptr_b = a.ptr_b;
+    params.ptr_d = a.ptr_d;
+    params.lda = a.lda;
+    params.ldb = a.ldb;
+    params.ldd = a.ldd;
+    params.ptr_scale = a.ptr_scale;
+    params.ptr_rows = a.ptr_rows;
+    params.gated = a.gated;
+    launch_kernel("decode GEMM", decode_gemm_kernel<K>, dim3(threadblock_count), dim3(kThreads),
+                  0, stream, a.pdl, params);
+  }
+};
+
+}  // namespace decode
+}  // namespace grouped_gemm
+}  // namespace cutlass_moe
