@@ -30,23 +30,26 @@ using namespace vector_access;
 
 using activation_math::activate;
 
-// Clamped SwiGLU parameters of one expert (gpt-oss). Each pointer is optional on its own; a
-// missing one takes the value that leaves that part of the formula inert: alpha = 1,
-// beta = 0, limit = +inf. With all three at their defaults the result equals plain SwiGLU.
-struct SwigluClamp {
-  const float* alpha;
-  const float* beta;
-  const float* limit;
-  __host__ __device__ bool enabled() const { return alpha != nullptr || beta != nullptr || limit != nullptr; }
-};
+// Whether a row needs its expert's per-expert parameters (besides the fc1 bias).
+__host__ __device__ inline bool per_expert_params(Activation act, const ActivationParams& p) {
+  switch (act) {
+    case Activation::kSwiglu:
+    case Activation::kSwigluStep:
+      return p.swiglu_alpha != nullptr || p.swiglu_beta != nullptr || p.swiglu_limit != nullptr;
+    case Activation::kSitu:
+      return p.situ_beta != nullptr || p.situ_linear_beta != nullptr;
+    default:
+      return false;
+  }
+}
 
 template <typename T, Activation kAct, int kWidth>
 __global__ void __launch_bounds__(kMaxThreads)
     activation_kernel(const T* __restrict__ fc1_out, T* __restrict__ act_out, int64_t inter_size,
                       const int64_t* __restrict__ expert_first_token_offset, int num_experts,
                       const int32_t* __restrict__ permuted_expert, const T* __restrict__ fc1_bias,
-                      SwigluClamp clamp) {
-  constexpr bool kGated = kAct == Activation::kSwiglu || kAct == Activation::kGeglu;
+                      ActivationParams params) {
+  constexpr bool kGated = is_gated(kAct);
   wait_on_dependencies();
   allow_dependents();
   const int64_t row = blockIdx.x;
@@ -55,9 +58,9 @@ __global__ void __launch_bounds__(kMaxThreads)
   if (col >= inter_size) return;
 
   const int64_t in_cols = kGated ? 2 * inter_size : inter_size;
-  const bool clamped = kAct == Activation::kSwiglu && clamp.enabled();
+  const bool per_expert = per_expert_params(kAct, params);
   // Only read the expert id when something per-expert is needed.
-  const int expert = (fc1_bias != nullptr || clamped) ? permuted_expert[row] : 0;
+  const int expert = (fc1_bias != nullptr || per_expert) ? permuted_expert[row] : 0;
 
   // Gated: the first I columns are "up", the second I "gate" (FlashInfer / TRT-LLM order).
   float up[kWidth];
@@ -79,18 +82,15 @@ __global__ void __launch_bounds__(kMaxThreads)
 
   float result[kWidth];
   if constexpr (kGated) {
-    if (clamped) {
-      const float alpha = clamp.alpha != nullptr ? clamp.alpha[expert] : 1.0f;
-      const float beta = clamp.beta != nullptr ? clamp.beta[expert] : 0.0f;
-      const float limit = clamp.limit != nullptr ? clamp.limit[expert] : CUDART_INF_F;
+    const activation_math::GatedParams gp =
+        per_expert ? activation_math::gated_params(params, expert) : activation_math::GatedParams{};
 #pragma unroll
-      for (int i = 0; i < kWidth; ++i) {
-        result[i] = activation_math::clamped_swiglu(gate[i], up[i], alpha, beta, limit);
-      }
-    } else {
+    for (int i = 0; i < kWidth; ++i) result[i] = activation_math::gated<kAct>(gate[i], up[i], gp);
+  } else if constexpr (kAct == Activation::kClampedRelu2) {
+    const float limit =
+        params.clamped_relu2_limit != nullptr ? params.clamped_relu2_limit[0] : 1.0f;
 #pragma unroll
-      for (int i = 0; i < kWidth; ++i) result[i] = up[i] * activate<kAct>(gate[i]);
-    }
+    for (int i = 0; i < kWidth; ++i) result[i] = activation_math::clamped_relu2(up[i], limit);
   } else {
 #pragma unroll
     for (int i = 0; i < kWidth; ++i) result[i] = activate<kAct>(up[i]);
@@ -107,7 +107,7 @@ struct LaunchArgs {
   int num_experts;
   const int32_t* permuted_expert;
   const void* fc1_bias;
-  SwigluClamp clamp;
+  ActivationParams params;
   cudaStream_t stream;
   bool pdl;
 };
@@ -124,7 +124,7 @@ void launch_typed(const LaunchArgs& args) {
                 args.stream, args.pdl, static_cast<const T*>(args.fc1_out),
                 static_cast<T*>(args.act_out), args.inter_size, args.expert_first_token_offset,
                 args.num_experts, args.permuted_expert, static_cast<const T*>(args.fc1_bias),
-                args.clamp);
+                args.params);
 }
 
 template <typename T, Activation kAct>
@@ -153,6 +153,16 @@ void launch_activation_fn(Activation activation, const LaunchArgs& args) {
       return launch_width<T, Activation::kSwiglu>(args);
     case Activation::kGeglu:
       return launch_width<T, Activation::kGeglu>(args);
+    case Activation::kRelu2:
+      return launch_width<T, Activation::kRelu2>(args);
+    case Activation::kSwigluStep:
+      return launch_width<T, Activation::kSwigluStep>(args);
+    case Activation::kGegluTanh:
+      return launch_width<T, Activation::kGegluTanh>(args);
+    case Activation::kSitu:
+      return launch_width<T, Activation::kSitu>(args);
+    case Activation::kClampedRelu2:
+      return launch_width<T, Activation::kClampedRelu2>(args);
   }
   throw InvalidArgument("activation: unknown activation enum value " +
                         std::to_string(static_cast<int>(activation)));
@@ -164,8 +174,7 @@ void launch_activation(DType dtype, Activation activation, const void* fc1_out, 
                        int64_t expanded_rows, int64_t inter_size,
                        const int64_t* expert_first_token_offset, int num_experts,
                        const int32_t* permuted_expert, const void* fc1_bias,
-                       const float* swiglu_alpha, const float* swiglu_beta,
-                       const float* swiglu_limit, cudaStream_t stream, bool pdl) {
+                       const ActivationParams& params, cudaStream_t stream, bool pdl) {
   if (dtype != DType::kFloat16 && dtype != DType::kBFloat16) {
     throw InvalidArgument("activation: dtype must be float16 or bfloat16");
   }
@@ -178,15 +187,19 @@ void launch_activation(DType dtype, Activation activation, const void* fc1_out, 
   if (fc1_out == nullptr || act_out == nullptr || expert_first_token_offset == nullptr) {
     throw InvalidArgument("activation: a required device pointer is null");
   }
-  const SwigluClamp clamp{swiglu_alpha, swiglu_beta, swiglu_limit};
-  if ((fc1_bias != nullptr || (activation == Activation::kSwiglu && clamp.enabled())) &&
+  if (!is_valid_activation(static_cast<int>(activation))) {
+    throw InvalidArgument("activation: unknown activation enum value " +
+                          std::to_string(static_cast<int>(activation)));
+  }
+  if ((fc1_bias != nullptr || per_expert_params(activation, params)) &&
       permuted_expert == nullptr) {
-    throw InvalidArgument("activation: permuted_expert is required with a bias or clamped SwiGLU");
+    throw InvalidArgument(
+        "activation: permuted_expert is required with a bias or per-expert activation parameters");
   }
 
   const LaunchArgs args{fc1_out,          act_out,     expanded_rows,   inter_size,
                         expert_first_token_offset, num_experts, permuted_expert, fc1_bias,
-                        clamp,            stream,      pdl};
+                        params,           stream,      pdl};
   if (dtype == DType::kFloat16) {
     launch_activation_fn<__half>(activation, args);
   } else {

@@ -88,8 +88,9 @@ py::dict descriptor_dict(const cutlass_moe::TacticDescriptor& d, int gemm) {
   out["decode"] = d.decode;
   if (d.gated) {
     py::list activations;
-    activations.append(static_cast<int>(cutlass_moe::Activation::kSwiglu));
-    activations.append(static_cast<int>(cutlass_moe::Activation::kGeglu));
+    for (int a = 0; a < cutlass_moe::kActivationCount; ++a) {
+      if (cutlass_moe::is_gated(static_cast<Activation>(a))) activations.append(a);
+    }
     out["activations"] = activations;
   }
   return out;
@@ -215,7 +216,8 @@ PYBIND11_MODULE(_C, m) {
              std::uintptr_t swiglu_limit, std::uintptr_t output, std::uintptr_t workspace,
              size_t workspace_bytes, const std::string& tactic1, const std::string& tactic2,
              std::uintptr_t stream, std::uintptr_t fc1_scales, std::uintptr_t fc2_scales,
-             bool enable_pdl) {
+             bool enable_pdl, std::uintptr_t situ_beta, std::uintptr_t situ_linear_beta,
+             std::uintptr_t clamped_relu2_limit) {
             MoePointers p;
             p.input = as_ptr<const void>(input);
             p.token_selected_experts = as_ptr<const int32_t>(token_selected_experts);
@@ -227,6 +229,9 @@ PYBIND11_MODULE(_C, m) {
             p.swiglu_alpha = as_ptr<const float>(swiglu_alpha);
             p.swiglu_beta = as_ptr<const float>(swiglu_beta);
             p.swiglu_limit = as_ptr<const float>(swiglu_limit);
+            p.situ_beta = as_ptr<const float>(situ_beta);
+            p.situ_linear_beta = as_ptr<const float>(situ_linear_beta);
+            p.clamped_relu2_limit = as_ptr<const float>(clamped_relu2_limit);
             p.fc1_scales = as_ptr<const void>(fc1_scales);
             p.fc2_scales = as_ptr<const void>(fc2_scales);
             p.output = as_ptr<void>(output);
@@ -244,7 +249,8 @@ PYBIND11_MODULE(_C, m) {
           py::arg("swiglu_beta"), py::arg("swiglu_limit"), py::arg("output"),
           py::arg("workspace"), py::arg("workspace_bytes"), py::arg("tactic1"),
           py::arg("tactic2"), py::arg("stream"), py::arg("fc1_scales") = 0,
-          py::arg("fc2_scales") = 0, py::arg("enable_pdl") = true,
+          py::arg("fc2_scales") = 0, py::arg("enable_pdl") = true, py::arg("situ_beta") = 0,
+          py::arg("situ_linear_beta") = 0, py::arg("clamped_relu2_limit") = 0,
           py::call_guard<py::gil_scoped_release>())
       .def(
           "prepare_gemm_profile",

@@ -368,12 +368,14 @@ struct MoeRunner::Impl {
 
   bool gated(size_t index) const { return tactics[index]->gated; }
 
-  // A fused gated GEMM1 computes act(gate) * up itself: only gated activations qualify.
+  // A fused gated GEMM1 computes the gated activation of [up | gate] itself: only gated
+  // activations (is_gated) qualify.
   void check_gated_activation(size_t index, Activation activation) const {
-    if (gated(index) && activation != Activation::kSwiglu && activation != Activation::kGeglu) {
+    if (gated(index) && !is_gated(activation)) {
       throw InvalidArgument("tactic '" + std::string(tactics[index]->name) +
-                            "' fuses a gated activation (SwiGLU or GeGLU) into GEMM1; activation " +
-                            std::to_string(static_cast<int>(activation)) + " is not gated");
+                            "' fuses a gated activation into GEMM1; activation " +
+                            activation_name(activation) + " (" +
+                            std::to_string(static_cast<int>(activation)) + ") is not gated");
     }
   }
 
@@ -504,9 +506,7 @@ void check_problem(const MoeProblem& p, DType weight_dtype) {
     err += "expert_start must be >= 0 (got " + to_string(p.expert_start) + "); ";
   }
   const int act = static_cast<int>(p.activation);
-  if (act < static_cast<int>(Activation::kIdentity) || act > static_cast<int>(Activation::kGeglu)) {
-    err += "unknown activation " + to_string(act) + "; ";
-  }
+  if (!is_valid_activation(act)) err += "unknown activation " + to_string(act) + "; ";
   // GEMM sizes are 32-bit in CUTLASS's GemmCoord.
   constexpr int64_t kMaxDim = (int64_t(1) << 31) - 1;
   if (p.expanded_rows() > kMaxDim || p.fc1_out_size() > kMaxDim) {
@@ -568,6 +568,9 @@ void MoeRunner::run_moe(const MoeProblem& p, const MoePointers& ptrs, const std:
   if (weight_dtype_ == DType::kInt8 && (!ptrs.fc1_scales || !ptrs.fc2_scales)) {
     throw InvalidArgument("int8 weights need fc1 and fc2 per-channel scales");
   }
+  if (p.activation == Activation::kClampedRelu2 && !ptrs.clamped_relu2_limit) {
+    throw InvalidArgument("ClampedRelu2 needs clamped_relu2_limit (one float32 on the device)");
+  }
 
   const bool pdl = enable_pdl && state.pdl;
   char* base = static_cast<char*>(ptrs.workspace);
@@ -611,7 +614,8 @@ void MoeRunner::run_moe(const MoeProblem& p, const MoePointers& ptrs, const std:
   if (fused_gemm1) {
     GroupedGemmArgs args = layout.gemm_args(kArgsGemm1Gated, base, p.num_experts);
     args.gated = GatedEpilogueArgs{static_cast<int>(p.activation), ptrs.fc1_bias,
-                                   ptrs.swiglu_alpha, ptrs.swiglu_beta, ptrs.swiglu_limit};
+                                   ptrs.swiglu_alpha, ptrs.swiglu_beta, ptrs.swiglu_limit,
+                                   ptrs.situ_beta,    ptrs.situ_linear_beta};
     args.pdl = pdl;
     impl_->launch(t1, 1, args,
                   impl_->threadblock_count(t1, state, rows, p.num_experts, p.inter_size), stream);
@@ -625,7 +629,10 @@ void MoeRunner::run_moe(const MoeProblem& p, const MoePointers& ptrs, const std:
   if (needs_activation) {
     launch_activation(act_dtype_, p.activation, base + layout.fc1_out, base + layout.act_out,
                       rows, p.inter_size, offsets, p.num_experts, permuted_expert, ptrs.fc1_bias,
-                      ptrs.swiglu_alpha, ptrs.swiglu_beta, ptrs.swiglu_limit, stream, pdl);
+                      ActivationParams{ptrs.swiglu_alpha, ptrs.swiglu_beta, ptrs.swiglu_limit,
+                                       ptrs.situ_beta, ptrs.situ_linear_beta,
+                                       ptrs.clamped_relu2_limit},
+                      stream, pdl);
   }
   GroupedGemmArgs args2 =
       splits > 1 ? layout.gemm_args(split_args_index(splits), base, p.num_experts * splits)
@@ -753,7 +760,7 @@ void MoeRunner::run_gemm_profile(int gemm, const std::string& tactic, const MoeP
     char* offsets = base + layout.expert_first_token_offset;
     launch_activation(act_dtype_, p.activation, base + layout.fc1_out, base + layout.act_out,
                       rows, p.inter_size, reinterpret_cast<const int64_t*>(offsets),
-                      p.num_experts, nullptr, nullptr, nullptr, nullptr, nullptr, stream);
+                      p.num_experts, nullptr, nullptr, ActivationParams{}, stream);
   }
 }
 

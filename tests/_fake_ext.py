@@ -18,11 +18,13 @@ from typing import Any, ClassVar
 import torch
 
 from cutlass_moe import _ext
+from cutlass_moe.activation import is_gated
 from cutlass_moe.reference import reference_moe
 
 ENUM_TO_DTYPE = {v: k for k, v in _ext._DTYPE_TO_ENUM.items()}
-ENUM_TO_ACTIVATION = {v: k for k, v in _ext._ACTIVATION_TO_ENUM.items()}
-GATED_ENUMS = {4, 5}
+# C++ Activation value -> ActivationType (4 -> Swiglu, which SwigluBias also runs as).
+ENUM_TO_ACTIVATION = {v: _ext.activation_from_enum(v) for v in set(_ext._ACTIVATION_TO_ENUM.values())}
+GATED_ENUMS = {v for v, act in ENUM_TO_ACTIVATION.items() if is_gated(act)}
 
 
 def _tensor_at(ptr: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
@@ -83,7 +85,8 @@ class FakeMoeRunner:
                 activation, input, token_selected_experts, token_final_scales, fc1_weights,
                 fc2_weights, fc1_bias, fc2_bias, swiglu_alpha, swiglu_beta, swiglu_limit,
                 output, workspace, workspace_bytes, tactic1, tactic2, stream, fc1_scales=0,
-                fc2_scales=0, enable_pdl=True) -> None:
+                fc2_scales=0, enable_pdl=True, situ_beta=0, situ_linear_beta=0,
+                clamped_relu2_limit=0) -> None:
         args = dict(locals())
         del args["self"]
         self.calls.append(args)
@@ -107,15 +110,22 @@ class FakeMoeRunner:
         alpha = _tensor_at(swiglu_alpha, (e,), torch.float32)
         beta = _tensor_at(swiglu_beta, (e,), torch.float32)
         limit = _tensor_at(swiglu_limit, (e,), torch.float32)
+        sbeta = _tensor_at(situ_beta, (e,), torch.float32)
+        slbeta = _tensor_at(situ_linear_beta, (e,), torch.float32)
+        relu2_limit = _tensor_at(clamped_relu2_limit, (1,), torch.float32)
+        activation_type = ENUM_TO_ACTIVATION[activation]
+        if activation_type == _ext.ActivationType.ClampedRelu2 and relu2_limit is None:
+            raise ValueError("ClampedRelu2 needs clamped_relu2_limit")  # as the real runner
         out = _tensor_at(output, (t, h), out_dtype)
         ws = _tensor_at(workspace, (workspace_bytes,), torch.uint8)
         need = self.workspace_size(t, h, i, e, k, activation)
         assert workspace_bytes >= need and ws is not None
         ws.fill_(0xAB)  # proves the workspace is writable memory of that size
         result = reference_moe(
-            x, ids.long() - expert_start, scales, fc1, fc2, ENUM_TO_ACTIVATION[activation],
+            x, ids.long() - expert_start, scales, fc1, fc2, activation_type,
             fc1_expert_biases=b1, fc2_expert_biases=b2, swiglu_alpha=alpha, swiglu_beta=beta,
-            swiglu_limit=limit,
+            swiglu_limit=limit, clamped_relu2_limit=relu2_limit, situ_beta=sbeta,
+            situ_linear_beta=slbeta,
         )
         out.copy_(result.to(out_dtype))
 

@@ -8,10 +8,12 @@ end run the real commands on a tiny shape.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import importlib.machinery
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import types
@@ -126,6 +128,26 @@ def test_bench_help_describes_the_method(capsys):
                    "--out", "--plot", "--weights", "--dtype", "--peers", "--stages", "--rotate",
                    "--no-flush"):
         assert option in out
+
+
+def test_documents_cited_by_help_and_docstrings_exist(capsys):
+    """Help texts, docstrings and comments cite documents (and their sections) of this
+    repository only."""
+    root = Path(__file__).resolve().parents[1]
+    package = root / "python" / "cutlass_moe"
+    if not package.is_dir():
+        pytest.skip("needs the source tree")
+    texts = [run_cli(capsys, *argv)[1] for argv in (["--help"], ["info", "--help"],
+                                                     ["tune", "--help"], ["bench", "--help"])]
+    texts += [path.read_text() for path in sorted(package.glob("*.py"))]
+    text = "\n".join(texts)
+    cited = set(re.findall(r"\b((?:docs|tools)/[\w./-]+\.md)\b", text))
+    assert "docs/architecture.md" in cited
+    assert sorted(c for c in cited if not (root / c).is_file()) == []
+    headings = (root / "docs" / "architecture.md").read_text().splitlines()
+    sections = set(re.findall(r'docs/architecture\.md,\s*(?:#:?\s*)?"([^"]+)"', text))
+    assert "Benchmark" in sections
+    assert sorted(s for s in sections if f"## {s}" not in headings) == []
 
 
 def test_version(capsys):
@@ -370,7 +392,21 @@ def test_device_index_out_of_range(capsys, gpu, fake_ext, monkeypatch):
 
 def test_tune_out_is_a_directory(capsys, gpu, fake_ext, tmp_path):
     status, _, err = run_cli(capsys, "tune", "--model", "mixtral-8x7b", "--out", str(tmp_path))
-    assert status == 2 and "is a directory" in err
+    assert status == 2
+    assert err.splitlines()[-1] == (f"cutlass-moe tune: error: --out {tmp_path}: is a "
+                                    "directory; give a file name")
+
+
+def test_tune_out_under_a_regular_file(capsys, gpu, fake_ext, tmp_path, monkeypatch):
+    """Refused before any tuning, which would otherwise be lost when saving fails."""
+    monkeypatch.setattr(autotuner, "tune_model", lambda *a, **k: pytest.fail("tuned"))
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("x")
+    out = blocker / "sub" / "cache.json"
+    status, _, err = run_cli(capsys, "tune", "--model", "mixtral-8x7b", "--out", str(out))
+    assert status == 2
+    assert err.splitlines()[-1] == (f"cutlass-moe tune: error: --out {out}: {blocker} is not "
+                                    "a directory")
 
 
 def test_bench_out_suffix(capsys, gpu, fake_ext):
@@ -426,13 +462,14 @@ def test_info_with_gpus(capsys, gpu, fake_ext, monkeypatch, tmp_path):
     cache = tmp_path / "tc.json"
     cache.write_text("{}")
     monkeypatch.setenv(tuning_cache.CACHE_ENV, str(cache))
-    status, out, _ = run_cli(capsys, "info")
-    assert status == 0
+    status, out, err = run_cli(capsys, "info")
+    assert status == 0 and err == ""
     assert ("GPU 0:           NVIDIA H100 80GB HBM3, sm_90, 132 SMs, 80.0 GiB, kernels for it: "
             "yes") in out
     assert "GPU 1:           NVIDIA L4, sm_89, 58 SMs, 22.0 GiB, kernels for it: yes" in out
     assert "GPU 2:           NVIDIA B200, sm_100, 148 SMs, 179.0 GiB, kernels for it: no" in out
-    assert f"tuning cache:    $CUTLASS_MOE_TUNING_CACHE={cache} (exists)" in out
+    assert (f"tuning cache:    $CUTLASS_MOE_TUNING_CACHE={cache} (UNUSABLE, ignored: is not a "
+            "cutlass_moe tuning cache)") in out
 
 
 def test_info_json(capsys, gpu, fake_ext, monkeypatch, no_cache_env):
@@ -447,7 +484,80 @@ def test_info_json(capsys, gpu, fake_ext, monkeypatch, no_cache_env):
                                "bf16_int8_bf16": {"gemm1": 23, "gemm2": 23}}
     assert info["gpus"] == [{"index": 0, "name": "NVIDIA A10", "capability": "8.6",
                              "multiprocessors": 72, "memory_gib": 22.0, "kernels": "yes"}]
-    assert info["tuning_cache"] == {"env": tuning_cache.CACHE_ENV, "path": None, "exists": False}
+    assert info["tuning_cache"] == {"env": tuning_cache.CACHE_ENV, "path": None, "exists": False,
+                                    "status": "unset"}
+
+
+# What `info` says about the file $CUTLASS_MOE_TUNING_CACHE names: it reads it as a serving
+# process would, so a corrupt or stale file is reported, not shown as merely existing.
+
+GOOD_KEY = tuning_cache.TuningKey(
+    1, tuning_cache.ShapeKey("bf16_bf16_bf16", "none", 8, 256, 128, 2, "Swiglu", 1),
+    "NVIDIA H100 80GB HBM3/132", 16)
+
+
+def _cache_line(out: str) -> str:
+    return next(line for line in out.splitlines() if line.startswith("  tuning cache:"))
+
+
+def test_info_reads_the_tuning_cache(capsys, no_gpu, fake_ext, monkeypatch, tmp_path):
+    cache = tmp_path / "tc.json"
+    monkeypatch.setenv(tuning_cache.CACHE_ENV, str(cache))
+    assert _cache_line(run_cli(capsys, "info")[1]).endswith(
+        f"={cache} (does not exist yet; the first save creates it)")
+
+    tuning_cache.write_cache(cache, {GOOD_KEY: ("fake_g1_m16n128k64_s2", 3.0)})
+    status, out, err = run_cli(capsys, "info")
+    assert status == 0 and err == ""
+    assert _cache_line(out).endswith(f"={cache} (usable: 1 entry)")
+
+    second = dataclasses.replace(GOOD_KEY, bucket=32)
+    tuning_cache.write_cache(cache, {second: ("a_tactic_this_build_lacks", 4.0)})
+    assert _cache_line(run_cli(capsys, "info")[1]).endswith(
+        f"={cache} (usable: 1 entry; 1 entry is malformed or names a tactic this build does "
+        "not have; dropped)")
+
+    status, out, _ = run_cli(capsys, "info", "--json")
+    assert json.loads(out)["tuning_cache"] == {
+        "env": tuning_cache.CACHE_ENV, "path": str(cache), "exists": True, "status": "usable",
+        "entries": 1,
+        "problem": "1 entry is malformed or names a tactic this build does not have; dropped"}
+
+
+@pytest.mark.parametrize("content,problem", [
+    (b"{not json", ("is unreadable (Expecting property name enclosed in double quotes: line 1 "
+                    "column 2 (char 1))")),
+    (b"\xff\xfe", "is unreadable (not UTF-8 text)"),
+    (b"[]", "is not a cutlass_moe tuning cache"),
+    (json.dumps({"schema": "cutlass_moe.tuning_cache", "version": 1,
+                 "build_id": "0.0.1+cutlass3+cuda11", "devices": {}}).encode(),
+     "was written by build '0.0.1+cutlass3+cuda11', this is"),
+])
+def test_info_reports_an_unusable_tuning_cache(capsys, no_gpu, fake_ext, monkeypatch, tmp_path,
+                                               content, problem):
+    cache = tmp_path / "tc.json"
+    cache.write_bytes(content)
+    monkeypatch.setenv(tuning_cache.CACHE_ENV, str(cache))
+    status, out, err = run_cli(capsys, "info")
+    assert status == 0 and err == ""  # the problem is part of the report, not a warning
+    assert f"={cache} (UNUSABLE, ignored: {problem}" in _cache_line(out)
+    status, out, _ = run_cli(capsys, "info", "--json")
+    report = json.loads(out)["tuning_cache"]
+    assert report["status"] == "unusable" and report["problem"].startswith(problem)
+
+
+def test_info_tuning_cache_that_is_a_directory(capsys, no_gpu, fake_ext, monkeypatch, tmp_path):
+    monkeypatch.setenv(tuning_cache.CACHE_ENV, str(tmp_path))
+    assert _cache_line(run_cli(capsys, "info")[1]).endswith(
+        f"={tmp_path} (UNUSABLE, ignored: is unreadable (it is a directory))")
+
+
+def test_info_tuning_cache_without_extension(capsys, no_gpu, no_ext, monkeypatch, tmp_path):
+    cache = tmp_path / "tc.json"
+    cache.write_text("{}")
+    monkeypatch.setenv(tuning_cache.CACHE_ENV, str(cache))
+    assert _cache_line(run_cli(capsys, "info")[1]).endswith(
+        f"={cache} (exists; not checked without the compiled extension)")
 
 
 def test_arch_support():
@@ -759,6 +869,62 @@ def test_tune_out_from_env(capsys, fake_tuner, monkeypatch, tmp_path):
     monkeypatch.setenv(tuning_cache.CACHE_ENV, str(cache))
     assert run_cli(capsys, "tune", "--model", "qwen3-30b-a3b")[0] == 0
     assert fake_tuner.saved == [cache] and fake_tuner.loaded == []
+
+
+def test_tune_creates_missing_parent_directories(capsys, gpu, fake_ext, no_cache_env,
+                                                 monkeypatch, tmp_path):
+    """The real save: parents are created, as --help says."""
+    monkeypatch.setattr(autotuner, "tune_model", FakeTuner().tune_model)
+    out = tmp_path / "a" / "b" / "cache.json"
+    status, stdout, _ = run_cli(capsys, "tune", "--model", "mixtral-8x7b", "--out", str(out),
+                                "-q")
+    assert status == 0 and out.is_file()
+    assert f"tuning cache written to {out}" in stdout
+    _, help_text, _ = run_cli(capsys, "tune", "--help")
+    assert "missing parent directories are created" in " ".join(help_text.split())
+
+
+@pytest.mark.parametrize("error,message", [
+    (PermissionError(13, "Permission denied", "/somewhere/.cache.json.x1y2.tmp"),
+     "Permission denied"),
+    (OSError(28, "No space left on device"), "No space left on device"),
+])
+def test_tune_save_failure_is_one_line(capsys, gpu, fake_ext, no_cache_env, monkeypatch,
+                                       tmp_path, error, message):
+    """A failed save names the cache file and the reason, never the temporary file."""
+    monkeypatch.setattr(autotuner, "tune_model", FakeTuner().tune_model)
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(tuning_cache.tempfile, "mkstemp", fail)
+    out = tmp_path / "cache.json"
+    status, _, err = run_cli(capsys, "tune", "--model", "mixtral-8x7b", "--out", str(out), "-q")
+    assert status == 1
+    assert err == f"cutlass-moe: error: cannot write tuning cache {out}: {message}\n"
+    assert ".tmp" not in err and not out.exists()
+
+
+def test_tuning_cache_path_errors_of_the_api(tmp_path, fake_ext):
+    """save_tuning_cache / load_tuning_cache: bad paths give one line naming the path."""
+    with pytest.raises(IsADirectoryError) as info:
+        cutlass_moe.save_tuning_cache(tmp_path)
+    assert str(info.value) == f"cutlass_moe: cannot write tuning cache {tmp_path}: it is a directory"
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("x")
+    with pytest.raises(NotADirectoryError) as info:
+        cutlass_moe.save_tuning_cache(blocker / "cache.json")
+    assert str(info.value) == (f"cutlass_moe: cannot write tuning cache {blocker}/cache.json: "
+                               f"{blocker} is not a directory")
+    with pytest.raises(TypeError, match="path must be a str or os.PathLike, not int"):
+        cutlass_moe.load_tuning_cache(3)  # never an open file descriptor
+    with pytest.raises(TypeError, match="path must be a str or os.PathLike, not int"):
+        cutlass_moe.save_tuning_cache(3)
+    with pytest.warns(UserWarning, match=r"is unreadable \(it is a directory\); ignored"):
+        assert cutlass_moe.load_tuning_cache(tmp_path) == 0
+    nested = tmp_path / "x" / "y" / "cache.json"
+    cutlass_moe.save_tuning_cache(nested)  # parents are created
+    assert nested.is_file()
 
 
 def test_tune_loads_an_existing_out_file_first(capsys, fake_tuner, tmp_path):

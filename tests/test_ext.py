@@ -29,17 +29,22 @@ def test_dtype_enum_values_match_problem_h():
 
 
 def test_activation_enum_values_match_problem_h():
-    expected = {"Identity": 0, "Relu": 1, "Gelu": 2, "Silu": 3, "Swiglu": 4, "Geglu": 5}
+    """The C++ Activation values (include/cutlass_moe/problem.h, the binding's ABI)."""
+    expected = {"Identity": 0, "Relu": 1, "Gelu": 2, "Silu": 3, "Swiglu": 4, "SwigluBias": 4,
+                "Geglu": 5, "Relu2": 6, "SwigluStep": 7, "GegluTanh": 8, "Situ": 9,
+                "ClampedRelu2": 10}
     for name, value in expected.items():
         assert _ext.activation_to_enum(ActivationType[name]) == value
+    assert _ext.activation_from_enum(4) == ActivationType.Swiglu
     with pytest.raises(NotImplementedError):
-        _ext.activation_to_enum(ActivationType.Relu2)
+        _ext.activation_to_enum(ActivationType.InvalidType)
 
 
 def test_flashinfer_activation_values():
     """Our ActivationType keeps FlashInfer's values for the names both have."""
     expected = {"Gelu": 0, "Relu": 1, "Silu": 2, "Swiglu": 3, "Geglu": 4, "SwigluBias": 5,
-                "Relu2": 6, "Identity": 9}
+                "Relu2": 6, "SwigluStep": 7, "GegluTanh": 8, "Identity": 9, "Situ": 10,
+                "InvalidType": 11, "ClampedRelu2": 12}
     for name, value in expected.items():
         assert int(ActivationType[name]) == value
 

@@ -435,7 +435,8 @@ def _op_args(**overrides):
         "swiglu_alpha": None, "swiglu_beta": None, "swiglu_limit": None,
         "workspace_buffer": None, "activation": int(ActivationType.Swiglu),
         "expert_start": 0, "num_experts_total": 4, "tune_max_num_tokens": 8192,
-        "tactic1": "", "tactic2": "",
+        "tactic1": "", "tactic2": "", "enable_pdl": True, "clamped_relu2_limit": None,
+        "situ_beta": None, "situ_linear_beta": None,
     }
     args.update(overrides)
     return args
@@ -478,7 +479,8 @@ def test_raw_op_runs_valid_arguments(fake_cpu):
      "swiglu_alpha must be .* of torch.float32"),
     (lambda a: {"fc1_weight_scales": torch.ones(4, 16, dtype=torch.bfloat16)},
      "only for int8 weights"),
-    (lambda a: {"activation": 10}, "not supported|not an ActivationType"),
+    (lambda a: {"activation": 11}, "InvalidType is not supported"),
+    (lambda a: {"situ_beta": torch.ones(4)}, "situ_beta is only valid with ActivationType.Situ"),
     (lambda a: {"activation": 99}, "not an ActivationType"),
     (lambda a: {"expert_start": 2}, "expert_start=2 and num_experts_total=4"),
     (lambda a: {"num_experts_total": 2**31}, "int32"),

@@ -12,7 +12,41 @@ import pathlib
 import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "python" / "cutlass_moe"
-MODULES = sorted(p.stem for p in PACKAGE.glob("*.py"))
+
+
+def _discover() -> list[str]:
+    """Modules by dotted name within the package: ``ops``, ``__init__`` (the package's own),
+    and for a subpackage ``integrations`` (its ``__init__.py``) and ``integrations.name``."""
+    found = []
+    for path in PACKAGE.rglob("*.py"):
+        parts = list(path.relative_to(PACKAGE).with_suffix("").parts)
+        if len(parts) > 1 and parts[-1] == "__init__":
+            parts.pop()
+        found.append(".".join(parts))
+    return sorted(found)
+
+
+MODULES = _discover()
+
+
+def _is_package(module: str) -> bool:
+    return (PACKAGE / module.replace(".", "/")).is_dir()
+
+
+def _source(module: str) -> pathlib.Path:
+    if _is_package(module):
+        return PACKAGE / module.replace(".", "/") / "__init__.py"
+    return PACKAGE / f"{module.replace('.', '/')}.py"
+
+
+def _module_of(parts: list[str]) -> str | None:
+    """The package module that a dotted path within the package names (its longest prefix
+    that is a module), or None."""
+    for end in range(len(parts), 0, -1):
+        name = ".".join(parts[:end])
+        if name in MODULES:
+            return name
+    return None
 
 #: Third-party modules that may be imported inside a function: heavy, optional dependencies
 #: deferred on purpose (each such import carries a comment saying so).
@@ -20,28 +54,41 @@ DEFERRED_OPTIONAL = {"matplotlib", "tqdm", "torch.profiler", "torch.autograd"}
 
 
 def _package_imports(node: ast.AST, module: str) -> set[str]:
-    """Package modules named by one import statement of ``module``."""
-    found = set()
+    """Package modules named by one import statement of ``module`` (relative imports are
+    resolved from the package that holds ``module``)."""
+    found: set[str | None] = set()
     if isinstance(node, ast.ImportFrom):
-        if node.level == 1 or node.module == "cutlass_moe" or (
-                node.module or "").startswith("cutlass_moe."):
-            base = node.module or ""
-            base = base.removeprefix("cutlass_moe").lstrip(".") if node.level == 0 else base
-            if base:
-                found.add(base.split(".")[0])
-            else:
-                found.update(a.name for a in node.names if a.name in MODULES)
+        if node.level:
+            package = module.split(".") if _is_package(module) else module.split(".")[:-1]
+            if node.level - 1 > len(package):
+                return set()
+            base = package[:len(package) - (node.level - 1)]
+        elif node.module == "cutlass_moe" or (node.module or "").startswith("cutlass_moe."):
+            base = []
+            node_module = node.module.removeprefix("cutlass_moe").lstrip(".")
+            base = node_module.split(".") if node_module else []
+        else:
+            return set()
+        if node.level and node.module:
+            base = base + node.module.split(".")
+        if base and (node.level == 0 or node.module):
+            target = _module_of(base)
+            found.add(target)
+            if target is not None and _is_package(target):  # from .pkg import submodule
+                found.update(_module_of(base + [a.name]) for a in node.names)
+        else:
+            found.update(_module_of(base + [a.name]) for a in node.names)
     elif isinstance(node, ast.Import):
         for alias in node.names:
             if alias.name.startswith("cutlass_moe."):
-                found.add(alias.name.split(".")[1])
-    return found - {module}
+                found.add(_module_of(alias.name.split(".")[1:]))
+    return {name for name in found if name is not None} - {module}
 
 
 def _imports(module: str) -> tuple[set[str], list[tuple[int, str]]]:
     """(package modules imported anywhere in ``module``, imports inside functions as
     ``(line, imported name)``)."""
-    tree = ast.parse((PACKAGE / f"{module}.py").read_text())
+    tree = ast.parse(_source(module).read_text())
     edges: set[str] = set()
     nested: list[tuple[int, str]] = []
 
@@ -140,3 +187,14 @@ def test_layers():
     for module in MODULES:
         if module not in ("cli", "__main__"):
             assert "cli" not in GRAPH[module], f"{module} imports the command line"
+    # Integrations (cutlass_moe.integrations.*) are opt-in: nothing outside them imports them.
+    for module in MODULES:
+        if not module.startswith("integrations"):
+            assert not {m for m in GRAPH[module] if m.startswith("integrations")}, (
+                f"{module} imports an integration")
+
+
+def test_subpackages_are_read():
+    """The import graph covers subpackages, with their relative imports resolved."""
+    assert "integrations" in MODULES and "integrations.transformers" in MODULES
+    assert {"ops", "validation", "_ext"} <= GRAPH["integrations.transformers"]

@@ -137,6 +137,54 @@ def test_quantize_errors(w, scale_dtype, match):
         quantize_int8_per_channel(w, scale_dtype=scale_dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("value,word", [(float("nan"), "NaN"), (float("inf"), "inf"),
+                                        (float("-inf"), "inf")])
+def test_non_finite_rows_are_refused(dtype, value, word):
+    """A NaN or inf weight would quantise its row to zeros with a NaN/inf scale: refused,
+    naming the expert and row (the first one in order) and how many more there are."""
+    w = _weights((4, 16, 32), dtype, seed=11)
+    w[2, 5, 7] = value
+    with pytest.raises(ValueError, match=rf"expert 2, row 5 of weights \[E, N, K\] = "
+                                         rf"\[4, 16, 32\] holds {word}; int8 weights need "
+                                         "finite values"):
+        quantize_int8_per_channel(w)
+    w[3, 0, 0] = value
+    w[3, 1, 0] = value
+    with pytest.raises(ValueError, match=r"expert 2, row 5 .* holds \w+ \(and 2 more rows\)"):
+        quantize_int8_per_channel(w)
+
+
+def test_non_finite_rows_other_ranks():
+    w = torch.ones(8, 16)
+    w[6, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"row 6 of weights \[N, K\] = \[8, 16\] holds NaN"):
+        quantize_int8_per_channel(w)
+    w = torch.ones(2, 3, 4, 16)
+    w[1, 2, 3, 4] = float("inf")
+    with pytest.raises(ValueError, match=r"row weights\[1, 2, 3, :\] of shape "
+                                         r"\[2, 3, 4, 16\] holds inf"):
+        quantize_int8_per_channel(w)
+
+
+def test_non_finite_rows_name_the_tensor():
+    fc1 = _weights((2, 32, 64), torch.float16, seed=12)
+    fc2 = _weights((2, 64, 16), torch.float16, seed=13)
+    fc2[1, 9, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"expert 1, row 9 of fc2_expert_weights \[E, N, K\]"):
+        quantize_moe_weights_int8(fc1, fc2)
+
+
+def test_scale_overflowing_its_dtype_is_refused():
+    w = torch.ones(2, 8, 16)
+    w[1, 3, 2] = 1e30  # / 127 is far beyond float16's range
+    with pytest.raises(ValueError, match=r"the scale of expert 1, row 3 .* overflows "
+                                         r"torch.float16; pass a wider scale_dtype"):
+        quantize_int8_per_channel(w, scale_dtype=torch.float16)
+    _, scale = quantize_int8_per_channel(w)  # float32 scales hold it
+    assert torch.isfinite(scale).all()
+
+
 def test_dequantize():
     w = _weights((2, 16, 32), torch.bfloat16, seed=5)
     q, scale = quantize_int8_per_channel(w)

@@ -92,10 +92,11 @@ def test_flashinfer_compatible_no_op_arguments_pass_validation(monkeypatch):
             tune_max_num_tokens=256)
 
 
-@pytest.mark.parametrize("activation", [ActivationType.Relu2, ActivationType.SwigluBias,
-                                        ActivationType.GegluTanh, ActivationType.InvalidType])
+@pytest.mark.parametrize("activation", [ActivationType.InvalidType, 11, "InvalidType"])
 def test_unsupported_activation(activation):
-    with pytest.raises(NotImplementedError, match="Swiglu, Geglu, Gelu, Relu, Silu, Identity"):
+    with pytest.raises(NotImplementedError, match="InvalidType is not supported.*Swiglu, Geglu, "
+                       "Gelu, Relu, Silu, Identity, SwigluBias, Relu2, SwigluStep, GegluTanh, "
+                       "Situ, ClampedRelu2"):
         _call(activation_type=activation)
 
 
@@ -328,8 +329,31 @@ def test_check_inputs_names_bad_ids():
     ids[0, 1] = 4
     ids[2, 0] = -3
     ids[4, 1] = 1000
-    with pytest.raises(ValueError, match=r"3 id\(s\) outside \[0, 4\): -3, 4, 1000"):
+    with pytest.raises(ValueError, match=r"has 3 entries outside \[0, 4\): -3, 4, 1000 "
+                                         r"\(3 distinct values; the first at \[0, 1\]\)$"):
         _call(token_selected_experts=ids, check_inputs=True)
+
+
+def test_check_expert_ids_counts_entries_and_distinct_values():
+    """Entries and distinct values are counted apart: 7 bad entries holding 5 values."""
+    ids = torch.zeros(6, 2, dtype=torch.int64)
+    for pos, value in zip([(0, 0), (0, 1), (1, 0), (2, 1), (3, 0), (4, 0), (5, 1)],
+                          [9, 9, -1, 9, 4, 5, 6]):
+        ids[pos] = value
+    with pytest.raises(ValueError) as info:
+        validation.check_expert_ids(ids, 4)
+    assert str(info.value) == ("token_selected_experts has 7 entries outside [0, 4): -1, 4, 5, "
+                               "6, 9 (5 distinct values; the first at [0, 0])")
+    ids.zero_()
+    ids[3, 1] = 4
+    with pytest.raises(ValueError) as info:
+        validation.check_expert_ids(ids, 4)
+    assert str(info.value) == "token_selected_experts has 1 entry outside [0, 4): 4 (at [3, 1])"
+    ids[5, 0] = 4
+    with pytest.raises(ValueError, match=r"has 2 entries outside \[0, 4\): 4 \(1 distinct "
+                                         r"value; the first at \[3, 1\]\)"):
+        validation.check_expert_ids(ids, 4)
+    validation.check_expert_ids(ids.clamp(0, 3), 4)  # nothing to report
 
 
 def test_check_inputs_uses_global_expert_count_under_ep(monkeypatch):
@@ -345,7 +369,7 @@ def test_check_inputs_uses_global_expert_count_under_ep(monkeypatch):
 
 def test_check_inputs_lists_first_few():
     ids = torch.arange(100, 100 + T * K, dtype=torch.int64).view(T, K)
-    with pytest.raises(ValueError, match=r"100, 101, .*107 \(and 2 more\)"):
+    with pytest.raises(ValueError, match=r"100, 101, .*107 and 2 more \(10 distinct"):
         _call(token_selected_experts=ids, check_inputs=True)
 
 
@@ -533,7 +557,9 @@ def test_descriptor_activations_are_converted_at_the_boundary(monkeypatch):
     with _ext._replaced_extension(make_fake_extension()):
         (desc,) = _ext.tactics(torch.bfloat16, torch.bfloat16, torch.bfloat16, 1,
                                torch.device("cpu"))
-    assert desc["activations"] == frozenset({ActivationType.Swiglu, ActivationType.Geglu})
+    # C++ Swiglu also runs FlashInfer's SwigluBias (the clamped SwiGLU's name there).
+    assert desc["activations"] == frozenset({ActivationType.Swiglu, ActivationType.SwigluBias,
+                                             ActivationType.Geglu})
     assert tactics.supports_activation(desc, ActivationType.Geglu)
     assert not tactics.supports_activation(desc, ActivationType.Silu)
 
@@ -818,3 +844,24 @@ def test_default_choice_cached_per_bound_matches_the_rows(weights):
              "gated": lambda: _gemm1_descs_16bit(fast=False)}[weights]()
     for rows in [0, 0.5, 1, 3, 7.9, 8, 8.1, 12, 16, 16.5, 30, 48, 49, 60, 64, 64.5, 100, 5000]:
         assert default_tactic(descs, _tile_m_target(rows)) == default_tactic(descs, rows), rows
+
+
+def test_decode_tactics_are_tuner_candidates_only_when_enabled(monkeypatch):
+    """CUTLASS_MOE_DECODE_TACTICS=1 adds the decode tactics to the candidates; a forced name
+    is accepted either way."""
+    from _fake_ext import FakeMoeRunner, make_fake_extension
+
+    plain = {"name": "plain", "gemm": 2, "tile_m": 16, "tile_n": 128, "tile_k": 64, "stages": 4,
+             "runnable": True, "split_k": 1}
+    decode = dict(plain, name="decode", tile_m=2, tile_k=0, decode=True)
+    monkeypatch.setattr(FakeMoeRunner, "tactics", lambda self, gemm: [plain, decode])
+    monkeypatch.setattr(_ext, "device_guard", lambda device: contextlib.nullcontext())
+    dtypes, cpu = (BF16,) * 3, torch.device("cpu")
+    with _ext._replaced_extension(make_fake_extension()):
+        monkeypatch.delenv(tactics.DECODE_ENV, raising=False)
+        assert tactics.candidate_names(dtypes, 2, ActivationType.Swiglu, cpu, 8) == ["plain"]
+        assert tactics.resolve(dtypes, 2, ActivationType.Swiglu, cpu, "decode", 8) == "decode"
+        monkeypatch.setenv(tactics.DECODE_ENV, "1")
+        assert tactics.candidate_names(dtypes, 2, ActivationType.Swiglu, cpu, 8) == [
+            "plain", "decode"]
+        assert tactics.default_for(dtypes, 2, ActivationType.Swiglu, cpu, 1) == "plain"

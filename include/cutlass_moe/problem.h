@@ -14,18 +14,60 @@ enum class DType : int {
   kInt8 = 3,
 };
 
-// Activations between GEMM1 and GEMM2 (values are part of the binding's ABI).
+// Activations between GEMM1 and GEMM2 (values are part of the binding's ABI; Python's
+// ActivationType carries FlashInfer's values and _ext maps them to these). Formulas: see
+// docs/architecture.md, "Activations", and activation_math.cuh. Gated ones read GEMM1's 2I
+// columns as up = h[:, :I], gate = h[:, I:].
 enum class Activation : int {
   kIdentity = 0,
   kRelu = 1,
-  kGelu = 2,   // tanh approximation-free erf GELU
+  kGelu = 2,           // exact (erf) GELU
   kSilu = 3,
-  kSwiglu = 4,  // gated: up = h[:, :I], gate = h[:, I:], a = up * silu(gate)
-  kGeglu = 5,   // gated: a = up * gelu(gate)
+  kSwiglu = 4,         // gated: a = up * silu(gate); clamped (gpt-oss) with swiglu_alpha/beta/limit
+  kGeglu = 5,          // gated: a = up * gelu(gate), erf GELU
+  kRelu2 = 6,          // a = relu(h)^2
+  kSwigluStep = 7,     // gated: a = min(silu(gate), L) * clamp(up, -L, L), L = swiglu_limit[e] or 7
+  kGegluTanh = 8,      // gated: a = up * gelu_tanh(gate)
+  kSitu = 9,           // gated: a = b*tanh(gate/b)*sigmoid(gate) * lb*tanh(up/lb), b = 4, lb = 25
+                       //        unless situ_beta[e] / situ_linear_beta[e] are given
+  kClampedRelu2 = 10,  // a = (L * tanh(relu(h) / L))^2, L = clamped_relu2_limit[0] (model-wide)
 };
 
-inline bool is_gated(Activation act) {
-  return act == Activation::kSwiglu || act == Activation::kGeglu;
+// Number of Activation values: every value in [0, kActivationCount) names one.
+constexpr int kActivationCount = 11;
+
+constexpr bool is_valid_activation(int value) { return value >= 0 && value < kActivationCount; }
+
+// Whether GEMM1 produces 2I columns [up | gate] for this activation (the one C++ rule).
+constexpr bool is_gated(Activation act) {
+  switch (act) {
+    case Activation::kSwiglu:
+    case Activation::kGeglu:
+    case Activation::kSwigluStep:
+    case Activation::kGegluTanh:
+    case Activation::kSitu:
+      return true;
+    default:
+      return false;
+  }
+}
+
+// The activation's name as Python's ActivationType spells it ("Swiglu", "Relu2", ...), for messages.
+inline const char* activation_name(Activation act) {
+  switch (act) {
+    case Activation::kIdentity: return "Identity";
+    case Activation::kRelu: return "Relu";
+    case Activation::kGelu: return "Gelu";
+    case Activation::kSilu: return "Silu";
+    case Activation::kSwiglu: return "Swiglu";
+    case Activation::kGeglu: return "Geglu";
+    case Activation::kRelu2: return "Relu2";
+    case Activation::kSwigluStep: return "SwigluStep";
+    case Activation::kGegluTanh: return "GegluTanh";
+    case Activation::kSitu: return "Situ";
+    case Activation::kClampedRelu2: return "ClampedRelu2";
+  }
+  return "unknown";
 }
 
 inline size_t dtype_size(DType t) {
@@ -84,7 +126,10 @@ struct MoePointers {
   const void* fc2_scales = nullptr;  // [E, H]  activation dtype: per-channel scales, int8 only
   const float* swiglu_alpha = nullptr;              // [E] optional (clamped SwiGLU)
   const float* swiglu_beta = nullptr;               // [E] optional
-  const float* swiglu_limit = nullptr;              // [E] optional
+  const float* swiglu_limit = nullptr;              // [E] optional (also SwigluStep's limit)
+  const float* situ_beta = nullptr;                 // [E] optional (Situ; default 4)
+  const float* situ_linear_beta = nullptr;          // [E] optional (Situ; default 25)
+  const float* clamped_relu2_limit = nullptr;       // [1] ClampedRelu2's limit (required)
   void* output = nullptr;                           // [T, H] output dtype
   void* workspace = nullptr;
   size_t workspace_bytes = 0;

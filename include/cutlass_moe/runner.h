@@ -19,7 +19,11 @@
 //            input, token_selected_experts, token_final_scales, fc1_weights, fc2_weights,
 //            fc1_bias, fc2_bias, swiglu_alpha, swiglu_beta, swiglu_limit, output,
 //            workspace, workspace_bytes, tactic1: str, tactic2: str, stream: int,
-//            fc1_scales=0, fc2_scales=0, enable_pdl=True) -> None
+//            fc1_scales=0, fc2_scales=0, enable_pdl=True, situ_beta=0, situ_linear_beta=0,
+//            clamped_relu2_limit=0) -> None
+//       activation: an Activation value (problem.h). swiglu_alpha/beta/limit, situ_beta and
+//       situ_linear_beta: optional [E] float32 (swiglu_limit is also SwigluStep's limit);
+//       clamped_relu2_limit: [1] float32, required with ClampedRelu2.
 //       int8 weights (weight_dtype kInt8): [E, N, K] row-major (K contiguous), with per-output-
 //       channel scales fc1_scales [E, N1] and fc2_scales [E, H] in the activation dtype.
 //   .prepare_gemm_profile(gemm, num_tokens, hidden_size, inter_size, num_experts, top_k,

@@ -38,11 +38,14 @@ struct TacticDescriptor {
 // ptr_b[e] is the expert's [2I, K] weight (up rows, then gate rows); `gated` describes the
 // activation and the optional fc1 bias [E, 2I].
 struct GatedEpilogueArgs {
-  int activation = 0;  // Activation::kSwiglu or kGeglu
+  int activation = 0;  // a gated Activation (is_gated): kSwiglu, kGeglu, kSwigluStep, kGegluTanh, kSitu
   const void* bias = nullptr;
-  const float* swiglu_alpha = nullptr;
-  const float* swiglu_beta = nullptr;
-  const float* swiglu_limit = nullptr;
+  // Per-expert [E] float32 parameters, each optional (activation_math::gated_params reads them):
+  const float* swiglu_alpha = nullptr;      // Swiglu: clamped SwiGLU (gpt-oss)
+  const float* swiglu_beta = nullptr;       // Swiglu
+  const float* swiglu_limit = nullptr;      // Swiglu; SwigluStep's limit (default 7)
+  const float* situ_beta = nullptr;         // Situ (default 4)
+  const float* situ_linear_beta = nullptr;  // Situ (default 25)
 };
 
 struct GroupedGemmArgs {

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from types import ModuleType
 from typing import Any
 
@@ -28,14 +28,23 @@ _DTYPE_TO_ENUM: dict[torch.dtype, int] = {
     torch.int8: 3,
 }
 
-# Activation values of include/cutlass_moe/problem.h (part of the binding's ABI).
+# Activation values of include/cutlass_moe/problem.h (part of the binding's ABI). SwigluBias is
+# FlashInfer's name for the clamped SwiGLU, which the C++ Swiglu computes when swiglu_alpha/beta/
+# limit are given (and, with none, plain SwiGLU: the clamped form at its neutral values): both
+# map to kSwiglu, and kSwiglu maps back to Swiglu (the first of them here).
 _ACTIVATION_TO_ENUM: dict[ActivationType, int] = {
     ActivationType.Identity: 0,
     ActivationType.Relu: 1,
     ActivationType.Gelu: 2,
     ActivationType.Silu: 3,
     ActivationType.Swiglu: 4,
+    ActivationType.SwigluBias: 4,
     ActivationType.Geglu: 5,
+    ActivationType.Relu2: 6,
+    ActivationType.SwigluStep: 7,
+    ActivationType.GegluTanh: 8,
+    ActivationType.Situ: 9,
+    ActivationType.ClampedRelu2: 10,
 }
 
 _lock = threading.Lock()
@@ -63,7 +72,8 @@ def dtype_to_enum(dtype: torch.dtype) -> int:
 
 
 def activation_to_enum(activation_type: ActivationType) -> int:
-    """The C++ ``Activation`` value (Identity=0, Relu=1, Gelu=2, Silu=3, Swiglu=4, Geglu=5)."""
+    """The C++ ``Activation`` value (Identity=0, Relu=1, Gelu=2, Silu=3, Swiglu=4 (and
+    SwigluBias), Geglu=5, Relu2=6, SwigluStep=7, GegluTanh=8, Situ=9, ClampedRelu2=10)."""
     try:
         return _ACTIVATION_TO_ENUM[activation_type]
     except KeyError:
@@ -79,6 +89,15 @@ def activation_from_enum(activation: int) -> ActivationType:
         if value == activation:
             return act
     raise ValueError(f"unknown C++ Activation value {activation}")
+
+
+def activations_of_enums(values: Iterable[int]) -> frozenset[ActivationType]:
+    """Every ``ActivationType`` that runs as one of these C++ ``Activation`` values (4 gives
+    both Swiglu and SwigluBias); ValueError for a value that names none."""
+    wanted = {int(v) for v in values}
+    for value in wanted:
+        activation_from_enum(value)  # raises for an unknown value
+    return frozenset(act for act, value in _ACTIVATION_TO_ENUM.items() if value in wanted)
 
 
 def _import_extension() -> ModuleType:
@@ -170,7 +189,7 @@ def descriptor(raw: Mapping[str, Any]) -> dict[str, Any]:
     ``activations`` (when present) is a frozenset of :class:`ActivationType`."""
     desc = dict(raw)
     if desc.get("activations") is not None:
-        desc["activations"] = frozenset(activation_from_enum(int(a)) for a in desc["activations"])
+        desc["activations"] = activations_of_enums(desc["activations"])
     return desc
 
 

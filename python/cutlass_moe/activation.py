@@ -1,9 +1,29 @@
-"""Activation types between GEMM1 and GEMM2, with FlashInfer-compatible values.
+"""Activation types between GEMM1 and GEMM2, with FlashInfer's values.
 
-``ActivationType`` mirrors ``flashinfer.fused_moe.ActivationType`` (TensorRT-LLM's
-``ActivationType``) so that code written for FlashInfer passes the same values. Members of another
-enum class (FlashInfer's own, of any version) are matched by *name*, which is stable across
-FlashInfer releases; plain integers are read with this module's values.
+``ActivationType`` mirrors ``flashinfer.ActivationType`` of FlashInfer 0.7.2
+(``flashinfer/tllm_enums.py``; TensorRT-LLM's ``ActivationType`` plus ``ClampedRelu2``) so that
+code written for FlashInfer passes the same values. Members of another enum class (FlashInfer's
+own, of any version) are matched by *name*, which is stable across FlashInfer releases; plain
+integers are read with this module's values, which are FlashInfer's.
+
+The formulas (docs/architecture.md, "Activations"; ``h`` is GEMM1's output plus the fc1 bias;
+gated ones read it as ``[up | gate]``)::
+
+    Gelu          gelu(h) = 0.5 h (1 + erf(h / sqrt 2))
+    Relu          max(h, 0)
+    Silu          h sigmoid(h)
+    Identity      h
+    Relu2         relu(h)^2
+    ClampedRelu2  (L tanh(relu(h) / L))^2, L = clamped_relu2_limit[0] (model-wide)
+    Swiglu        up * silu(gate); with swiglu_alpha/beta/limit (per expert) the clamped form
+                  g = min(gate, limit); u = clamp(up, -limit, limit) + beta; g sigmoid(alpha g) u
+    SwigluBias    Swiglu's clamped form (FlashInfer's name for it)
+    Geglu         up * gelu(gate)
+    GegluTanh     up * gelu_tanh(gate),
+                  gelu_tanh(x) = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+    SwigluStep    min(silu(gate), L) * clamp(up, -L, L), L = swiglu_limit[e] (default 7)
+    Situ          (b tanh(gate / b) sigmoid(gate)) * (lb tanh(up / lb)),
+                  b = situ_beta[e] (default 4), lb = situ_linear_beta[e] (default 25)
 """
 
 from __future__ import annotations
@@ -13,10 +33,10 @@ from enum import IntEnum
 
 
 class ActivationType(IntEnum):
-    """Activation applied to GEMM1's output (values follow FlashInfer's ``ActivationType``).
+    """Activation applied to GEMM1's output (FlashInfer 0.7.2's ``ActivationType`` values).
 
-    Gated activations (``Swiglu``, ``Geglu``) read GEMM1's ``2*I`` columns as ``[up | gate]``:
-    ``a = up * act(gate)``. The others read ``I`` columns.
+    Gated activations (``Swiglu``, ``Geglu``, ``SwigluBias``, ``SwigluStep``, ``GegluTanh``,
+    ``Situ``) read GEMM1's ``2*I`` columns as ``[up | gate]``. The others read ``I`` columns.
     """
 
     Gelu = 0
@@ -29,7 +49,9 @@ class ActivationType(IntEnum):
     SwigluStep = 7
     GegluTanh = 8
     Identity = 9
-    InvalidType = 10
+    Situ = 10
+    InvalidType = 11
+    ClampedRelu2 = 12
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}.{self.name}"
@@ -43,9 +65,40 @@ SUPPORTED_ACTIVATIONS: tuple[ActivationType, ...] = (
     ActivationType.Relu,
     ActivationType.Silu,
     ActivationType.Identity,
+    ActivationType.SwigluBias,
+    ActivationType.Relu2,
+    ActivationType.SwigluStep,
+    ActivationType.GegluTanh,
+    ActivationType.Situ,
+    ActivationType.ClampedRelu2,
 )
 
-_GATED = frozenset({ActivationType.Swiglu, ActivationType.Geglu})
+# FlashInfer's _GATED_ACTIVATION_TYPES.
+_GATED = frozenset({
+    ActivationType.Swiglu,
+    ActivationType.Geglu,
+    ActivationType.SwigluBias,
+    ActivationType.SwigluStep,
+    ActivationType.GegluTanh,
+    ActivationType.Situ,
+})
+
+#: Defaults of the per-expert parameters that are not given (FlashInfer's values:
+#: ``SwigluStepAdaptor::limit``, ``DEFAULT_SITU_BETA``, ``DEFAULT_SITU_LINEAR_BETA``).
+DEFAULT_SWIGLU_STEP_LIMIT = 7.0
+DEFAULT_SITU_BETA = 4.0
+DEFAULT_SITU_LINEAR_BETA = 25.0
+
+#: Which optional per-activation arguments each activation accepts (any other activation
+#: refuses them). ``clamped_relu2_limit`` is required with ``ClampedRelu2``.
+ACTIVATION_PARAMETERS: dict[str, tuple[ActivationType, ...]] = {
+    "swiglu_alpha": (ActivationType.Swiglu, ActivationType.SwigluBias),
+    "swiglu_beta": (ActivationType.Swiglu, ActivationType.SwigluBias),
+    "swiglu_limit": (ActivationType.Swiglu, ActivationType.SwigluBias, ActivationType.SwigluStep),
+    "situ_beta": (ActivationType.Situ,),
+    "situ_linear_beta": (ActivationType.Situ,),
+    "clamped_relu2_limit": (ActivationType.ClampedRelu2,),
+}
 
 
 def supported_activation_names() -> str:

@@ -263,6 +263,29 @@ def default_cache_path() -> Path:
     return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE_FILE)
 
 
+def cache_path_problem(path: Path) -> str | None:
+    """Why a tuning cache cannot be written at ``path`` (checked before tuning, so that no
+    tuning is lost to a bad path), or None. Missing parent directories are fine: saving
+    creates them."""
+    if path.is_dir():
+        return "is a directory; give a file name"
+    ancestor = path.parent
+    while not os.path.lexists(ancestor) and ancestor.parent != ancestor:
+        ancestor = ancestor.parent
+    if os.path.lexists(ancestor) and not ancestor.is_dir():
+        return f"{ancestor} is not a directory"
+    return None
+
+
+def cache_write_error(exc: OSError, path: Path) -> str:
+    """One line for a failed save: the cache module's message names the file and the
+    reason; other errors get both added."""
+    text = str(exc)
+    if text.startswith("cutlass_moe: "):
+        return text.removeprefix("cutlass_moe: ")
+    return f"cannot write tuning cache {path}: {exc.strerror or text}"
+
+
 def gpu_label(device: torch.device) -> str:
     """``"NVIDIA H100 80GB HBM3 (cuda:0)"``, or the device alone when it cannot be queried."""
     try:
@@ -386,8 +409,9 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         parser.error(f"--ep-size {args.ep_size} does not divide the {preset.num_experts} "
                      f"experts of {name} (each rank must hold E / ep-size experts)")
     out = Path(args.out) if args.out is not None else default_cache_path()
-    if out.is_dir():
-        parser.error(f"--out {out} is a directory; give a file name")
+    problem = cache_path_problem(out)
+    if problem is not None:
+        parser.error(f"--out {out}: {problem}")
     weights = check_weights(args.dtype, args.weights)
     check_weight_shape(weights, preset, parser)
     require_gpu_and_extension("tune", args.device)
@@ -406,9 +430,13 @@ def _cmd_tune(args: argparse.Namespace) -> int:
             weights=weight_mode(weights))
     except KeyboardInterrupt:
         progress.close()
-        autotuner.save_tuning_cache(out)
-        print(f"{PROG}: interrupted; the buckets tuned so far were saved to {out}",
-              file=sys.stderr)
+        try:
+            autotuner.save_tuning_cache(out)
+        except OSError as exc:
+            print(f"{PROG}: interrupted; {cache_write_error(exc, out)}", file=sys.stderr)
+        else:
+            print(f"{PROG}: interrupted; the buckets tuned so far were saved to {out}",
+                  file=sys.stderr)
         return EXIT_INTERRUPTED
     except ValueError as exc:
         raise CliError(str(exc)) from None
@@ -419,8 +447,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     try:
         autotuner.save_tuning_cache(out)
     except OSError as exc:
-        raise CliError(f"cannot write the tuning cache {out}: {exc}",
-                       status=EXIT_FAILED) from None
+        raise CliError(cache_write_error(exc, out), status=EXIT_FAILED) from None
 
     label = gpu_label(args.device)
     if args.json:
@@ -730,8 +757,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "tokens of one rank (default: 1)")
     tuning.add_argument("--out", metavar="FILE",
                         help="tuning cache to update; entries it has for other shapes are "
-                             f"kept (default: ${CACHE_ENV} if set, else "
-                             f"./{DEFAULT_CACHE_FILE})")
+                             "kept, and missing parent directories are created (default: "
+                             f"${CACHE_ENV} if set, else ./{DEFAULT_CACHE_FILE})")
     _add_common_options(tune)
     tune.set_defaults(handler=_cmd_tune, parser=tune)
 

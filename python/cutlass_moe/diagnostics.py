@@ -8,6 +8,7 @@
   minor-version compatibility included), as a :class:`DriverCheck`.
 - :func:`installed_distributions`: the wheels that provide ``cutlass_moe`` (more than one is a
   conflict).
+- :func:`check_tuning_cache`: whether the file ``$CUTLASS_MOE_TUNING_CACHE`` names is usable.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import dataclasses
 import importlib.metadata
 import logging
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -24,7 +26,7 @@ import torch
 from . import _ext
 from ._version import __version__
 from .tables import format_table
-from .tuning_cache import CACHE_ENV
+from .tuning_cache import CACHE_ENV, read_cache
 
 logger = logging.getLogger("cutlass_moe.diagnostics")
 
@@ -57,7 +59,17 @@ def arch_support(major: int, minor: int, archs: Sequence[Any],
     ptx = [n for n in map(_arch_number, ptx_archs) if n is not None and n <= capability]
     if ptx:
         return f"yes ({JIT_PREFIX} compute_{max(ptx)} PTX)"
+    # Builds made before CMakeLists.txt resolved `native` and `all` recorded the name itself.
+    names = [str(a) for a in (*archs, *ptx_archs) if _arch_number(a) is None]
+    if names:
+        return (f"unknown (the build recorded its archs as {', '.join(names)}, not as numbers; "
+                "rebuild with CUTLASS_MOE_CUDA_ARCHS naming the arch)")
     return "no"
+
+
+def arch_label(arch: Any, prefix: str = "sm_") -> str:
+    """``"sm_90"`` for an arch number (or ``"90a"``), the name itself for anything else."""
+    return f"{prefix}{arch}" if _arch_number(arch) is not None else str(arch)
 
 
 def cuda_version_text(version: int) -> str:
@@ -177,6 +189,43 @@ def gpu_info() -> tuple[list[dict[str, Any]], str | None]:
     return gpus, None if gpus else "no CUDA device is visible"
 
 
+def check_tuning_cache(path: str | None, extension_available: bool) -> dict[str, Any]:
+    """What ``cutlass-moe info`` reports about the tuning cache file ``path`` (the value of
+    ``$CUTLASS_MOE_TUNING_CACHE``; None or empty when unset): ``env``, ``path``, ``exists``
+    and ``status``, one of ``unset``, ``missing`` (it is created by the first save),
+    ``usable`` (with ``entries``, the count this build would load, and ``problem`` when some
+    were dropped), ``unusable`` (with ``problem``: the file is ignored) or ``unchecked``
+    (without the compiled extension the build it must match is not known)."""
+    report: dict[str, Any] = {"env": CACHE_ENV, "path": path or None,
+                              "exists": bool(path) and os.path.lexists(path)}
+    if not path:
+        report["status"] = "unset"
+    elif not report["exists"]:
+        report["status"] = "missing"
+    elif not extension_available:
+        report["status"] = "unchecked"
+    else:
+        # read_cache reports a problem as one warning, the same one a serving process would
+        # see when it loads the file.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            entries = read_cache(path)
+        problems = [_cache_problem(str(w.message), path) for w in caught]
+        if entries or not problems:
+            report.update(status="usable", entries=len(entries))
+        else:
+            report["status"] = "unusable"
+        if problems:
+            report["problem"] = "; ".join(problems)
+    return report
+
+
+def _cache_problem(message: str, path: str) -> str:
+    """A read_cache warning without the prefix naming the file (info names it already)."""
+    text = message.removeprefix("cutlass_moe: ").removeprefix(f"tuning cache {path}")
+    return text.removeprefix(":").removesuffix("; ignored").strip()
+
+
 def _runtime_version(info: Mapping[str, Any]) -> int | None:
     """The build's CUDA runtime as 1000 * major + 10 * minor: ``cuda_runtime_version``, or
     parsed from ``cuda_version`` ("12.8") for builds that lack it."""
@@ -210,9 +259,8 @@ def collect_info() -> dict[str, Any]:
                              unknown_reason=why or "could not ask the driver")
         info["driver_cuda_version"] = driver
         info["driver"] = {"status": check.status, "message": check.message}
-    cache = os.environ.get(CACHE_ENV)
-    info["tuning_cache"] = {"env": CACHE_ENV, "path": cache,
-                            "exists": bool(cache) and os.path.isfile(cache)}
+    info["tuning_cache"] = check_tuning_cache(os.environ.get(CACHE_ENV),
+                                              bool(info["extension_available"]))
     return info
 
 
@@ -238,9 +286,9 @@ def format_info(info: Mapping[str, Any], prog: str) -> str:
         field("CUTLASS", info.get("cutlass_version", "?"))
         field("CUDA toolkit", f"{info.get('cuda_version', '?')} (runtime linked statically)")
         archs = info.get("archs") or []
-        field("compiled archs", ", ".join(f"sm_{a}" for a in archs) or "none")
+        field("compiled archs", ", ".join(arch_label(a) for a in archs) or "none")
         ptx_archs = info.get("ptx_archs") or []
-        field("PTX", (", ".join(f"compute_{a}" for a in ptx_archs)
+        field("PTX", (", ".join(arch_label(a, "compute_") for a in ptx_archs)
                       + " (JIT-compiled by the driver for newer GPUs)") if ptx_archs else "none")
         driver = info.get("driver")
         if driver:
@@ -270,9 +318,24 @@ def format_info(info: Mapping[str, Any], prog: str) -> str:
         field("GPU", f"none ({info.get('no_gpu_reason', 'no CUDA device is available')})")
     cache = info.get("tuning_cache") or {}
     if cache.get("path"):
-        state = "exists" if cache.get("exists") else "does not exist yet"
-        field("tuning cache", f"${cache['env']}={cache['path']} ({state})")
+        field("tuning cache", f"${cache['env']}={cache['path']} ({_cache_state(cache)})")
     else:
         field("tuning cache", f"${CACHE_ENV} is not set (tuned tactics live in "
                               "memory unless saved)")
     return "\n".join(lines)
+
+
+def _cache_state(cache: Mapping[str, Any]) -> str:
+    status = cache.get("status")
+    problem = cache.get("problem")
+    if status == "usable":
+        count = cache.get("entries", 0)
+        text = f"usable: {count} entr{'y' if count == 1 else 'ies'}"
+        return f"{text}; {problem}" if problem else text
+    if status == "unusable":
+        return f"UNUSABLE, ignored: {problem}"
+    if status == "unchecked":
+        return "exists; not checked without the compiled extension"
+    if status == "missing" or not cache.get("exists"):
+        return "does not exist yet; the first save creates it"
+    return "exists"

@@ -31,7 +31,7 @@ from .activation import ActivationType
 # --------------------------------------------------------------------------------------------
 # The op ``cutlass_moe::fused_moe``. It is defined with torch.library.Library (schema, kernels,
 # fake kernel) rather than the torch.library.custom_op decorator: same dispatcher op, same
-# torch.compile and CUDA graph behaviour, but about 100 us less host overhead per call with 21
+# torch.compile and CUDA graph behaviour, but about 100 us less host overhead per call with 24
 # arguments (custom_op's Python wrapper), which matters for decode-sized calls.
 #
 # Arguments, in schema order: output [T, H] (input dtype or float32, written), input [T, H]
@@ -39,11 +39,13 @@ from .activation import ActivationType
 # float32, fc1_expert_weights [E, N1, H] and fc2_expert_weights [E, H, I] (input dtype, or int8
 # with fc1_weight_scales [E, N1] and fc2_weight_scales [E, H] in the input dtype), optional
 # fc1_expert_biases [E, N1], fc2_expert_biases [E, H], swiglu_alpha/beta/limit float32 [E]
-# (all three or none), optional workspace_buffer 1-D uint8 (written), activation (an
-# ActivationType value), expert_start (this rank's first global expert id), num_experts_total
-# (E * ep_size), tune_max_num_tokens, tactic1/tactic2 (names, "" for the AutoTuner's choice),
-# enable_pdl. Every tensor contiguous, on one device, 16-byte aligned; output and workspace
-# share no memory with the rest.
+# (Swiglu/SwigluBias: all three or none; SwigluStep: swiglu_limit only), optional
+# workspace_buffer 1-D uint8 (written), activation (an ActivationType value), expert_start (this
+# rank's first global expert id), num_experts_total (E * ep_size), tune_max_num_tokens,
+# tactic1/tactic2 (names, "" for the AutoTuner's choice), enable_pdl, then FlashInfer 0.7's
+# per-activation tensors clamped_relu2_limit float32 [1] (ClampedRelu2, required), situ_beta and
+# situ_linear_beta float32 [E] (Situ, optional). Every tensor contiguous, on one device, 16-byte
+# aligned (the GEMM operands); output and workspace share no memory with the rest.
 # --------------------------------------------------------------------------------------------
 
 _OP_SCHEMA = (
@@ -53,7 +55,8 @@ _OP_SCHEMA = (
     "Tensor? fc1_expert_biases, Tensor? fc2_expert_biases, Tensor? swiglu_alpha, "
     "Tensor? swiglu_beta, Tensor? swiglu_limit, Tensor(a13!)? workspace_buffer, "
     "int activation, int expert_start, int num_experts_total, int tune_max_num_tokens, "
-    "str tactic1, str tactic2, bool enable_pdl=True) -> ()"
+    "str tactic1, str tactic2, bool enable_pdl=True, Tensor? clamped_relu2_limit=None, "
+    "Tensor? situ_beta=None, Tensor? situ_linear_beta=None) -> ()"
 )
 
 # The op lives as long as this object: keep it at module level.
@@ -122,6 +125,8 @@ def _run_fused_moe(*args: Any) -> None:
             workspace.data_ptr() if workspace_bytes > 0 else 0, workspace_bytes, tactic1,
             tactic2, _ext.stream_handle(device), fc1_scales=_ptr(op.fc1_weight_scales),
             fc2_scales=_ptr(op.fc2_weight_scales), enable_pdl=op.enable_pdl,
+            situ_beta=_ptr(op.situ_beta), situ_linear_beta=_ptr(op.situ_linear_beta),
+            clamped_relu2_limit=_ptr(op.clamped_relu2_limit),
         )
 
 
@@ -231,6 +236,10 @@ def cutlass_fused_moe(
     profile_ids: Sequence[int] | None = None,
     workspace_buffer: torch.Tensor | None = None,
     *,
+    clamped_relu2_limit: torch.Tensor | None = None,
+    situ_beta: torch.Tensor | None = None,
+    situ_linear_beta: torch.Tensor | None = None,
+    backend: str = "cutlass",
     use_int8_woq_per_channel: bool = False,
     check_inputs: bool = False,
     tactics: Sequence[str] | None = None,
@@ -250,8 +259,9 @@ def cutlass_fused_moe(
         input: ``[T, H]`` float16 or bfloat16 activations (made contiguous if needed).
         token_selected_experts: ``[T, k]`` int32 global expert ids (int64 is converted).
         token_final_scales: ``[T, k]`` float32 router weights (float16/bfloat16 converted).
-        fc1_expert_weights: contiguous ``[E, 2*I, H]`` for gated activations (Swiglu, Geglu;
-            rows ``[up | gate]``, see ``swap_w13_to_w31``), ``[E, I, H]`` otherwise; input dtype,
+        fc1_expert_weights: contiguous ``[E, 2*I, H]`` for gated activations (Swiglu, Geglu,
+            SwigluBias, SwigluStep, GegluTanh, Situ; rows ``[up | gate]``, see
+            ``swap_w13_to_w31``), ``[E, I, H]`` otherwise; input dtype,
             or int8 with ``use_int8_woq_per_channel``. ``E`` is this EP rank's expert count,
             ``I`` this TP rank's intermediate slice.
         fc2_expert_weights: contiguous ``[E, H, I]``, input dtype (or int8, as fc1).
@@ -263,10 +273,12 @@ def cutlass_fused_moe(
         fc1_expert_biases: optional ``[E, 2*I]`` / ``[E, I]``, input dtype.
         fc2_expert_biases: optional ``[E, H]``, input dtype; added on ``tp_rank == 0`` only.
         input_sf: must be None.
-        swiglu_alpha, swiglu_beta, swiglu_limit: optional float32 ``[E]`` turning Swiglu into
-            the clamped SwiGLU of gpt-oss (``g = min(gate, limit)``,
+        swiglu_alpha, swiglu_beta, swiglu_limit: optional float32 ``[E]`` turning Swiglu (or
+            SwigluBias) into the clamped SwiGLU of gpt-oss (``g = min(gate, limit)``,
             ``u = clamp(up, -limit, limit) + beta``, ``a = g * sigmoid(alpha * g) * u``);
-            missing ones default to 1, 0 and float32 max.
+            missing ones default to 1, 0 and float32 max. ``swiglu_limit`` alone is also
+            SwigluStep's per-expert limit (default 7). Refused (ValueError) with any other
+            activation.
         tp_size, tp_rank: tensor parallelism; the weights are this rank's slice of I.
         ep_size, ep_rank: expert parallelism; rank r owns global experts ``[r*E, (r+1)*E)``.
         cluster_size, cluster_rank: must be 1 and 0.
@@ -280,7 +292,11 @@ def cutlass_fused_moe(
             kernel before the call): each kernel's launch overlaps the end of the one before
             it, which saves a few microseconds per decode call. None (the default) or True: on
             where the GPU supports it (sm_90 and newer, with code built for it); False: off.
-        activation_type: Swiglu (default), Geglu, Gelu, Relu, Silu or Identity.
+        activation_type: an :class:`~cutlass_moe.ActivationType` (FlashInfer's values, or a
+            FlashInfer enum member, matched by name): Swiglu (default), Geglu, Gelu, Relu,
+            Silu, Identity, SwigluBias, Relu2, SwigluStep, GegluTanh, Situ or ClampedRelu2
+            (formulas in :mod:`cutlass_moe.activation`); InvalidType raises
+            ``NotImplementedError``.
         swizzled_input_sf: accepted for compatibility (only meaningful with ``input_sf``).
         use_fused_finalize: accepted for compatibility; finalize is always the unfused kernel
             (no atomics). Determinism: with the same inputs, tactic pair, GPU and build, the
@@ -292,6 +308,18 @@ def cutlass_fused_moe(
         profile_ids: must be None (or all -1); use ``tactics`` to force kernels.
         workspace_buffer: optional contiguous 1-D uint8 scratch on the input's device, reused
             across calls instead of allocating (torch's caching allocator) on each call.
+
+    Keyword-only, as in FlashInfer 0.7:
+
+        clamped_relu2_limit: ClampedRelu2's model-wide clamp ``L`` of
+            ``(L * tanh(relu(x) / L))**2``, a one-element float32 tensor on the input's device
+            (finite and positive; not checked, which would synchronise). Required with
+            ClampedRelu2, refused with any other activation.
+        situ_beta, situ_linear_beta: Situ's per-expert tanh scales, float32 ``[E]``
+            (``a = (b*tanh(gate/b)*sigmoid(gate)) * (lb*tanh(up/lb))``); each defaults to 4.0
+            and 25.0 when not given. Refused with any other activation.
+        backend: ``"cutlass"``. FlashInfer's ``"cake"`` (its prepared TP8 SiTU NVFP4 call)
+            raises ``NotImplementedError``, any other value ``ValueError``.
 
     Keyword-only extensions (not in FlashInfer's signature):
 
@@ -356,6 +384,10 @@ def cutlass_fused_moe(
         profile_ids=profile_ids,
         workspace_buffer=workspace_buffer,
         tactics=tactics,
+        clamped_relu2_limit=clamped_relu2_limit,
+        situ_beta=situ_beta,
+        situ_linear_beta=situ_linear_beta,
+        backend=backend,
     )
     compiling = torch.compiler.is_compiling()
     if compiling:
@@ -380,6 +412,7 @@ def cutlass_fused_moe(
         call.swiglu_alpha, call.swiglu_beta, call.swiglu_limit, call.workspace_buffer,
         int(call.activation), call.expert_start, call.num_experts_total, tune_max_num_tokens,
         call.tactic1, call.tactic2, enable_pdl is None or bool(enable_pdl),
+        call.clamped_relu2_limit, call.situ_beta, call.situ_linear_beta,
     )
     if compiling:
         torch.ops.cutlass_moe.fused_moe(*op_args)

@@ -49,8 +49,43 @@ _BITS_AS_INT = {
 }
 
 
+def _row_name(name: str, shape: torch.Size, index: list[int]) -> str:
+    """``"expert 3, row 17 of fc1 [E, N, K]"`` for a 3-D weight, else the row's index."""
+    if len(shape) == 3:
+        return f"expert {index[0]}, row {index[1]} of {name} [E, N, K] = {list(shape)}"
+    if len(shape) == 2:
+        return f"row {index[0]} of {name} [N, K] = {list(shape)}"
+    return f"row {name}[{', '.join(map(str, index))}, :] of shape {list(shape)}"
+
+
+def _check_rows(name: str, w: torch.Tensor, amax: torch.Tensor, scale: torch.Tensor) -> None:
+    """ValueError naming the first row whose values or scale are not finite: a NaN or inf
+    weight would otherwise quantise its whole row to zeros with a NaN/inf scale."""
+    bad = ~torch.isfinite(amax)
+    if bool(bad.any()):
+        rows = torch.nonzero(bad)
+        index = rows[0].tolist()
+        row = w[tuple(index)]
+        what = "NaN" if bool(torch.isnan(row).any()) else "inf"
+        others = rows.shape[0] - 1
+        more = f" (and {others} more row{'s' if others > 1 else ''})" if others else ""
+        raise ValueError(
+            f"quantize_int8_per_channel: {_row_name(name, w.shape, index)} holds {what}{more}; "
+            "int8 weights need finite values (check the checkpoint, or the conversion that "
+            "produced it)"
+        )
+    overflow = ~torch.isfinite(scale)
+    if bool(overflow.any()):
+        index = torch.nonzero(overflow)[0].tolist()
+        raise ValueError(
+            f"quantize_int8_per_channel: the scale of {_row_name(name, w.shape, index)} "
+            f"(max |w| = {float(amax[tuple(index)]):.6g}, / {INT8_MAX}) overflows "
+            f"{scale.dtype}; pass a wider scale_dtype"
+        )
+
+
 def quantize_int8_per_channel(
-    w: torch.Tensor, scale_dtype: torch.dtype | None = None
+    w: torch.Tensor, scale_dtype: torch.dtype | None = None, *, name: str = "weights"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-output-channel int8 quantization of ``w`` (``[..., N, K]``).
 
@@ -63,6 +98,7 @@ def quantize_int8_per_channel(
             kernel from float32 weights pass ``scale_dtype=`` the activation dtype: the scale is
             rounded to it *before* the weights are quantised against it, which keeps the
             ``scale/2`` error bound (converting float32 scales afterwards would not).
+        name: what ``w`` is called in error messages (e.g. ``"fc1_expert_weights"``).
 
     Returns:
         ``(qweight, scale)``: ``qweight`` int8 of ``w``'s shape, contiguous; ``scale``
@@ -73,8 +109,10 @@ def quantize_int8_per_channel(
         element-wise (up to float32 rounding of the division).
 
     Raises:
-        ValueError: ``w`` is not floating point, has fewer than 2 dimensions or ``K == 0``, or
-            ``scale_dtype`` is not a floating-point dtype.
+        ValueError: ``w`` is not floating point, has fewer than 2 dimensions or ``K == 0``,
+            ``scale_dtype`` is not a floating-point dtype, a row holds NaN or inf (the message
+            names the expert and row, and how many other rows do), or a row's scale overflows
+            ``scale_dtype``.
     """
     if not isinstance(w, torch.Tensor) or w.dtype not in _FLOAT_DTYPES:
         got = w.dtype if isinstance(w, torch.Tensor) else type(w).__name__
@@ -95,6 +133,7 @@ def quantize_int8_per_channel(
     w = w.detach()
     amax = w.abs().amax(dim=-1).to(compute)  # exact in w's dtype
     scale = (amax / INT8_MAX).to(scale_dtype)
+    _check_rows(name, w, amax, scale)
     # Rounding down to scale_dtype maps the largest element to 127/(1 - d) for a relative
     # rounding d: at most 127.25 for normal fp16/bf16 values (d <= 2^-9), which still rounds to
     # 127. Only a subnormal scale can lose enough to push it past 127.5, where the clamp would
@@ -211,6 +250,8 @@ def quantize_moe_weights_int8(
         ``(fc1_q, fc2_q, [fc31_scale, fc2_scale])``: the int8 weights in kernel layout and the
         ``quant_scales`` list for :func:`cutlass_moe.cutlass_fused_moe`.
     """
-    fc1_q, fc1_scale = quantize_int8_per_channel(fc1_expert_weights, scale_dtype)
-    fc2_q, fc2_scale = quantize_int8_per_channel(fc2_expert_weights, scale_dtype)
+    fc1_q, fc1_scale = quantize_int8_per_channel(fc1_expert_weights, scale_dtype,
+                                                 name="fc1_expert_weights")
+    fc2_q, fc2_scale = quantize_int8_per_channel(fc2_expert_weights, scale_dtype,
+                                                 name="fc2_expert_weights")
     return to_int8_kernel_layout(fc1_q), to_int8_kernel_layout(fc2_q), [fc1_scale, fc2_scale]

@@ -15,6 +15,7 @@ stages, runnable, gated, split_k and, for gated tactics, ``activations``: a froz
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -79,6 +80,17 @@ def serves_rows(desc: Mapping[str, Any], expanded_rows: int | None) -> bool:
     return expanded_rows <= split_k_max_rows()
 
 
+#: Environment variable that makes the weight-streaming decode tactics (``sm80_decode*``)
+#: candidates of the tuner. Until they are verified and measured on a GPU they are opt-in: by
+#: default only a call that names one in ``tactics=`` runs it.
+DECODE_ENV = "CUTLASS_MOE_DECODE_TACTICS"
+
+
+def decode_enabled() -> bool:
+    """Whether the decode tactics are tuner candidates (``CUTLASS_MOE_DECODE_TACTICS=1``)."""
+    return os.environ.get(DECODE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
 _candidates: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
 
 
@@ -88,18 +100,22 @@ def candidates(
     activation: ActivationType,
     device: torch.device,
     expanded_rows: int | None = None,
+    include_decode: bool | None = None,
 ) -> list[dict[str, Any]]:
     """Descriptors of the tactics that can serve GEMM ``gemm`` (1 or 2) of a call with these
     dtypes and ``activation`` on ``device``: runnable there, serving the activation, and (when
-    ``expanded_rows`` is given) allowed at that many rows ``T*k``. Cached; do not mutate."""
+    ``expanded_rows`` is given) allowed at that many rows ``T*k``. Decode tactics are included
+    when ``include_decode`` is true (default: :func:`decode_enabled`). Cached; do not mutate."""
     split_ok = expanded_rows is None or expanded_rows <= split_k_max_rows()
-    key = (_ext.generation(), dtypes, gemm, activation, device, split_ok)
+    decode_ok = decode_enabled() if include_decode is None else include_decode
+    key = (_ext.generation(), dtypes, gemm, activation, device, split_ok, decode_ok)
     found = _candidates.get(key)
     if found is None:
         found = [
             d for d in _ext.tactics(*dtypes, gemm, device)
             if d.get("runnable", True) and supports_activation(d, activation)
             and (split_ok or int(d.get("split_k", 1)) == 1)
+            and (decode_ok or not d.get("decode"))
         ]
         _candidates[key] = found
     return found
@@ -111,9 +127,11 @@ def candidate_names(
     activation: ActivationType,
     device: torch.device,
     expanded_rows: int | None = None,
+    include_decode: bool | None = None,
 ) -> list[str]:
     """Names of :func:`candidates`."""
-    return [str(d["name"]) for d in candidates(dtypes, gemm, activation, device, expanded_rows)]
+    return [str(d["name"]) for d in
+            candidates(dtypes, gemm, activation, device, expanded_rows, include_decode)]
 
 
 def _table(descs: Sequence[Mapping[str, Any]]) -> tuple[tuple[float, int, int, int], ...]:
@@ -222,11 +240,11 @@ def resolve(
 ) -> str:
     """``name`` after checking that it is a candidate of this GEMM for this call; ValueError
     listing the candidates otherwise."""
-    names = candidate_names(dtypes, gemm, activation, device, expanded_rows)
+    names = candidate_names(dtypes, gemm, activation, device, expanded_rows, include_decode=True)
     if name in names:
         return name
     why = ""
-    if name in candidate_names(dtypes, gemm, activation, device):
+    if name in candidate_names(dtypes, gemm, activation, device, include_decode=True):
         why = (f" (it splits GEMM2 over K, which runs only up to {split_k_max_rows()} expanded "
                f"rows T*k; this call has {expanded_rows})")
     raise ValueError(

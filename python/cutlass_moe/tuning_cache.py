@@ -495,7 +495,7 @@ def write_cache(
     or os.PathLike, ``TypeError``/``ValueError`` (before touching any file) for an entry that
     :func:`read_cache` would drop, ``IsADirectoryError`` when ``path`` is a directory,
     ``NotADirectoryError`` when a parent is not a directory, and other ``OSError`` from the
-    file system.
+    file system; each ``OSError``'s message is one line naming ``path`` and the reason.
     """
     shown = _fspath(path)
     checked: dict[TuningKey, tuple[str, float]] = {}
@@ -509,7 +509,12 @@ def write_cache(
         build = build_id()
     target = Path(shown)
     _prepare_directory(target, shown)
-    with _exclusive_lock(target.parent):
-        merged = _read_quietly(shown, build)
-        merged.update(checked)
-        _replace_atomically(target, _document(merged, build))
+    try:
+        with _exclusive_lock(target.parent):
+            merged = _read_quietly(shown, build)
+            merged.update(checked)
+            _replace_atomically(target, _document(merged, build))
+    except OSError as exc:
+        # The file system's own message names the temporary file; say which cache it was.
+        raise type(exc)(f"cutlass_moe: cannot write tuning cache {shown}: "
+                        f"{exc.strerror or exc}") from exc

@@ -24,7 +24,13 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .activation import ActivationType, is_gated, normalize_activation, require_supported
+from .activation import (
+    ACTIVATION_PARAMETERS,
+    ActivationType,
+    is_gated,
+    normalize_activation,
+    require_supported,
+)
 from .quantization import check_int8_alignment
 
 #: Env var that turns on the host-side expert id check for every call (it synchronises).
@@ -114,6 +120,9 @@ class MoeCall(NamedTuple):
     swiglu_alpha: torch.Tensor | None
     swiglu_beta: torch.Tensor | None
     swiglu_limit: torch.Tensor | None
+    clamped_relu2_limit: torch.Tensor | None  # [1] float32, ClampedRelu2 only
+    situ_beta: torch.Tensor | None  # [E] float32, Situ only
+    situ_linear_beta: torch.Tensor | None  # [E] float32, Situ only
     output: torch.Tensor | None
     workspace_buffer: torch.Tensor | None
     output_dtype: torch.dtype
@@ -165,6 +174,59 @@ def _check_unsupported_modes(
             "profile_ids (FlashInfer tactic indices) are not supported: cutlass_moe names its "
             "tactics; force them with tactics=(gemm1_name, gemm2_name)"
         )
+
+
+def _check_backend(backend: Any) -> None:
+    """FlashInfer 0.7's ``backend``: "cutlass" (this library); its "cake" (a prepared TP8 SiTU
+    NVFP4 call) is not implemented; anything else is no backend (ValueError, as FlashInfer)."""
+    if backend == "cutlass":
+        return
+    if backend == "cake":
+        raise NotImplementedError(
+            "backend='cake' (FlashInfer's prepared TP8-local SiTU NVFP4 call) is not supported; "
+            "cutlass_moe implements backend='cutlass' (Situ included: "
+            "activation_type=ActivationType.Situ)"
+        )
+    raise ValueError(f"unsupported fused MoE backend {backend!r}; cutlass_moe implements "
+                     "backend='cutlass'")
+
+
+def _allowed_text(name: str) -> str:
+    names = [a.name for a in ACTIVATION_PARAMETERS[name]]
+    listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+    return f"ActivationType.{listed}"
+
+
+def check_activation_parameters(
+    activation: ActivationType, parameters: Mapping[str, torch.Tensor | None]
+) -> None:
+    """The per-activation arguments (``swiglu_alpha/beta/limit``, ``situ_beta``,
+    ``situ_linear_beta``, ``clamped_relu2_limit``) are accepted only with the activations of
+    :data:`~cutlass_moe.activation.ACTIVATION_PARAMETERS`, and ``ClampedRelu2`` needs its
+    ``clamped_relu2_limit``: ValueError naming the argument otherwise."""
+    for name, tensor in parameters.items():
+        if tensor is not None and activation not in ACTIVATION_PARAMETERS[name]:
+            raise ValueError(
+                f"{name} is only valid with {_allowed_text(name)}, got activation_type "
+                f"{activation.name}"
+            )
+    if activation == ActivationType.ClampedRelu2 and parameters.get("clamped_relu2_limit") is None:
+        raise ValueError(
+            "activation_type ClampedRelu2 needs clamped_relu2_limit: the model-wide clamp L of "
+            "(L * tanh(relu(x) / L))^2 as a one-element float32 tensor on the input's device"
+        )
+
+
+def _exact_float32(name: str, t: Any, shape: list[int], what: str) -> torch.Tensor | None:
+    """An optional per-activation tensor of FlashInfer's exact shape and dtype (float32)."""
+    if t is None:
+        return None
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if _shape(t) != shape or t.dtype != torch.float32:
+        raise ValueError(f"{name} must be {what} float32 tensor of shape {shape}, got "
+                         f"{_shape(t)} of {t.dtype}")
+    return t.contiguous()
 
 
 def _check_parallel(
@@ -275,8 +337,13 @@ def prepare_call(
     profile_ids: Sequence[int] | None,
     workspace_buffer: torch.Tensor | None,
     tactics: Sequence[str] | None,
+    clamped_relu2_limit: torch.Tensor | None = None,
+    situ_beta: torch.Tensor | None = None,
+    situ_linear_beta: torch.Tensor | None = None,
+    backend: str = "cutlass",
 ) -> MoeCall:
     """Every check that needs no device and no extension; returns the op's arguments."""
+    _check_backend(backend)
     _check_unsupported_modes(
         input_sf,
         cluster_size,
@@ -416,12 +483,19 @@ def prepare_call(
             raise ValueError(f"{name} must be {expected}, got {_shape(bias)}")
         if bias.dtype != input.dtype:
             raise ValueError(f"{name} must have the input dtype {input.dtype}, got {bias.dtype}")
-    clamped = any(t is not None for t in (swiglu_alpha, swiglu_beta, swiglu_limit))
-    if clamped and act != ActivationType.Swiglu:
-        raise ValueError(
-            f"swiglu_alpha/swiglu_beta/swiglu_limit are only valid with ActivationType.Swiglu, "
-            f"got activation_type {act.name}"
-        )
+    check_activation_parameters(act, {
+        "swiglu_alpha": swiglu_alpha, "swiglu_beta": swiglu_beta, "swiglu_limit": swiglu_limit,
+        "situ_beta": situ_beta, "situ_linear_beta": situ_linear_beta,
+        "clamped_relu2_limit": clamped_relu2_limit,
+    })
+    # Swiglu (and SwigluBias) with any of the three is the clamped SwiGLU: the op gets all three.
+    clamped = act in (ActivationType.Swiglu, ActivationType.SwigluBias) and any(
+        t is not None for t in (swiglu_alpha, swiglu_beta, swiglu_limit))
+    situ_beta = _exact_float32("situ_beta", situ_beta, [num_experts], "a per-expert (E_local)")
+    situ_linear_beta = _exact_float32("situ_linear_beta", situ_linear_beta, [num_experts],
+                                      "a per-expert (E_local)")
+    clamped_relu2_limit = _exact_float32("clamped_relu2_limit", clamped_relu2_limit, [1],
+                                         "a model-wide one-element")
     fc1_weight_scales, fc2_weight_scales = (
         _int8_scales(quant_scales, input.dtype, [num_experts, n1], [num_experts, hidden_size])
         if int8 else (None, None)
@@ -441,6 +515,9 @@ def prepare_call(
         "swiglu_alpha": swiglu_alpha,
         "swiglu_beta": swiglu_beta,
         "swiglu_limit": swiglu_limit,
+        "situ_beta": situ_beta,
+        "situ_linear_beta": situ_linear_beta,
+        "clamped_relu2_limit": clamped_relu2_limit,
         "output": output,
         "workspace_buffer": workspace_buffer,
     }
@@ -522,6 +599,9 @@ def prepare_call(
         swiglu_alpha=swiglu_alpha,
         swiglu_beta=swiglu_beta,
         swiglu_limit=swiglu_limit,
+        clamped_relu2_limit=clamped_relu2_limit,
+        situ_beta=situ_beta,
+        situ_linear_beta=situ_linear_beta,
         output=output,
         workspace_buffer=workspace_buffer,
         output_dtype=output_dtype,
@@ -552,6 +632,9 @@ def _read_tensors(call: MoeCall) -> dict[str, torch.Tensor | None]:
         "swiglu_alpha": call.swiglu_alpha,
         "swiglu_beta": call.swiglu_beta,
         "swiglu_limit": call.swiglu_limit,
+        "clamped_relu2_limit": call.clamped_relu2_limit,
+        "situ_beta": call.situ_beta,
+        "situ_linear_beta": call.situ_linear_beta,
     }
 
 
@@ -650,6 +733,11 @@ class OpArguments(NamedTuple):
     tactic1: str  # tactic names; "" for the AutoTuner's choice
     tactic2: str
     enable_pdl: bool = True
+    # FlashInfer 0.7's per-activation tensors (after enable_pdl, so that positional callers of
+    # the older schema keep working): accepted only with their activation.
+    clamped_relu2_limit: torch.Tensor | None = None  # [1] float32, required with ClampedRelu2
+    situ_beta: torch.Tensor | None = None  # [E] float32, Situ (default 4)
+    situ_linear_beta: torch.Tensor | None = None  # [E] float32, Situ (default 25)
 
 
 def op_activation(activation: int) -> ActivationType:
@@ -735,13 +823,19 @@ def check_op_arguments(args: OpArguments, *, traced: bool = False) -> None:
                 (act_dtype,))
     clamp = {"swiglu_alpha": swiglu_alpha, "swiglu_beta": swiglu_beta,
              "swiglu_limit": swiglu_limit}
-    if any(t is not None for t in clamp.values()):
-        if activation != ActivationType.Swiglu:
-            raise ValueError("swiglu_alpha/swiglu_beta/swiglu_limit are only valid with Swiglu")
+    situ = {"situ_beta": args.situ_beta, "situ_linear_beta": args.situ_linear_beta}
+    check_activation_parameters(
+        activation, {**clamp, **situ, "clamped_relu2_limit": args.clamped_relu2_limit})
+    if activation in (ActivationType.Swiglu, ActivationType.SwigluBias) and \
+            any(t is not None for t in clamp.values()):
         for name, t in clamp.items():
             if t is None:
                 raise ValueError(f"{name} is required when any of swiglu_alpha/beta/limit is")
+    for name, t in {**clamp, **situ}.items():
+        if t is not None:
             _expect(name, t, [num_experts], (torch.float32,))
+    if args.clamped_relu2_limit is not None:
+        _expect("clamped_relu2_limit", args.clamped_relu2_limit, [1], (torch.float32,))
     if workspace_buffer is not None:
         _expect("workspace_buffer", workspace_buffer, [workspace_buffer.numel()],
                 (torch.uint8, torch.int8))
@@ -757,21 +851,32 @@ def check_op_arguments(args: OpArguments, *, traced: bool = False) -> None:
 
 
 def check_expert_ids(token_selected_experts: torch.Tensor, num_experts_total: int) -> None:
-    """Raises ``ValueError`` naming the first few ids outside ``[0, num_experts_total)``.
+    """Raises ``ValueError`` when ids fall outside ``[0, num_experts_total)``: how many entries
+    do, the first few distinct values, how many distinct values there are and where the first
+    bad entry is (``[token, choice]``).
 
     Synchronises with the host (it reads the ids back); not for CUDA graph capture.
     """
     ids = token_selected_experts
-    bad = ids[(ids < 0) | (ids >= num_experts_total)]
-    if bad.numel() == 0:
+    mask = (ids < 0) | (ids >= num_experts_total)
+    bad = ids[mask]
+    count = bad.numel()
+    if count == 0:
         return
     values = torch.unique(bad).cpu().tolist()
     shown = ", ".join(str(v) for v in values[:_MAX_BAD_IDS_SHOWN])
     hidden = len(values) - _MAX_BAD_IDS_SHOWN
-    more = f" (and {hidden} more)" if hidden > 0 else ""
+    more = f" and {hidden} more" if hidden > 0 else ""
+    where = "[" + ", ".join(str(i) for i in torch.nonzero(mask)[0].tolist()) + "]"
+    if count == 1:
+        detail = f"at {where}"
+    else:
+        distinct = len(values)
+        detail = (f"{distinct} distinct value{'s' if distinct > 1 else ''}; the first at "
+                  f"{where}")
     raise ValueError(
-        f"token_selected_experts holds {bad.numel()} id(s) outside [0, {num_experts_total}): "
-        f"{shown}{more}"
+        f"token_selected_experts has {count} {'entry' if count == 1 else 'entries'} outside "
+        f"[0, {num_experts_total}): {shown}{more} ({detail})"
     )
 
 

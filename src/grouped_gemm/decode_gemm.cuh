@@ -287,13 +287,8 @@ struct Kernel {
             up += to_float(bias[e * 2 * n_total + n]);
             gate += to_float(bias[e * 2 * n_total + n_total + n]);
           }
-          activation_math::GatedParams gp;
-          gp.clamped = p.gated.swiglu_alpha != nullptr || p.gated.swiglu_beta != nullptr ||
-                       p.gated.swiglu_limit != nullptr;
-          if (p.gated.swiglu_alpha != nullptr) gp.alpha = p.gated.swiglu_alpha[e];
-          if (p.gated.swiglu_beta != nullptr) gp.beta = p.gated.swiglu_beta[e];
-          if (p.gated.swiglu_limit != nullptr) gp.limit = p.gated.swiglu_limit[e];
-          value = activation_math::gated(p.gated.activation, gate, up, gp);
+          value = activation_math::gated(p.gated.activation, gate, up,
+                                         activation_math::gated_params(p.gated, e));
         }
         d[(first + m) * ldd + n] = Element(value);
       }

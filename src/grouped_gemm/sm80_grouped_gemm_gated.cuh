@@ -1,5 +1,6 @@
 // Fused gated GEMM1 tactics ("sm80_gated"): token-row gather + both halves of W1 + bias +
-// SwiGLU/GeGLU in one grouped kernel (see sm80_grouped_gemm_gated_kernel.cuh).
+// the gated activation (SwiGLU, GeGLU, GeGLU-tanh, SwiGLU-step, SiTU-GLU) in one grouped kernel
+// (see sm80_grouped_gemm_gated_kernel.cuh).
 //
 // Operands as in Sm80GroupedGemm (A row-major, weights [2I, K] row-major = column-major B, fp32
 // accumulation), except that A is the token matrix read through per-problem row indices and the
@@ -79,8 +80,9 @@ struct Sm80GroupedGemmGated {
     typename GemmKernel::Params params;
     params.problem_visitor = typename GemmKernel::ProblemVisitor::Params(
         static_cast<cutlass::gemm::GemmCoord*>(a.problem_sizes), a.problem_count, nullptr, 0);
-    params.activation = GatedActivationParams{a.gated.activation, a.gated.swiglu_alpha,
-                                              a.gated.swiglu_beta, a.gated.swiglu_limit};
+    params.activation = GatedActivationParams{a.gated.activation,   a.gated.swiglu_alpha,
+                                              a.gated.swiglu_beta,  a.gated.swiglu_limit,
+                                              a.gated.situ_beta,    a.gated.situ_linear_beta};
     params.ptr_A = reinterpret_cast<Element**>(a.ptr_a);
     params.ptr_rows = a.ptr_rows;
     params.ptr_B = reinterpret_cast<Element**>(a.ptr_b);
