@@ -181,3 +181,25 @@ def clamped_swiglu_params(num_experts: int, generator: torch.Generator) -> dict:
         return torch.rand(num_experts, device=generator.device, generator=generator) + low
 
     return {"swiglu_alpha": draw(1.0), "swiglu_beta": draw(0.0), "swiglu_limit": draw(1.0)}
+
+
+class FakeEvent:
+    """A stand-in for torch.cuda.Event on a machine without a GPU: every interval between two
+    events lasts ``elapsed_ms`` (a class attribute tests may set); ``log``, when set to a
+    list, records each ``record`` call."""
+
+    elapsed_ms = 1e-3
+    log: list[str] | None = None
+
+    def __init__(self, enable_timing: bool = False) -> None:
+        pass
+
+    def record(self, stream: Any = None) -> None:
+        if self.log is not None:
+            self.log.append("event")
+
+    def synchronize(self) -> None:
+        pass
+
+    def elapsed_time(self, end: FakeEvent) -> float:
+        return self.elapsed_ms

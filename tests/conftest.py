@@ -40,3 +40,17 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     if other:
         worst = ", ".join(f"{k} {v:.3g}" for k, v in sorted(other.items()))
         terminalreporter.write_line(f"worst relative L2 error, other baselines: {worst}")
+
+
+@pytest.fixture
+def fresh_tuner(monkeypatch):
+    """The process-wide AutoTuner, emptied before and after the test, with no tuning-cache file
+    and no host-side id check configured in the environment."""
+    from cutlass_moe import autotuner, tuning_cache, validation
+
+    monkeypatch.delenv(tuning_cache.CACHE_ENV, raising=False)
+    monkeypatch.delenv(validation.CHECK_INPUTS_ENV, raising=False)
+    tuner = autotuner.get_tuner()
+    tuner.clear()
+    yield tuner
+    tuner.clear()

@@ -22,12 +22,9 @@ from cutlass_moe import (
     ActivationType,
     _ext,
     autotune,
-    autotuner,
     cutlass_fused_moe,
     reference_moe,
     tactics,
-    tuning_cache,
-    validation,
 )
 
 pytestmark = pytest.mark.gpu
@@ -224,16 +221,6 @@ def test_fused_gated_tactics_list_the_new_gated_activations():
     wanted = {ActivationType[n] for n in FLASHINFER_GATED}
     for desc in gated:
         assert desc["activations"] == wanted, desc["name"]
-
-
-@pytest.fixture
-def fresh_tuner(monkeypatch):
-    monkeypatch.delenv(tuning_cache.CACHE_ENV, raising=False)
-    monkeypatch.delenv(validation.CHECK_INPUTS_ENV, raising=False)
-    tuner = autotuner.get_tuner()
-    tuner.clear()
-    yield tuner
-    tuner.clear()
 
 
 @pytest.mark.parametrize("name", NEW)

@@ -19,6 +19,7 @@ import torch
 
 import cutlass_moe
 from _fake_ext import make_fake_extension, tactic_descriptors
+from _helpers import FakeEvent
 from cutlass_moe import _ext, bench, cli, synthetic, tactics, timing
 from cutlass_moe.activation import ActivationType
 from cutlass_moe.presets import MODEL_PRESETS, ModelPreset
@@ -475,24 +476,12 @@ def cpu_run(monkeypatch):
     from _fake_ext import FakeMoeRunner, make_fake_extension
     from cutlass_moe import autotuner, validation
 
-    class FakeEvent:
-        def __init__(self, enable_timing=False):
-            pass
-
-        def record(self, stream=None):
-            pass
-
-        def synchronize(self):
-            pass
-
-        def elapsed_time(self, end):
-            return 1e-3
-
     monkeypatch.setattr(_ext, "device_guard", lambda device: contextlib.nullcontext())
     monkeypatch.setattr(_ext, "stream_handle", lambda device: 0)
     monkeypatch.setattr(validation, "require_cuda", lambda device: None)
     monkeypatch.setattr(autotuner, "device_id", lambda device=None: "FakeGPU/1")
     monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(FakeEvent, "elapsed_ms", 1e-3)
     monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: FakeStream())

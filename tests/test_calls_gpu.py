@@ -12,11 +12,9 @@ import torch
 from _helpers import random_tokens, random_weights, rel_l2
 from cutlass_moe import (
     autotune,
-    autotuner,
     cutlass_fused_moe,
     ops,
     reference_moe,
-    tuning_cache,
     validation,
 )
 
@@ -29,16 +27,6 @@ DTYPE = torch.bfloat16
 def _layer(num_experts=8, hidden=256, inter=128, seed=0):
     gen = torch.Generator(device=DEVICE).manual_seed(seed)
     return random_weights(num_experts, hidden, inter, True, DTYPE, DEVICE, gen)
-
-
-@pytest.fixture
-def fresh_tuner(monkeypatch):
-    monkeypatch.delenv(tuning_cache.CACHE_ENV, raising=False)
-    monkeypatch.delenv(validation.CHECK_INPUTS_ENV, raising=False)
-    tuner = autotuner.get_tuner()
-    tuner.clear()
-    yield tuner
-    tuner.clear()
 
 
 def test_autotune_in_one_thread_while_another_captures(fresh_tuner):

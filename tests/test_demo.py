@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from _fake_ext import make_fake_extension
+from _helpers import FakeEvent
 from cutlass_moe import _ext, demo, presets, synthetic, timing, validation
 from cutlass_moe.presets import ModelPreset
 
@@ -96,20 +97,6 @@ def test_swiglu_clamp():
     assert list(partial) == ["swiglu_limit"]
 
 
-class FakeEvent:
-    def __init__(self, enable_timing=False):
-        pass
-
-    def record(self, stream=None):
-        pass
-
-    def synchronize(self):
-        pass
-
-    def elapsed_time(self, end):
-        return 2e-3  # ms
-
-
 class FakeStream:
     def synchronize(self):
         pass
@@ -122,6 +109,7 @@ def cpu_demo(monkeypatch):
     monkeypatch.setattr(_ext, "device_guard", lambda device: contextlib.nullcontext())
     monkeypatch.setattr(_ext, "stream_handle", lambda device: 0)
     monkeypatch.setattr(validation, "require_cuda", lambda device: None)
+    monkeypatch.setattr(FakeEvent, "elapsed_ms", 2e-3)
     monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: FakeStream())
     monkeypatch.setattr(timing, "capture_graph",

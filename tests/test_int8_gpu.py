@@ -31,12 +31,10 @@ from cutlass_moe import (
     ActivationType,
     _ext,
     autotune,
-    autotuner,
     cutlass_fused_moe,
     reference_moe,
     swap_w13_to_w31,
     tactics,
-    tuning_cache,
 )
 from cutlass_moe.quantization import (
     dequantize,
@@ -418,17 +416,8 @@ def test_torch_compile_fullgraph():
 # ------------------------------------------------------------------ tuning
 
 
-@pytest.fixture
-def empty_tuner(monkeypatch):
-    monkeypatch.delenv(tuning_cache.CACHE_ENV, raising=False)
-    tuner = autotuner.get_tuner()
-    tuner.clear()
-    yield tuner
-    tuner.clear()
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_autotune_records_int8_entries(empty_tuner, dtype):
+def test_autotune_records_int8_entries(fresh_tuner, dtype):
     """Inside autotune() an int8 call profiles the int8 tactics (with the real scales) and
     records them under quant "int8_per_channel"; a later call in the bucket uses the cache;
     the same shape with 16-bit weights gets entries of its own."""
@@ -438,9 +427,9 @@ def test_autotune_records_int8_entries(empty_tuner, dtype):
             x, ids, scales = _tokens(num_tokens, 512, 8, 2, dtype, seed=num_tokens)
             _check(x, ids, scales, layer, tune_max_num_tokens=64)
             for gemm in (1, 2):
-                selection = empty_tuner.last_selection(gemm)
+                selection = fresh_tuner.last_selection(gemm)
                 assert selection.source == "tuned" and "_int8_" in selection.tactic
-    entries = empty_tuner.entries()
+    entries = fresh_tuner.entries()
     tag = {torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
     assert {(k.gemm, k.bucket) for k in entries} == {(g, b) for g in (1, 2) for b in (1, 64)}
     assert {(k.shape.quant, k.shape.dtypes) for k in entries} == {
@@ -449,10 +438,10 @@ def test_autotune_records_int8_entries(empty_tuner, dtype):
 
     x, ids, scales = _tokens(50, 512, 8, 2, dtype, seed=50)
     _check(x, ids, scales, layer, tune_max_num_tokens=64)
-    assert empty_tuner.last_selection(1).source == "cache"
+    assert fresh_tuner.last_selection(1).source == "cache"
 
     with autotune():  # the unquantised layer of the same shape: separate entries
         cutlass_fused_moe(x, ids, scales, *layer.fc, dtype, tune_max_num_tokens=64)
-    assert empty_tuner.last_selection(1).source == "tuned"
-    assert "_int8_" not in empty_tuner.last_selection(1).tactic
-    assert len(empty_tuner.entries()) == 6
+    assert fresh_tuner.last_selection(1).source == "tuned"
+    assert "_int8_" not in fresh_tuner.last_selection(1).tactic
+    assert len(fresh_tuner.entries()) == 6
