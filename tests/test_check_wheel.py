@@ -31,7 +31,9 @@ _spec.loader.exec_module(check_wheel)
 PY_TAG = f"cp{sys.version_info.major}{sys.version_info.minor}"
 EXT_SUFFIX = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
 TAGS = f"{PY_TAG}-{PY_TAG}-linux_x86_64"
-PACKAGE_PY = sorted(p.name for p in (ROOT / "python" / "cutlass_moe").glob("*.py"))
+PACKAGE_PY = sorted(p.relative_to(ROOT / "python" / "cutlass_moe").as_posix()
+                    for p in (ROOT / "python" / "cutlass_moe").rglob("*.py")
+                    if "__pycache__" not in p.parts)
 
 needs_toolchain = pytest.mark.skipif(
     shutil.which("gcc") is None or shutil.which("readelf") is None,
@@ -290,6 +292,8 @@ def test_size_over_budget_fails(capsys, libs, tmp_path):
 @pytest.mark.parametrize("kwargs, words", [
     ({"drop": ("cli.py",)}, "cutlass_moe/cli.py is missing"),
     ({"drop": ("__init__.py",)}, "cutlass_moe/__init__.py is missing"),
+    ({"drop": ("cutlass_moe/integrations/transformers.py",)},
+     "cutlass_moe/integrations/transformers.py is missing"),
     ({"entry_points": "[console_scripts]\nother = x:y\n"},
      "entry_points.txt has no console script `cutlass-moe = cutlass_moe.cli:main`"),
     ({"drop": ("cutlass_moe-0.1.0.dist-info/entry_points.txt",)}, "entry_points.txt is missing"),

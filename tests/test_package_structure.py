@@ -64,9 +64,8 @@ def _package_imports(node: ast.AST, module: str) -> set[str]:
                 return set()
             base = package[:len(package) - (node.level - 1)]
         elif node.module == "cutlass_moe" or (node.module or "").startswith("cutlass_moe."):
-            base = []
-            node_module = node.module.removeprefix("cutlass_moe").lstrip(".")
-            base = node_module.split(".") if node_module else []
+            inner = node.module.removeprefix("cutlass_moe").lstrip(".")
+            base = inner.split(".") if inner else []
         else:
             return set()
         if node.level and node.module:

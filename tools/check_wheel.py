@@ -11,7 +11,7 @@ installed) and the CUDA architectures embedded in the extension (``cuobjdump --l
 
 - the metadata lacks a name or version, disagrees with the file name, or (``--expect-name``)
   names another distribution; RECORD is missing, incomplete or has a wrong hash or size;
-- a package file is missing: every ``python/cutlass_moe/*.py`` of the source tree (or
+- a package file is missing: every ``python/cutlass_moe/**/*.py`` of the source tree (or
   ``--source-package``), exactly one ``cutlass_moe/_C`` extension built for the wheel's Python,
   and the ``cutlass-moe`` console script in entry_points.txt;
 - an ELF file needs libtorch, libc10, libpython, the shared CUDA runtime (libcudart.so: the
@@ -381,7 +381,9 @@ def _check_package_files(report: Report, root: Path, options: Options) -> None:
     source = options.source_package
     if source is None and DEFAULT_SOURCE_PACKAGE.is_dir():
         source = DEFAULT_SOURCE_PACKAGE
-    expected = (sorted(p.name for p in source.glob("*.py")) if source is not None
+    # Subpackages (integrations/) count too: a wheel that drops a folder must fail.
+    expected = (sorted(p.relative_to(source).as_posix() for p in source.rglob("*.py")
+                       if "__pycache__" not in p.parts) if source is not None
                 else list(CORE_PY_FILES))
     if source is None:
         report.notes.append("no source tree beside this tool: checked the core Python files "

@@ -48,7 +48,8 @@ them as static) and reused; they are rebuilt when a source parameter changes (an
 an in-place update that bumps its version, or new storage). Converting costs one copy of
 ``gate_up_proj`` (2/3 of the expert weights of a gated model, since it must be reordered to
 ``[up | gate]``), plus one of ``down_proj`` when it is stored transposed (gpt-oss: the whole
-expert weights once more); an ungated, untransposed ``down_proj`` is used as it is.
+expert weights once more); an untransposed ``down_proj`` (and an ungated ``up_proj``) is
+used as it is, without a copy.
 :func:`converted_weight_bytes` reports the cost. :func:`prepare` converts in place instead,
 module by module, and frees the originals (peak: the model plus one layer's copy), optionally
 quantising to int8 on the way.
@@ -66,8 +67,8 @@ import math
 import re
 import warnings
 import weakref
-from collections.abc import Iterator
-from typing import Any, Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -90,8 +91,8 @@ from ..quantization import dequantize, quantize_moe_weights_int8
 from ..reference import apply_activation
 
 __all__ = [
-    "NAME",
     "MIN_TRANSFORMERS_VERSION",
+    "NAME",
     "ConvertedExperts",
     "CutlassMoeFallbackWarning",
     "UnsupportedExperts",
@@ -262,7 +263,8 @@ def _structure(module: torch.nn.Module) -> _Structure:
         raise UnsupportedExperts(
             f"its weights have dtypes {sorted(map(str, dtypes))} (one floating-point dtype needed)")
     if len(devices) != 1:
-        raise UnsupportedExperts(f"its weights are on several devices ({sorted(map(str, devices))})")
+        raise UnsupportedExperts(
+            f"its weights are on several devices ({sorted(map(str, devices))})")
 
     w1, w2 = tensors[names[0]], tensors[names[1]]
     if w1.dim() != 3 or w2.dim() != 3:
@@ -703,7 +705,7 @@ def _call_reason(module: torch.nn.Module, hidden_states: torch.Tensor,
                 "bfloat16 activations")
     rows = hidden_states.numel() // max(hidden_states.shape[-1], 1)
     if (top_k_index.dtype not in (torch.int32, torch.int64) or top_k_index.dim() == 0
-            or top_k_index.numel() % max(rows, 1) != 0
+            or top_k_index.numel() != rows * top_k_index.shape[-1]
             or top_k_weights.shape != top_k_index.shape):
         return (f"the routing tensors (top_k_index {list(top_k_index.shape)} "
                 f"{top_k_index.dtype}, top_k_weights {list(top_k_weights.shape)}) are not "
@@ -771,8 +773,8 @@ def cutlass_moe_experts_forward(
     x = hidden_states.reshape(-1, shape[-1])
     if not compiling and x.data_ptr() % validation.ALIGN_BYTES != 0:
         x = x.clone()  # a view at an odd offset: the kernels read 16-byte vectors
-    ids = top_k_index.reshape(x.shape[0], -1)
-    scales = top_k_weights.reshape(x.shape[0], -1)
+    ids = top_k_index.reshape(x.shape[0], top_k_index.shape[-1])
+    scales = top_k_weights.reshape(x.shape[0], top_k_index.shape[-1])
     if scales.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         scales = scales.float()
     extra: dict[str, Any] = {}
