@@ -21,6 +21,9 @@ from cutlass_moe import _ext
 from cutlass_moe.activation import is_gated
 from cutlass_moe.reference import reference_moe
 
+#: The stream handle the CPU fixtures (conftest's fake_cpu) hand to the runner.
+FAKE_STREAM = 0xC0FFEE
+
 ENUM_TO_DTYPE = {v: k for k, v in _ext._DTYPE_TO_ENUM.items()}
 # C++ Activation value -> ActivationType (4 -> Swiglu, which SwigluBias also runs as).
 ENUM_TO_ACTIVATION = {v: _ext.activation_from_enum(v) for v in set(_ext._ACTIVATION_TO_ENUM.values())}

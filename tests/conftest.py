@@ -54,3 +54,22 @@ def fresh_tuner(monkeypatch):
     tuner.clear()
     yield tuner
     tuner.clear()
+
+
+@pytest.fixture
+def fake_cpu(monkeypatch):
+    """The fake extension (tests/_fake_ext.py), with the CUDA-only steps (device guard, stream,
+    CUDA check) made CPU-friendly so the whole call path runs on host tensors; the stream handle
+    passed to the runner is _fake_ext.FAKE_STREAM."""
+    import contextlib
+
+    from _fake_ext import FAKE_STREAM, FakeMoeRunner, make_fake_extension
+    from cutlass_moe import _ext, validation
+
+    monkeypatch.setattr(_ext, "device_guard", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(_ext, "stream_handle", lambda device: FAKE_STREAM)
+    monkeypatch.setattr(validation, "require_cuda", lambda device: None)
+    monkeypatch.delenv(validation.CHECK_INPUTS_ENV, raising=False)
+    FakeMoeRunner.constructed.clear()
+    with _ext._replaced_extension(make_fake_extension()):
+        yield

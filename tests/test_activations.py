@@ -4,7 +4,6 @@ arguments, and the call path through the fake extension (tests/_fake_ext.py)."""
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 
 import pytest
@@ -18,7 +17,6 @@ from _activation_formulas import (
     explicit_activation,
     naive_layer,
 )
-from _fake_ext import FakeMoeRunner, make_fake_extension
 from _helpers import random_routing, rel_l2
 from cutlass_moe import ActivationType, _ext, cutlass_fused_moe, reference_moe, validation
 from cutlass_moe.activation import (
@@ -364,17 +362,6 @@ def test_activation_from_a_flashinfer_enum_member(no_cuda):
 
 
 # ------------------------------------------------------------------ through the fake extension
-
-
-@pytest.fixture
-def fake_cpu(monkeypatch):
-    monkeypatch.setattr(_ext, "device_guard", lambda device: contextlib.nullcontext())
-    monkeypatch.setattr(_ext, "stream_handle", lambda device: 0)
-    monkeypatch.setattr(validation, "require_cuda", lambda device: None)
-    monkeypatch.delenv(validation.CHECK_INPUTS_ENV, raising=False)
-    FakeMoeRunner.constructed.clear()
-    with _ext._replaced_extension(make_fake_extension()):
-        yield
 
 
 def _calls(dtype):

@@ -8,32 +8,18 @@ the public function traces under torch.compile(fullgraph=True).
 
 from __future__ import annotations
 
-import contextlib
 
 import pytest
 import torch
 
-from _fake_ext import FakeMoeRunner, make_fake_extension
+from _fake_ext import FAKE_STREAM as STREAM
+from _fake_ext import FakeMoeRunner
 from _helpers import random_routing, random_weights, rel_l2
 from cutlass_moe import ActivationType, _ext, cutlass_fused_moe, ops, reference_moe, validation
 from cutlass_moe.quantization import dequantize, quantize_moe_weights_int8
 from cutlass_moe.tactics import default_tactic
 
-STREAM = 0xC0FFEE
 GATED = (ActivationType.Swiglu, ActivationType.Geglu)
-
-
-@pytest.fixture
-def fake_cpu(monkeypatch):
-    """The fake extension, with the CUDA-only steps (device guard, stream, CUDA check) made
-    CPU-friendly so the whole call path runs on host tensors."""
-    monkeypatch.setattr(_ext, "device_guard", lambda device: contextlib.nullcontext())
-    monkeypatch.setattr(_ext, "stream_handle", lambda device: STREAM)
-    monkeypatch.setattr(validation, "require_cuda", lambda device: None)
-    monkeypatch.delenv(validation.CHECK_INPUTS_ENV, raising=False)
-    FakeMoeRunner.constructed.clear()
-    with _ext._replaced_extension(make_fake_extension()):
-        yield
 
 
 def _runner(act=torch.bfloat16, out=None):

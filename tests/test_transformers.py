@@ -31,7 +31,6 @@ transformers = pytest.importorskip("transformers")
 from transformers.integrations import moe as hf_moe
 
 import cutlass_moe.integrations.transformers as tx
-from _fake_ext import FakeMoeRunner, make_fake_extension
 from _helpers import record_error, rel_l2
 from cutlass_moe import _ext, reference_moe, validation
 from cutlass_moe.quantization import dequantize
@@ -85,19 +84,6 @@ def _fresh_warnings():
     tx._warned.clear()
     yield
     tx._warned.clear()
-
-
-@pytest.fixture
-def fake_cpu(monkeypatch):
-    """The fake extension, with the CUDA-only steps made CPU-friendly (as in test_ops.py), so
-    the experts function runs end to end on host tensors."""
-    monkeypatch.setattr(_ext, "device_guard", lambda device: contextlib.nullcontext())
-    monkeypatch.setattr(_ext, "stream_handle", lambda device: 0)
-    monkeypatch.setattr(validation, "require_cuda", lambda device: None)
-    monkeypatch.delenv(validation.CHECK_INPUTS_ENV, raising=False)
-    FakeMoeRunner.constructed.clear()
-    with _ext._replaced_extension(make_fake_extension()):
-        yield
 
 
 def fake_calls(dtype=torch.bfloat16) -> int:
