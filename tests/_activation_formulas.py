@@ -22,7 +22,8 @@ FLASHINFER_GATED = {"Swiglu", "Geglu", "SwigluBias", "SwigluStep", "GegluTanh", 
 #: Every activation cutlass_moe implements, by name.
 IMPLEMENTED = ["Swiglu", "Geglu", "Gelu", "Relu", "Silu", "Identity", "SwigluBias", "Relu2",
                "SwigluStep", "GegluTanh", "Situ", "ClampedRelu2"]
-#: The ones issue 15 added (with SwigluBias, which runs as the clamped SwiGLU).
+#: The FlashInfer 0.7 activations beyond the original six (with SwigluBias, which runs as the
+#: clamped SwiGLU).
 NEW = ["Relu2", "ClampedRelu2", "GegluTanh", "SwigluStep", "Situ", "SwigluBias"]
 
 

@@ -1,4 +1,4 @@
-"""FlashInfer 0.7 parity of the activations (issue 15), on the CPU: enum values pinned to
+"""FlashInfer 0.7 parity of the activations, on the CPU: enum values pinned to
 FlashInfer's, the reference's formulas against explicit ones, validation of the per-activation
 arguments, and the call path through the fake extension (tests/_fake_ext.py)."""
 

@@ -1,4 +1,4 @@
-"""FlashInfer 0.7's activations on a GPU (issue 15): Relu2, ClampedRelu2, GegluTanh, SwigluStep,
+"""FlashInfer 0.7's activations on a GPU: Relu2, ClampedRelu2, GegluTanh, SwigluStep,
 Situ and SwigluBias through every tactic that can run them, against reference_moe (float32) and
 against the explicit formulas of tests/_activation_formulas.py (float64), with per-expert (and
 model-wide) parameters, fp16 and bf16, NaN-poisoned outputs; docs/architecture.md,

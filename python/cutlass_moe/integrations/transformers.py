@@ -893,8 +893,8 @@ def prepare(model: torch.nn.Module, weights: str = "bf16",
     if weights == "int4":
         raise NotImplementedError(
             "prepare(weights='int4') needs the W4A16 (int4 weight-only, group-wise scales) "
-            "grouped GEMM, whose issue has not landed in cutlass_moe yet; use weights='int8' "
-            "or 'bf16'")
+            "grouped GEMM, which this version of cutlass_moe does not have yet; use "
+            "weights='int8' or 'bf16'")
     if weights not in _WEIGHT_KINDS:
         raise ValueError(f"weights must be 'bf16', 'fp16', 'int8' or 'int4', got {weights!r}")
     if group_size is not None:
