@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -203,3 +205,14 @@ class FakeEvent:
 
     def elapsed_time(self, end: FakeEvent) -> float:
         return self.elapsed_ms
+
+
+def run_in_threads(worker: Callable[..., object], count: int, indexed: bool = True) -> None:
+    """Runs ``worker(i)`` (or ``worker()`` when not ``indexed``) on ``count`` threads started
+    together, and waits for all of them."""
+    threads = [threading.Thread(target=worker, args=(i,) if indexed else ())
+               for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from _helpers import rel_l2
+from _helpers import rel_l2, run_in_threads
 from cutlass_moe import ActivationType, autotuner, tuning_cache
 from cutlass_moe.autotuner import AutoTuner, bucket_for, tuning_buckets
 from cutlass_moe.tuning_cache import ShapeKey, TuningKey
@@ -282,11 +282,7 @@ def test_concurrent_record_lookup_save(tmp_path):
         except Exception as exc:  # noqa: BLE001 - collected and asserted below
             errors.append(exc)
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_in_threads(worker, 8)
     assert not errors
     assert len(tuner.entries()) == 8 * 199
     tuner.save(path)
@@ -354,11 +350,7 @@ def test_two_threads_missing_one_key_profile_it_once(monkeypatch):
         except Exception as exc:  # noqa: BLE001 - asserted below
             errors.append(exc)
 
-    threads = [threading.Thread(target=worker) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    run_in_threads(worker, 4, indexed=False)
     assert not errors
     assert results == [("tactic_a", "tactic_a")] * 4
     assert sorted(profiled) == [(1, 16), (2, 16)]  # each key once, not once per thread
@@ -574,11 +566,7 @@ def test_concurrent_tuning_from_threads_and_streams(real_tuner):
         except Exception as exc:  # noqa: BLE001 - collected and asserted below
             errors.append(exc)
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_in_threads(worker, 4)
     assert not errors, errors
     assert all(err <= 1e-2 for err in results.values()), results
     buckets = {bucket_for(8 + 37 * i, 8192) for i in range(4)}

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from _fake_ext import FakeMoeRunner, make_fake_extension
+from _helpers import run_in_threads
 from cutlass_moe import ActivationType, _ext
 
 
@@ -66,11 +67,7 @@ def test_runner_cache_is_thread_safe(fake_ext):
         barrier.wait()
         results.append(_ext.get_runner(torch.float16, torch.float16, torch.float32))
 
-    threads = [threading.Thread(target=worker) for _ in range(16)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_in_threads(worker, 16, indexed=False)
     assert len(results) == 16 and all(r is results[0] for r in results)
     assert FakeMoeRunner.constructed == [(0, 0, 2)]
 

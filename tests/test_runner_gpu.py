@@ -8,12 +8,10 @@ L2 error (bf16: 1e-2).
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
 
-from _helpers import random_tokens, random_weights, record_error, rel_l2
+from _helpers import random_tokens, random_weights, record_error, rel_l2, run_in_threads
 from cutlass_moe import ActivationType, _ext, cutlass_fused_moe, reference_moe
 
 pytestmark = pytest.mark.gpu
@@ -167,11 +165,7 @@ def test_routing_from_threads_with_different_expert_counts(runner):
         except (RuntimeError, ValueError) as exc:  # reported by the main thread
             errors.append(exc)
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(cases))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    run_in_threads(worker, len(cases))
     torch.cuda.synchronize()
     assert not errors, f"a thread failed: {errors[0]!r}"
 

@@ -147,6 +147,19 @@ def no_fallback():
         yield
 
 
+def logits_three_ways(model, tokens):
+    """``(cutlass_moe, eager, float32)`` logits of ``model`` for ``tokens``: with the cutlass_moe
+    experts (no fallback allowed), with transformers' eager experts, and the same eager model in
+    float32. Leaves the model on eager experts, in float32."""
+    with torch.no_grad(), no_fallback():
+        out = model(tokens).logits.float()
+    model.set_experts_implementation("eager")
+    with torch.no_grad():
+        eager = model(tokens).logits.float()
+        exact = model.float()(tokens).logits
+    return out, eager, exact
+
+
 def fallback_warnings(record) -> list[str]:
     return [str(w.message) for w in record if issubclass(w.category,
                                                          tx.CutlassMoeFallbackWarning)]
@@ -331,12 +344,7 @@ def test_logits_through_the_fake_extension(fake_cpu, family):
     # Against eager (bf16) and the same weights in float32, on a model with one MoE layer (no
     # routing flip between the runs: the bound is the experts' bf16 rounding).
     model = tiny_model(family, torch.bfloat16, "cutlass_moe", **one_moe_layer(family))
-    with torch.no_grad(), no_fallback():
-        out = model(tokens).logits.float()
-    model.set_experts_implementation("eager")
-    with torch.no_grad():
-        eager = model(tokens).logits.float()
-        exact = model.float()(tokens).logits
+    out, eager, exact = logits_three_ways(model, tokens)
     assert rel_l2(out, eager) <= BF16_TOL
     assert rel_l2(out, exact) <= BF16_TOL
     record_error("transformers_logits_bfloat16_vs_float32_model", rel_l2(out, exact))

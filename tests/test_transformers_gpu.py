@@ -27,6 +27,7 @@ from test_transformers import (  # noqa: F401 (_fresh_warnings: the autouse fixt
     _fresh_warnings,
     eager_experts,
     fallback_warnings,
+    logits_three_ways,
     no_fallback,
     one_moe_layer,
     reference_of,
@@ -95,12 +96,7 @@ def test_logits_match_eager(family):
     model = gpu_model(family, **one_moe_layer(family))
     tokens = torch.randint(0, 64, (3, 11), generator=torch.Generator().manual_seed(0))
     tokens = tokens.to(DEVICE)
-    with torch.no_grad(), no_fallback():
-        out = model(tokens).logits.float()
-    model.set_experts_implementation("eager")
-    with torch.no_grad():
-        eager = model(tokens).logits.float()
-        exact = model.float()(tokens).logits
+    out, eager, exact = logits_three_ways(model, tokens)
     record_error("transformers_logits_bfloat16_vs_float32_model", rel_l2(out, exact))
     assert rel_l2(out, eager) <= TOLERANCE[torch.bfloat16]
     assert rel_l2(out, exact) <= TOLERANCE[torch.bfloat16]

@@ -8,7 +8,6 @@ import multiprocessing
 import os
 import re
 import stat
-import threading
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 import pytest
 import torch
 
+from _helpers import run_in_threads
 from cutlass_moe import _ext, tuning_cache
 from cutlass_moe.tuning_cache import (
     MAX_CACHE_BYTES,
@@ -616,11 +616,7 @@ def test_concurrent_threads_keep_each_others_entries(tmp_path):
         except BaseException as exc:  # noqa: BLE001 - collected and asserted below
             errors.append(exc)
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_in_threads(worker, 4)
     assert not errors
     assert len(_read(path)) == 4 * 10
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache.json"]

@@ -91,7 +91,32 @@ def decode_enabled() -> bool:
     return os.environ.get(DECODE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
-_candidates: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+# (descriptors, names) per candidate set: both are on every call's path (the tuner checks a
+# cached tactic against the names), so neither is rebuilt per call.
+_candidates: dict[tuple[Any, ...], tuple[list[dict[str, Any]], list[str]]] = {}
+
+
+def _candidate_set(
+    dtypes: Dtypes,
+    gemm: int,
+    activation: ActivationType,
+    device: torch.device,
+    expanded_rows: int | None,
+    include_decode: bool | None,
+) -> tuple[list[dict[str, Any]], list[str]]:
+    split_ok = expanded_rows is None or expanded_rows <= split_k_max_rows()
+    decode_ok = decode_enabled() if include_decode is None else include_decode
+    key = (_ext.generation(), dtypes, gemm, activation, device, split_ok, decode_ok)
+    found = _candidates.get(key)
+    if found is None:
+        descs = [
+            d for d in _ext.tactics(*dtypes, gemm, device)
+            if d.get("runnable", True) and supports_activation(d, activation)
+            and (split_ok or int(d.get("split_k", 1)) == 1)
+            and (decode_ok or not d.get("decode"))
+        ]
+        found = _candidates[key] = (descs, [str(d["name"]) for d in descs])
+    return found
 
 
 def candidates(
@@ -106,19 +131,7 @@ def candidates(
     dtypes and ``activation`` on ``device``: runnable there, serving the activation, and (when
     ``expanded_rows`` is given) allowed at that many rows ``T*k``. Decode tactics are included
     when ``include_decode`` is true (default: :func:`decode_enabled`). Cached; do not mutate."""
-    split_ok = expanded_rows is None or expanded_rows <= split_k_max_rows()
-    decode_ok = decode_enabled() if include_decode is None else include_decode
-    key = (_ext.generation(), dtypes, gemm, activation, device, split_ok, decode_ok)
-    found = _candidates.get(key)
-    if found is None:
-        found = [
-            d for d in _ext.tactics(*dtypes, gemm, device)
-            if d.get("runnable", True) and supports_activation(d, activation)
-            and (split_ok or int(d.get("split_k", 1)) == 1)
-            and (decode_ok or not d.get("decode"))
-        ]
-        _candidates[key] = found
-    return found
+    return _candidate_set(dtypes, gemm, activation, device, expanded_rows, include_decode)[0]
 
 
 def candidate_names(
@@ -129,9 +142,8 @@ def candidate_names(
     expanded_rows: int | None = None,
     include_decode: bool | None = None,
 ) -> list[str]:
-    """Names of :func:`candidates`."""
-    return [str(d["name"]) for d in
-            candidates(dtypes, gemm, activation, device, expanded_rows, include_decode)]
+    """Names of :func:`candidates` (cached; do not mutate)."""
+    return _candidate_set(dtypes, gemm, activation, device, expanded_rows, include_decode)[1]
 
 
 def _table(descs: Sequence[Mapping[str, Any]]) -> tuple[tuple[float, int, int, int], ...]:
