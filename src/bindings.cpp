@@ -59,7 +59,7 @@ MoeProblem make_problem(int64_t num_tokens, int64_t hidden_size, int64_t inter_s
 }
 
 DType to_dtype(int value) {
-  if (value < 0 || value > static_cast<int>(DType::kInt8)) {
+  if (value < 0 || value > static_cast<int>(DType::kInt4)) {
     throw cutlass_moe::InvalidArgument("unknown dtype enum " + std::to_string(value));
   }
   return static_cast<DType>(value);
@@ -217,7 +217,8 @@ PYBIND11_MODULE(_C, m) {
              size_t workspace_bytes, const std::string& tactic1, const std::string& tactic2,
              std::uintptr_t stream, std::uintptr_t fc1_scales, std::uintptr_t fc2_scales,
              bool enable_pdl, std::uintptr_t situ_beta, std::uintptr_t situ_linear_beta,
-             std::uintptr_t clamped_relu2_limit) {
+             std::uintptr_t clamped_relu2_limit, std::uintptr_t fc1_zeros,
+             std::uintptr_t fc2_zeros, int64_t fc1_group_size, int64_t fc2_group_size) {
             MoePointers p;
             p.input = as_ptr<const void>(input);
             p.token_selected_experts = as_ptr<const int32_t>(token_selected_experts);
@@ -234,12 +235,16 @@ PYBIND11_MODULE(_C, m) {
             p.clamped_relu2_limit = as_ptr<const float>(clamped_relu2_limit);
             p.fc1_scales = as_ptr<const void>(fc1_scales);
             p.fc2_scales = as_ptr<const void>(fc2_scales);
+            p.fc1_zeros = as_ptr<const void>(fc1_zeros);
+            p.fc2_zeros = as_ptr<const void>(fc2_zeros);
             p.output = as_ptr<void>(output);
             p.workspace = as_ptr<void>(workspace);
             p.workspace_bytes = workspace_bytes;
-            r.run_moe(make_problem(num_tokens, hidden_size, inter_size, num_experts, top_k,
-                                   expert_start, activation),
-                      p, tactic1, tactic2, as_ptr<CUstream_st>(stream), enable_pdl);
+            MoeProblem problem = make_problem(num_tokens, hidden_size, inter_size, num_experts,
+                                              top_k, expert_start, activation);
+            problem.fc1_group_size = fc1_group_size;
+            problem.fc2_group_size = fc2_group_size;
+            r.run_moe(problem, p, tactic1, tactic2, as_ptr<CUstream_st>(stream), enable_pdl);
           },
           py::arg("num_tokens"), py::arg("hidden_size"), py::arg("inter_size"),
           py::arg("num_experts"), py::arg("top_k"), py::arg("expert_start"),
@@ -251,37 +256,42 @@ PYBIND11_MODULE(_C, m) {
           py::arg("tactic2"), py::arg("stream"), py::arg("fc1_scales") = 0,
           py::arg("fc2_scales") = 0, py::arg("enable_pdl") = true, py::arg("situ_beta") = 0,
           py::arg("situ_linear_beta") = 0, py::arg("clamped_relu2_limit") = 0,
-          py::call_guard<py::gil_scoped_release>())
+          py::arg("fc1_zeros") = 0, py::arg("fc2_zeros") = 0, py::arg("fc1_group_size") = 0,
+          py::arg("fc2_group_size") = 0, py::call_guard<py::gil_scoped_release>())
       .def(
           "prepare_gemm_profile",
           [](const MoeRunner& r, int gemm, int64_t num_tokens, int64_t hidden_size,
              int64_t inter_size, int num_experts, int top_k, int activation,
              std::uintptr_t weights, std::uintptr_t workspace, size_t workspace_bytes,
-             uint64_t seed, std::uintptr_t stream, std::uintptr_t scales) {
-            r.prepare_gemm_profile(gemm,
-                                   make_problem(num_tokens, hidden_size, inter_size, num_experts,
-                                                top_k, 0, activation),
-                                   as_ptr<const void>(weights), as_ptr<const void>(scales),
+             uint64_t seed, std::uintptr_t stream, std::uintptr_t scales, std::uintptr_t zeros,
+             int64_t group_size) {
+            MoeProblem problem = make_problem(num_tokens, hidden_size, inter_size, num_experts,
+                                              top_k, 0, activation);
+            (gemm == 1 ? problem.fc1_group_size : problem.fc2_group_size) = group_size;
+            r.prepare_gemm_profile(gemm, problem, as_ptr<const void>(weights),
+                                   as_ptr<const void>(scales), as_ptr<const void>(zeros),
                                    as_ptr<void>(workspace), workspace_bytes, seed,
                                    as_ptr<CUstream_st>(stream));
           },
           py::arg("gemm"), py::arg("num_tokens"), py::arg("hidden_size"), py::arg("inter_size"),
           py::arg("num_experts"), py::arg("top_k"), py::arg("activation"), py::arg("weights"),
           py::arg("workspace"), py::arg("workspace_bytes"), py::arg("seed"), py::arg("stream"),
-          py::arg("scales") = 0, py::call_guard<py::gil_scoped_release>())
+          py::arg("scales") = 0, py::arg("zeros") = 0, py::arg("group_size") = 0,
+          py::call_guard<py::gil_scoped_release>())
       .def(
           "run_gemm_profile",
           [](const MoeRunner& r, int gemm, const std::string& tactic, int64_t num_tokens,
              int64_t hidden_size, int64_t inter_size, int num_experts, int top_k, int activation,
-             std::uintptr_t workspace, size_t workspace_bytes, std::uintptr_t stream) {
-            r.run_gemm_profile(gemm, tactic,
-                               make_problem(num_tokens, hidden_size, inter_size, num_experts,
-                                            top_k, 0, activation),
-                               as_ptr<void>(workspace), workspace_bytes,
+             std::uintptr_t workspace, size_t workspace_bytes, std::uintptr_t stream,
+             int64_t group_size) {
+            MoeProblem problem = make_problem(num_tokens, hidden_size, inter_size, num_experts,
+                                              top_k, 0, activation);
+            (gemm == 1 ? problem.fc1_group_size : problem.fc2_group_size) = group_size;
+            r.run_gemm_profile(gemm, tactic, problem, as_ptr<void>(workspace), workspace_bytes,
                                as_ptr<CUstream_st>(stream));
           },
           py::arg("gemm"), py::arg("tactic"), py::arg("num_tokens"), py::arg("hidden_size"),
           py::arg("inter_size"), py::arg("num_experts"), py::arg("top_k"),
           py::arg("activation"), py::arg("workspace"), py::arg("workspace_bytes"),
-          py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+          py::arg("stream"), py::arg("group_size") = 0, py::call_guard<py::gil_scoped_release>());
 }

@@ -40,7 +40,7 @@ size_t align_up(size_t bytes) {
 
 // Byte offsets of one grouped GEMM's device-resident arguments inside the workspace.
 struct GemmArgsLayout {
-  size_t problem_sizes, ptr_a, ptr_b, ptr_d, lda, ldb, ldd, ptr_scale, ptr_rows;
+  size_t problem_sizes, ptr_a, ptr_b, ptr_d, lda, ldb, ldd, ptr_scale, ptr_zero, ptr_rows;
 };
 
 // Indices of the argument sets in WorkspaceLayout::gemm: GEMM1 as a plain GEMM (A = gathered
@@ -161,6 +161,7 @@ struct WorkspaceLayout {
       g.ldb = take(problems * sizeof(int64_t));
       g.ldd = take(problems * sizeof(int64_t));
       g.ptr_scale = take(problems * sizeof(void*));
+      g.ptr_zero = take(problems * sizeof(void*));
       g.ptr_rows = take(problems * sizeof(int32_t*));
     }
     const size_t hidden = static_cast<size_t>(p.hidden_size);
@@ -183,20 +184,24 @@ struct WorkspaceLayout {
             reinterpret_cast<int64_t*>(base + g.ldb),
             reinterpret_cast<int64_t*>(base + g.ldd),
             reinterpret_cast<void**>(base + g.ptr_scale),
+            reinterpret_cast<void**>(base + g.ptr_zero),
             reinterpret_cast<int32_t**>(base + g.ptr_rows)};
   }
 
   // What routing (or the profiling set-up) needs to write every argument set, plus the split-K
   // set of a GEMM2 split into `gemm2_splits` (1: none).
   GemmArgsWriter writer(const MoeProblem& p, char* base, const GemmOperands& ops,
-                        size_t elem_bytes, size_t weight_bytes, int gemm2_splits) const {
+                        size_t elem_bytes, size_t weight_bits, int gemm2_splits) const {
     GemmArgsWriter w;
     w.num_experts = p.num_experts;
     w.hidden = p.hidden_size;
     w.fc1_cols = p.fc1_out_size();
     w.inter = p.inter_size;
     w.elem_bytes = static_cast<int>(elem_bytes);
-    w.weight_bytes = static_cast<int>(weight_bytes);
+    w.weight_bits = static_cast<int>(weight_bits);
+    // Scale rows per expert: one per K-group for int4, one (per channel) otherwise.
+    w.fc1_scale_rows = p.fc1_group_size > 0 ? p.hidden_size / p.fc1_group_size : 1;
+    w.fc2_scale_rows = p.fc2_group_size > 0 ? p.inter_size / p.fc2_group_size : 1;
     w.ops = ops;
     w.gemm1 = gemm_device(kArgsGemm1, base);
     w.gemm2 = gemm_device(kArgsGemm2, base);
@@ -220,6 +225,7 @@ struct WorkspaceLayout {
     a.ldb = d.ldb;
     a.ldd = d.ldd;
     a.ptr_scale = d.ptr_scale;
+    a.ptr_zero = d.ptr_zero;
     a.ptr_rows = d.ptr_rows;
     return a;
   }
@@ -426,15 +432,16 @@ MoeRunner::MoeRunner(DType act_dtype, DType weight_dtype, DType out_dtype)
     : act_dtype_(act_dtype), weight_dtype_(weight_dtype), out_dtype_(out_dtype),
       impl_(new Impl) {
   const bool act_ok = act_dtype == DType::kFloat16 || act_dtype == DType::kBFloat16;
-  const bool weight_ok = weight_dtype == act_dtype || weight_dtype == DType::kInt8;
+  const bool weight_ok =
+      weight_dtype == act_dtype || weight_dtype == DType::kInt8 || weight_dtype == DType::kInt4;
   const bool out_ok = out_dtype == act_dtype || out_dtype == DType::kFloat32;
   if (!act_ok || !weight_ok || !out_ok) {
     throw InvalidArgument(std::string("unsupported dtype configuration (activation ") +
                           dtype_name(act_dtype) + ", weights " + dtype_name(weight_dtype) +
                           ", output " + dtype_name(out_dtype) +
                           "): supported are fp16 or bf16 activations with weights of the same "
-                          "dtype or int8 (per-channel scales), and output in the activation dtype "
-                          "or fp32");
+                          "dtype, int8 (per-channel scales) or int4 (group-wise scales), and "
+                          "output in the activation dtype or fp32");
   }
   int count = 0;
   const GemmTactic* const* all = gemm_tactics(&count);
@@ -500,6 +507,11 @@ void check_problem(const MoeProblem& p, DType weight_dtype) {
     err += "int8 weights need hidden_size and inter_size to be multiples of 16 (got " +
            to_string(p.hidden_size) + " and " + to_string(p.inter_size) + "); ";
   }
+  // int4 tactics read K in 16-byte vectors of 32 nibbles.
+  if (weight_dtype == DType::kInt4 && (p.hidden_size % 32 != 0 || p.inter_size % 32 != 0)) {
+    err += "int4 weights need hidden_size and inter_size to be multiples of 32 (got " +
+           to_string(p.hidden_size) + " and " + to_string(p.inter_size) + "); ";
+  }
   if (p.num_experts < 1) err += "num_experts must be >= 1 (got " + to_string(p.num_experts) + "); ";
   if (p.top_k < 1) err += "top_k must be >= 1 (got " + to_string(p.top_k) + "); ";
   if (p.expert_start < 0) {
@@ -513,6 +525,29 @@ void check_problem(const MoeProblem& p, DType weight_dtype) {
     err += "num_tokens * top_k and 2 * inter_size must stay below 2^31; ";
   }
   if (!err.empty()) throw InvalidArgument(err.substr(0, err.size() - 2));
+}
+
+// int4 weights: each GEMM's K-group (a multiple of 32 that divides its K; K itself is
+// per-channel). Other weights take no group size. `gemms`: bit 0 GEMM1, bit 1 GEMM2.
+void check_group_sizes(const MoeProblem& p, DType weight_dtype, int gemms) {
+  using std::to_string;
+  const int64_t groups[2] = {p.fc1_group_size, p.fc2_group_size};
+  const int64_t ks[2] = {p.hidden_size, p.inter_size};
+  for (int g = 0; g < 2; ++g) {
+    if (!(gemms & (1 << g))) continue;
+    const std::string which = "fc" + to_string(g + 1) + "_group_size";
+    if (weight_dtype != DType::kInt4) {
+      if (groups[g] != 0) {
+        throw InvalidArgument(which + " applies to int4 weights only (got " +
+                              to_string(groups[g]) + " with " + dtype_name(weight_dtype) + ")");
+      }
+      continue;
+    }
+    if (groups[g] <= 0 || groups[g] % 32 != 0 || ks[g] % groups[g] != 0) {
+      throw InvalidArgument(which + " must be a positive multiple of 32 that divides K = " +
+                            to_string(ks[g]) + " (got " + to_string(groups[g]) + ")");
+    }
+  }
 }
 
 }  // namespace
@@ -568,6 +603,14 @@ void MoeRunner::run_moe(const MoeProblem& p, const MoePointers& ptrs, const std:
   if (weight_dtype_ == DType::kInt8 && (!ptrs.fc1_scales || !ptrs.fc2_scales)) {
     throw InvalidArgument("int8 weights need fc1 and fc2 per-channel scales");
   }
+  check_group_sizes(p, weight_dtype_, 3);
+  if (weight_dtype_ == DType::kInt4 && (!ptrs.fc1_scales || !ptrs.fc2_scales)) {
+    throw InvalidArgument("int4 weights need fc1 and fc2 group-wise scales");
+  }
+  if ((ptrs.fc1_zeros || ptrs.fc2_zeros) &&
+      (weight_dtype_ != DType::kInt4 || !ptrs.fc1_zeros || !ptrs.fc2_zeros)) {
+    throw InvalidArgument("zero points are for int4 weights only, and for both GEMMs or neither");
+  }
   if (p.activation == Activation::kClampedRelu2 && !ptrs.clamped_relu2_limit) {
     throw InvalidArgument("ClampedRelu2 needs clamped_relu2_limit (one float32 on the device)");
   }
@@ -591,14 +634,16 @@ void MoeRunner::run_moe(const MoeProblem& p, const MoePointers& ptrs, const std:
   ops.gathered = base + layout.gathered;
   ops.fc1_weights = static_cast<const char*>(ptrs.fc1_weights);
   ops.fc1_scales = static_cast<const char*>(ptrs.fc1_scales);
+  ops.fc1_zeros = static_cast<const char*>(ptrs.fc1_zeros);
   ops.fc1_out = base + layout.fc1_out;
   ops.gemm2_a = (needs_activation || fused_gemm1) ? base + layout.act_out : base + layout.fc1_out;
   ops.fc2_weights = static_cast<const char*>(ptrs.fc2_weights);
   ops.fc2_scales = static_cast<const char*>(ptrs.fc2_scales);
+  ops.fc2_zeros = static_cast<const char*>(ptrs.fc2_zeros);
   ops.fc2_out = base + layout.gathered;  // a plain GEMM1 has consumed the gathered rows by then
   ops.fc2_partials = base + layout.fc2_partials;
   const GemmArgsWriter writer = layout.writer(p, base, ops, dtype_size(act_dtype_),
-                                              dtype_size(weight_dtype_), splits);
+                                              dtype_bits(weight_dtype_), splits);
 
   // Routing also writes the grouped GEMMs' arguments (no launch of their own).
   launch_routing(ptrs.token_selected_experts, p.num_tokens, p.top_k, p.num_experts,
@@ -616,11 +661,13 @@ void MoeRunner::run_moe(const MoeProblem& p, const MoePointers& ptrs, const std:
     args.gated = GatedEpilogueArgs{static_cast<int>(p.activation), ptrs.fc1_bias,
                                    ptrs.swiglu_alpha, ptrs.swiglu_beta, ptrs.swiglu_limit,
                                    ptrs.situ_beta,    ptrs.situ_linear_beta};
+    args.group_size = static_cast<int>(p.fc1_group_size);
     args.pdl = pdl;
     impl_->launch(t1, 1, args,
                   impl_->threadblock_count(t1, state, rows, p.num_experts, p.inter_size), stream);
   } else {
     GroupedGemmArgs args = layout.gemm_args(kArgsGemm1, base, p.num_experts);
+    args.group_size = static_cast<int>(p.fc1_group_size);
     args.pdl = pdl;
     impl_->launch(t1, 1, args,
                   impl_->threadblock_count(t1, state, rows, p.num_experts, p.fc1_out_size()),
@@ -637,6 +684,7 @@ void MoeRunner::run_moe(const MoeProblem& p, const MoePointers& ptrs, const std:
   GroupedGemmArgs args2 =
       splits > 1 ? layout.gemm_args(split_args_index(splits), base, p.num_experts * splits)
                  : layout.gemm_args(kArgsGemm2, base, p.num_experts);
+  args2.group_size = static_cast<int>(p.fc2_group_size);
   args2.pdl = pdl;
   impl_->launch(t2, 2, args2,
                 impl_->threadblock_count(t2, state, rows, p.num_experts, p.hidden_size), stream);
@@ -648,13 +696,21 @@ void MoeRunner::run_moe(const MoeProblem& p, const MoePointers& ptrs, const std:
 }
 
 void MoeRunner::prepare_gemm_profile(int gemm, const MoeProblem& p, const void* weights,
-                                     const void* scales, void* workspace, size_t workspace_bytes,
-                                     uint64_t seed, cudaStream_t stream) const {
+                                     const void* scales, const void* zeros, void* workspace,
+                                     size_t workspace_bytes, uint64_t seed,
+                                     cudaStream_t stream) const {
   check_problem(p, weight_dtype_);
+  if (gemm != 1 && gemm != 2) throw InvalidArgument("gemm must be 1 or 2");
   if (weight_dtype_ == DType::kInt8 && scales == nullptr) {
     throw InvalidArgument("int8 weights need their per-channel scales for profiling");
   }
-  if (gemm != 1 && gemm != 2) throw InvalidArgument("gemm must be 1 or 2");
+  check_group_sizes(p, weight_dtype_, gemm);
+  if (weight_dtype_ == DType::kInt4 && scales == nullptr) {
+    throw InvalidArgument("int4 weights need their group-wise scales for profiling");
+  }
+  if (zeros != nullptr && weight_dtype_ != DType::kInt4) {
+    throw InvalidArgument("zero points are for int4 weights only");
+  }
   // Every buffer, so that one set-up serves every tactic.
   const WorkspaceLayout layout = WorkspaceLayout::make(p, dtype_size(act_dtype_), WorkspacePlan{});
   if (!weights || !workspace) throw InvalidArgument("weights and workspace must be non-null");
@@ -677,22 +733,25 @@ void MoeRunner::prepare_gemm_profile(int gemm, const MoeProblem& p, const void* 
   ops.gathered = base + layout.gathered;
   ops.fc1_weights = static_cast<const char*>(gemm == 1 ? weights : nullptr);
   ops.fc1_scales = static_cast<const char*>(gemm == 1 ? scales : nullptr);
+  ops.fc1_zeros = static_cast<const char*>(gemm == 1 ? zeros : nullptr);
   ops.fc1_out = base + layout.fc1_out;
   ops.gemm2_a = base + layout.act_out;
   ops.fc2_weights = static_cast<const char*>(gemm == 2 ? weights : nullptr);
   ops.fc2_scales = static_cast<const char*>(gemm == 2 ? scales : nullptr);
+  ops.fc2_zeros = static_cast<const char*>(gemm == 2 ? zeros : nullptr);
   ops.fc2_out = base + layout.gathered;
   ops.fc2_partials = base + layout.fc2_partials;
   // Every argument set, the split-K ones included where split-K may run, so that one set-up
   // serves every tactic.
   constexpr int kThreads = 128;
   const int blocks = (p.num_experts + kThreads - 1) / kThreads;
-  const bool split_sets = gemm == 2 && split_k_allowed(p);
+  // (int4 has no split tactics.)
+  const bool split_sets = gemm == 2 && split_k_allowed(p) && weight_dtype_ != DType::kInt4;
   for (int set = 0; set < (split_sets ? 1 + kNumSplitFactors : 1); ++set) {
     const int splits = set == 0 ? 1 : kSplitFactors[set - 1];
     launch_kernel("write_gemm_args_kernel", write_gemm_args_kernel, dim3(blocks),
                   dim3(kThreads), 0, stream, false, static_cast<const int64_t*>(offsets),
-                  layout.writer(p, base, ops, dtype_size(act_dtype_), dtype_size(weight_dtype_),
+                  layout.writer(p, base, ops, dtype_size(act_dtype_), dtype_bits(weight_dtype_),
                                 splits));
   }
 
@@ -719,6 +778,7 @@ void MoeRunner::run_gemm_profile(int gemm, const std::string& tactic, const MoeP
                                  cudaStream_t stream) const {
   check_problem(p, weight_dtype_);
   if (gemm != 1 && gemm != 2) throw InvalidArgument("gemm must be 1 or 2");
+  check_group_sizes(p, weight_dtype_, gemm);
   const WorkspaceLayout layout = WorkspaceLayout::make(p, dtype_size(act_dtype_), WorkspacePlan{});
   if (!workspace || workspace_bytes < layout.total) {
     throw InvalidArgument("workspace is null or smaller than the " +
@@ -735,10 +795,11 @@ void MoeRunner::run_gemm_profile(int gemm, const std::string& tactic, const MoeP
     // A split GEMM2's partial sums are added by finalize in a real call; that read (splits x
     // fp32 rows of a decode-sized call) is not timed here.
     const int splits = impl_->split_k(index);
-    impl_->launch(index, gemm,
-                  splits > 1
-                      ? layout.gemm_args(split_args_index(splits), base, p.num_experts * splits)
-                      : layout.gemm_args(kArgsGemm2, base, p.num_experts),
+    GroupedGemmArgs args =
+        splits > 1 ? layout.gemm_args(split_args_index(splits), base, p.num_experts * splits)
+                   : layout.gemm_args(kArgsGemm2, base, p.num_experts);
+    args.group_size = static_cast<int>(p.fc2_group_size);
+    impl_->launch(index, gemm, args,
                   impl_->threadblock_count(index, state, rows, p.num_experts, p.hidden_size),
                   stream);
     return;
@@ -748,12 +809,15 @@ void MoeRunner::run_gemm_profile(int gemm, const std::string& tactic, const MoeP
   if (impl_->gated(index)) {
     GroupedGemmArgs args = layout.gemm_args(kArgsGemm1Gated, base, p.num_experts);
     args.gated.activation = static_cast<int>(p.activation);
+    args.group_size = static_cast<int>(p.fc1_group_size);
     impl_->launch(index, gemm, args,
                   impl_->threadblock_count(index, state, rows, p.num_experts, p.inter_size),
                   stream);
     return;
   }
-  impl_->launch(index, gemm, layout.gemm_args(kArgsGemm1, base, p.num_experts),
+  GroupedGemmArgs args = layout.gemm_args(kArgsGemm1, base, p.num_experts);
+  args.group_size = static_cast<int>(p.fc1_group_size);
+  impl_->launch(index, gemm, args,
                 impl_->threadblock_count(index, state, rows, p.num_experts, p.fc1_out_size()),
                 stream);
   if (p.activation != Activation::kIdentity) {

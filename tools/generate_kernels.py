@@ -4,6 +4,8 @@
 Each tactic is one compiled CUTLASS configuration with a stable name such as
 ``sm80_bf16_bf16_m64n128k64_w32x64x64_s4`` (16-bit weights) or
 ``sm80_bf16_int8_m16n128k64_w16x32x64_s4`` (int8 weights, per-output-channel scales) or
+``sm80_bf16_int4_m128n128k64_w64x64x64_s3`` (packed int4 weights, group-wise scales and optional
+zero points, dequantised in the project's mainloop; one kernel serves every group size) or
 ``sm80_gated_bf16_bf16_m16n64k64_w16x32x64_s5`` (fused gated GEMM1: the tile's N counts output
 columns, each of which reads one up and one gate weight row) or
 ``sm80_bf16_bf16_m16n64k64_w16x32x64_s4_splitk4`` (GEMM2 split over K into 4 fp32 partial sums,
@@ -38,6 +40,13 @@ DTYPES = {
 # tactic is its activation tag.
 QUANT_WEIGHT_DTYPES = {
     "int8": "DType::kInt8",
+    "int4": "DType::kInt4",
+}
+
+# The decode kernel's weight element type per weight tag (16-bit: the activation type).
+DECODE_WEIGHT_TYPES = {
+    "int8": "int8_t",
+    "int4": "cutlass::uint4b_t",
 }
 
 # Kernel template header and class of each weight kind ("16bit": weights in the activation dtype).
@@ -45,6 +54,7 @@ KERNEL_TEMPLATES = {
     "decode": ("grouped_gemm/decode_gemm.cuh", "grouped_gemm::decode::DecodeGemm"),
     "16bit": ("grouped_gemm/sm80_grouped_gemm.cuh", "grouped_gemm::Sm80GroupedGemm"),
     "int8": ("grouped_gemm/sm80_grouped_gemm_int8.cuh", "grouped_gemm::Sm80GroupedGemmInt8"),
+    "int4": ("grouped_gemm/sm80_grouped_gemm_int4.cuh", "grouped_gemm::Sm80GroupedGemmInt4"),
     "gated": ("grouped_gemm/sm80_grouped_gemm_gated.cuh", "grouped_gemm::Sm80GroupedGemmGated"),
 }
 
@@ -197,6 +207,32 @@ FAST_TILES_INT8 = [
 ]
 
 
+# W4A16: 16-bit activations x packed int4 weights with group-wise scales, dequantised into a
+# 16-bit shared-memory tile once per K-tile (src/grouped_gemm/sm80_grouped_gemm_int4.cuh). Per
+# stage: the A tile (TileM x 64 x 2 B), the packed tile (TileN x 32 B) and two rows of scales and
+# of zero points (8 x TileN B); plus one dequantised tile (64 x TileN x 2 B). Warp tiles are
+# plain 16-bit ones (no mixed-input fragments), so 64x64 warps fit the registers as for 16-bit
+# weights. sizeof(SharedStorage) in KB, about:
+#   16x64 s4 26    16x128 s4/s6 44/58    32x128 s4 52    64x128 s3/s4 58/68
+#   128x128 s3 79    128x256 s3 110 (over the 99 KB of sm_86/89: filtered at run time there)
+FULL_TILES_INT4 = [
+    (16, 64, 64, 16, 32, 64, 4),
+    (16, 128, 64, 16, 32, 64, 4),
+    (16, 128, 64, 16, 32, 64, 6),
+    (32, 128, 64, 32, 32, 64, 4),
+    (64, 128, 64, 32, 64, 64, 3),
+    (64, 128, 64, 32, 64, 64, 4),
+    (128, 128, 64, 64, 64, 64, 3),
+    (128, 256, 64, 64, 64, 64, 3),
+]
+
+# One small-M and one prefill tactic per activation dtype; both fit 99 KB (sm_86/89).
+FAST_TILES_INT4 = [
+    (16, 128, 64, 16, 32, 64, 4),
+    (128, 128, 64, 64, 64, 64, 3),
+]
+
+
 # Fused gated GEMM1 (16-bit weights): one A tile and two weight tiles (up and gate rows) per
 # stage, two accumulators. Per stage (TileM + 2 TileN) * 64 * 2 bytes of shared memory, so the
 # same output tile needs about twice the shared memory of an unfused one; and two accumulators
@@ -260,6 +296,9 @@ FULL_DECODE = {
     # 8 rows of int8 gated columns spill registers on sm_90 (both halves' 16-wide vectors):
     # not compiled.
     ("int8", True): [(1, 1, 4, 4), (2, 1, 4, 4), (4, 1, 4, 2)],
+    # int4: 32 weights per 16-byte vector, converted 8 at a time; the same shapes as int8.
+    ("int4", False): [(1, 2, 4, 4), (2, 2, 4, 4), (4, 2, 4, 2), (8, 1, 4, 2)],
+    ("int4", True): [(1, 1, 4, 4), (2, 1, 4, 4), (4, 1, 4, 2)],
 }
 FAST_DECODE = {kind: configs[1:2] for kind, configs in FULL_DECODE.items()}
 
@@ -272,7 +311,7 @@ def _decode_tactics(fast: bool) -> list[Tactic]:
                 found.append(Tactic(
                     dtype, rows, cols * warps, 0, rows, cols, 0, unroll,
                     gemms=GEMM1 if gated else GEMM1 | GEMM2,
-                    weight="int8" if weights == "int8" else None, gated=gated, decode=True))
+                    weight=None if weights == "16bit" else weights, gated=gated, decode=True))
     return found
 
 
@@ -280,12 +319,14 @@ def tactics(fast: bool = False) -> list[Tactic]:
     """All tactics of a build, in registry order."""
     tiles = FAST_TILES_16BIT if fast else FULL_TILES_16BIT
     tiles_int8 = FAST_TILES_INT8 if fast else FULL_TILES_INT8
+    tiles_int4 = FAST_TILES_INT4 if fast else FULL_TILES_INT4
     tiles_gated = FAST_TILES_GATED if fast else FULL_TILES_GATED
     tiles_split = FAST_TILES_SPLITK_16BIT if fast else FULL_TILES_SPLITK_16BIT
     tiles_split_int8 = FAST_TILES_SPLITK_INT8 if fast else FULL_TILES_SPLITK_INT8
     return (
         [Tactic(dtype, *tile) for dtype in DTYPES for tile in tiles]
         + [Tactic(dtype, *tile, weight="int8") for dtype in DTYPES for tile in tiles_int8]
+        + [Tactic(dtype, *tile, weight="int4") for dtype in DTYPES for tile in tiles_int4]
         + [Tactic(dtype, *tile, gemms=GEMM1, gated=True) for dtype in DTYPES for tile in tiles_gated]
         + [
             Tactic(dtype, *tile, gemms=GEMM2, split_k=splits)
@@ -325,7 +366,7 @@ def _instance_file(group: list[Tactic]) -> str:
         if kernel_name not in declared:
             out = ", float" if t.split_k > 1 else ""
             if t.decode:
-                weight = "int8_t" if t.weight == "int8" else element
+                weight = DECODE_WEIGHT_TYPES[t.weight] if t.weight else element
                 kernel = (
                     f"{template}<{element}, {weight}, {t.tile_m}, {t.warp_n}, {t.warps}, "
                     f"{t.stages}, {_cpp_bool(t.gated)}>"

@@ -12,6 +12,7 @@ enum class DType : int {
   kBFloat16 = 1,
   kFloat32 = 2,
   kInt8 = 3,
+  kInt4 = 4,  // weights only: two per byte, low nibble first, with group-wise scales
 };
 
 // Activations between GEMM1 and GEMM2 (values are part of the binding's ABI; Python's
@@ -79,8 +80,14 @@ inline size_t dtype_size(DType t) {
       return 4;
     case DType::kInt8:
       return 1;
+    case DType::kInt4:
+      return 0;  // not a whole byte: use dtype_bits
   }
   return 0;
+}
+
+inline size_t dtype_bits(DType t) {
+  return t == DType::kInt4 ? 4 : 8 * dtype_size(t);
 }
 
 // Short name used in tactic names, messages and build info ("fp16", "bf16", "fp32", "int8").
@@ -94,6 +101,8 @@ inline const char* dtype_name(DType t) {
       return "fp32";
     case DType::kInt8:
       return "int8";
+    case DType::kInt4:
+      return "int4";
   }
   return "unknown";
 }
@@ -107,6 +116,10 @@ struct MoeProblem {
   int top_k = 0;            // k
   int expert_start = 0;     // first global expert id owned by this rank (ep_rank * E_local)
   Activation activation = Activation::kSwiglu;
+  // int4 weights only: K elements per scale group of GEMM1 (K = H) and GEMM2 (K = I); a group
+  // as long as K is per-channel. 0 for other weights.
+  int64_t fc1_group_size = 0;
+  int64_t fc2_group_size = 0;
 
   int64_t expanded_rows() const { return num_tokens * top_k; }
   // Columns of GEMM1's output: 2*I for gated activations (up rows, then gate rows), else I.
@@ -122,8 +135,14 @@ struct MoePointers {
   const void* fc2_weights = nullptr;                // [E, H, I]  weight dtype
   const void* fc1_bias = nullptr;                   // [E, N1] activation dtype, optional
   const void* fc2_bias = nullptr;                   // [E, H]  activation dtype, optional
-  const void* fc1_scales = nullptr;  // [E, N1] activation dtype: per-channel scales, int8 only
-  const void* fc2_scales = nullptr;  // [E, H]  activation dtype: per-channel scales, int8 only
+  // Weight scales in the activation dtype: int8 [E, N1] / [E, H] (per channel); int4
+  // [E, H/G1, N1] / [E, I/G2, H] (per K-group of fc1_group_size / fc2_group_size elements).
+  const void* fc1_scales = nullptr;
+  const void* fc2_scales = nullptr;
+  // int4 only, optional (both or neither): zero points shaped like the scales; a weight is
+  // (q - zero) * scale, q the unsigned nibble; without them zero = 8 (symmetric).
+  const void* fc1_zeros = nullptr;
+  const void* fc2_zeros = nullptr;
   const float* swiglu_alpha = nullptr;              // [E] optional (clamped SwiGLU)
   const float* swiglu_beta = nullptr;               // [E] optional
   const float* swiglu_limit = nullptr;              // [E] optional (also SwigluStep's limit)

@@ -20,19 +20,28 @@
 //            fc1_bias, fc2_bias, swiglu_alpha, swiglu_beta, swiglu_limit, output,
 //            workspace, workspace_bytes, tactic1: str, tactic2: str, stream: int,
 //            fc1_scales=0, fc2_scales=0, enable_pdl=True, situ_beta=0, situ_linear_beta=0,
-//            clamped_relu2_limit=0) -> None
+//            clamped_relu2_limit=0, fc1_zeros=0, fc2_zeros=0, fc1_group_size=0,
+//            fc2_group_size=0) -> None
 //       activation: an Activation value (problem.h). swiglu_alpha/beta/limit, situ_beta and
 //       situ_linear_beta: optional [E] float32 (swiglu_limit is also SwigluStep's limit);
 //       clamped_relu2_limit: [1] float32, required with ClampedRelu2.
 //       int8 weights (weight_dtype kInt8): [E, N, K] row-major (K contiguous), with per-output-
 //       channel scales fc1_scales [E, N1] and fc2_scales [E, H] in the activation dtype.
+//       int4 weights (weight_dtype kInt4): bytes [E, N, K/2], two nibbles q per byte (low one
+//       first along K); weight (n, k) = (q - zero) * scale with group-wise scales fc1_scales
+//       [E, H/G1, N1], fc2_scales [E, I/G2, H] (G1 = fc1_group_size, G2 = fc2_group_size:
+//       multiples of 32 dividing K; K itself is per-channel) and optional zero points
+//       fc1_zeros/fc2_zeros shaped alike (both or neither; absent: zero = 8), all in the
+//       activation dtype. H and I must be multiples of 32.
 //   .prepare_gemm_profile(gemm, num_tokens, hidden_size, inter_size, num_experts, top_k,
-//            activation, weights, workspace, workspace_bytes, seed, stream, scales=0) -> None
+//            activation, weights, workspace, workspace_bytes, seed, stream, scales=0, zeros=0,
+//            group_size=0) -> None
 //       writes synthetic routing (seed 0: balanced rows per expert; otherwise uniform random
 //       experts drawn from the seed) and random GEMM inputs into the workspace.
 //   .run_gemm_profile(gemm, tactic: str, num_tokens, hidden_size, inter_size, num_experts, top_k,
-//            activation, workspace, workspace_bytes, stream) -> None
-//       runs only that GEMM on what prepare_gemm_profile left in the workspace (for the tuner).
+//            activation, workspace, workspace_bytes, stream, group_size=0) -> None
+//       runs only that GEMM on what prepare_gemm_profile left in the workspace (for the tuner);
+//       int4: both calls take that GEMM's group size.
 //       Both profiling calls need workspace_size(...) with no tactic names.
 //   _fail_cuda_call_for_tests() -> None   (module function, for tests)
 //       makes one CUDA runtime call that fails without side effects, so always raises
@@ -85,8 +94,8 @@ class MoeRunner {
                const std::string& tactic2, cudaStream_t stream, bool enable_pdl = true) const;
 
   void prepare_gemm_profile(int gemm, const MoeProblem& problem, const void* weights,
-                            const void* scales, void* workspace, size_t workspace_bytes,
-                            uint64_t seed, cudaStream_t stream) const;
+                            const void* scales, const void* zeros, void* workspace,
+                            size_t workspace_bytes, uint64_t seed, cudaStream_t stream) const;
 
   void run_gemm_profile(int gemm, const std::string& tactic, const MoeProblem& problem,
                         void* workspace, size_t workspace_bytes, cudaStream_t stream) const;

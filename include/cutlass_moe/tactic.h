@@ -32,6 +32,10 @@ struct TacticDescriptor {
 // pointers and leading dimensions live in device memory and are written by a device kernel.
 // Weight-only quantised tactics (weight_dtype kInt8) also scale output column n of problem e by
 // ptr_scale[e][n] (N values in the activation dtype); 16-bit tactics ignore ptr_scale.
+// int4 tactics (weight_dtype kInt4) read B_e as packed nibbles ([N, K/2] bytes, low nibble
+// first; ldb counts elements, i.e. nibbles) and dequantise weight (n, k) as
+// (q - zero) * scale with scale = ptr_scale[e][(k / group_size) * N + n] and zero likewise from
+// ptr_zero[e] (null: 8). In the gated set N is I but the scale rows hold 2I columns.
 //
 // Fused gated GEMM1 tactics (GemmTactic::gated) read it differently: problem e has N = I (the
 // output width); ptr_a[e] is the token matrix, whose rows ptr_rows[e][0..M_e) feed the problem;
@@ -57,7 +61,9 @@ struct GroupedGemmArgs {
   int64_t* lda = nullptr;
   int64_t* ldb = nullptr;
   int64_t* ldd = nullptr;
-  void** ptr_scale = nullptr;  // [problem_count] per-output-column scales (int8 weights only)
+  void** ptr_scale = nullptr;  // [problem_count] weight scales (int8: [N]; int4: [K/G, N])
+  void** ptr_zero = nullptr;   // [problem_count] int4 zero points [K/G, N] (null entries: 8)
+  int group_size = 0;          // int4: K elements per scale group
   int32_t** ptr_rows = nullptr;  // [problem_count] row indices (gated tactics only)
   GatedEpilogueArgs gated;       // gated tactics only
   bool pdl = false;  // launch as a programmatic dependent of the stream's previous kernel

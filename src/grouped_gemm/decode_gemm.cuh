@@ -18,6 +18,9 @@
 //   every block that works on this chunk reads the same few KB.
 // - Products are summed in fp32 per lane, then across the warp by a fixed butterfly: results do
 //   not depend on timing (deterministic).
+// - int4 weights: a 16-byte vector holds 32 nibbles of one K-group (groups are multiples of 32
+//   long), so each lane reads one scale (and zero point) per vector and column, converts the
+//   nibbles to exact fp32 (q - zero) and applies the scale once to the vector's partial sums.
 // - Epilogue: int8 weights' per-column scale, rounding to the activation dtype where the unfused
 //   path rounds (GEMM1's output; then bias and activation in fp32, as the activation kernel).
 //
@@ -115,12 +118,15 @@ struct Params {
   const int64_t* lda;
   const int64_t* ldb;
   const int64_t* ldd;
-  void* const* ptr_scale;        // int8 weights: per-column scales (activation dtype)
+  void* const* ptr_scale;        // int8: per-column scales [N]; int4: group scales [K/G, N']
+  void* const* ptr_zero;         // int4: zero points like the scales, or null (zero = 8)
+  int group_size;                // int4: K elements per scale group
   int32_t* const* ptr_rows;      // gated: token rows of each problem
   GatedEpilogueArgs gated;       // gated: activation, fc1 bias [E, 2I], clamp parameters
 };
 
-// Element: activation dtype; Weight: Element or int8_t. kRows rows per work item, kColsPerWarp
+// Element: activation dtype; Weight: Element, int8_t or cutlass::uint4b_t (with group-wise scales
+// whose rows hold N' = kHalves * N columns). kRows rows per work item, kColsPerWarp
 // output columns per warp, kWarps warps, kUnroll K-steps of loads issued together. Gated: the
 // problem's N is I; output column n multiplies weight rows n (up) and I + n (gate).
 template <typename Element, typename Weight, int kRows, int kColsPerWarp, int kWarps,
@@ -129,9 +135,11 @@ struct Kernel {
   static constexpr int kThreads = 32 * kWarps;
   static constexpr int kCols = kColsPerWarp * kWarps;
   static constexpr int kHalves = kGated ? 2 : 1;  // weight rows per output column
-  static constexpr int kVec = 16 / int(sizeof(Weight));  // weights per 16-byte vector
-  static constexpr int kStep = 32 * kVec;                // K per warp-wide step
-  static constexpr bool kInt8 = sizeof(Weight) == 1;
+  static constexpr int kWeightBits = cutlass::sizeof_bits<Weight>::value;
+  static constexpr int kVec = 128 / kWeightBits;  // weights per 16-byte vector
+  static constexpr int kStep = 32 * kVec;         // K per warp-wide step
+  static constexpr bool kInt8 = kWeightBits == 8;
+  static constexpr bool kInt4 = kWeightBits == 4;
 
   using BlockScan = cub::BlockScan<int, kThreads>;
   struct SharedStorage {
@@ -195,14 +203,24 @@ struct Kernel {
       const int64_t source = kGated ? static_cast<int64_t>(p.ptr_rows[e][row]) : row;
       a_rows[m] = a_base + source * lda;
     }
-    const Weight* b = static_cast<const Weight*>(p.ptr_b[e]);
-    const Weight* w_rows[kColsPerWarp][kHalves];
+    // Weight rows as bytes (ldb counts elements; int4 packs two per byte).
+    const char* b = static_cast<const char*>(p.ptr_b[e]);
+    const char* w_rows[kColsPerWarp][kHalves];
+    int64_t w_cols[kColsPerWarp][kHalves];  // the weight row's column in the scale rows
 #pragma unroll
     for (int c = 0; c < kColsPerWarp; ++c) {
       const int64_t n = col0 + c < n_total ? col0 + c : n_total - 1;  // past N: repeat, unstored
 #pragma unroll
-      for (int h = 0; h < kHalves; ++h) w_rows[c][h] = b + (n + h * n_total) * ldb;
+      for (int h = 0; h < kHalves; ++h) {
+        w_cols[c][h] = n + h * n_total;
+        w_rows[c][h] = b + w_cols[c][h] * ldb * kWeightBits / 8;
+      }
     }
+    // int4: scale (and zero) rows of kHalves * N columns, one row per K-group.
+    const Element* group_scales = kInt4 ? static_cast<const Element*>(p.ptr_scale[e]) : nullptr;
+    const Element* group_zeros =
+        kInt4 && p.ptr_zero != nullptr ? static_cast<const Element*>(p.ptr_zero[e]) : nullptr;
+    const int64_t scale_ld = kHalves * n_total;
 
     float acc[kColsPerWarp][kHalves][kRows];
 #pragma unroll
@@ -214,38 +232,96 @@ struct Kernel {
 
     for (int64_t k_base = int64_t(lane) * kVec; k_base < k_total; k_base += kUnroll * kStep) {
       uint4 w[kUnroll][kColsPerWarp][kHalves];
+      // int4: each vector's scale and (zero point + 2^23), read with its weights.
+      float group_scale[kInt4 ? kUnroll : 1][kColsPerWarp][kHalves];
+      float group_bias[kInt4 ? kUnroll : 1][kColsPerWarp][kHalves];
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         const int64_t k = k_base + u * kStep;
 #pragma unroll
         for (int c = 0; c < kColsPerWarp; ++c)
 #pragma unroll
-          for (int h = 0; h < kHalves; ++h)
-            w[u][c][h] = k < k_total ? load_streaming(w_rows[c][h] + k) : make_uint4(0, 0, 0, 0);
+          for (int h = 0; h < kHalves; ++h) {
+            w[u][c][h] = k < k_total ? load_streaming(w_rows[c][h] + k * kWeightBits / 8)
+                                     : make_uint4(0, 0, 0, 0);
+            if constexpr (kInt4) {
+              const int64_t at =
+                  (k < k_total ? k / p.group_size : 0) * scale_ld + w_cols[c][h];
+              group_scale[u][c][h] = to_float(group_scales[at]);
+              group_bias[u][c][h] =
+                  8388608.0f + (group_zeros != nullptr ? to_float(group_zeros[at]) : 8.0f);
+            }
+          }
       }
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         const int64_t k = k_base + u * kStep;
         if (k >= k_total) break;
-        float wf[kColsPerWarp][kHalves][kVec];
+        if constexpr (kInt4) {
+          // 32 nibbles per vector, 8 per 32-bit word: nibble q placed in the low mantissa bits
+          // of 2^23 is 2^23 + q exactly, so subtracting 2^23 + zero gives q - zero exactly.
+          float partial[kColsPerWarp][kHalves][kRows];
 #pragma unroll
-        for (int c = 0; c < kColsPerWarp; ++c)
+          for (int c = 0; c < kColsPerWarp; ++c)
 #pragma unroll
-          for (int h = 0; h < kHalves; ++h) to_float(w[u][c][h], Weight(), wf[c][h]);
-        // Activations 8 at a time (one 16-byte vector), in K order: few live registers.
+            for (int h = 0; h < kHalves; ++h)
 #pragma unroll
-        for (int m = 0; m < kRows; ++m) {
+              for (int m = 0; m < kRows; ++m) partial[c][h][m] = 0.0f;
 #pragma unroll
-          for (int part = 0; part < kVec / 8; ++part) {
-            float a[8];
-            to_float(load_cached(a_rows[m] + k + part * 8), Element(), a);
+          for (int part = 0; part < 4; ++part) {
+            float wf[kColsPerWarp][kHalves][8];
 #pragma unroll
             for (int c = 0; c < kColsPerWarp; ++c)
 #pragma unroll
-              for (int h = 0; h < kHalves; ++h)
+              for (int h = 0; h < kHalves; ++h) {
+                const uint32_t word = reinterpret_cast<const uint32_t*>(&w[u][c][h])[part];
 #pragma unroll
-                for (int i = 0; i < 8; ++i)
-                  acc[c][h][m] = fmaf(wf[c][h][part * 8 + i], a[i], acc[c][h][m]);
+                for (int i = 0; i < 8; ++i) {
+                  wf[c][h][i] = __uint_as_float(0x4B000000u | ((word >> (4 * i)) & 0xFu)) -
+                                group_bias[u][c][h];
+                }
+              }
+#pragma unroll
+            for (int m = 0; m < kRows; ++m) {
+              float a[8];
+              to_float(load_cached(a_rows[m] + k + part * 8), Element(), a);
+#pragma unroll
+              for (int c = 0; c < kColsPerWarp; ++c)
+#pragma unroll
+                for (int h = 0; h < kHalves; ++h)
+#pragma unroll
+                  for (int i = 0; i < 8; ++i)
+                    partial[c][h][m] = fmaf(wf[c][h][i], a[i], partial[c][h][m]);
+            }
+          }
+#pragma unroll
+          for (int c = 0; c < kColsPerWarp; ++c)
+#pragma unroll
+            for (int h = 0; h < kHalves; ++h)
+#pragma unroll
+              for (int m = 0; m < kRows; ++m)
+                acc[c][h][m] = fmaf(group_scale[u][c][h], partial[c][h][m], acc[c][h][m]);
+        } else {
+          float wf[kColsPerWarp][kHalves][kVec];
+#pragma unroll
+          for (int c = 0; c < kColsPerWarp; ++c)
+#pragma unroll
+            for (int h = 0; h < kHalves; ++h) to_float(w[u][c][h], Weight(), wf[c][h]);
+          // Activations 8 at a time (one 16-byte vector), in K order: few live registers.
+#pragma unroll
+          for (int m = 0; m < kRows; ++m) {
+#pragma unroll
+            for (int part = 0; part < kVec / 8; ++part) {
+              float a[8];
+              to_float(load_cached(a_rows[m] + k + part * 8), Element(), a);
+#pragma unroll
+              for (int c = 0; c < kColsPerWarp; ++c)
+#pragma unroll
+                for (int h = 0; h < kHalves; ++h)
+#pragma unroll
+                  for (int i = 0; i < 8; ++i)
+                    acc[c][h][m] = fmaf(wf[c][h][part * 8 + i], a[i], acc[c][h][m]);
+            }
           }
         }
       }
@@ -329,6 +405,11 @@ struct DecodeGemm {
     if (K::kInt8 && a.ptr_scale == nullptr) {
       throw InvalidArgument("decode GEMM: int8 weights need their per-column scales");
     }
+    if (K::kInt4 && (a.ptr_scale == nullptr || a.group_size <= 0 || a.group_size % 32 != 0)) {
+      throw InvalidArgument("decode GEMM: int4 weights need their scales and a group size that "
+                            "is a positive multiple of 32 (got " +
+                            std::to_string(a.group_size) + ")");
+    }
     Params params;
     params.problem_sizes = static_cast<const cutlass::gemm::GemmCoord*>(a.problem_sizes);
     params.problem_count = a.problem_count;
@@ -339,6 +420,8 @@ struct DecodeGemm {
     params.ldb = a.ldb;
     params.ldd = a.ldd;
     params.ptr_scale = a.ptr_scale;
+    params.ptr_zero = a.ptr_zero;
+    params.group_size = a.group_size;
     params.ptr_rows = a.ptr_rows;
     params.gated = a.gated;
     launch_kernel("decode GEMM", decode_gemm_kernel<K>, dim3(threadblock_count), dim3(kThreads),

@@ -1,0 +1,407 @@
+// Sm80 grouped GEMM with int4 group-wise weights (W4A16): 16-bit activations x packed int4
+// expert weights, dequantised in the mainloop, one problem per expert, scheduled on the device.
+//
+// Math, per expert e:  D_e[M_e, N] = A_e[M_e, K] · W_e[N, K]^T, with
+//   W_e[n, k] = (q_e[n, k] - z_e[k / G, n]) * s_e[k / G, n]
+//   q_e      unsigned nibbles, [N, K/2] bytes (K contiguous), nibble k in the low half of byte
+//            k / 2 when k is even; ldb counts nibbles (>= K).
+//   s_e, z_e scales and optional zero points in the activation dtype, [K/G, N] (N contiguous);
+//            without zero points z = 8 (a symmetric signed nibble q - 8).
+//   G        the group size, a runtime value: a multiple of 32 that divides K (K: per channel).
+// The dequantised weight is computed in fp32 (exact: a 5-bit integer times a 16-bit scale) and
+// rounded once to the activation dtype, then multiplied on 16-bit tensor cores with fp32
+// accumulation; D is rounded once in the epilogue.
+//
+// CUTLASS 4.2's 2.x mainloops do not pair 16-bit A with 4-bit B on Sm80, so the mainloop is the
+// project's. It reuses CUTLASS's 16-bit x 16-bit building blocks (DefaultMmaCore's shared-memory
+// layouts and warp-level tensor-op MMA, and the predicated cp.async iterator for A):
+//   - Stages-deep cp.async pipeline: each stage holds the A tile (16-bit, CUTLASS layout), the
+//     raw packed B tile (TileN x 32 bytes, a column's 64 nibbles contiguous) and, for each
+//     32-long half of the K-tile, one row of scales and of zero points (a 32-long half lies in
+//     one group, since G is a multiple of 32 and K-tiles start at multiples of 32).
+//   - Per K-tile, the block dequantises the ready stage's packed tile into a single 16-bit B tile
+//     in CUTLASS's crosswise shared-memory layout (8 nibbles -> one 16-byte vector per thread
+//     step), then the warps run the tile's tensor-core MMAs from shared memory as the stock
+//     mainloop does. Dequantisation costs TileN x 64 conversions per K-tile, shared by the
+//     TileM rows of the tile; the packed tile moves a quarter of a 16-bit tile's bytes.
+//   - K-tiles follow CUTLASS's predicated iterator: the first tile covers the residue K % 64
+//     (or a full 64), the others full tiles; B, scales and zero points use the same offsets.
+// Scheduling is CUTLASS's GemmGroupedProblemVisitor over device-resident problem sizes (no host
+// synchronisation), walked by the project's tile loop (tile_loop.cuh, with its tile order).
+//
+// Alignment (the caller checks): K % 32 == 0 (16-byte packed vectors), N % 8 == 0 (16-byte
+// scale and output accesses), lda % 8 == 0, ldd % 8 == 0; A, q, s, z and D 16-byte aligned.
+// M_e may be 0 (the expert is skipped). Scale pointers must not be null.
+//
+// Instantiated by generated files (tools/generate_kernels.py); keep this header free of torch and
+// pybind11.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+#include <string>
+
+#include "cutlass/aligned_buffer.h"
+#include "cutlass/arch/memory_sm80.h"
+#include "cutlass/cutlass.h"
+#include "cutlass/epilogue/thread/linear_combination.h"
+#include "cutlass/epilogue/threadblock/default_epilogue_tensor_op.h"
+#include "cutlass/gemm/gemm.h"
+#include "cutlass/gemm/kernel/gemm_grouped_problem_visitor.h"
+#include "cutlass/gemm/threadblock/default_mma_core_sm80.h"
+#include "cutlass/layout/matrix.h"
+#include "cutlass/matrix_coord.h"
+#include "cutlass/numeric_conversion.h"
+#include "cutlass/numeric_types.h"
+#include "cutlass/transform/threadblock/predicated_tile_access_iterator.h"
+#include "cutlass_moe/cuda_check.h"
+#include "cutlass_moe/tactic.h"
+#include "grouped_gemm/kernel_setup.cuh"
+#include "grouped_gemm/tile_loop.cuh"
+
+namespace cutlass_moe {
+namespace grouped_gemm {
+
+// Device-resident per-problem arrays of an int4 grouped GEMM (one entry per problem) and the
+// launch-wide group size.
+template <typename Element, typename OutputParams>
+struct Int4GemmParams {
+  OutputParams output_op{};
+  Element** ptr_A = nullptr;
+  uint8_t** ptr_B = nullptr;    // packed nibbles [N, K/2]
+  Element** ptr_D = nullptr;
+  Element** ptr_scale = nullptr;  // [K/G, N], never null
+  Element** ptr_zero = nullptr;   // [K/G, N] entries, or null entries (zero point 8)
+  int64_t* lda = nullptr;
+  int64_t* ldb = nullptr;         // in nibbles
+  int64_t* ldd = nullptr;
+  int group_size = 0;
+};
+
+// The mainloop of one output tile: accumulators = A[tile rows, :] * dequant(B)[:, tile columns].
+template <typename Element, int TileM, int TileN, int WarpM, int WarpN, int Stages>
+struct Int4Mainloop {
+  static_assert(Stages >= 2, "the pipeline needs at least two stages");
+  static constexpr int kTileK = 64;
+  static constexpr int kHalfK = 32;                    // K of one packed 16-byte vector
+  static constexpr int kPackedBytes = kTileK / 2;      // bytes of one column of a packed tile
+
+  using Shape = cutlass::gemm::GemmShape<TileM, TileN, kTileK>;
+  using WarpShape = cutlass::gemm::GemmShape<WarpM, WarpN, kTileK>;
+  using InstructionShape = cutlass::gemm::GemmShape<16, 8, 16>;
+  // The 16-bit x 16-bit core: shared-memory layouts, thread maps and the warp-level MMA.
+  using Core = cutlass::gemm::threadblock::DefaultMmaCore<
+      Shape, WarpShape, InstructionShape, Element, cutlass::layout::RowMajor, Element,
+      cutlass::layout::ColumnMajor, float, cutlass::layout::RowMajor,
+      cutlass::arch::OpClassTensorOp, Stages, cutlass::arch::OpMultiplyAdd>;
+  using WarpCount = typename Core::WarpCount;
+  static constexpr int kThreads = 32 * WarpCount::kCount;
+  static_assert(WarpCount::kK == 1, "one warp per K-tile slice");
+
+  using Operator = typename Core::MmaPolicy::Operator;
+  using FragmentC = typename Operator::FragmentC;
+  static constexpr int kWarpGemmIterations = kTileK / InstructionShape::kK;
+
+  // A: global -> shared by cp.async, as CUTLASS's multistage mainloop does.
+  using LayoutA = cutlass::layout::RowMajor;
+  using ThreadMapA = typename Core::IteratorThreadMapA;
+  using AccessTypeA = cutlass::Array<Element, 128 / cutlass::sizeof_bits<Element>::value>;
+  using IteratorA = cutlass::transform::threadblock::PredicatedTileAccessIterator<
+      cutlass::MatrixShape<TileM, kTileK>, Element, LayoutA, 1, ThreadMapA, AccessTypeA>;
+  using SmemLayoutA = typename Core::SmemLayoutA;
+  using SmemIteratorA = typename Core::SmemIteratorA;
+  using SmemLayoutB = typename Core::SmemLayoutB;
+  static constexpr int kElementsPerVector = 128 / cutlass::sizeof_bits<Element>::value;  // 8
+
+  struct SharedStorage {
+    cutlass::AlignedBuffer<Element, TileM * kTileK * Stages> a;      // A tiles (CUTLASS layout)
+    cutlass::AlignedBuffer<Element, kTileK * TileN> b;               // dequantised B tile
+    cutlass::AlignedBuffer<uint8_t, Stages * TileN * kPackedBytes> packed;  // [stage][n][32 B]
+    cutlass::AlignedBuffer<Element, Stages * 2 * TileN> scales;      // [stage][half][n]
+    cutlass::AlignedBuffer<Element, Stages * 2 * TileN> zeros;       // [stage][half][n]
+
+    CUTLASS_DEVICE cutlass::TensorRef<Element, SmemLayoutA> a_ref() {
+      return {a.data(), SmemLayoutA::packed({TileM, kTileK * Stages})};
+    }
+    CUTLASS_DEVICE cutlass::TensorRef<Element, SmemLayoutB> b_ref() {
+      return {b.data(), SmemLayoutB::packed({kTileK, TileN})};
+    }
+  };
+
+  // What one tile reads besides A.
+  struct BOperand {
+    const uint8_t* packed;  // the problem's [N, K/2] bytes
+    int64_t row_bytes;      // ldb / 2
+    const Element* scales;  // [K/G, N]
+    const Element* zeros;   // [K/G, N] or null
+    int n0;                 // the tile's first column
+    int n;                  // N
+    int group_size;
+  };
+
+  // Stage `slot` <- K-tile `tile` (first K `k_begin`, `k_extent` valid K), or zero fill when the
+  // tile does not exist (`active` false; the copies still complete a commit group).
+  CUTLASS_DEVICE static void copy_b(SharedStorage& s, BOperand const& b, int slot, int k_begin,
+                                    int k_extent, bool active) {
+    const int thread = threadIdx.x;
+    uint8_t* packed = s.packed.data() + slot * TileN * kPackedBytes;
+    constexpr int kChunks = TileN * 2;  // two 16-byte halves per column
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < (kChunks + kThreads - 1) / kThreads; ++i) {
+      const int c = thread + i * kThreads;
+      if (kChunks % kThreads == 0 || c < kChunks) {
+        const int col = c >> 1, half = c & 1;
+        const bool valid = active && b.n0 + col < b.n && half * kHalfK < k_extent;
+        const uint8_t* src =
+            valid ? b.packed + int64_t(b.n0 + col) * b.row_bytes + (k_begin + half * kHalfK) / 2
+                  : b.packed;
+        cutlass::arch::cp_async_zfill<16, cutlass::arch::CacheOperation::Global>(
+            packed + col * kPackedBytes + half * 16, src, valid);
+      }
+    }
+    // One row of scales (and zero points) per 32-long half of the K-tile: its group's row.
+    constexpr int kRowChunks = TileN / 8;
+    constexpr int kScaleChunks = 2 * kRowChunks;
+    const int copies = b.zeros != nullptr ? 2 * kScaleChunks : kScaleChunks;
+    for (int c = thread; c < copies; c += kThreads) {
+      const bool zero = c >= kScaleChunks;
+      const int chunk = zero ? c - kScaleChunks : c;
+      const int half = chunk / kRowChunks;
+      const int col = (chunk % kRowChunks) * 8;
+      const bool valid = active && b.n0 + col < b.n && half * kHalfK < k_extent;
+      const Element* base = zero ? b.zeros : b.scales;
+      const int64_t group = valid ? (k_begin + half * kHalfK) / b.group_size : 0;
+      const Element* src = valid ? base + group * b.n + b.n0 + col : base;
+      Element* dst = (zero ? s.zeros.data() : s.scales.data()) + (slot * 2 + half) * TileN + col;
+      cutlass::arch::cp_async_zfill<16, cutlass::arch::CacheOperation::Global>(dst, src, valid);
+    }
+  }
+
+  // Stage `slot`'s packed tile -> the 16-bit B tile, w = (q - z) * s rounded once.
+  CUTLASS_DEVICE static void dequantise(SharedStorage& s, int slot, bool has_zeros) {
+    const uint8_t* packed = s.packed.data() + slot * TileN * kPackedBytes;
+    const Element* scales = s.scales.data() + slot * 2 * TileN;
+    const Element* zeros = s.zeros.data() + slot * 2 * TileN;
+    const SmemLayoutB layout = SmemLayoutB::packed({kTileK, TileN});
+    Element* b = s.b.data();
+    constexpr int kVectors = TileN * (kTileK / 8);  // 8 nibbles -> one 16-byte vector
+    cutlass::NumericArrayConverter<Element, float, 8> convert;
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < (kVectors + kThreads - 1) / kThreads; ++i) {
+      const int v = threadIdx.x + i * kThreads;
+      if (kVectors % kThreads == 0 || v < kVectors) {
+        const int col = v / (kTileK / 8);
+        const int kv = v % (kTileK / 8);
+        const int half = kv / (kHalfK / 8);
+        const uint32_t word =
+            *reinterpret_cast<const uint32_t*>(packed + col * kPackedBytes + kv * 4);
+        const float scale = float(scales[half * TileN + col]);
+        // q placed in the low mantissa bits of 2^23 is 2^23 + q exactly.
+        const float bias = 8388608.0f + (has_zeros ? float(zeros[half * TileN + col]) : 8.0f);
+        cutlass::Array<float, 8> w;
+        CUTLASS_PRAGMA_UNROLL
+        for (int j = 0; j < 8; ++j) {
+          w[j] = (__uint_as_float(0x4B000000u | ((word >> (4 * j)) & 0xFu)) - bias) * scale;
+        }
+        *reinterpret_cast<cutlass::Array<Element, 8>*>(
+            b + layout(cutlass::MatrixCoord(kv * 8, col))) = convert(w);
+      }
+    }
+  }
+
+  CUTLASS_DEVICE static void run(SharedStorage& s, IteratorA& iterator_a, BOperand const& b,
+                                 int k_total, int k_iterations, FragmentC& accumulators) {
+    const int thread = threadIdx.x;
+    const int warp = cutlass::canonical_warp_idx_sync();
+    const int lane = threadIdx.x % 32;
+    const int warp_m = warp % WarpCount::kM;
+    const int warp_n = warp / WarpCount::kM;
+    // CUTLASS's predicated iterator takes the K residue first.
+    const int residue = k_total - (k_iterations - 1) * kTileK;
+    auto k_begin = [&](int tile) { return tile == 0 ? 0 : residue + (tile - 1) * kTileK; };
+    auto k_extent = [&](int tile) { return tile == 0 ? residue : kTileK; };
+    const bool has_zeros = b.zeros != nullptr;
+
+    SmemIteratorA smem_a(s.a_ref(), thread);
+    int write_slot = 0;
+    auto copy_stage = [&](int tile) {
+      const bool active = tile < k_iterations;
+      iterator_a.clear_mask(!active);
+      iterator_a.set_iteration_index(0);
+      smem_a.set_iteration_index(0);
+      CUTLASS_PRAGMA_UNROLL
+      for (int j = 0; j < ThreadMapA::Iterations::kCount; ++j) {
+        auto* dst = reinterpret_cast<typename IteratorA::AccessType*>(smem_a.get());
+        constexpr int kSrcBytes = cutlass::sizeof_bits<Element>::value *
+                                  ThreadMapA::kElementsPerAccess /
+                                  IteratorA::kAccessesPerVector / 8;
+        CUTLASS_PRAGMA_UNROLL
+        for (int v = 0; v < IteratorA::kAccessesPerVector; ++v) {
+          cutlass::arch::cp_async_zfill<kSrcBytes, cutlass::arch::CacheOperation::Global>(
+              dst + v, iterator_a.get(), iterator_a.valid());
+          ++iterator_a;
+        }
+        ++smem_a;
+      }
+      copy_b(s, b, write_slot, active ? k_begin(tile) : 0, active ? k_extent(tile) : 0, active);
+      cutlass::arch::cp_async_fence();
+      iterator_a.add_tile_offset({0, 1});
+      smem_a.add_tile_offset({0, 1});
+      if (++write_slot == Stages) {
+        smem_a.add_tile_offset({0, -Stages});
+        write_slot = 0;
+      }
+    };
+
+    CUTLASS_PRAGMA_UNROLL
+    for (int stage = 0; stage < Stages - 1; ++stage) copy_stage(stage);
+
+    Operator warp_mma;
+    for (int tile = 0; tile < k_iterations; ++tile) {
+      const int read_slot = tile % Stages;
+      cutlass::arch::cp_async_wait<Stages - 2>();
+      __syncthreads();  // stage `tile` landed; every warp is done with the previous B tile
+      dequantise(s, read_slot, has_zeros);
+      copy_stage(tile + Stages - 1);  // into the slot the previous iteration read
+      __syncthreads();  // the B tile is complete
+
+      typename Operator::IteratorA warp_a(s.a_ref(), lane);
+      typename Operator::IteratorB warp_b(s.b_ref(), lane);
+      warp_a.add_tile_offset({warp_m, read_slot * kWarpGemmIterations});
+      warp_b.add_tile_offset({0, warp_n});
+      CUTLASS_PRAGMA_UNROLL
+      for (int kk = 0; kk < kWarpGemmIterations; ++kk) {
+        typename Operator::FragmentA frag_a;
+        typename Operator::FragmentB frag_b;
+        warp_a.set_kgroup_index(kk);
+        warp_b.set_kgroup_index(kk);
+        warp_a.load(frag_a);
+        warp_b.load(frag_b);
+        ++warp_a;
+        ++warp_b;
+        typename Operator::TransformedFragmentA tfrag_a;
+        typename Operator::TransformedFragmentB tfrag_b;
+        warp_mma.transform(tfrag_a, tfrag_b, frag_a, frag_b);
+        warp_mma(accumulators, tfrag_a, tfrag_b, accumulators);
+      }
+    }
+    // The epilogue reuses this shared memory: no copy may still be in flight.
+    cutlass::arch::cp_async_wait<0>();
+    __syncthreads();
+  }
+};
+
+// Kernel level: the project's tile loop over every problem's tiles, the int4 mainloop, and
+// CUTLASS's tensor-op epilogue (D = accumulator, rounded to the output dtype).
+template <typename Mainloop, typename Epilogue>
+struct Sm80GroupedGemmInt4Kernel {
+  using Element = typename Mainloop::IteratorA::Element;
+  using ElementD = typename Epilogue::OutputTileIterator::Element;
+  using LayoutD = typename Epilogue::OutputTileIterator::Layout;
+  using OutputOp = typename Epilogue::OutputOp;
+  using ThreadblockShape = typename Mainloop::Shape;
+  static constexpr int kThreadCount = Mainloop::kThreads;
+
+  using ProblemVisitor = cutlass::gemm::kernel::GemmGroupedProblemVisitor<
+      ThreadblockShape, cutlass::gemm::kernel::GroupScheduleMode::kDeviceOnly, kThreadCount,
+      kThreadCount, /*Transposed=*/false>;
+
+  struct Params : Int4GemmParams<Element, typename OutputOp::Params> {
+    typename ProblemVisitor::Params problem_visitor{};
+  };
+
+  struct SharedStorage {
+    union {
+      typename Mainloop::SharedStorage main_loop;
+      typename Epilogue::SharedStorage epilogue;
+    } kernel;
+    // Not overlapped: the visitor's state lives across tiles.
+    typename ProblemVisitor::SharedStorage problem_visitor;
+  };
+
+  CUTLASS_DEVICE
+  Sm80GroupedGemmInt4Kernel() {}
+
+  CUTLASS_DEVICE
+  void operator()(Params const& params, SharedStorage& shared_storage) {
+    for_each_tile<ProblemVisitor, ThreadblockShape, Element>(
+        params.problem_visitor, shared_storage.problem_visitor, [&](GroupedTile const& tile) {
+          const int p = tile.problem_idx;
+          const int thread_idx = threadIdx.x;
+          typename Mainloop::IteratorA iterator_a(
+              typename Mainloop::LayoutA(params.lda[p]), params.ptr_A[p],
+              {tile.problem_size.m(), tile.problem_size.k()}, thread_idx,
+              cutlass::MatrixCoord(tile.offset.row(), 0));
+          typename Mainloop::BOperand b;
+          b.packed = params.ptr_B[p];
+          b.row_bytes = params.ldb[p] / 2;
+          b.scales = params.ptr_scale[p];
+          b.zeros = params.ptr_zero != nullptr ? params.ptr_zero[p] : nullptr;
+          b.n0 = tile.offset.column();
+          b.n = tile.problem_size.n();
+          b.group_size = params.group_size;
+          typename Mainloop::FragmentC accumulators;
+          accumulators.clear();
+          Mainloop::run(shared_storage.kernel.main_loop, iterator_a, b, tile.problem_size.k(),
+                        tile.k_iterations, accumulators);
+
+          OutputOp output_op(params.output_op);
+          typename Epilogue::OutputTileIterator::Params params_d(LayoutD(params.ldd[p]));
+          typename Epilogue::OutputTileIterator iterator_d(params_d, params.ptr_D[p],
+                                                           tile.problem_size.mn(), thread_idx,
+                                                           tile.offset);
+          Epilogue epilogue(shared_storage.kernel.epilogue, thread_idx,
+                            cutlass::canonical_warp_idx_sync(), threadIdx.x % 32);
+          // beta = 0: the source is not read; D stands in for it.
+          epilogue(output_op, iterator_d, accumulators, iterator_d);
+        });
+  }
+};
+
+// The tactic's host side: the interface every grouped-GEMM tactic has (see tactic.h).
+template <typename Element, int TileM, int TileN, int TileK, int WarpM, int WarpN, int WarpK,
+          int Stages>
+struct Sm80GroupedGemmInt4 {
+  static_assert(TileK == 64 && WarpK == 64, "the int4 mainloop walks K in tiles of 64");
+  using Mainloop = Int4Mainloop<Element, TileM, TileN, WarpM, WarpN, Stages>;
+  static constexpr int kAlignmentD = 128 / cutlass::sizeof_bits<Element>::value;
+  using OutputOp = cutlass::epilogue::thread::LinearCombination<Element, kAlignmentD, float, float>;
+  using Epilogue = typename cutlass::epilogue::threadblock::DefaultEpilogueTensorOp<
+      typename Mainloop::Shape, typename Mainloop::Operator, 1, OutputOp, kAlignmentD>::Epilogue;
+  using GemmKernel = Sm80GroupedGemmInt4Kernel<Mainloop, Epilogue>;
+
+  static constexpr int kThreads = GemmKernel::kThreadCount;
+  static constexpr int kSmemBytes = int(sizeof(typename GemmKernel::SharedStorage));
+
+  static int prepare() { return prepare_kernel<GemmKernel>(kThreads, kSmemBytes); }
+
+  static void launch(const GroupedGemmArgs& a, int threadblock_count, cudaStream_t stream) {
+    if (a.ptr_scale == nullptr) {
+      throw InvalidArgument("int4 grouped GEMM needs per-expert scale pointers (ptr_scale)");
+    }
+    if (a.group_size <= 0 || a.group_size % 32 != 0) {
+      throw InvalidArgument("int4 grouped GEMM: the group size must be a positive multiple of "
+                            "32 (got " + std::to_string(a.group_size) + ")");
+    }
+    // Params built per call (no state kept between calls): thread-safe and graph-capturable.
+    typename GemmKernel::Params params;
+    params.problem_visitor = typename GemmKernel::ProblemVisitor::Params(
+        static_cast<const cutlass::gemm::GemmCoord*>(a.problem_sizes), a.problem_count);
+    params.output_op = typename OutputOp::Params(1.0f, 0.0f);
+    params.ptr_A = reinterpret_cast<Element**>(a.ptr_a);
+    params.ptr_B = reinterpret_cast<uint8_t**>(a.ptr_b);
+    params.ptr_D = reinterpret_cast<Element**>(a.ptr_d);
+    params.ptr_scale = reinterpret_cast<Element**>(a.ptr_scale);
+    params.ptr_zero = reinterpret_cast<Element**>(a.ptr_zero);
+    params.lda = a.lda;
+    params.ldb = a.ldb;
+    params.ldd = a.ldd;
+    params.group_size = a.group_size;
+    launch_grouped_kernel<GemmKernel>(params, threadblock_count, kThreads, kSmemBytes, stream,
+                                      a.pdl);
+  }
+};
+
+}  // namespace grouped_gemm
+}  // namespace cutlass_moe
