@@ -37,6 +37,8 @@
 // pybind11.
 #pragma once
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
@@ -62,6 +64,50 @@
 
 namespace cutlass_moe {
 namespace grouped_gemm {
+
+// Eight nibbles (k = 0..7 of a 32-bit word, nibble i at bits 4i) -> eight 16-bit weights
+// (q - z) * s in K order, by packed 16-bit math: a nibble pair OR-ed into the mantissas of two
+// copies of 2^7 (bf16) or 2^10 (fp16) gives (2^7 + q) exactly, subtracting (2^7 + z) gives
+// q - z exactly when z is an integer, and the product with s is rounded once: the same value
+// as the fp32 computation. Pairs come out as (k, k + 4) and are permuted into K order.
+template <typename Element>
+struct PackedDequant;
+
+template <>
+struct PackedDequant<cutlass::bfloat16_t> {
+  static constexpr uint32_t kMagic = 0x43004300u;  // bf16 pair (128, 128)
+  static constexpr float kOffset = 128.0f;
+  using Pair = __nv_bfloat162;
+  CUTLASS_DEVICE static Pair pair(float x) { return __float2bfloat162_rn(x); }
+};
+
+template <>
+struct PackedDequant<cutlass::half_t> {
+  static constexpr uint32_t kMagic = 0x64006400u;  // fp16 pair (1024, 1024)
+  static constexpr float kOffset = 1024.0f;
+  using Pair = __half2;
+  CUTLASS_DEVICE static Pair pair(float x) { return __float2half2_rn(x); }
+};
+
+template <typename Element>
+CUTLASS_DEVICE uint4 dequantise8_packed(uint32_t word, float scale, float zero) {
+  using D = PackedDequant<Element>;
+  using Pair = typename D::Pair;
+  const Pair s2 = D::pair(scale);
+  const Pair c2 = D::pair(D::kOffset + zero);  // exact for integer zeros (|z| < 2^7)
+  uint32_t r[4];
+  CUTLASS_PRAGMA_UNROLL
+  for (int i = 0; i < 4; ++i) {
+    uint32_t bits = ((word >> (4 * i)) & 0x000F000Fu) | D::kMagic;  // k = i, i + 4
+    const Pair q = *reinterpret_cast<const Pair*>(&bits);
+    const Pair w = __hmul2(__hsub2(q, c2), s2);
+    r[i] = *reinterpret_cast<const uint32_t*>(&w);
+  }
+  // r[i] holds (k = i, k = i + 4): gather (0,1), (2,3) from the low halves, (4,5), (6,7) from
+  // the high halves.
+  return make_uint4(__byte_perm(r[0], r[1], 0x5410), __byte_perm(r[2], r[3], 0x5410),
+                    __byte_perm(r[0], r[1], 0x7632), __byte_perm(r[2], r[3], 0x7632));
+}
 
 // Device-resident per-problem arrays of an int4 grouped GEMM (one entry per problem) and the
 // launch-wide group size.
@@ -197,15 +243,21 @@ struct Int4Mainloop {
         const uint32_t word =
             *reinterpret_cast<const uint32_t*>(packed + col * kPackedBytes + kv * 4);
         const float scale = float(scales[half * TileN + col]);
-        // q placed in the low mantissa bits of 2^23 is 2^23 + q exactly.
-        const float bias = 8388608.0f + (has_zeros ? float(zeros[half * TileN + col]) : 8.0f);
-        cutlass::Array<float, 8> w;
-        CUTLASS_PRAGMA_UNROLL
-        for (int j = 0; j < 8; ++j) {
-          w[j] = (__uint_as_float(0x4B000000u | ((word >> (4 * j)) & 0xFu)) - bias) * scale;
+        const float zero = has_zeros ? float(zeros[half * TileN + col]) : 8.0f;
+        void* dst = b + layout(cutlass::MatrixCoord(kv * 8, col));
+        if (zero == rintf(zero) && fabsf(zero) < 64.0f) {
+          *reinterpret_cast<uint4*>(dst) = dequantise8_packed<Element>(word, scale, zero);
+        } else {
+          // Other zero points: fp32, where q placed in the low mantissa bits of 2^23 is
+          // 2^23 + q exactly.
+          const float bias = 8388608.0f + zero;
+          cutlass::Array<float, 8> w;
+          CUTLASS_PRAGMA_UNROLL
+          for (int j = 0; j < 8; ++j) {
+            w[j] = (__uint_as_float(0x4B000000u | ((word >> (4 * j)) & 0xFu)) - bias) * scale;
+          }
+          *reinterpret_cast<cutlass::Array<Element, 8>*>(dst) = convert(w);
         }
-        *reinterpret_cast<cutlass::Array<Element, 8>*>(
-            b + layout(cutlass::MatrixCoord(kv * 8, col))) = convert(w);
       }
     }
   }
