@@ -5,7 +5,12 @@ tensors behind them (host memory here), computes the layer with ``reference_moe`
 output, so CPU tests can check that the Python layer passes every pointer, size and option in
 the documented order. Like the real runner, an int8-weight runner needs ``fc1_scales`` and
 ``fc2_scales`` and computes with the dequantised weights ``q * scale`` (scales read in the
-activation dtype). It also records every call.
+activation dtype). An int4 runner (weight ``DType`` 4) reads packed uint8 ``[E, N, K/2]`` weights,
+group-wise scales ``[E, K/G, N]`` and optional zeros at the given group sizes (required, > 0)
+and computes with ``(q - z) * s`` (z = 8 without zeros), dequantised here independently of
+:mod:`cutlass_moe.int4` so that tests cross-check the two. It exposes int4 tactics named as the
+real build names them (``sm80_<act>_int4_...``, ``sm80_decode[_gated]_<act>_int4_...``) and
+records every call, profiling calls included.
 """
 
 from __future__ import annotations
@@ -25,6 +30,9 @@ from cutlass_moe.reference import reference_moe
 FAKE_STREAM = 0xC0FFEE
 
 ENUM_TO_DTYPE = {v: k for k, v in _ext._DTYPE_TO_ENUM.items()}
+#: The C++ DType of int4 weights (int4_spec: kInt4 = 4).
+INT4_ENUM = _ext.PACKED_WEIGHT_FORMATS[_ext.INT4]
+_ACT_NAMES = {0: "fp16", 1: "bf16", 2: "fp32"}
 # C++ Activation value -> ActivationType (4 -> Swiglu, which SwigluBias also runs as).
 ENUM_TO_ACTIVATION = {v: _ext.activation_from_enum(v) for v in set(_ext._ACTIVATION_TO_ENUM.values())}
 GATED_ENUMS = {v for v, act in ENUM_TO_ACTIVATION.items() if is_gated(act)}
@@ -40,6 +48,42 @@ def _tensor_at(ptr: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Te
     nbytes = count * torch.empty((), dtype=dtype).element_size()
     buffer = (ctypes.c_uint8 * nbytes).from_address(ptr)
     return torch.frombuffer(buffer, dtype=dtype, count=count).view(shape)
+
+
+#: (tile_m, tile_n, warp_m, warp_n, stages) of the fake int4 build's tensor-core tactics (those
+#: of tools/generate_kernels.py's full int4 list).
+INT4_TILES = ((16, 64, 16, 32, 4), (16, 128, 16, 32, 4), (16, 128, 16, 32, 6),
+              (32, 128, 32, 32, 4), (64, 128, 32, 64, 3), (64, 128, 32, 64, 4),
+              (128, 128, 64, 64, 3), (128, 256, 64, 64, 3))
+
+
+def int4_tactic_descriptors(gemm: int, act: str = "bf16") -> list[dict[str, Any]]:
+    """The fake int4 runner's tactics, named like the real ones: tensor-core tactics (no
+    split-K, no fused gated ones) and the weight-streaming decode tactics (GEMM1 also has the
+    gated decode tactic, for gated activations only)."""
+    descs = []
+    for tile_m, tile_n, warp_m, warp_n, stages in INT4_TILES:
+        descs.append({
+            "name": f"sm80_{act}_int4_m{tile_m}n{tile_n}k64_w{warp_m}x{warp_n}x64_s{stages}",
+            "gemm": gemm, "tile_m": tile_m, "tile_n": tile_n, "tile_k": 64, "warp_m": warp_m,
+            "warp_n": warp_n, "warp_k": 64, "stages": stages, "smem_bytes": 1000 * stages,
+            "threads": 32 * (tile_m // warp_m) * (tile_n // warp_n),
+            # Like the real build on a 99 KB device: the largest tile does not fit.
+            "runnable": (tile_m, tile_n) != (128, 256), "act_dtype": act,
+            "weight_dtype": "int4", "gated": False, "split_k": 1, "decode": False,
+        })
+    decode = [("sm80_decode_{act}_int4_m2n8_c2x4_u4", False)]
+    if gemm == 1:
+        decode.append(("sm80_decode_gated_{act}_int4_m2n8_c2x4_u4", True))
+    for name, gated in decode:
+        desc = {"name": name.format(act=act), "gemm": gemm, "tile_m": 2, "tile_n": 8,
+                "tile_k": 0, "warp_m": 0, "warp_n": 0, "warp_k": 0, "stages": 0,
+                "smem_bytes": 0, "threads": 128, "runnable": True, "act_dtype": act,
+                "weight_dtype": "int4", "gated": gated, "split_k": 1, "decode": True}
+        if gated:
+            desc["activations"] = sorted(GATED_ENUMS)
+        descs.append(desc)
+    return descs
 
 
 def tactic_descriptors(gemm: int) -> list[dict[str, Any]]:
@@ -70,13 +114,17 @@ class FakeMoeRunner:
     def __init__(self, act_dtype: int, weight_dtype: int, out_dtype: int) -> None:
         FakeMoeRunner.constructed.append((act_dtype, weight_dtype, out_dtype))
         self.dtypes = (act_dtype, weight_dtype, out_dtype)
+        self.int4 = weight_dtype == INT4_ENUM
         self.calls: list[dict[str, Any]] = []
+        self.profile_calls: list[tuple[str, dict[str, Any]]] = []
 
     def all_tactics(self, gemm: int) -> list[dict[str, Any]]:
+        if self.int4:
+            return int4_tactic_descriptors(gemm, _ACT_NAMES[self.dtypes[0]])
         return tactic_descriptors(gemm)
 
     def tactics(self, gemm: int) -> list[dict[str, Any]]:
-        return [d for d in tactic_descriptors(gemm) if d["runnable"]]
+        return [d for d in self.all_tactics(gemm) if d["runnable"]]
 
     def workspace_size(self, num_tokens, hidden_size, inter_size, num_experts, top_k,
                        activation, tactic1="", tactic2="", has_fc1_bias=False) -> int:
@@ -89,20 +137,32 @@ class FakeMoeRunner:
                 fc2_weights, fc1_bias, fc2_bias, swiglu_alpha, swiglu_beta, swiglu_limit,
                 output, workspace, workspace_bytes, tactic1, tactic2, stream, fc1_scales=0,
                 fc2_scales=0, enable_pdl=True, situ_beta=0, situ_linear_beta=0,
-                clamped_relu2_limit=0) -> None:
+                clamped_relu2_limit=0, fc1_zeros=0, fc2_zeros=0, fc1_group_size=0,
+                fc2_group_size=0) -> None:
         args = dict(locals())
         del args["self"]
         self.calls.append(args)
-        act_dtype, weight_dtype, out_dtype = (ENUM_TO_DTYPE[d] for d in self.dtypes)
+        act_dtype, out_dtype = ENUM_TO_DTYPE[self.dtypes[0]], ENUM_TO_DTYPE[self.dtypes[2]]
+        weight_dtype = torch.uint8 if self.int4 else ENUM_TO_DTYPE[self.dtypes[1]]
         if weight_dtype == torch.int8 and (fc1_scales == 0 or fc2_scales == 0):
             raise ValueError("int8 weights need fc1 and fc2 per-channel scales")
+        if not self.int4 and (fc1_zeros or fc2_zeros or fc1_group_size or fc2_group_size):
+            raise ValueError("zeros and group sizes are for int4 weights only")
         n1 = 2 * inter_size if activation in GATED_ENUMS else inter_size
         t, h, i, e, k = num_tokens, hidden_size, inter_size, num_experts, top_k
         x = _tensor_at(input, (t, h), act_dtype)
         ids = _tensor_at(token_selected_experts, (t, k), torch.int32)
         scales = _tensor_at(token_final_scales, (t, k), torch.float32)
-        fc1 = _tensor_at(fc1_weights, (e, n1, h), weight_dtype)
-        fc2 = _tensor_at(fc2_weights, (e, h, i), weight_dtype)
+        if self.int4:
+            fc1 = _int4_weights(fc1_weights, fc1_scales, fc1_zeros, fc1_group_size, e, n1, h,
+                                act_dtype)
+            fc2 = _int4_weights(fc2_weights, fc2_scales, fc2_zeros, fc2_group_size, e, h, i,
+                                act_dtype)
+            if (fc1_zeros == 0) != (fc2_zeros == 0):
+                raise ValueError("int4 zeros are given for both GEMMs or for neither")
+        else:
+            fc1 = _tensor_at(fc1_weights, (e, n1, h), weight_dtype)
+            fc2 = _tensor_at(fc2_weights, (e, h, i), weight_dtype)
         if weight_dtype == torch.int8:
             s1 = _tensor_at(fc1_scales, (e, n1), act_dtype)
             s2 = _tensor_at(fc2_scales, (e, h), act_dtype)
@@ -132,8 +192,54 @@ class FakeMoeRunner:
         )
         out.copy_(result.to(out_dtype))
 
-    def run_gemm_profile(self, *args: Any) -> None:
-        raise NotImplementedError
+    def prepare_gemm_profile(self, gemm, num_tokens, hidden_size, inter_size, num_experts, top_k,
+                             activation, weights, workspace, workspace_bytes, seed, stream,
+                             scales=0, zeros=0, group_size=0) -> None:
+        """Records the call and checks what the real runner checks (it profiles nothing)."""
+        args = dict(locals())
+        del args["self"]
+        self.profile_calls.append(("prepare", args))
+        if self.dtypes[1] == _ext.dtype_to_enum(torch.int8) and scales == 0:
+            raise ValueError("int8 weights need their per-channel scales")
+        if self.int4:
+            k = hidden_size if gemm == 1 else inter_size
+            if scales == 0 or group_size <= 0 or k % group_size:
+                raise ValueError("int4 weights need their scales and the GEMM's group size")
+        elif zeros or group_size:
+            raise ValueError("zeros and group sizes are for int4 weights only")
+
+    def run_gemm_profile(self, gemm, tactic, num_tokens, hidden_size, inter_size, num_experts,
+                         top_k, activation, workspace, workspace_bytes, stream,
+                         group_size=0) -> None:
+        """Records the call; runs nothing (the CPU has no kernel to time)."""
+        args = dict(locals())
+        del args["self"]
+        self.profile_calls.append(("run", args))
+        if tactic not in {d["name"] for d in self.all_tactics(gemm)}:
+            raise ValueError(f"unknown tactic {tactic}")
+
+
+def _int4_weights(weights: int, scales: int, zeros: int, group_size: int, e: int, n: int,
+                  k: int, act_dtype: torch.dtype) -> torch.Tensor:
+    """The float32 weights ``[e, n, k]`` of packed int4 ones (the kernel layout of int4_spec),
+    read from host memory and dequantised without cutlass_moe.int4: byte j of a row holds
+    k = 2j in its low nibble and k = 2j + 1 in its high one; W = (q - z) * s, z = 8 when
+    ``zeros`` is null; computed in float32 and rounded once to the activation dtype."""
+    if scales == 0 or group_size <= 0 or k % group_size or group_size % 32 and group_size != k:
+        raise ValueError(f"int4 weights need scales and a group size (got {group_size} for "
+                         f"K={k})")
+    packed = _tensor_at(weights, (e, n, k // 2), torch.uint8)
+    groups = k // group_size
+    s = _tensor_at(scales, (e, groups, n), act_dtype).float()
+    z = (torch.full((), 8.0) if zeros == 0
+         else _tensor_at(zeros, (e, groups, n), act_dtype).float())
+    q = torch.empty(e, n, k, dtype=torch.float32)
+    q[..., 0::2] = (packed & 0xF).float()
+    q[..., 1::2] = (packed >> 4).float()
+    # Group g of row n covers k in [g*G, (g+1)*G): expand [e, groups, n] to [e, n, k].
+    s_full = s.transpose(1, 2).repeat_interleave(group_size, dim=2)
+    z_full = z if zeros == 0 else z.transpose(1, 2).repeat_interleave(group_size, dim=2)
+    return ((q - z_full) * s_full).to(act_dtype).float()
 
 
 def make_fake_extension() -> types.ModuleType:
@@ -148,6 +254,7 @@ def make_fake_extension() -> types.ModuleType:
         "archs": [80, 86, 89, 90],
         "fast_build": True,
         "tactics": {"bf16_bf16_bf16": {"gemm1": 23, "gemm2": 23},
-                    "bf16_int8_bf16": {"gemm1": 23, "gemm2": 23}},
+                    "bf16_int8_bf16": {"gemm1": 23, "gemm2": 23},
+                    "bf16_int4_bf16": {"gemm1": 10, "gemm2": 9}},
     }
     return module

@@ -118,22 +118,31 @@ def test_int8_entries_round_trip(tmp_path):
     assert fresh.lookup(_key(1, 8)) == "tactic_b"
 
 
-def test_known_tactics_include_int8_runners():
-    """A cache's int8 entries survive loading: the int8 runners' tactics are known names."""
+def test_known_tactics_include_int8_and_int4_runners():
+    """A cache's int8 and int4 entries survive loading: those runners' tactics are known names
+    (the int4 runner is keyed by its weight-format tag, DType 4)."""
     from _fake_ext import FakeMoeRunner, make_fake_extension
     from cutlass_moe import _ext
 
     FakeMoeRunner.constructed.clear()
     with _ext._replaced_extension(make_fake_extension()):
         names = _REAL_KNOWN_TACTICS()
-    assert names and all(name.startswith("fake_") for name in names)
-    int8 = _ext.dtype_to_enum(torch.int8)
-    assert {(act, int8, out) for act in (0, 1) for out in (act, 2)} <= set(
-        FakeMoeRunner.constructed)
+    assert names and all(name.startswith(("fake_", "sm80_bf16_int4_", "sm80_fp16_int4_",
+                                          "sm80_decode")) for name in names)
+    assert "sm80_bf16_int4_m16n128k64_w16x32x64_s4" in names
+    assert "sm80_decode_gated_fp16_int4_m2n8_c2x4_u4" in names
+    for weight in (_ext.dtype_to_enum(torch.int8), 4):
+        assert {(act, weight, out) for act in (0, 1) for out in (act, 2)} <= set(
+            FakeMoeRunner.constructed)
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    ({"weights": "int4"}, "weights must be one of '16bit', 'int8'"),
+    ({"weights": "int2"}, "weights must be one of '16bit', 'int8', 'int4'"),
+    ({"weights": "int4", "hidden_size": 48},
+     r"int4 weights need hidden size H=48 and intermediate size I=128 to be multiples of 32"),
+    ({"weights": "int4", "group_size": 48}, "group_size=48 must be a multiple of 32"),
+    ({"weights": "int4", "group_size": 256}, r"group_size=256 must divide .* I=128"),
+    ({"weights": "int4", "group_size": 0}, "group_size must be a positive integer"),
     ({"weights": "int8", "hidden_size": 24},
      r"int8 weights need hidden size H=24 and intermediate size I=128 to be multiples of 16"),
     ({"weights": "int8", "inter_size": 40}, "multiples of 16"),
@@ -333,7 +342,7 @@ def test_two_threads_missing_one_key_profile_it_once(monkeypatch):
     started = threading.Event()
 
     def tune_one(runner, gemm, shape, bucket, activation, device, weights, candidates,
-                 scales=None):
+                 scales=None, zeros=None, group_size=0):
         profiled.append((gemm, bucket))
         started.set()
         threading.Event().wait(0.2)  # long enough for the other thread to arrive
@@ -402,13 +411,21 @@ def test_a_failed_save_on_leaving_autotune_is_a_warning(tmp_path, monkeypatch):
     """The body's own exception survives; the save's failure becomes a warning."""
     monkeypatch.setenv(tuning_cache.CACHE_ENV, str(tmp_path))  # a directory: cannot be written
     tuner = AutoTuner()
+
+    def failing_block() -> None:
+        with tuner.tuning_mode():
+            tuner.record(_key(1, 2), "tactic_a", 1.0)
+            raise KeyError("from the body")
+
+    def empty_block() -> None:
+        with tuner.tuning_mode():
+            pass
+
     with (pytest.warns(UserWarning, match="could not save the tuning cache"),
-          pytest.raises(KeyError, match="from the body"), tuner.tuning_mode()):
-        tuner.record(_key(1, 2), "tactic_a", 1.0)
-        raise KeyError("from the body")
-    with (pytest.warns(UserWarning, match="could not save the tuning cache"),
-          tuner.tuning_mode()):
-        pass
+          pytest.raises(KeyError, match="from the body")):
+        failing_block()
+    with pytest.warns(UserWarning, match="could not save the tuning cache"):
+        empty_block()
     assert tuner.entries() == {_key(1, 2): ("tactic_a", 1.0)}
 
 

@@ -40,8 +40,19 @@ def test_expert_weight_bytes():
     assert bench.expert_weight_bytes(QWEN3, "16bit", 2) == 3 * h * i * 2
     # int8: a byte per weight plus per-channel scales of fc1 [2I] and fc2 [H], 2 bytes each
     assert bench.expert_weight_bytes(QWEN3, "int8", 2) == 3 * h * i + (2 * i + h) * 2
+    # int4: half a byte per weight plus group-wise scales [H/G, 2I] and [I/G, H], 2 bytes each
+    # (twice that with zero points)
+    groups = (2 * i * h + h * i) // 128
+    assert bench.expert_weight_bytes(QWEN3, "int4", 2) == 3 * h * i // 2 + groups * 2
+    assert bench.expert_weight_bytes(QWEN3, "int4", 2, 128, asymmetric=True) == (
+        3 * h * i // 2 + groups * 4)
+    assert bench.expert_weight_bytes(QWEN3, "int4", 2, group_size=32) == (
+        3 * h * i // 2 + 3 * h * i // 32 * 2)
+    # per-channel on fc2 is not one group size for both GEMMs: H % 768 != 0
+    with pytest.raises(ValueError, match="group_size=768 must divide H=2048"):
+        bench.expert_weight_bytes(QWEN3, "int4", 2, group_size=768)
     with pytest.raises(ValueError, match="weights"):
-        bench.expert_weight_bytes(QWEN3, "int4", 2)
+        bench.expert_weight_bytes(QWEN3, "int2", 2)
 
 
 def test_bytes_flops_and_floor():
@@ -91,10 +102,32 @@ def test_make_row_fields():
                           1000.0, 8.0, CEILINGS)
     assert int8.bytes_touched == bench.bytes_touched(MIXTRAL, 16, 8.0, "int8", 2, 2)
     assert int8.bytes_touched < 0.6 * row.bytes_touched
+    int4 = bench.make_row("mixtral-8x7b", MIXTRAL, "bf16", "int4", 16, bench.IMPL_TUNED, False,
+                          1000.0, 8.0, CEILINGS, group_size=64, asymmetric=True)
+    assert int4.bytes_touched == bench.bytes_touched(MIXTRAL, 16, 8.0, "int4", 2, 2, 64, True)
+    assert int4.tb_s == pytest.approx(int4.bytes_touched / 1e-3 / 1e12)
+    assert int4.mem_floor_us == pytest.approx(int4.bytes_touched / 3e12 * 1e6)
+    assert 0.25 * row.bytes_touched < int4.bytes_touched < 0.3 * row.bytes_touched
+    assert int4.weights == "int4" and int4.flops == row.flops
     no_ceilings = bench.Ceilings("bf16", math.nan, math.nan, math.nan, "", 1)
     failed = bench.make_row("m", MIXTRAL, "bf16", "bf16", 1, "naive", False, math.nan, 2.0,
                             no_ceilings)
     assert math.isnan(failed.roofline_fraction) and math.isnan(failed.tb_s)
+
+
+def test_int4_layer_is_what_the_call_takes():
+    """The benchmark's int4 layer: packed weights and quant_scales for use_w4_group_scaling."""
+    preset = ModelPreset(num_experts=4, hidden_size=64, inter_size=32, top_k=2)
+    layer = bench._Layer(preset, torch.bfloat16, torch.device("cpu"), "int4", 0, 32, True)
+    assert layer.weight_type == "int4" and layer.quant["use_w4_group_scaling"] is True
+    assert layer.q1.dtype == torch.uint8 and list(layer.q1.shape) == [4, 64, 32]
+    assert list(layer.q2.shape) == [4, 64, 16]
+    s1, s2, z1, z2 = layer.quant["quant_scales"]
+    assert (list(s1.shape), list(s2.shape)) == ([4, 2, 64], [4, 1, 64])
+    assert z1.shape == s1.shape and z2.shape == s2.shape
+    symmetric = synthetic.quantize_layer_int4(layer.w1, layer.w2, 32)
+    assert symmetric.zeros == (None, None) and len(symmetric.quant_scales) == 2
+    assert bench._Layer(preset, torch.bfloat16, torch.device("cpu"), "bf16", 0).q1 is None
 
 
 # ------------------------------------------------------------------------------------------

@@ -308,13 +308,16 @@ def test_ep_size_not_positive(capsys):
 
 
 @pytest.mark.parametrize("command", ["tune", "bench"])
-def test_int4_weights_not_supported(capsys, no_gpu, fake_ext, command):
+def test_int4_weights_without_int4_kernels(capsys, no_gpu, fake_ext, monkeypatch, command):
     """Checked before the GPU: the message names what this build does support."""
+    info = {"extension_available": True, "tactics": {"bf16_bf16": {"gemm1": 2, "gemm2": 2},
+                                                     "bf16_int8": {"gemm1": 2, "gemm2": 2}}}
+    monkeypatch.setattr(_ext, "build_info", lambda: info)
     status, out, err = run_cli(capsys, command, "--model", "qwen3-30b-a3b", "--weights", "int4")
     assert status == 2 and out == ""
     assert err.startswith("cutlass-moe: error: --weights int4 is not supported by this build: "
                           "it supports --weights bf16 or int8 with --dtype bf16")
-    assert "int4 weight-only (W4A16) kernels are not part of this build" in err
+    assert "built without int4 weight-only (W4A16) kernels for --dtype bf16" in err
 
 
 @pytest.mark.parametrize("command", ["tune", "bench"])
@@ -341,7 +344,7 @@ def test_weights_must_match_dtype(capsys, no_gpu, no_ext):
                              "--weights", "bf16")
     assert status == 2
     assert "--weights bf16 is not supported by this build" in err
-    assert "--weights fp16 or int8 with --dtype fp16" in err
+    assert "--weights fp16, int4 or int8 with --dtype fp16" in err
     assert "16-bit weights must have the activation dtype, --dtype" in err
 
 
@@ -356,9 +359,10 @@ def test_supported_weight_types():
     assert cli.supported_weight_types("fp16", {"extension_available": True,
                                                "tactics": {"bf16_bf16_bf16": {}}}) == []
     assert cli.supported_weight_types("fp16", {"extension_available": False}) == [
-        "fp16", "int8"]
-    info["tactics"]["bf16_int4"] = {"gemm1": 1}  # never offered: cutlass_fused_moe lacks it
-    assert "int4" not in cli.supported_weight_types("bf16", info)
+        "fp16", "int4", "int8"]
+    info["tactics"]["bf16_int4"] = {"gemm1": 1}  # the build's int4 kernels (W4A16)
+    assert cli.supported_weight_types("bf16", info) == ["bf16", "int4", "int8"]
+    assert cli.supported_weight_types("fp16", info) == ["fp16", "int8"]
 
 
 def test_no_kernels_for_dtype(capsys, no_gpu, fake_ext):
@@ -481,7 +485,8 @@ def test_info_json(capsys, gpu, fake_ext, monkeypatch, no_cache_env):
     info = json.loads(out)
     assert info["extension_available"] is True and info["cutlass_version"] == "4.2.0"
     assert info["tactics"] == {"bf16_bf16_bf16": {"gemm1": 23, "gemm2": 23},
-                               "bf16_int8_bf16": {"gemm1": 23, "gemm2": 23}}
+                               "bf16_int8_bf16": {"gemm1": 23, "gemm2": 23},
+                               "bf16_int4_bf16": {"gemm1": 10, "gemm2": 9}}
     assert info["gpus"] == [{"index": 0, "name": "NVIDIA A10", "capability": "8.6",
                              "multiprocessors": 72, "memory_gib": 22.0, "kernels": "yes"}]
     assert info["tuning_cache"] == {"env": tuning_cache.CACHE_ENV, "path": None, "exists": False,
@@ -1322,3 +1327,94 @@ def test_gpu_bench_clamped_preset_shape(capsys, real_gpu, no_cache_env, monkeypa
     status, _, err = run_cli(capsys, "bench", "--model", "gpt-oss-20b", "--tokens", "3",
                              "--warmup", "1", "--repeats", "2")
     assert status == 0, err
+
+
+# ------------------------------------------------------------------------------------------
+# int4 weights (W4A16): --weights int4, --group-size, --asym
+# ------------------------------------------------------------------------------------------
+
+
+def test_int4_options_parse():
+    args = parse("tune", "--model", "mixtral-8x7b", "--weights", "int4", "--group-size", "64",
+                 "--asym")
+    assert (args.weights, args.group_size, args.asym) == ("int4", 64, True)
+    args = parse("bench", "--model", "mixtral-8x7b", "--weights", "int4")
+    assert (args.group_size, args.asym) == (None, False)
+
+
+@pytest.mark.parametrize("json_output", [False, True])
+def test_tune_int4_weights(capsys, fake_tuner, json_output):
+    status, out, _ = run_cli(capsys, "tune", "--model", "qwen3-30b-a3b", "--weights", "int4",
+                             "--group-size", "64", "--asym", *(["--json"] if json_output else []))
+    assert status == 0
+    (args, kwargs), = fake_tuner.calls
+    assert args == (128, 2048, 768, 8)
+    assert (kwargs["weights"], kwargs["group_size"], kwargs["asymmetric"]) == ("int4", 64, True)
+    if json_output:
+        document = json.loads(out)
+        assert (document["weights"], document["group_size"], document["asymmetric"]) == (
+            "int4", 64, True)
+    else:
+        assert out.splitlines()[0].startswith(
+            "qwen3-30b-a3b: E=128 H=2048 I=768 k=8, bf16 x int4 weights (group 64, zero "
+            "points), Swiglu, on ")
+
+
+def test_tune_int4_default_group_size(capsys, fake_tuner):
+    status, out, _ = run_cli(capsys, "tune", "--model", "mixtral-8x7b", "--weights", "int4")
+    assert status == 0
+    (_, kwargs), = fake_tuner.calls
+    assert (kwargs["group_size"], kwargs["asymmetric"]) == (bench.DEFAULT_INT4_GROUP_SIZE, False)
+    assert ", bf16 x int4 weights (group 128), Swiglu" in out.splitlines()[0]
+
+
+@pytest.mark.parametrize("command", ["tune", "bench"])
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--model", "gpt-oss-20b", "--weights", "int4"],
+     ("--group-size 128 does not fit gpt-oss-20b (--hidden 2880, --inter 2880): must divide "
+      "the hidden size H=2880 and the intermediate size I=2880 (the K of both GEMMs): H=2880 is "
+      "not a multiple of 128; documented group sizes that fit H=2880 and I=2880: 32, 64")),
+    (["--model", "mixtral-8x7b", "--weights", "int4", "--group-size", "48"],
+     ("--group-size 48 does not fit mixtral-8x7b (--hidden 4096, --inter 14336): must be a "
+      "multiple of 32")),
+    (["--model", "mixtral-8x7b", "--group-size", "64"],
+     "--group-size applies to --weights int4 only (got --weights bf16)"),
+    (["--model", "mixtral-8x7b", "--weights", "int8", "--group-size", "64", "--asym"],
+     "--group-size and --asym apply to --weights int4 only (got --weights int8)"),
+    (["--experts", "8", "--hidden", "144", "--inter", "256", "--top-k", "2", "--weights", "int4"],
+     ("--weights int4 needs --hidden (144) and --inter (256) to be multiples of 32 (16-byte "
+      "loads of packed int4 weights)")),
+    (["--model", "mixtral-8x7b", "--weights", "int4", "--group-size", "0"],
+     "argument --group-size: expected a positive integer, got 0"),
+])
+def test_int4_usage_errors(capsys, gpu, fake_ext, command, argv, message):
+    status, out, err = run_cli(capsys, command, *argv)
+    assert status == 2 and out == ""
+    assert message in err and "Traceback" not in err
+
+
+def test_bench_int4_weights(capsys, fake_bench):
+    status, out, _ = run_cli(capsys, "bench", "--model", "mixtral-8x7b", "--weights", "int4",
+                             "--group-size", "32", "--tokens", "1")
+    assert status == 0
+    (config,) = fake_bench.calls
+    assert (config.weights, config.group_size, config.asymmetric) == ("int4", 32, False)
+    assert config.to_json()["group_size"] == 32 and config.to_json()["asymmetric"] is False
+    assert "bf16 x int4 weights (group 32), uniform routing" in out
+    status, out, _ = run_cli(capsys, "bench", "--model", "gpt-oss-20b", "--weights", "int4",
+                             "--group-size", "64", "--asym", "--json")
+    assert status == 0
+    document = json.loads(out)
+    assert (document["config"]["group_size"], document["config"]["asymmetric"]) == (64, True)
+
+
+def test_bench_config_json_names_int4_options_only_for_int4():
+    config = bench.BenchConfig(models=[], weights="bf16")
+    assert "group_size" not in config.to_json()
+
+
+def test_info_counts_int4_tactics(capsys, no_gpu, fake_ext, no_cache_env):
+    status, out, _ = run_cli(capsys, "info")
+    assert status == 0
+    line = next(line for line in out.splitlines() if "bf16_int4_bf16" in line)
+    assert line.split() == ["bf16_int4_bf16", "10", "9"]

@@ -160,7 +160,8 @@ def test_constants_keep_their_values():
     assert tuning_cache.CACHE_ENV == "CUTLASS_MOE_TUNING_CACHE"
     assert tuning_cache.CACHE_SCHEMA == "cutlass_moe.tuning_cache"
     assert tuning_cache.CACHE_VERSION == 1
-    assert tuning_cache.WEIGHT_MODES == {"16bit": "none", "int8": "int8_per_channel"}
+    assert tuning_cache.WEIGHT_MODES == {"16bit": "none", "int8": "int8_per_channel",
+                                         "int4": "int4"}
     assert (tuning_cache.QUANT_NONE, tuning_cache.QUANT_INT8_PER_CHANNEL) == (
         "none", "int8_per_channel")
 
@@ -191,10 +192,58 @@ def test_build_id_and_known_tactics_come_from_the_extension():
     with _ext._replaced_extension(make_fake_extension()):
         assert tuning_cache.build_id() == "0.0.0-fake+cutlass4.2.0+cuda13.0"
         names = tuning_cache.known_tactics()
-    assert names and all(name.startswith("fake_") for name in names)
-    int8 = _ext.dtype_to_enum(torch.int8)
-    assert {(act, int8, out) for act in (0, 1) for out in (act, 2)} <= set(
-        FakeMoeRunner.constructed)
+    assert names and all(name.startswith(("fake_", "sm80_")) for name in names)
+    assert {name for name in names if "_int4_" in name}  # the int4 runners' tactics
+    for weight in (_ext.dtype_to_enum(torch.int8), _ext.dtype_to_enum(_ext.INT4)):
+        assert {(act, weight, out) for act in (0, 1) for out in (act, 2)} <= set(
+            FakeMoeRunner.constructed)
+
+
+def test_quant_int4():
+    assert tuning_cache.quant_int4((128, 128), False) == "int4_g128"
+    assert tuning_cache.quant_int4((128, 64), False) == "int4_g128_g64"
+    assert tuning_cache.quant_int4((32, 32), True) == "int4_g32_asym"
+    with pytest.raises(ValueError, match="int4 group sizes must be >= 1"):
+        tuning_cache.quant_int4((128, 0), False)
+    assert tuning_cache.dtype_tag((torch.float16, "int4", torch.float32)) == "fp16_int4_fp32"
+
+
+#: A cache file written before int4 existed (version 1, 16-bit and int8 entries), verbatim.
+_PRE_INT4_FILE = """{
+ "schema": "cutlass_moe.tuning_cache",
+ "version": 1,
+ "build_id": "test-build",
+ "devices": {
+  "Fake GPU/100": [
+   {"gemm": 1, "bucket": 1, "dtypes": "bf16_bf16_bf16", "quant": "none", "num_experts": 8,
+    "hidden_size": 256, "inter_size": 128, "top_k": 2, "activation": "Swiglu", "ep_size": 1,
+    "tactic": "tactic_a", "time_us": 10.0},
+   {"gemm": 1, "bucket": 4096, "dtypes": "bf16_int8_bf16", "quant": "int8_per_channel",
+    "num_experts": 8, "hidden_size": 256, "inter_size": 128, "top_k": 2,
+    "activation": "Swiglu", "ep_size": 1, "tactic": "tactic_c", "time_us": 900.25}
+  ]
+ }
+}
+"""
+INT4_SHAPE = ShapeKey("bf16_int4_bf16", "int4_g128", 8, 256, 128, 2, "Swiglu", 1)
+INT4_ASYM_SHAPE = ShapeKey("bf16_int4_bf16", "int4_g64_asym", 8, 256, 128, 2, "Swiglu", 1)
+
+
+def test_files_from_before_int4_still_load_and_merge_with_int4_entries(tmp_path):
+    path = tmp_path / "old.json"
+    path.write_text(_PRE_INT4_FILE)
+    with _no_warnings():
+        old = _read(path)
+    assert old == {_key(1, 1): ("tactic_a", 10.0), _key(1, 4096, INT8_SHAPE): ("tactic_c", 900.25)}
+    int4 = {_key(1, 1, INT4_SHAPE): ("tactic_b", 4.0), _key(1, 1, INT4_ASYM_SHAPE): ("tactic_c", 5.0)}
+    _write(path, int4)  # merged into the old file: its entries stay
+    with _no_warnings():
+        assert _read(path) == {**old, **int4}
+    entries = json.loads(path.read_text())["devices"][DEVICE]
+    assert {(e["dtypes"], e["quant"]) for e in entries} == {
+        ("bf16_bf16_bf16", "none"), ("bf16_int8_bf16", "int8_per_channel"),
+        ("bf16_int4_bf16", "int4_g128"), ("bf16_int4_bf16", "int4_g64_asym")}
+    assert json.loads(path.read_text())["version"] == 1  # the format did not change
 
 
 # ------------------------------------------------------------------ round trips and format

@@ -64,7 +64,6 @@ def _expect(exc, match, **overrides):
     [
         "enable_alltoall",
         "use_deepseek_fp8_block_scale",
-        "use_w4_group_scaling",
         "use_mxfp8_act_scaling",
         "min_latency_mode",
         "use_packed_weights",
@@ -77,8 +76,8 @@ def test_unsupported_flags(flag):
 
 
 def test_unsupported_quantization_inputs():
-    _expect(NotImplementedError, "quant_scales without use_int8_woq_per_channel=True is not "
-            "supported", quant_scales=[torch.ones(1)])
+    _expect(NotImplementedError, "quant_scales without use_int8_woq_per_channel=True or "
+            "use_w4_group_scaling=True is not supported", quant_scales=[torch.ones(1)])
     _expect(NotImplementedError, "input_sf", input_sf=torch.ones(1))
     _expect(NotImplementedError, "cluster_size=2", cluster_size=2)
     _expect(NotImplementedError, "tactics=", profile_ids=[0, 3])
@@ -132,7 +131,7 @@ def test_unsupported_input_dtype(dtype):
         cutlass_fused_moe(**args)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.uint8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_mixed_or_unsupported_weight_dtype(dtype):
     args = _args()
     args["fc1_expert_weights"] = args["fc1_expert_weights"].float().to(dtype)
@@ -234,6 +233,11 @@ def test_expert_ids_beyond_int32_are_refused():
     ({"num_experts": 4, "hidden_size": 24, "inter_size": 16, "top_k": 1, "weights": "int8"},
      "int8 weights need hidden size H=24"),
     ({"num_experts": 4, "hidden_size": 32, "inter_size": 16, "top_k": 1, "weights": "int4"},
+     (r"int4 weights need hidden size H=32 and intermediate size I=16 to be multiples of 32 "
+      r"\(16-byte loads of packed int4 weights\); I=16 is not")),
+    ({"num_experts": 4, "hidden_size": 64, "inter_size": 32, "top_k": 1, "weights": "int4"},
+     None),
+    ({"num_experts": 4, "hidden_size": 32, "inter_size": 16, "top_k": 1, "weights": "int2"},
      "weights must be one of"),
     ({"num_experts": 2, "hidden_size": 16, "inter_size": 8, "top_k": 5, "ep_size": 2},
      r"top_k=5 exceeds .*2\*2=4"),
@@ -606,7 +610,9 @@ def test_int8_flag_needs_int8_weights():
                  r"torch.bfloat16 \[4, 32, 16\]", fc1_expert_weights=bf16["fc1_expert_weights"])
     _expect_int8(ValueError, "needs int8 fc2_expert_weights, got torch.bfloat16",
                  fc2_expert_weights=bf16["fc2_expert_weights"])
-    _expect_int8(ValueError, "needs int8 fc1_expert_weights, got torch.uint8",
+    # uint8 is packed int4: never int8 weights, and the message says what uint8 needs.
+    _expect_int8(ValueError, "fc1_expert_weights is uint8 .*packed int4 weights need "
+                 "use_w4_group_scaling=True",
                  fc1_expert_weights=args["fc1_expert_weights"].to(torch.uint8))
 
 
@@ -689,8 +695,8 @@ def test_int8_alignment(h, i, activation, match):
 
 
 def test_int8_unsupported_combinations():
-    _expect_int8(NotImplementedError, "use_w4_group_scaling=True is not supported",
-                 use_w4_group_scaling=True)
+    _expect_int8(ValueError, "use_w4_group_scaling=True .* and use_int8_woq_per_channel=True "
+                 ".* exclude each other", use_w4_group_scaling=True)
     args = _int8_args()
     args["input"] = args["input"].float()
     with pytest.raises(NotImplementedError, match="input dtype torch.float32"):
@@ -793,6 +799,49 @@ def test_default_tactic_on_the_fast_int8_build(rows, expected):
     assert default_tactic(_int8_descs(fast=True), rows) == f"sm80_bf16_int8_{expected}"
 
 
+def _int4_descs(fast: bool, act: str = "bf16"):
+    """The generator's int4 tactics of one activation dtype as descriptors (decode ones too)."""
+    generator = _generator_module()
+    return [
+        {"name": t.name, "gemm": 1, "tile_m": t.tile_m, "tile_n": t.tile_n, "tile_k": t.tile_k,
+         "warp_m": t.warp_m, "warp_n": t.warp_n, "warp_k": t.warp_k, "stages": t.stages,
+         "smem_bytes": 0, "threads": 128, "act_dtype": act, "weight_dtype": "int4",
+         "decode": t.decode, "gated": t.gated, "split_k": t.split_k, "runnable": True}
+        for t in generator.tactics(fast=fast) if t.weight == "int4" and t.dtype == act
+    ]
+
+
+@pytest.mark.parametrize("act", ["bf16", "fp16"])
+@pytest.mark.parametrize("rows,expected", [
+    # Every row of the int4 table names a tactic of the full list: small-M 16x128 (4 stages)
+    # up to 8 rows per expert, the 32-row tile up to 64, then the 128x128 prefill tile.
+    (0, "m16n128k64_w16x32x64_s4"), (8, "m16n128k64_w16x32x64_s4"),
+    (9, "m32n128k64_w32x32x64_s4"), (64, "m32n128k64_w32x32x64_s4"),
+    (65, "m128n128k64_w64x64x64_s3"), (8192, "m128n128k64_w64x64x64_s3"),
+])
+def test_default_tactic_on_int4_tactics(act, rows, expected):
+    descs = _int4_descs(fast=False, act=act)
+    if not descs:
+        pytest.skip("tools/generate_kernels.py has no int4 tactics in this checkout")
+    assert any(d["decode"] for d in descs)  # present, and never a default
+    assert not any(d["split_k"] > 1 or (d["gated"] and not d["decode"]) for d in descs)
+    assert default_tactic(descs, rows) == f"sm80_{act}_int4_{expected}"
+    # GEMM2 (no gated decode tactic) gets the same.
+    assert default_tactic([d for d in descs if not d["gated"]], rows) == (
+        f"sm80_{act}_int4_{expected}")
+
+
+@pytest.mark.parametrize("rows,expected", [
+    (1, "m16n128k64_w16x32x64_s4"), (8, "m16n128k64_w16x32x64_s4"),
+    (9, "m128n128k64_w64x64x64_s3"), (1000, "m128n128k64_w64x64x64_s3"),
+])
+def test_default_tactic_on_the_fast_int4_build(rows, expected):
+    descs = _int4_descs(fast=True)
+    if not descs:
+        pytest.skip("tools/generate_kernels.py has no int4 tactics in this checkout")
+    assert default_tactic(descs, rows) == f"sm80_bf16_int4_{expected}"
+
+
 def _gemm1_descs_16bit(fast):
     """GEMM1 descriptors of the generator's bf16 build: plain and fused gated tactics."""
     generator = _generator_module()
@@ -835,13 +884,16 @@ def test_default_gemm1_of_a_gated_activation_fast_build(rows, expected):
     assert default_tactic(_gemm1_descs_16bit(fast=True), rows) == expected
 
 
-@pytest.mark.parametrize("weights", ["16bit", "int8", "gated"])
+@pytest.mark.parametrize("weights", ["16bit", "int8", "int4", "gated"])
 def test_default_choice_cached_per_bound_matches_the_rows(weights):
     """Default choices are cached per table bound: the bound must pick what the rows pick."""
     from cutlass_moe.tactics import tile_m_target as _tile_m_target
 
     descs = {"int8": lambda: _int8_descs(fast=False), "16bit": _descs,
+             "int4": lambda: _int4_descs(fast=False),
              "gated": lambda: _gemm1_descs_16bit(fast=False)}[weights]()
+    if not descs:
+        pytest.skip(f"tools/generate_kernels.py has no {weights} tactics in this checkout")
     for rows in [0, 0.5, 1, 3, 7.9, 8, 8.1, 12, 16, 16.5, 30, 48, 49, 60, 64, 64.5, 100, 5000]:
         assert default_tactic(descs, _tile_m_target(rows)) == default_tactic(descs, rows), rows
 

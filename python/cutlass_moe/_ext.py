@@ -2,8 +2,18 @@
 
 Nothing here runs at import time: ``cutlass_moe._C`` is imported on first use, so
 ``import cutlass_moe`` works on a machine without a GPU, a driver or a built extension.
-``_C.MoeRunner`` objects are cached, one per (activation, weight, output) dtype triple, and so are
+``_C.MoeRunner`` objects are cached, one per (activation, weight, output) type triple, and so are
 their tactic descriptors (per GEMM and device). All caches are safe to use from several threads.
+
+**Weight types and runner keys.** The weight entry of a triple is a torch dtype for weights whose
+storage dtype says what they are (the activation dtype, int8), and a *weight-format tag* (a
+string, :data:`PACKED_WEIGHT_FORMATS`) for packed formats: ``"int4"`` (:data:`INT4`, W4A16:
+two nibbles per uint8 byte, group-wise scales). Packed formats share a storage dtype
+(torch.uint8 holds int4 today and would hold mxfp4 or nvfp4 later), so ``torch.uint8`` itself is
+never a weight type: :func:`dtype_to_enum` refuses it and asks for the tag. Each tag maps to its
+own C++ ``DType`` value (int4 = 4), so the runner key — the ``(act, weight, out)`` ``DType``
+triple — of one packed format can never be another's. A later uint8-packed format adds a tag and
+its ``DType`` value here; nothing keyed on ``torch.uint8`` has to change.
 """
 
 from __future__ import annotations
@@ -27,6 +37,19 @@ _DTYPE_TO_ENUM: dict[torch.dtype, int] = {
     torch.float32: 2,
     torch.int8: 3,
 }
+
+_DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",
+                torch.int8: "int8"}
+
+#: The weight-format tag of int4 group-wise weight-only weights (W4A16; the C++ ``DType`` kInt4,
+#: named "int4" like its tactic descriptors' ``weight_dtype``).
+INT4 = "int4"
+#: Weight-format tags of packed weight formats and their C++ ``DType`` values (the binding's
+#: ABI). A packed format's storage dtype (torch.uint8) does not identify it, so it is keyed by tag.
+PACKED_WEIGHT_FORMATS: dict[str, int] = {INT4: 4}
+
+#: A weight type: a torch dtype, or a tag of :data:`PACKED_WEIGHT_FORMATS`.
+WeightType = torch.dtype | str
 
 # Activation values of include/cutlass_moe/problem.h (part of the binding's ABI). SwigluBias is
 # FlashInfer's name for the clamped SwiGLU, which the C++ Swiglu computes when swiglu_alpha/beta/
@@ -60,15 +83,36 @@ def generation() -> int:
     return _generation
 
 
-def dtype_to_enum(dtype: torch.dtype) -> int:
-    """The C++ ``DType`` value of a torch dtype (fp16=0, bf16=1, fp32=2, int8=3)."""
+def dtype_to_enum(dtype: WeightType) -> int:
+    """The C++ ``DType`` value of a torch dtype (fp16=0, bf16=1, fp32=2, int8=3) or of a packed
+    weight-format tag (``"int4"`` = 4). ``torch.uint8`` is refused: it is the storage of
+    several packed formats, which are named by their tag."""
+    if isinstance(dtype, str):
+        try:
+            return PACKED_WEIGHT_FORMATS[dtype]
+        except KeyError:
+            known = ", ".join(repr(t) for t in PACKED_WEIGHT_FORMATS)
+            raise NotImplementedError(
+                f"weight format {dtype!r} has no cutlass_moe kernel type; packed formats: "
+                f"{known}"
+            ) from None
     try:
         return _DTYPE_TO_ENUM[dtype]
     except KeyError:
-        supported = ", ".join(str(d) for d in _DTYPE_TO_ENUM)
+        supported = ", ".join([*(str(d) for d in _DTYPE_TO_ENUM),
+                               *(repr(t) for t in PACKED_WEIGHT_FORMATS)])
+        packed = (" (uint8 is the storage of packed weight formats: name the format, e.g. "
+                  f"{INT4!r})" if dtype == torch.uint8 else "")
         raise NotImplementedError(
-            f"dtype {dtype} has no cutlass_moe kernel type; supported: {supported}"
+            f"dtype {dtype} has no cutlass_moe kernel type{packed}; supported: {supported}"
         ) from None
+
+
+def weight_type_name(weight: WeightType) -> str:
+    """The C++ ``DType`` name of a weight type, as tactic descriptors' ``weight_dtype`` spell it
+    (``"fp16"``, ``"bf16"``, ``"int8"``, ``"int4"``); NotImplementedError for another."""
+    dtype_to_enum(weight)  # raises for a type without a kernel type
+    return weight if isinstance(weight, str) else _DTYPE_NAMES[weight]
 
 
 def activation_to_enum(activation_type: ActivationType) -> int:
@@ -135,14 +179,16 @@ def extension_available() -> bool:
 
 
 def runner_key(
-    act_dtype: torch.dtype, weight_dtype: torch.dtype, out_dtype: torch.dtype
+    act_dtype: torch.dtype, weight_dtype: WeightType, out_dtype: torch.dtype
 ) -> tuple[int, int, int]:
-    """The (act, weight, out) ``DType`` triple that identifies one ``MoeRunner``."""
+    """The (act, weight, out) ``DType`` triple that identifies one ``MoeRunner``; the weight is
+    a dtype or a packed weight-format tag (``"int4"``; see the module docstring)."""
     return (dtype_to_enum(act_dtype), dtype_to_enum(weight_dtype), dtype_to_enum(out_dtype))
 
 
-def get_runner(act_dtype: torch.dtype, weight_dtype: torch.dtype, out_dtype: torch.dtype) -> Any:
-    """The cached ``_C.MoeRunner`` for this dtype triple (created on first use)."""
+def get_runner(act_dtype: torch.dtype, weight_dtype: WeightType, out_dtype: torch.dtype) -> Any:
+    """The cached ``_C.MoeRunner`` for this type triple (created on first use); int4 weights
+    use the tag :data:`INT4` (``get_runner(torch.bfloat16, "int4", torch.bfloat16)``)."""
     key = runner_key(act_dtype, weight_dtype, out_dtype)
     runner = _runners.get(key)
     if runner is not None:
@@ -158,7 +204,7 @@ def get_runner(act_dtype: torch.dtype, weight_dtype: torch.dtype, out_dtype: tor
 
 def tactics(
     act_dtype: torch.dtype,
-    weight_dtype: torch.dtype,
+    weight_dtype: WeightType,
     out_dtype: torch.dtype,
     gemm: int,
     device: torch.device,
@@ -166,7 +212,8 @@ def tactics(
     """Descriptors of the tactics of GEMM ``gemm`` (1 or 2) runnable on ``device``, cached.
 
     Each is a dict with keys name, gemm, tile_m, tile_n, tile_k, warp_m, warp_n, warp_k, stages,
-    smem_bytes, threads, runnable, gated, split_k (see include/cutlass_moe/runner.h) and, for
+    smem_bytes, threads, runnable, act_dtype, weight_dtype ("bf16", "int8", "int4", ...), gated,
+    split_k, decode (see include/cutlass_moe/runner.h) and, for
     tactics that serve only some activations (fused gated GEMM1), ``activations``: a frozenset
     of :class:`ActivationType` (the binding's C++ values are converted here, at the boundary).
     Callers must not mutate it.

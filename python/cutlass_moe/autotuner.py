@@ -15,6 +15,11 @@ The cache is in memory; :func:`save_tuning_cache` / :func:`load_tuning_cache` pe
 format and its checks: :mod:`cutlass_moe.tuning_cache`), and the environment variable
 ``CUTLASS_MOE_TUNING_CACHE`` names a file that is loaded at first use and saved after each
 outermost ``autotune()`` block (a failed save is a warning). See docs/architecture.md, "Tuner".
+
+int4 group-wise weights (W4A16) are tuned like the others, on their own runner (weight type
+``"int4"``): keys carry the group sizes and whether zero points are present
+(:func:`cutlass_moe.tuning_cache.quant_int4`), and profiling passes each GEMM's packed weights,
+scales, zeros and group size to the runner's profiling calls.
 """
 
 from __future__ import annotations
@@ -44,10 +49,11 @@ from .tuning_cache import (
     ShapeKey,
     TuningKey,
     dtype_tag,
+    quant_int4,
     read_cache,
     write_cache,
 )
-from .validation import check_layer_shape
+from .validation import check_int4_group_size, check_layer_shape
 
 logger = logging.getLogger("cutlass_moe.autotuner")
 
@@ -94,9 +100,17 @@ def shape_key(
     inter_size: int,
     top_k: int,
     ep_size: int,
+    *,
+    group_sizes: tuple[int, int] = (0, 0),
+    zeros: bool = False,
 ) -> ShapeKey:
-    """The cache key of a layer shape (everything besides the GPU and the bucket)."""
-    quant = QUANT_INT8_PER_CHANNEL if dtypes[1] == torch.int8 else QUANT_NONE
+    """The cache key of a layer shape (everything besides the GPU and the bucket). For int4
+    weights (weight type ``"int4"``) ``group_sizes`` ``(G1, G2)`` and ``zeros`` (whether the
+    weights have zero points) are part of it (:func:`cutlass_moe.tuning_cache.quant_int4`)."""
+    if dtypes[1] == _ext.INT4:
+        quant = quant_int4(group_sizes, zeros)
+    else:
+        quant = QUANT_INT8_PER_CHANNEL if dtypes[1] == torch.int8 else QUANT_NONE
     return ShapeKey(dtype_tag(dtypes), quant, num_experts, hidden_size, inter_size, top_k,
                     activation.name, ep_size)
 
@@ -141,12 +155,15 @@ def profile_gemm(
     weights: torch.Tensor,
     device: torch.device,
     scales: torch.Tensor | None = None,
+    zeros: torch.Tensor | None = None,
+    group_size: int = 0,
 ) -> list[ProfileResult]:
     """Times each tactic of GEMM ``gemm`` on synthetic routing of ``bucket`` tokens (divided
     over ``ep_size`` ranks), with the real ``weights`` of that GEMM (and, for int8 weights,
-    their per-channel ``scales``, which the runner requires), the L2 flushed before each timed
-    run. Tactics that fail to launch get ``inf`` and a debug log line. Synchronises the device:
-    never call it during capture."""
+    their per-channel ``scales``, which the runner requires; for int4 weights the packed
+    ``[E, N, K/2]`` weights, their ``[E, K/G, N]`` ``scales``, optional ``zeros`` and the GEMM's
+    ``group_size``), the L2 flushed before each timed run. Tactics that fail to launch get
+    ``inf`` and a debug log line. Synchronises the device: never call it during capture."""
     num_tokens = max(1, math.ceil(bucket / shape.ep_size))
     args = (num_tokens, shape.hidden_size, shape.inter_size, shape.num_experts, shape.top_k,
             _ext.activation_to_enum(activation))
@@ -160,14 +177,17 @@ def profile_gemm(
         for seed in PROFILE_SEEDS:
             runner.prepare_gemm_profile(gemm, *args, weights.data_ptr(), workspace.data_ptr(),
                                         workspace_bytes, seed, stream.cuda_stream,
-                                        scales=0 if scales is None else scales.data_ptr())
+                                        scales=0 if scales is None else scales.data_ptr(),
+                                        zeros=0 if zeros is None else zeros.data_ptr(),
+                                        group_size=group_size)
             for name in tactic_names:
                 if name in failed:
                     continue
 
                 def run(name: str = name) -> None:
                     runner.run_gemm_profile(gemm, name, *args, workspace.data_ptr(),
-                                            workspace_bytes, stream.cuda_stream)
+                                            workspace_bytes, stream.cuda_stream,
+                                            group_size=group_size)
 
                 try:
                     times[name] += timing.sample_us([run], PROFILE_WARMUP, PROFILE_REPEATS,
@@ -285,12 +305,16 @@ class AutoTuner:
         tune_max_num_tokens: int,
         weights: tuple[torch.Tensor, torch.Tensor],
         scales: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
+        zeros: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
+        group_sizes: tuple[int, int] = (0, 0),
     ) -> tuple[str, str]:
         """The tactics of both GEMMs of a call: cached, freshly tuned (inside ``autotune``)
         or the heuristic default. A cached tactic this build or GPU cannot run counts as a
         miss; one that cannot serve this call's row count (a GEMM2 split over K, for a call
         above the largest bucket) gives the default. ``weights``/``scales``: the call's expert
-        weights (profiling runs on them; ``scales`` are int8 weights' per-channel scales)."""
+        weights (profiling runs on them; ``scales`` are int8 weights' per-channel scales or
+        int4 weights' group-wise ones); ``zeros``/``group_sizes``: int4 weights' zero points
+        and group sizes (``shape`` already carries them in its key)."""
         bucket = bucket_for(num_tokens, tune_max_num_tokens)
         dev = device_id(device)
         expanded_rows = num_tokens * shape.top_k
@@ -305,7 +329,8 @@ class AutoTuner:
                 name = None
             if name is None and source == "cache" and self.tuning and self._can_profile(device):
                 name = self._tune_once(runner, dtypes, key, activation, device,
-                                       weights[gemm - 1], scales[gemm - 1])
+                                       weights[gemm - 1], scales[gemm - 1], zeros[gemm - 1],
+                                       group_sizes[gemm - 1])
                 source = "tuned"
             if name is None:
                 name = tactics.default_for(dtypes, gemm, activation, device,
@@ -329,6 +354,8 @@ class AutoTuner:
         device: torch.device,
         weights: torch.Tensor,
         scales: torch.Tensor | None,
+        zeros: torch.Tensor | None = None,
+        group_size: int = 0,
     ) -> str | None:
         """Profiles ``key`` unless another thread is doing it or has done it (one lock per
         key); returns the tactic now cached for it (None when no tactic ran)."""
@@ -348,7 +375,7 @@ class AutoTuner:
             names = tactics.candidate_names(dtypes, key.gemm, activation, device,
                                             local_tokens * key.shape.top_k)
             return self.tune_one(runner, key.gemm, key.shape, key.bucket, activation, device,
-                                 weights, names, scales)
+                                 weights, names, scales, zeros=zeros, group_size=group_size)
 
     def tune_one(
         self,
@@ -361,11 +388,14 @@ class AutoTuner:
         weights: torch.Tensor,
         candidates: Sequence[str],
         scales: torch.Tensor | None = None,
+        zeros: torch.Tensor | None = None,
+        group_size: int = 0,
     ) -> str | None:
         """Profiles ``candidates`` for one GEMM and bucket, records and returns the fastest
-        (None when none could run)."""
+        (None when none could run). ``scales``, ``zeros``, ``group_size``: as
+        :func:`profile_gemm`."""
         results = profile_gemm(runner, gemm, candidates, shape, bucket, activation, weights,
-                               device, scales)
+                               device, scales, zeros, group_size)
         ok = [r for r in results if math.isfinite(r.time_us)]
         if not ok:
             logger.warning("no tactic ran for GEMM%d bucket %d of %s", gemm, bucket, shape)
@@ -471,15 +501,22 @@ def tune_model(
     device: torch.device | str | None = None,
     progress: Callable[[int, int], None] | None = None,
     weights: str = "16bit",
+    group_size: int = 128,
+    asymmetric: bool = False,
 ) -> list[TuneRow]:
     """Profiles every bucket of ``tuning_buckets(max_tokens)`` for both GEMMs of an MoE layer
     with ``num_experts`` local experts (random weights of the model's shapes), records the
     fastest tactics in the process-wide cache and returns one row per (bucket, GEMM).
     ``progress(done, total)`` is called after each profiled GEMM. Needs a CUDA device.
 
-    ``weights``: ``"16bit"`` (weights of ``dtype``) or ``"int8"`` (the random weights are
+    ``weights``: ``"16bit"`` (weights of ``dtype``), ``"int8"`` (the random weights are
     quantised per channel, as :func:`cutlass_moe.quantization.quantize_moe_weights_int8` does;
-    entries are keyed with quant ``"int8_per_channel"``, as the calls that use them)."""
+    entries are keyed with quant ``"int8_per_channel"``, as the calls that use them) or
+    ``"int4"`` (quantised group-wise with ``group_size`` for both GEMMs — a multiple of 32
+    dividing H and I — and zero points when ``asymmetric``, as
+    :func:`cutlass_moe.quantize_int4_groupwise` does; keyed ``quant_int4((G, G), asymmetric)``,
+    e.g. ``"int4_g128"``, as the calls with such weights). ``group_size`` and ``asymmetric``
+    apply to int4 only."""
     if not torch.cuda.is_available():
         raise RuntimeError("cutlass_moe: tuning needs a CUDA device and none is available")
     act = require_supported(normalize_activation(activation or ActivationType.Swiglu))
@@ -491,20 +528,29 @@ def tune_model(
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1 (got {max_tokens})")
     check_layer_shape(num_experts, hidden_size, inter_size, top_k, ep_size, weights)
-    int8 = weights == "int8"
+    int8, int4 = weights == "int8", weights == "int4"
+    if int4:
+        check_int4_group_size(group_size, hidden_size, inter_size)
     device = torch.device(device or "cuda")
     if device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    dtypes = (dtype, torch.int8 if int8 else dtype, dtype)
+    weight_type: torch.dtype | str = torch.int8 if int8 else _ext.INT4 if int4 else dtype
+    dtypes = (dtype, weight_type, dtype)
     runner = _ext.get_runner(*dtypes)
-    shape = shape_key(dtypes, act, num_experts, hidden_size, inter_size, top_k, ep_size)
+    group_sizes = (group_size, group_size) if int4 else (0, 0)
+    shape = shape_key(dtypes, act, num_experts, hidden_size, inter_size, top_k, ep_size,
+                      group_sizes=group_sizes, zeros=int4 and asymmetric)
     fc1_rows = 2 * inter_size if is_gated(act) else inter_size
     gemm_weights = synthetic.random_expert_weights(num_experts, hidden_size, inter_size,
                                                    fc1_rows, dtype, device)
     gemm_scales: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
+    gemm_zeros: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
     if int8:
         (q1, s1), (q2, s2) = (quantize_int8_per_channel(w) for w in gemm_weights)
         gemm_weights, gemm_scales = (q1, q2), (s1, s2)
+    if int4:
+        layer = synthetic.quantize_layer_int4(*gemm_weights, group_size, asymmetric)
+        gemm_weights, gemm_scales, gemm_zeros = layer.weights, layer.scales, layer.zeros
     tuner = get_tuner()
     buckets = tuning_buckets(max_tokens)
     rows: list[TuneRow] = []
@@ -518,7 +564,8 @@ def tune_model(
                 names = [str(d["name"]) for d in descs]
                 default = tactics.default_tactic(descs, expected_rows)
                 results = profile_gemm(runner, gemm, names, shape, bucket, act,
-                                       gemm_weights[gemm - 1], device, gemm_scales[gemm - 1])
+                                       gemm_weights[gemm - 1], device, gemm_scales[gemm - 1],
+                                       gemm_zeros[gemm - 1], group_sizes[gemm - 1])
                 ok = [r for r in results if math.isfinite(r.time_us)]
                 if not ok:
                     raise RuntimeError(f"no tactic ran for GEMM{gemm} at bucket {bucket}")

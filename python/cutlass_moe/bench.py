@@ -26,8 +26,8 @@ Method:
   (bytes read + written over time), the dense GEMM rate of cuBLAS (``torch.matmul``, 8192^3)
   and of our own CUTLASS Sm80 grouped GEMM with one expert (T=8192, H=I=8192, best tactic).
 * Each row: latency, achieved TB/s over the bytes of the experts actually touched (experts with
-  at least one row, counted on the host before timing: fc1+fc2 weights, int8 scales, activations
-  in and out), TFLOP/s (``2*T*k*(N1*H + H*I)``), the memory floor (bytes over copy bandwidth)
+  at least one row, counted on the host before timing: fc1+fc2 weights, int8 scales, or int4's
+  half byte per weight plus its group-wise scales (and zeros), activations in and out), TFLOP/s (``2*T*k*(N1*H + H*I)``), the memory floor (bytes over copy bandwidth)
   and the fractions ``floor/latency`` and ``TFLOP/s / Sm80 rate``.
 * ``stages``: a torch.profiler trace of a few calls of our op, kernels mapped to routing, gather,
   grouped-GEMM arguments, GEMM1, activation, GEMM2 and finalize.
@@ -93,17 +93,31 @@ MAX_ROTATE = 16
 # ------------------------------------------------------------------------------------------
 
 
-def expert_weight_bytes(preset: ModelPreset, weights: str, act_bytes: int) -> int:
+#: The int4 group size of the benchmark and the tuner when none is given (``--group-size``).
+DEFAULT_INT4_GROUP_SIZE = 128
+
+
+def expert_weight_bytes(preset: ModelPreset, weights: str, act_bytes: int,
+                        group_size: int = DEFAULT_INT4_GROUP_SIZE,
+                        asymmetric: bool = False) -> int:
     """Bytes of one expert's fc1 + fc2 weights: ``weights`` ``"16bit"`` (``act_bytes`` per
-    weight) or ``"int8"`` (1 byte per weight plus per-channel scales ``[N1]`` and ``[H]`` in
-    the activation dtype)."""
+    weight), ``"int8"`` (1 byte per weight plus per-channel scales ``[N1]`` and ``[H]`` in
+    the activation dtype) or ``"int4"`` (half a byte per weight — packed ``[N1, H/2]`` and
+    ``[H, I/2]`` — plus group-wise scales ``[H/G, N1]`` and ``[I/G, H]`` in the activation
+    dtype, twice that with zero points (``asymmetric``); ``group_size`` is ``G``, which must
+    divide ``H`` and ``I``)."""
     n1, h, i = preset.fc1_rows, preset.hidden_size, preset.inter_size
     count = n1 * h + h * i
     if weights == "int8":
         return count + (n1 + h) * act_bytes
     if weights == "16bit":
         return count * act_bytes
-    raise ValueError(f"weights must be '16bit' or 'int8', got {weights!r}")
+    if weights == "int4":
+        if group_size < 1 or h % group_size or i % group_size:
+            raise ValueError(f"group_size={group_size} must divide H={h} and I={i}")
+        groups = (n1 * h + h * i) // group_size  # scale (and zero) entries of both GEMMs
+        return count // 2 + groups * act_bytes * (2 if asymmetric else 1)
+    raise ValueError(f"weights must be '16bit', 'int8' or 'int4', got {weights!r}")
 
 
 def count_touched_experts(ids: torch.Tensor, num_experts: int) -> int:
@@ -114,12 +128,15 @@ def count_touched_experts(ids: torch.Tensor, num_experts: int) -> int:
 
 
 def bytes_touched(preset: ModelPreset, num_tokens: int, experts_touched: float, weights: str,
-                  act_bytes: int, out_bytes: int) -> float:
-    """Bytes one call must move at least: the weights of every touched expert plus the
-    activations in (``T*H*act_bytes``) and out (``T*H*out_bytes``). ``experts_touched`` may be
-    a mean over rotated routing sets."""
+                  act_bytes: int, out_bytes: int, group_size: int = DEFAULT_INT4_GROUP_SIZE,
+                  asymmetric: bool = False) -> float:
+    """Bytes one call must move at least: the weights of every touched expert
+    (:func:`expert_weight_bytes`; ``group_size``/``asymmetric`` for int4) plus the activations
+    in (``T*H*act_bytes``) and out (``T*H*out_bytes``). ``experts_touched`` may be a mean over
+    rotated routing sets."""
     activations = num_tokens * preset.hidden_size * (act_bytes + out_bytes)
-    return experts_touched * expert_weight_bytes(preset, weights, act_bytes) + activations
+    weight_bytes = expert_weight_bytes(preset, weights, act_bytes, group_size, asymmetric)
+    return experts_touched * weight_bytes + activations
 
 
 def moe_flops(preset: ModelPreset, num_tokens: int) -> float:
@@ -224,7 +241,7 @@ class BenchConfig:
 
     models: list[tuple[str, ModelPreset]]
     dtype: str = "bf16"  # "bf16" or "fp16"
-    weights: str = "bf16"  # the --weights value: the dtype, or "int8"
+    weights: str = "bf16"  # the --weights value: the dtype, "int8" or "int4"
     tokens: list[int] = dataclasses.field(default_factory=lambda: list(DEFAULT_BENCH_TOKENS))
     routing: str = "uniform"
     tactics: str = "tuned"  # "tuned", "default" or "both"
@@ -239,6 +256,8 @@ class BenchConfig:
     rotate: int | None = None  # None: automatic
     flush_l2: bool = True
     pdl: bool = True  # programmatic dependent launch where the GPU supports it
+    group_size: int = DEFAULT_INT4_GROUP_SIZE  # int4 weights: G of both GEMMs
+    asymmetric: bool = False  # int4 weights: with zero points
 
     def to_json(self) -> dict[str, Any]:
         """The configuration as JSON-able values (also the CSV's extra columns)."""
@@ -250,6 +269,8 @@ class BenchConfig:
             "seed": self.seed, "peers": list(self.peers), "stages": self.stages,
             "rotate": self.rotate if self.rotate is not None else "auto",
             "flush_l2": self.flush_l2, "pdl": self.pdl,
+            **({"group_size": self.group_size, "asymmetric": self.asymmetric}
+               if self.weights == "int4" else {}),
         }
 
 
@@ -266,12 +287,16 @@ class BenchResult:
 
 def make_row(preset_name: str, preset: ModelPreset, dtype: str, weights: str, num_tokens: int,
              impl: str, graph: bool, latency_us: float, experts_touched: float,
-             ceilings: Ceilings, act_bytes: int = 2, **extra: str) -> BenchRow:
+             ceilings: Ceilings, act_bytes: int = 2,
+             group_size: int = DEFAULT_INT4_GROUP_SIZE, asymmetric: bool = False,
+             **extra: str) -> BenchRow:
     """A :class:`BenchRow` with its derived columns. ``weights`` is the weight type the
-    implementation ran with ("int8" or a 16-bit dtype name); the output has the activation
-    dtype (``act_bytes``); ``extra``: tactic1, tactic2, source, note."""
-    mode = "int8" if weights == "int8" else "16bit"
-    nbytes = bytes_touched(preset, num_tokens, experts_touched, mode, act_bytes, act_bytes)
+    implementation ran with ("int8", "int4" or a 16-bit dtype name; ``group_size`` and
+    ``asymmetric`` describe int4 weights); the output has the activation dtype
+    (``act_bytes``); ``extra``: tactic1, tactic2, source, note."""
+    mode = weights if weights in ("int8", "int4") else "16bit"
+    nbytes = bytes_touched(preset, num_tokens, experts_touched, mode, act_bytes, act_bytes,
+                           group_size, asymmetric)
     flops = moe_flops(preset, num_tokens)
     floor = memory_floor_us(nbytes, ceilings.copy_tb_s)
     tflops = ratio(flops, latency_us * 1e6)
@@ -540,16 +565,27 @@ def _peer_repeats(impl: str, warmup: int, repeats: int) -> tuple[int, int]:
 
 
 class _Layer:
-    """One preset's random weights on the GPU (16-bit, plus int8 when asked) and its clamp."""
+    """One preset's random weights on the GPU (16-bit, plus int8 or int4 when asked: ``weights``
+    is the --weights value) and its clamp. ``q1``/``q2`` and ``quant`` are what our op runs with;
+    the peers run the 16-bit ``w1``/``w2``."""
 
     def __init__(self, preset: ModelPreset, dtype: torch.dtype, device: torch.device,
-                 int8: bool, seed: int) -> None:
+                 weights: str, seed: int, group_size: int = DEFAULT_INT4_GROUP_SIZE,
+                 asymmetric: bool = False) -> None:
         self.w1, self.w2 = synthetic.make_layer(preset, dtype, device, seed=seed)
         self.quant: dict[str, Any] = {}
-        self.q1 = self.q2 = None
-        if int8:
+        self.q1: torch.Tensor | None = None
+        self.q2: torch.Tensor | None = None
+        self.weight_type: torch.dtype | str = dtype
+        if weights == "int8":
             self.q1, self.q2, weight_scales = quantize_moe_weights_int8(self.w1, self.w2)
             self.quant = {"quant_scales": weight_scales, "use_int8_woq_per_channel": True}
+            self.weight_type = torch.int8
+        elif weights == "int4":
+            layer = synthetic.quantize_layer_int4(self.w1, self.w2, group_size, asymmetric)
+            self.q1, self.q2 = layer.weights
+            self.quant = {"quant_scales": layer.quant_scales, "use_w4_group_scaling": True}
+            self.weight_type = _ext.INT4
         self.clamp = synthetic.swiglu_clamp(preset, device)
 
 
@@ -564,7 +600,8 @@ def run_bench(config: BenchConfig, ceilings: Ceilings | None = None) -> BenchRes
         result = BenchResult(ceilings, [], [], list(ceilings.notes))
         flush = timing.L2Flusher(device, ceilings.l2_bytes) if config.flush_l2 else None
         for name, preset in config.models:
-            layer = _Layer(preset, dtype, device, config.weights == "int8", config.seed)
+            layer = _Layer(preset, dtype, device, config.weights, config.seed,
+                           config.group_size, config.asymmetric)
             for num_tokens in config.tokens:
                 logger.info("%s: T=%d", name, num_tokens)
                 _bench_one(config, name, preset, layer, num_tokens, result, flush)
@@ -577,7 +614,6 @@ def _bench_one(config: BenchConfig, name: str, preset: ModelPreset, layer: _Laye
                num_tokens: int, result: BenchResult, flush: timing.L2Flusher | None) -> None:
     device, dtype = config.device, _DTYPES[config.dtype]
     e, h, k = preset.num_experts, preset.hidden_size, preset.top_k
-    int8 = config.weights == "int8"
     ceilings = result.ceilings
     act_bytes = torch.empty(0, dtype=dtype).element_size()
     sets = rotation_count(2 * num_tokens * h * act_bytes, ceilings.l2_bytes, config.rotate)
@@ -590,10 +626,11 @@ def _bench_one(config: BenchConfig, name: str, preset: ModelPreset, layer: _Laye
     touched = statistics.fmean(count_touched_experts(ids, e) for _, ids, _ in inputs)
     common = {"preset_name": name, "preset": preset, "dtype": config.dtype,
               "num_tokens": num_tokens, "experts_touched": touched, "ceilings": ceilings,
-              "act_bytes": act_bytes}
+              "act_bytes": act_bytes, "group_size": config.group_size,
+              "asymmetric": config.asymmetric}
     output = torch.empty(num_tokens, h, device=device, dtype=dtype)
-    w1, w2 = (layer.q1, layer.q2) if int8 else (layer.w1, layer.w2)
-    dtypes = (dtype, torch.int8 if int8 else dtype, dtype)
+    w1, w2 = (layer.q1, layer.q2) if layer.q1 is not None else (layer.w1, layer.w2)
+    dtypes = (dtype, layer.weight_type, dtype)
     runner = _ext.get_runner(*dtypes)
     workspace = torch.empty(max(1, int(runner.workspace_size(
         num_tokens, h, preset.inter_size, e, k,

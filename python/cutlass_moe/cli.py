@@ -163,11 +163,15 @@ def _accepts(num_experts: int, hidden_size: int, inter_size: int, top_k: int,
     return True
 
 
+_WEIGHT_ALIGN = {"int8": (validation.INT8_ALIGN_ELEMS, "16-byte int8 weight rows"),
+                 "int4": (validation.INT4_ALIGN_ELEMS, "16-byte loads of packed int4 weights")}
+
+
 def layer_shape_problem(preset: ModelPreset, weights: str) -> str | None:
     """None when :func:`cutlass_moe.validation.check_layer_shape` accepts the layer with
-    ``weights`` (``"16bit"`` or ``"int8"``), else what is wrong in terms of the command's
-    options. The rule is validation's alone: the option at fault is found by asking it about
-    the shape without ``--top-k`` (1) and with one expert."""
+    ``weights`` (``"16bit"``, ``"int8"`` or ``"int4"``), else what is wrong in terms of the
+    command's options. The rule is validation's alone: the option at fault is found by asking
+    it about the shape without ``--top-k`` (1) and with one expert."""
     e, h, i, k = preset.num_experts, preset.hidden_size, preset.inter_size, preset.top_k
     try:
         validation.check_layer_shape(e, h, i, k, weights=weights)
@@ -179,8 +183,9 @@ def layer_shape_problem(preset: ModelPreset, weights: str) -> str | None:
         return (f"--hidden ({h}) and --inter ({i}) must be multiples of "
                 f"{validation.ALIGN_ELEMS} (rows are read with 16-byte vector accesses)")
     if not _accepts(1, h, i, 1, weights):
+        align, why = _WEIGHT_ALIGN[weights]
         return (f"--weights {weights} needs --hidden ({h}) and --inter ({i}) to be multiples "
-                f"of {validation.INT8_ALIGN_ELEMS} (16-byte int8 weight rows)")
+                f"of {align} ({why})")
     if _accepts(e, h, i, 1, weights):
         return f"--top-k {k} exceeds the number of experts ({e})"
     return f"--experts {e}: {problem}"
@@ -189,11 +194,11 @@ def layer_shape_problem(preset: ModelPreset, weights: str) -> str | None:
 def supported_weight_types(dtype: str, info: Mapping[str, Any]) -> list[str]:
     """The ``--weights`` values this build runs with ``--dtype dtype``.
 
-    ``cutlass_fused_moe`` takes weights of the activation dtype, or int8 weights with
-    per-channel scales (W8A16); with the extension loaded, ``build_info()["tactics"]`` (keys
-    ``"<act>_<weight>[_...]"``) must also have kernels for that pair. int4 weights are not
-    supported."""
-    python_side = {dtype, "int8"}
+    ``cutlass_fused_moe`` takes weights of the activation dtype, int8 weights with
+    per-channel scales (W8A16) or int4 weights with group-wise scales (W4A16); with the
+    extension loaded, ``build_info()["tactics"]`` (keys ``"<act>_<weight>[_...]"``) must also
+    have kernels for that pair."""
+    python_side = {dtype, "int8", "int4"}
     tactics = info.get("tactics") if info.get("extension_available") else None
     if not isinstance(tactics, Mapping):
         return sorted(python_side)
@@ -212,11 +217,14 @@ def check_weights(dtype: str, weights: str | None) -> str:
     supported = supported_weight_types(dtype, _ext.build_info())
     if weights not in supported:
         if supported:
-            offer = f"it supports --weights {' or '.join(supported)} with --dtype {dtype}"
+            listed = (supported[0] if len(supported) == 1
+                      else ", ".join(supported[:-1]) + " or " + supported[-1])
+            offer = f"it supports --weights {listed} with --dtype {dtype}"
         else:
             offer = f"it has no kernels for --dtype {dtype}"
         if weights == "int4":
-            why = " (int4 weight-only (W4A16) kernels are not part of this build)"
+            why = (f" (it was built without int4 weight-only (W4A16) kernels for --dtype "
+                   f"{dtype})")
         elif weights == "int8":
             why = f" (it was built without int8 weight-only kernels for --dtype {dtype})"
         elif weights != dtype:
@@ -229,21 +237,54 @@ def check_weights(dtype: str, weights: str | None) -> str:
 
 def weight_mode(weights: str) -> str:
     """``tune_model``'s ``weights`` argument for a ``--weights`` value."""
-    return "int8" if weights == "int8" else "16bit"
+    return weights if weights in ("int8", "int4") else "16bit"
 
 
 def check_weight_shape(weights: str, preset: ModelPreset, parser: argparse.ArgumentParser
                        ) -> None:
     """The layer shape with the ``--weights`` value ``weights`` (int8 weights need H and I to
-    be multiples of 16): ``parser.error`` when :func:`layer_shape_problem` finds a problem."""
+    be multiples of 16, int4 weights of 32): ``parser.error`` when :func:`layer_shape_problem`
+    finds a problem."""
     problem = layer_shape_problem(preset, weight_mode(weights))
     if problem is not None:
         parser.error(problem)
 
 
-def kernel_label(dtype: str, weights: str) -> str:
-    """``"bf16"``, or ``"bf16 x int8 weights"`` for quantised weights (table headers)."""
-    return dtype if weights == dtype else f"{dtype} x {weights} weights"
+def int4_options(args: argparse.Namespace, weights: str,
+                 models: Sequence[tuple[str, ModelPreset]], parser: argparse.ArgumentParser
+                 ) -> tuple[int, bool]:
+    """``(group size, asymmetric)`` of ``--group-size`` (default
+    :data:`cutlass_moe.bench.DEFAULT_INT4_GROUP_SIZE`) and ``--asym``, checked against every
+    layer shape (a multiple of 32 dividing H and I); both options only with ``--weights int4``
+    (``parser.error`` otherwise)."""
+    if weights != "int4":
+        given = [opt for opt, value in (("--group-size", args.group_size), ("--asym", args.asym))
+                 if value not in (None, False)]
+        if given:
+            parser.error(f"{' and '.join(given)} appl{'y' if len(given) > 1 else 'ies'} to "
+                         f"--weights int4 only (got --weights {weights})")
+        return bench.DEFAULT_INT4_GROUP_SIZE, False
+    group_size = args.group_size or bench.DEFAULT_INT4_GROUP_SIZE
+    for name, preset in models:
+        try:
+            validation.check_int4_group_size(group_size, preset.hidden_size, preset.inter_size)
+        except ValueError as exc:
+            parser.error(f"--group-size {group_size} does not fit {name} "
+                         f"(--hidden {preset.hidden_size}, --inter {preset.inter_size}): "
+                         f"{str(exc).removeprefix(f'group_size={group_size} ')}")
+    return group_size, bool(args.asym)
+
+
+def kernel_label(dtype: str, weights: str, group_size: int | None = None,
+                 asymmetric: bool = False) -> str:
+    """``"bf16"``, ``"bf16 x int8 weights"`` for quantised weights, or ``"bf16 x int4 weights
+    (group 128)"`` / ``"(group 128, zero points)"`` for int4 weights (table headers)."""
+    if weights == dtype:
+        return dtype
+    label = f"{dtype} x {weights} weights"
+    if weights == "int4" and group_size:
+        label += f" (group {group_size}{', zero points' if asymmetric else ''})"
+    return label
 
 
 def require_gpu_and_extension(command: str, device: torch.device) -> None:
@@ -414,6 +455,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         parser.error(f"--out {out}: {problem}")
     weights = check_weights(args.dtype, args.weights)
     check_weight_shape(weights, preset, parser)
+    group_size, asymmetric = int4_options(args, weights, [(name, preset)], parser)
     require_gpu_and_extension("tune", args.device)
 
     kept = 0
@@ -427,7 +469,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
             local_experts, preset.hidden_size, preset.inter_size, preset.top_k,
             dtype=DTYPES[args.dtype], activation=ActivationType.Swiglu, ep_size=args.ep_size,
             max_tokens=args.max_tokens, device=args.device, progress=progress,
-            weights=weight_mode(weights))
+            weights=weight_mode(weights), group_size=group_size, asymmetric=asymmetric)
     except KeyboardInterrupt:
         progress.close()
         try:
@@ -460,6 +502,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
             "top_k": preset.top_k,
             "dtype": args.dtype,
             "weights": weights,
+            **({"group_size": group_size, "asymmetric": asymmetric}
+               if weights == "int4" else {}),
             "activation": ActivationType.Swiglu.name,
             "ep_size": args.ep_size,
             "max_tokens": args.max_tokens,
@@ -471,7 +515,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         return EXIT_OK
     local = f" ({local_experts} per rank, ep-size {args.ep_size})" if args.ep_size > 1 else ""
     print(f"{name}: E={preset.num_experts}{local} H={preset.hidden_size} "
-          f"I={preset.inter_size} k={preset.top_k}, {kernel_label(args.dtype, weights)}, "
+          f"I={preset.inter_size} k={preset.top_k}, "
+          f"{kernel_label(args.dtype, weights, group_size, asymmetric)}, "
           f"Swiglu, on {label}")
     print(f"tuning cache written to {out}"
           + (f" (merged with the {kept} entries it had)" if kept else ""))
@@ -523,7 +568,8 @@ def resolve_shapes(args: argparse.Namespace, parser: argparse.ArgumentParser
 
 def _bench_title(config: bench.BenchConfig, label: str) -> str:
     tactics = {"both": "tuned and default"}.get(config.tactics, config.tactics)
-    return (f"{kernel_label(config.dtype, config.weights)}, {config.routing} routing, "
+    return (f"{kernel_label(config.dtype, config.weights, config.group_size, config.asymmetric)}"
+            f", {config.routing} routing, "
             f"{tactics} tactics{', CUDA graph' if config.graph else ''}, on {label}")
 
 
@@ -540,6 +586,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     weights = check_weights(args.dtype, args.weights)
     for _, preset in models:
         check_weight_shape(weights, preset, parser)
+    group_size, asymmetric = int4_options(args, weights, models, parser)
     require_gpu_and_extension("bench", args.device)
 
     if args.tactics in ("tuned", "both"):
@@ -556,7 +603,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         routing=args.routing, tactics=args.tactics, graph=args.graph, warmup=args.warmup,
         repeats=args.repeats, max_tokens=args.max_tokens, device=args.device, seed=args.seed,
         peers=tuple(peers), stages=args.stages, rotate=args.rotate, flush_l2=not args.no_flush,
-        pdl=not args.no_pdl)
+        pdl=not args.no_pdl, group_size=group_size, asymmetric=asymmetric)
     try:
         result = bench.run_bench(config)
     except torch.cuda.OutOfMemoryError as exc:
@@ -637,6 +684,7 @@ examples:
   {PROG} tune --model qwen3-30b-a3b
   {PROG} tune --model deepseek-v2-lite --ep-size 8 --max-tokens 4096 --out ds.json
   {PROG} tune --model mixtral-8x7b --weights int8
+  {PROG} tune --model qwen3-30b-a3b --weights int4 --group-size 64 --asym
   {PROG} tune --experts 16 --hidden 4096 --inter 2048 --top-k 2 --dtype fp16 --json
 """
 
@@ -672,6 +720,7 @@ examples:
   {PROG} bench --model gpt-oss-20b --tokens 1,8,32,128 --graph --out gpt-oss.json
   {PROG} bench --model qwen3-30b-a3b --default --routing zipf --json
   {PROG} bench --model mixtral-8x7b --weights int8 --tokens 1,8,64 --peers none
+  {PROG} bench --model mixtral-8x7b --weights int4 --group-size 128 --tokens 1,8,64
 """
 
 
@@ -713,9 +762,16 @@ def _add_kernel_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dtype", choices=sorted(DTYPES), default="bf16",
                        help="activation (and output) dtype (default: bf16)")
     group.add_argument("--weights", choices=WEIGHT_CHOICES, default=None,
-                       help="expert weight type (default: the --dtype): the --dtype, or int8 "
-                            "(weight-only, per-channel scales; H and I multiples of 16); int4 "
-                            "is not supported by this build")
+                       help="expert weight type (default: the --dtype): the --dtype, int8 "
+                            "(weight-only, per-channel scales; H and I multiples of 16) or int4 "
+                            "(weight-only, group-wise scales, W4A16; H and I multiples of 32)")
+    group.add_argument("--group-size", type=positive_int, default=None, metavar="G",
+                       help="--weights int4: the quantisation group along K, a multiple of 32 "
+                            "dividing H and I (default: "
+                            f"{bench.DEFAULT_INT4_GROUP_SIZE}); part of the tuning cache's key")
+    group.add_argument("--asym", action="store_true",
+                       help="--weights int4: asymmetric quantisation with zero points (default: "
+                            "symmetric); part of the tuning cache's key")
     group.add_argument("--max-tokens", type=positive_int, default=8192, metavar="N",
                        help="the largest token bucket, cutlass_fused_moe's "
                             "tune_max_num_tokens (default: 8192)")

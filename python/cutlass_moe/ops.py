@@ -37,15 +37,19 @@ from .activation import ActivationType
 # Arguments, in schema order: output [T, H] (input dtype or float32, written), input [T, H]
 # (float16/bfloat16), token_selected_experts [T, k] int32 global ids, token_final_scales [T, k]
 # float32, fc1_expert_weights [E, N1, H] and fc2_expert_weights [E, H, I] (input dtype, or int8
-# with fc1_weight_scales [E, N1] and fc2_weight_scales [E, H] in the input dtype), optional
+# with fc1_weight_scales [E, N1] and fc2_weight_scales [E, H] in the input dtype, or packed int4
+# uint8 [E, N1, H/2] and [E, H, I/2] with weight_format "int4" and group-wise scales
+# [E, H/G1, N1] and [E, I/G2, H], plus optional zeros of the same shapes), optional
 # fc1_expert_biases [E, N1], fc2_expert_biases [E, H], swiglu_alpha/beta/limit float32 [E]
 # (Swiglu/SwigluBias: all three or none; SwigluStep: swiglu_limit only), optional
 # workspace_buffer 1-D uint8 (written), activation (an ActivationType value), expert_start (this
 # rank's first global expert id), num_experts_total (E * ep_size), tune_max_num_tokens,
 # tactic1/tactic2 (names, "" for the AutoTuner's choice), enable_pdl, then FlashInfer 0.7's
 # per-activation tensors clamped_relu2_limit float32 [1] (ClampedRelu2, required), situ_beta and
-# situ_linear_beta float32 [E] (Situ, optional). Every tensor contiguous, on one device, 16-byte
-# aligned (the GEMM operands); output and workspace share no memory with the rest.
+# situ_linear_beta float32 [E] (Situ, optional), then int4's fc1_weight_zeros/fc2_weight_zeros
+# (both or neither) and weight_format ("" or "int4"; the group sizes are K / scales.shape[1]).
+# Every tensor contiguous, on one device, 16-byte aligned (the GEMM operands); output and
+# workspace share no memory with the rest.
 # --------------------------------------------------------------------------------------------
 
 _OP_SCHEMA = (
@@ -56,7 +60,8 @@ _OP_SCHEMA = (
     "Tensor? swiglu_beta, Tensor? swiglu_limit, Tensor(a13!)? workspace_buffer, "
     "int activation, int expert_start, int num_experts_total, int tune_max_num_tokens, "
     "str tactic1, str tactic2, bool enable_pdl=True, Tensor? clamped_relu2_limit=None, "
-    "Tensor? situ_beta=None, Tensor? situ_linear_beta=None) -> ()"
+    "Tensor? situ_beta=None, Tensor? situ_linear_beta=None, Tensor? fc1_weight_zeros=None, "
+    'Tensor? fc2_weight_zeros=None, str weight_format="") -> ()'
 )
 
 # The op lives as long as this object: keep it at module level.
@@ -89,10 +94,12 @@ def _run_fused_moe(*args: Any) -> None:
         return
     top_k = op.token_selected_experts.shape[1]
     num_experts = op.fc1_expert_weights.shape[0]
-    inter_size = op.fc2_expert_weights.shape[2]
+    inter_size = validation.op_inter_size(op)
+    group_sizes = validation.op_group_sizes(op)
     device = op.input.device
     validation.check_alignment(op)
-    dtypes = (op.input.dtype, op.fc1_expert_weights.dtype, op.output.dtype)
+    # The weight entry is a dtype, or the weight-format tag of packed weights ("int4").
+    dtypes = (op.input.dtype, validation.op_weight_type(op), op.output.dtype)
     runner = _ext.get_runner(*dtypes)
     act_enum = _ext.activation_to_enum(act)
     with _ext.device_guard(device):
@@ -100,7 +107,8 @@ def _run_fused_moe(*args: Any) -> None:
             runner, dtypes, act, device, num_tokens, hidden_size, inter_size, num_experts,
             top_k, op.num_experts_total, op.tune_max_num_tokens,
             (op.fc1_expert_weights, op.fc2_expert_weights),
-            (op.fc1_weight_scales, op.fc2_weight_scales), (op.tactic1, op.tactic2))
+            (op.fc1_weight_scales, op.fc2_weight_scales), (op.tactic1, op.tactic2),
+            (op.fc1_weight_zeros, op.fc2_weight_zeros), group_sizes)
         workspace_bytes = int(runner.workspace_size(
             num_tokens, hidden_size, inter_size, num_experts, top_k, act_enum,
             tactic1=tactic1, tactic2=tactic2, has_fc1_bias=op.fc1_expert_biases is not None))
@@ -127,6 +135,8 @@ def _run_fused_moe(*args: Any) -> None:
             fc2_scales=_ptr(op.fc2_weight_scales), enable_pdl=op.enable_pdl,
             situ_beta=_ptr(op.situ_beta), situ_linear_beta=_ptr(op.situ_linear_beta),
             clamped_relu2_limit=_ptr(op.clamped_relu2_limit),
+            fc1_zeros=_ptr(op.fc1_weight_zeros), fc2_zeros=_ptr(op.fc2_weight_zeros),
+            fc1_group_size=group_sizes[0], fc2_group_size=group_sizes[1],
         )
 
 
@@ -156,17 +166,23 @@ def _choose_tactics(
     weights: tuple[torch.Tensor, torch.Tensor],
     scales: tuple[torch.Tensor | None, torch.Tensor | None],
     forced: tuple[str, str],
+    zeros: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
+    group_sizes: tuple[int, int] = (0, 0),
 ) -> tuple[str, str]:
     """The tactics of both GEMMs: a forced name (checked) wins for its GEMM; the other comes
-    from the AutoTuner (cache, tuning inside ``autotune()``, else the heuristic default)."""
+    from the AutoTuner (cache, tuning inside ``autotune()``, else the heuristic default).
+    ``zeros``/``group_sizes``: int4 weights' zero points and group sizes (part of the tuner's
+    key, and what profiling runs with)."""
     expanded_rows = num_tokens * top_k
     if forced[0] and forced[1]:
         return (tactics.resolve(dtypes, 1, activation, device, forced[0], expanded_rows),
                 tactics.resolve(dtypes, 2, activation, device, forced[1], expanded_rows))
     shape = autotuner.shape_key(dtypes, activation, num_experts, hidden_size, inter_size, top_k,
-                                max(1, num_experts_total // num_experts))
+                                max(1, num_experts_total // num_experts),
+                                group_sizes=group_sizes, zeros=zeros[0] is not None)
     tuned = autotuner.get_tuner().select(runner, dtypes, shape, activation, device, num_tokens,
-                                         tune_max_num_tokens, weights, scales)
+                                         tune_max_num_tokens, weights, scales, zeros,
+                                         group_sizes)
     return tuple(
         tactics.resolve(dtypes, gemm, activation, device, forced[gemm - 1], expanded_rows)
         if forced[gemm - 1] else tuned[gemm - 1]
@@ -262,14 +278,20 @@ def cutlass_fused_moe(
         fc1_expert_weights: contiguous ``[E, 2*I, H]`` for gated activations (Swiglu, Geglu,
             SwigluBias, SwigluStep, GegluTanh, Situ; rows ``[up | gate]``, see
             ``swap_w13_to_w31``), ``[E, I, H]`` otherwise; input dtype,
-            or int8 with ``use_int8_woq_per_channel``. ``E`` is this EP rank's expert count,
+            or int8 with ``use_int8_woq_per_channel``, or packed int4 ``[E, N1, H/2]`` uint8
+            with ``use_w4_group_scaling`` (see there). ``E`` is this EP rank's expert count,
             ``I`` this TP rank's intermediate slice.
-        fc2_expert_weights: contiguous ``[E, H, I]``, input dtype (or int8, as fc1).
+        fc2_expert_weights: contiguous ``[E, H, I]``, input dtype (or int8, as fc1; packed
+            int4: ``[E, H, I/2]`` uint8).
         output_dtype: the input dtype or ``torch.float32``.
         quant_scales: None or empty for weights of the input dtype. With
             ``use_int8_woq_per_channel=True``: ``[fc31_scale, fc2_scale]``, the per-output-
             channel scales ``[E, N1]`` (ordered like fc1's rows: up, then gate) and ``[E, H]``
-            in the input dtype (see :mod:`cutlass_moe.quantization`).
+            in the input dtype (see :mod:`cutlass_moe.quantization`). With
+            ``use_w4_group_scaling=True``: ``[fc31_scales, fc2_scales]`` (symmetric) or
+            ``[fc31_scales, fc2_scales, fc31_zeros, fc2_zeros]`` (asymmetric), the group-wise
+            scales ``[E, H/G1, N1]`` and ``[E, I/G2, H]`` and zero points of the same shapes,
+            in the input dtype (see ``use_w4_group_scaling``).
         fc1_expert_biases: optional ``[E, 2*I]`` / ``[E, I]``, input dtype.
         fc2_expert_biases: optional ``[E, H]``, input dtype; added on ``tp_rank == 0`` only.
         input_sf: must be None.
@@ -283,9 +305,27 @@ def cutlass_fused_moe(
         ep_size, ep_rank: expert parallelism; rank r owns global experts ``[r*E, (r+1)*E)``.
         cluster_size, cluster_rank: must be 1 and 0.
         output: optional contiguous ``[T, H]`` tensor of ``output_dtype``, written in place.
-        enable_alltoall, use_deepseek_fp8_block_scale, use_w4_group_scaling,
-        use_mxfp8_act_scaling, min_latency_mode, use_packed_weights, use_wfp4afp8_humming:
-        FlashInfer modes; must be False.
+        use_w4_group_scaling: int4 group-wise weight-only quantization (W4A16; the flag
+            TensorRT-LLM and FlashInfer use for their group-wise W4 modes) with float16/bfloat16
+            ``input``, served by its own runner and tactics (``weight_dtype`` "int4"; see
+            docs/architecture.md, "int4 weights"). The weights are in the *kernel layout*
+            (produce it with :func:`cutlass_moe.quantize_int4_groupwise` or
+            :func:`cutlass_moe.load_int4_experts`): a linear layer's ``W [N, K]`` (K contiguous)
+            is stored as uint8 ``[N, K/2]``, byte ``j`` of a row holding ``k = 2j`` in its low
+            nibble and ``k = 2j+1`` in its high nibble, nibble values ``q`` in 0..15 (int8
+            tensors are accepted and read as the same bytes). With group size ``G`` (a multiple
+            of 32 dividing K — 32, 64 and 128 are the documented ones — or ``G = K``,
+            per-channel), scales ``s`` and zeros ``z`` ``[K/G, N]`` (N contiguous) in the input
+            dtype, the layer computes with ``W[n, k] = (q[n, k] - z[k//G, n]) * s[k//G, n]``
+            (formed in float32, rounded once to the input dtype), ``z = 8`` without zeros
+            (symmetric: ``q`` is the signed int4 value + 8). ``G`` is not passed: ``G1 =
+            H / fc31_scales.shape[1]`` and ``G2 = I / fc2_scales.shape[1]`` (they may differ).
+            Needs ``H`` and ``I`` to be multiples of 32. FlashInfer/TensorRT-LLM's W4A8 mode
+            (fp8 activations; activation scales and alphas in ``quant_scales``) is not served:
+            ``ValueError``. Not together with ``use_int8_woq_per_channel``.
+        enable_alltoall, use_deepseek_fp8_block_scale, use_mxfp8_act_scaling,
+        min_latency_mode, use_packed_weights, use_wfp4afp8_humming: FlashInfer modes; must be
+        False.
         tune_max_num_tokens: the largest token bucket of the AutoTuner; calls with more tokens
             share its tactics (see :func:`cutlass_moe.autotune`).
         enable_pdl: programmatic dependent launch between the call's kernels (and with the
@@ -345,7 +385,10 @@ def cutlass_fused_moe(
     Raises:
         NotImplementedError: an unsupported dtype, activation or FlashInfer mode.
         ValueError: inconsistent shapes, dtypes, devices, layouts or ranks (the message names
-            them), e.g. int8 weights without ``use_int8_woq_per_channel`` or the reverse.
+            them), e.g. int8 weights without ``use_int8_woq_per_channel`` or the reverse, uint8
+            (packed int4) weights without ``use_w4_group_scaling``, int4 scales whose group
+            size is not a multiple of 32 dividing K, zero points for one GEMM only, or a W4A8
+            ``quant_scales`` list.
         TypeError: a required tensor, or ``quant_scales`` or one of its entries, of the wrong
             type.
         RuntimeError: no CUDA device, or the compiled extension is missing.
@@ -413,6 +456,7 @@ def cutlass_fused_moe(
         int(call.activation), call.expert_start, call.num_experts_total, tune_max_num_tokens,
         call.tactic1, call.tactic2, enable_pdl is None or bool(enable_pdl),
         call.clamped_relu2_limit, call.situ_beta, call.situ_linear_beta,
+        call.fc1_weight_zeros, call.fc2_weight_zeros, call.weight_format,
     )
     if compiling:
         torch.ops.cutlass_moe.fused_moe(*op_args)

@@ -7,14 +7,19 @@
 - :func:`make_tokens`: activations and router-like routing (softmax, top-k).
 - :func:`make_routing`: benchmark routing, ``k`` distinct experts per token drawn uniformly or
   Zipf-skewed.
+- :func:`quantize_layer_int4`: a layer's weights quantised to int4 group-wise weights (W4A16,
+  the kernel layout of :mod:`cutlass_moe.int4`) for the tuner and the benchmark.
 
 Every function draws from a ``torch.Generator`` seeded by its caller, so results repeat.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
+from .int4 import quantize_moe_weights_int4
 from .presets import ModelPreset
 
 #: Expert popularity of ``routing="zipf"``: p(expert of rank r) ~ 1 / r**ZIPF_EXPONENT.
@@ -97,3 +102,31 @@ def make_routing(num_tokens: int, num_experts: int, top_k: int, routing: str,
     scales = torch.softmax(torch.randn(num_tokens, top_k, generator=generator, device=device),
                            dim=-1)
     return ids.to(torch.int32), scales.to(torch.float32)
+
+
+class Int4Layer(NamedTuple):
+    """A layer's int4 group-wise weights in the kernel layout (:mod:`cutlass_moe.int4`)."""
+
+    weights: tuple[torch.Tensor, torch.Tensor]  # packed uint8 [E, N1, H/2], [E, H, I/2]
+    scales: tuple[torch.Tensor, torch.Tensor]  # [E, H/G, N1], [E, I/G, H]
+    zeros: tuple[torch.Tensor | None, torch.Tensor | None]  # like scales, or None (symmetric)
+    group_size: int
+
+    @property
+    def quant_scales(self) -> list[torch.Tensor]:
+        """``cutlass_fused_moe``'s ``quant_scales`` (with ``use_w4_group_scaling=True``)."""
+        if self.zeros[0] is None:
+            return list(self.scales)
+        return [*self.scales, *self.zeros]
+
+
+def quantize_layer_int4(
+    w1: torch.Tensor, w2: torch.Tensor, group_size: int = 128, asymmetric: bool = False
+) -> Int4Layer:
+    """``w1 [E, N1, H]`` and ``w2 [E, H, I]`` quantised group-wise to int4 with ``group_size``
+    for both GEMMs, with zero points when ``asymmetric``
+    (:func:`cutlass_moe.int4.quantize_moe_weights_int4`; scales in the weights' dtype)."""
+    p1, p2, quant_scales = quantize_moe_weights_int4(w1, w2, group_size,
+                                                     symmetric=not asymmetric)
+    zeros = (quant_scales[2], quant_scales[3]) if asymmetric else (None, None)
+    return Int4Layer((p1, p2), (quant_scales[0], quant_scales[1]), zeros, group_size)

@@ -10,6 +10,12 @@ measured tables (see docs/architecture.md, "Tactics"); :func:`resolve` checks a 
 Descriptors come from :func:`cutlass_moe._ext.tactics` (dicts with name, tile_m, tile_n,
 stages, runnable, gated, split_k and, for gated tactics, ``activations``: a frozenset of
 :class:`~cutlass_moe.activation.ActivationType`). Results are cached per extension generation.
+
+int4 group-wise weights have their own runner (weight type ``"int4"``) whose descriptors carry
+``weight_dtype`` "int4": tensor-core tactics ``sm80_<act>_int4_m..n..k64_w..._s<stages>`` and the
+weight-streaming ``sm80_decode[_gated]_<act>_int4_...`` ones (opt-in as for every weight type:
+:data:`DECODE_ENV`). One kernel serves every group size, so the group size is not part of a
+tactic; it is part of the tuner's key. Their default table is :data:`DEFAULT_TABLE_INT4`.
 """
 
 from __future__ import annotations
@@ -24,8 +30,9 @@ import torch
 from . import _ext
 from .activation import ActivationType
 
-#: (activation, weight, output) dtypes of one ``MoeRunner``.
-Dtypes = tuple[torch.dtype, torch.dtype, torch.dtype]
+#: (activation, weight, output) types of one ``MoeRunner``: the weight is a dtype, or a packed
+#: weight format's tag (``"int4"``; see :mod:`cutlass_moe._ext`).
+Dtypes = tuple[torch.dtype, torch.dtype | str, torch.dtype]
 
 # The heuristic default: (largest expected rows per expert, preferred tile_m, tile_n, stages).
 # Measured with `cutlass-moe tune` on an H100 running the Sm80 kernels (Mixtral-8x7B and
@@ -46,6 +53,19 @@ DEFAULT_TABLE_INT8 = (
     (8.0, 16, 128, 4),
     (64.0, 32, 128, 3),
     (math.inf, 128, 256, 3),
+)
+# int4 group-wise weights (W4A16): tensor-core tactics dequantising in the mainloop (no split-K,
+# no fused gated tactics; the weight-streaming decode tactics stay opt-in). Not yet measured on a
+# GPU: the rows are tactics of tools/generate_kernels.py's int4 list chosen by the int8 table's
+# reasoning, which carries over with half the weight bytes — up to 8 rows per expert the weight
+# stream dominates (the small-M 16x128 tile, 4 stages: also the fast build's), up to 64 the
+# 32-row tile, then the 128x128 prefill tile (3 stages, 79 KB: fits sm_86/89; the fast build's
+# other tactic). Where a build lacks a row's exact tactic, default_tactic takes the nearest
+# tile_m. Re-measure with `cutlass-moe tune --weights int4` once the kernels have run.
+DEFAULT_TABLE_INT4 = (
+    (8.0, 16, 128, 4),
+    (64.0, 32, 128, 4),
+    (math.inf, 128, 128, 3),
 )
 # Fused gated GEMM1 tactics (gather + both halves + activation in one kernel; tile N counts
 # output columns), the default GEMM1 of a gated activation up to GATED_DEFAULT_MAX_ROWS rows per
@@ -147,11 +167,13 @@ def candidate_names(
 
 
 def _table(descs: Sequence[Mapping[str, Any]]) -> tuple[tuple[float, int, int, int], ...]:
-    """The measured table for the descriptors' kind (fused gated, int8 or 16-bit)."""
+    """The measured table for the descriptors' kind (fused gated, int8, int4 or 16-bit)."""
     if any(d.get("gated") for d in descs):
         return DEFAULT_TABLE_GATED
     if any(d.get("weight_dtype") == "int8" for d in descs):
         return DEFAULT_TABLE_INT8
+    if any(d.get("weight_dtype") == "int4" for d in descs):
+        return DEFAULT_TABLE_INT4
     return DEFAULT_TABLE
 
 
@@ -159,7 +181,9 @@ def default_tactic(descs: Sequence[Mapping[str, Any]], expected_rows_per_expert:
     """Name of the heuristic default tactic among ``descs`` for a GEMM whose experts are
     expected to get ``expected_rows_per_expert`` rows (``T*k/E_total`` for balanced routing).
 
-    The row count selects a preferred configuration from a measured table (``DEFAULT_TABLE``);
+    The row count selects a preferred configuration from a measured table (``DEFAULT_TABLE``;
+    ``DEFAULT_TABLE_INT8`` / ``DEFAULT_TABLE_INT4`` for descriptors whose ``weight_dtype`` is
+    "int8" / "int4");
     when that exact tactic is not compiled or not runnable, the smallest ``tile_m`` at least the
     preferred one (else the largest) is taken, with more ``stages`` first, then the narrower
     ``tile_n``, then the name — so the choice never depends on the order of ``descs``.
@@ -203,7 +227,7 @@ def tile_m_target(expected_rows_per_expert: float) -> float:
     bound (every table is a step function over these bounds, so ``default_tactic`` gives the
     same answer for the bound as for the rows)."""
     rows = max(float(expected_rows_per_expert), 0.0)
-    tables = (*DEFAULT_TABLE, *DEFAULT_TABLE_INT8, *DEFAULT_TABLE_GATED)
+    tables = (*DEFAULT_TABLE, *DEFAULT_TABLE_INT8, *DEFAULT_TABLE_INT4, *DEFAULT_TABLE_GATED)
     return min(row[0] for row in tables if rows <= row[0])
 
 

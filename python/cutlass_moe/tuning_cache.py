@@ -13,6 +13,15 @@ and no entries, and malformed entries are dropped one by one with one summary wa
 :func:`write_cache` merges into the existing file under an exclusive lock and replaces it
 atomically, so concurrent writers keep each other's entries and readers never see a partial
 file.
+
+Keys name the weight format in two fields: ``dtypes`` (``"bf16_int4_bf16"``: the weight entry is
+the runner's weight type, a dtype or a packed format's tag) and ``quant``: ``"none"``,
+``"int8_per_channel"``, or for int4 group-wise weights :func:`quant_int4`'s
+``"int4_g<G1>[_g<G2>][_asym]"`` (the group sizes of GEMM1 and GEMM2, the second only when it
+differs, and ``_asym`` with zero points). The kernels are the same for every group size, but the
+group size (and the zero-point loads) change how many bytes a tactic streams per weight, so the
+fastest tactic depends on them. The file format did not change for int4 (still version 1): files
+written before int4 existed load as they did.
 """
 
 from __future__ import annotations
@@ -45,6 +54,7 @@ __all__ = [
     "CACHE_SCHEMA",
     "CACHE_VERSION",
     "MAX_CACHE_BYTES",
+    "QUANT_INT4",
     "QUANT_INT8_PER_CHANNEL",
     "QUANT_NONE",
     "WEIGHT_MODES",
@@ -53,6 +63,7 @@ __all__ = [
     "build_id",
     "dtype_tag",
     "known_tactics",
+    "quant_int4",
     "read_cache",
     "write_cache",
 ]
@@ -68,8 +79,11 @@ MAX_CACHE_BYTES = 32 << 20
 #: ShapeKey.quant of the weight modes (part of the tuning cache's keys).
 QUANT_NONE = "none"
 QUANT_INT8_PER_CHANNEL = "int8_per_channel"
-#: ``tune_model``'s ``weights`` values and their ShapeKey.quant.
-WEIGHT_MODES = {"16bit": QUANT_NONE, "int8": QUANT_INT8_PER_CHANNEL}
+#: The prefix of int4 group-wise weights' ShapeKey.quant (:func:`quant_int4` adds the group
+#: sizes and whether there are zero points).
+QUANT_INT4 = "int4"
+#: ``tune_model``'s ``weights`` values and their ShapeKey.quant (int4: the prefix).
+WEIGHT_MODES = {"16bit": QUANT_NONE, "int8": QUANT_INT8_PER_CHANNEL, "int4": QUANT_INT4}
 
 # Values quoted in warnings come from the file: their repr is bounded in length and depth.
 _brief = reprlib.Repr()
@@ -88,8 +102,11 @@ _PROC_STATUS = "/proc/self/status"
 class ShapeKey:
     """Everything besides the bucket that changes which GEMM kernel is fastest."""
 
-    dtypes: str  # "<activation>_<weight>_<output>", e.g. "bf16_bf16_bf16" or "bf16_int8_bf16"
-    quant: str  # "none" (weights of the activation dtype) or "int8_per_channel"
+    # "<activation>_<weight>_<output>", e.g. "bf16_bf16_bf16", "bf16_int8_bf16", "bf16_int4_bf16"
+    dtypes: str
+    # "none" (weights of the activation dtype), "int8_per_channel" or quant_int4(...), e.g.
+    # "int4_g128" or "int4_g128_asym"
+    quant: str
     num_experts: int  # experts on this rank
     hidden_size: int
     inter_size: int  # this TP rank's slice
@@ -182,9 +199,22 @@ _DTYPE_TAGS = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp
                torch.int8: "int8"}
 
 
-def dtype_tag(dtypes: Sequence[torch.dtype]) -> str:
-    """ShapeKey.dtypes of (activation, weight, output) dtypes, e.g. ``"bf16_int8_bf16"``."""
-    return "_".join(_DTYPE_TAGS.get(d, str(d).removeprefix("torch.")) for d in dtypes)
+def dtype_tag(dtypes: Sequence[torch.dtype | str]) -> str:
+    """ShapeKey.dtypes of (activation, weight, output) types, e.g. ``"bf16_int8_bf16"``; a
+    packed weight format's tag stands for itself (``"bf16_int4_bf16"``)."""
+    return "_".join(d if isinstance(d, str) else _DTYPE_TAGS.get(d, str(d).removeprefix("torch."))
+                    for d in dtypes)
+
+
+def quant_int4(group_sizes: Sequence[int], zeros: bool) -> str:
+    """ShapeKey.quant of int4 group-wise weights with group sizes ``(G1, G2)`` (GEMM1's and
+    GEMM2's) and zero points or not: ``"int4_g128"``, ``"int4_g2048_g768"`` (per-channel, H=2048,
+    I=768), ``"int4_g128_asym"``. ValueError for a group size below 1."""
+    g1, g2 = (int(g) for g in group_sizes)
+    if g1 < 1 or g2 < 1:
+        raise ValueError(f"int4 group sizes must be >= 1, got {(g1, g2)}")
+    tag = f"{QUANT_INT4}_g{g1}" + (f"_g{g2}" if g2 != g1 else "")
+    return tag + ("_asym" if zeros else "")
 
 
 def build_id() -> str:
@@ -198,11 +228,13 @@ def build_id() -> str:
 
 
 def known_tactics() -> set[str]:
-    """Every tactic name of every runner configuration this build has (16-bit and int8 weights,
-    16-bit and fp32 outputs). Needs the compiled extension (``RuntimeError`` without it)."""
+    """Every tactic name of every runner configuration this build has (16-bit, int8 and int4
+    weights, 16-bit and fp32 outputs). Needs the compiled extension (``RuntimeError`` without
+    it)."""
     names: set[str] = set()
     for dtype in (torch.float16, torch.bfloat16):
-        for weight in (dtype, torch.int8):
+        weights: tuple[torch.dtype | str, ...] = (dtype, torch.int8, _ext.INT4)
+        for weight in weights:
             for out in (dtype, torch.float32):
                 try:
                     runner = _ext.get_runner(dtype, weight, out)

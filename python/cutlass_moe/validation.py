@@ -1,7 +1,8 @@
 """Validation of the MoE layer's arguments: one home for every rule an entry point checks.
 
 - :func:`check_layer_shape`: the shape rule (``H`` and ``I`` positive multiples of 8, of 16
-  with int8 weights; ``1 <= top_k <= E*ep_size < 2**31``), shared by ``cutlass_fused_moe``,
+  with int8 weights, of 32 with int4 weights; ``1 <= top_k <= E*ep_size < 2**31``), shared by
+  ``cutlass_fused_moe``,
   the raw op, :func:`cutlass_moe.autotuner.tune_model` and the command line.
 - :func:`prepare_call`: everything :func:`cutlass_moe.cutlass_fused_moe` checks and normalises
   before it touches a device (FlashInfer modes, dtypes, shapes, ranks, devices, layouts,
@@ -12,6 +13,11 @@
   ``torch.compile``.
 - :func:`check_expert_ids` (host-side id check, synchronises), :func:`check_alignment` and
   :func:`require_cuda`.
+- int4 group-wise weight-only weights (W4A16, ``use_w4_group_scaling=True``):
+  :func:`int4_group_size` (the group-size rule), :func:`check_int4_alignment`,
+  :func:`op_weight_type` / :func:`op_group_sizes` / :func:`op_inter_size` (what the op's kernel
+  derives from its arguments). The kernel layout and the call convention are in
+  docs/architecture.md and :func:`cutlass_moe.cutlass_fused_moe`'s docstring.
 
 Messages name the argument, its shape or dtype, and what was expected.
 """
@@ -38,12 +44,14 @@ CHECK_INPUTS_ENV = "CUTLASS_MOE_CHECK_INPUTS"
 
 ACT_DTYPES = (torch.float16, torch.bfloat16)
 _SUPPORTED_DTYPES_TEXT = (
-    "supported: float16 or bfloat16 activations with weights of the same dtype, or int8 weights "
-    "with use_int8_woq_per_channel=True"
+    "supported: float16 or bfloat16 activations with weights of the same dtype, int8 weights "
+    "with use_int8_woq_per_channel=True, or packed int4 weights (uint8) with "
+    "use_w4_group_scaling=True"
 )
 _SUPPORTED_MODES_TEXT = (
     "cutlass_moe supports float16/bfloat16 MoE with weights of the activation dtype or int8 "
-    "weight-only per-channel quantization (use_int8_woq_per_channel=True), with tp/ep "
+    "weight-only per-channel quantization (use_int8_woq_per_channel=True) or int4 group-wise "
+    "weight-only quantization (use_w4_group_scaling=True, W4A16), with tp/ep "
     "parallelism, cluster_size=1 and no all-to-all"
 )
 # GEMM operands and the output are read and written with 16-byte vector accesses.
@@ -51,11 +59,23 @@ ALIGN_BYTES = 16
 ALIGN_ELEMS = 8
 # int8 weights: K in steps of 16 elements (16-byte int8 loads).
 INT8_ALIGN_ELEMS = 16
+#: int4 weights: K (H and I) in steps of 32 elements (16-byte loads of packed nibbles); the
+#: group size G is a multiple of it too (int4_spec: 32, 64, 128, or G = K per channel).
+INT4_ALIGN_ELEMS = 32
+INT4_GROUP_STEP = 32
+#: The group sizes documented for int4 weights (any multiple of 32 dividing K works, and K).
+INT4_DOCUMENTED_GROUP_SIZES = (32, 64, 128)
+#: The op's ``weight_format`` of packed int4 weights (uint8 storage does not say which packed
+#: format a tensor holds, so the op is told; "" = the weights' dtype says it).
+WEIGHT_FORMAT_INT4 = "int4"
+WEIGHT_FORMATS = ("", WEIGHT_FORMAT_INT4)
 # Expert ids and offsets are 32-bit on the device.
 MAX_EXPERTS_TOTAL = 2**31 - 1
 _MAX_BAD_IDS_SHOWN = 8
 #: ``weights`` values of :func:`check_layer_shape`.
-WEIGHT_KINDS = ("16bit", "int8")
+WEIGHT_KINDS = ("16bit", "int8", "int4")
+_KIND_ALIGN = {"16bit": ALIGN_ELEMS, "int8": INT8_ALIGN_ELEMS, "int4": INT4_ALIGN_ELEMS}
+_KIND_WHY = {"int8": "16-byte int8 loads", "int4": "16-byte loads of packed int4 weights"}
 
 
 def check_layer_shape(
@@ -68,7 +88,8 @@ def check_layer_shape(
 ) -> None:
     """The layer-shape rule of every entry point: ``num_experts`` (this rank's experts) and
     ``ep_size`` at least 1, ``hidden_size`` and ``inter_size`` positive multiples of 8 (16 for
-    ``weights="int8"``: 16-byte int8 loads along K), ``1 <= top_k <= num_experts*ep_size`` and
+    ``weights="int8"``: 16-byte int8 loads along K; 32 for ``weights="int4"``: 16-byte loads of
+    packed nibbles), ``1 <= top_k <= num_experts*ep_size`` and
     ``num_experts*ep_size < 2**31`` (ids are int32). ValueError saying which part fails."""
     if weights not in WEIGHT_KINDS:
         raise ValueError(f"weights must be one of {WEIGHT_KINDS}, got {weights!r}")
@@ -76,7 +97,7 @@ def check_layer_shape(
         raise ValueError(f"the layer needs at least one expert, got E_local={num_experts}")
     if ep_size < 1:
         raise ValueError(f"ep_size must be >= 1, got {ep_size}")
-    align = INT8_ALIGN_ELEMS if weights == "int8" else ALIGN_ELEMS
+    align = _KIND_ALIGN[weights]
     for label, size in (("H", hidden_size), ("I", inter_size)):
         if size < 1 or size % ALIGN_ELEMS != 0:
             raise ValueError(
@@ -86,9 +107,9 @@ def check_layer_shape(
             )
         if size % align != 0:
             raise ValueError(
-                f"int8 weights need hidden size H={hidden_size} and intermediate size "
-                f"I={inter_size} to be multiples of {align} (16-byte int8 loads); {label}={size} "
-                "is not"
+                f"{weights} weights need hidden size H={hidden_size} and intermediate size "
+                f"I={inter_size} to be multiples of {align} ({_KIND_WHY[weights]}); "
+                f"{label}={size} is not"
             )
     num_experts_total = num_experts * ep_size
     if num_experts_total > MAX_EXPERTS_TOTAL:
@@ -113,8 +134,13 @@ class MoeCall(NamedTuple):
     token_final_scales: torch.Tensor
     fc1_expert_weights: torch.Tensor
     fc2_expert_weights: torch.Tensor
-    fc1_weight_scales: torch.Tensor | None  # int8 weights: fc31_scale [E, N1], activation dtype
-    fc2_weight_scales: torch.Tensor | None  # int8 weights: fc2_scale [E, H], activation dtype
+    # int8 weights: fc31_scale [E, N1] and fc2_scale [E, H]; int4 weights: group-wise scales
+    # [E, H/G1, N1] and [E, I/G2, H]; activation dtype.
+    fc1_weight_scales: torch.Tensor | None
+    fc2_weight_scales: torch.Tensor | None
+    fc1_weight_zeros: torch.Tensor | None  # int4 with zero points: [E, H/G1, N1]
+    fc2_weight_zeros: torch.Tensor | None  # int4 with zero points: [E, I/G2, H]
+    weight_format: str  # "" (the weights' dtype says it) or "int4" (packed uint8 weights)
     fc1_expert_biases: torch.Tensor | None
     fc2_expert_biases: torch.Tensor | None
     swiglu_alpha: torch.Tensor | None
@@ -150,12 +176,13 @@ def _check_unsupported_modes(
     use_wfp4afp8_humming: bool,
     profile_ids: Sequence[int] | None,
 ) -> None:
+    # use_w4_group_scaling is served (W4A16); its rules are prepare_call's.
+    del use_w4_group_scaling
     if input_sf is not None:
         raise NotImplementedError(f"input_sf (quantized activations) is not supported; "
                                   f"{_SUPPORTED_MODES_TEXT}")
     flags = {
         "use_deepseek_fp8_block_scale": use_deepseek_fp8_block_scale,
-        "use_w4_group_scaling": use_w4_group_scaling,
         "use_mxfp8_act_scaling": use_mxfp8_act_scaling,
         "use_wfp4afp8_humming": use_wfp4afp8_humming,
         "min_latency_mode": min_latency_mode,
@@ -303,6 +330,163 @@ def _int8_scales(
     return checked[0], checked[1]
 
 
+# --------------------------------------------------------------------------------------------
+# int4 group-wise weight-only weights (W4A16). Kernel layout (int4_spec, docs/architecture.md):
+# weights uint8 [E, N, K/2] (byte j of a row holds k = 2j in its low nibble, 2j+1 in its high
+# one), scales [E, K/G, N] and optional zeros [E, K/G, N] in the activation dtype; the weight is
+# (q - z) * s with z = 8 without zeros. G is never passed: it is K / scales.shape[1].
+# --------------------------------------------------------------------------------------------
+
+#: How FlashInfer/TensorRT-LLM's other use_w4_group_scaling mode differs (said in messages).
+_W4A8_TEXT = (
+    "cutlass_moe serves W4A16 only (float16/bfloat16 activations, int4 weights with group-wise "
+    "scales); FlashInfer/TensorRT-LLM's W4A8 mode (fp8 activations, with activation scales and "
+    "alphas in quant_scales) is not served"
+)
+
+
+def int4_group_size(label: str, groups: int, k: int, k_name: str) -> int:
+    """The group size ``G = K / groups`` of int4 scales with ``groups`` rows along ``K`` (named
+    ``k_name``, "H" or "I"): ValueError naming ``label`` unless ``groups`` divides ``K`` and ``G``
+    is a multiple of 32 (32, 64, 128, ..., or ``G = K``: per-channel scales ``[E, 1, N]``)."""
+    if groups < 1 or k % groups != 0 or (k // groups) % INT4_GROUP_STEP != 0:
+        fits = [g for g in INT4_DOCUMENTED_GROUP_SIZES if k % g == 0]
+        options = [f"{g} ({k // g} row{'s' if k // g > 1 else ''})" for g in fits]
+        if k not in fits:
+            options.append(f"per-channel {k} (1 row)")
+        valid = options[0] if len(options) == 1 else (", ".join(options[:-1]) + " or "
+                                                      + options[-1])
+        got = f"G = {k}/{groups} = {k / groups:g}" if groups >= 1 else f"{groups} rows"
+        raise ValueError(
+            f"{label} has {groups} group rows along {k_name}={k}: the group size G = "
+            f"{k_name} / rows must be a multiple of {INT4_GROUP_STEP} that divides {k_name} "
+            f"(got {got}); valid here: {valid}"
+        )
+    return k // groups
+
+
+def check_int4_group_size(group_size: Any, hidden_size: int, inter_size: int) -> None:
+    """One int4 group size ``G`` for both GEMMs of a layer (``cutlass-moe tune/bench
+    --group-size``, ``tune_model``): an integer, a multiple of 32, dividing ``H`` and ``I``.
+    ValueError saying which part fails and which group sizes the shape allows."""
+    if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1:
+        raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
+    fits = [g for g in INT4_DOCUMENTED_GROUP_SIZES
+            if hidden_size % g == 0 and inter_size % g == 0]
+    allowed = (f"; documented group sizes that fit H={hidden_size} and I={inter_size}: "
+               + (", ".join(map(str, fits)) if fits else "none of 32, 64, 128"))
+    if group_size % INT4_GROUP_STEP != 0:
+        raise ValueError(f"group_size={group_size} must be a multiple of {INT4_GROUP_STEP}"
+                         f"{allowed}")
+    for label, size in (("H", hidden_size), ("I", inter_size)):
+        if size % group_size != 0:
+            raise ValueError(f"group_size={group_size} must divide the hidden size H="
+                             f"{hidden_size} and the intermediate size I={inter_size} (the "
+                             f"K of both GEMMs): {label}={size} is not a multiple of "
+                             f"{group_size}{allowed}")
+
+
+def check_int4_alignment(*weights: tuple[str, torch.Tensor, str]) -> None:
+    """The int4 kernels' alignment rule for packed weights ``[E, N, K/2]``, given as
+    ``(label, tensor, k_name)``: every ``K = 2 * shape[2]`` a multiple of 32, then every ``N``
+    a multiple of 8. ValueError naming the first weight that breaks it."""
+    for label, w, k_name in weights:
+        k = 2 * w.shape[2]
+        if k % INT4_ALIGN_ELEMS != 0:
+            raise ValueError(
+                f"{label} [E, N, K/2] = {_shape(w)}: K={k_name}={k} must be a multiple of "
+                f"{INT4_ALIGN_ELEMS} (16-byte loads of packed int4 weights)"
+            )
+    for label, w, _ in weights:
+        if w.shape[1] % ALIGN_ELEMS != 0:
+            raise ValueError(
+                f"{label} [E, N, K/2] = {_shape(w)}: N={w.shape[1]} must be a multiple of "
+                f"{ALIGN_ELEMS}"
+            )
+
+
+def _int4_usage(act_dtype: torch.dtype, fc1_expected: str, fc2_expected: str) -> str:
+    return (
+        f"use_w4_group_scaling=True needs quant_scales=[fc31_scales {fc1_expected}, fc2_scales "
+        f"{fc2_expected}] (symmetric) or [fc31_scales, fc2_scales, fc31_zeros, fc2_zeros] "
+        f"(zero points shaped like the scales), all in the activation dtype {act_dtype}; "
+        "G is a multiple of 32 dividing K, or K (per-channel); see "
+        f"cutlass_moe.quantize_int4_groupwise. {_W4A8_TEXT}"
+    )
+
+
+def _int4_scale_tensor(
+    label: str, t: Any, num_experts: int, n: int, k: int, k_name: str, n_name: str,
+    act_dtype: torch.dtype, like: torch.Tensor | None = None,
+) -> int:
+    """One int4 scales (or zeros, ``like`` its scales) tensor ``[E, K/G, N]``: its group size."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{label} must be a torch.Tensor, got {type(t).__name__}")
+    layout = f"[E={num_experts}, {k_name}/G, {n_name}={n}]"
+    if like is not None and _shape(t) != _shape(like):
+        raise ValueError(
+            f"{label} must have the shape of its scales {_shape(like)} (one zero point per "
+            f"scale, {layout}), got {_shape(t)} of {t.dtype}"
+        )
+    if t.dim() != 3 or t.shape[0] != num_experts or t.shape[2] != n:
+        hint = ""
+        if t.dim() == 3 and t.shape[0] == num_experts and t.shape[1] == n:
+            hint = f" (it looks transposed: the kernel layout is [E, {k_name}/G, {n_name}], N " \
+                   "contiguous)"
+        raise ValueError(
+            f"{label} must be {layout} (one row of {n} scales per group of G elements along "
+            f"{k_name}={k}), got {_shape(t)}{hint}"
+        )
+    group = int4_group_size(label, t.shape[1], k, k_name)
+    if t.dtype != act_dtype:
+        raise ValueError(
+            f"{label} must have the activation dtype {act_dtype}, got {t.dtype}; quantize with "
+            "cutlass_moe.quantize_int4_groupwise and convert the scales (and zeros) to the "
+            "activation dtype"
+        )
+    return group
+
+
+def _int4_scales(
+    quant_scales: Any,
+    act_dtype: torch.dtype,
+    num_experts: int,
+    hidden_size: int,
+    inter_size: int,
+    fc1_rows: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """``quant_scales`` of the int4 mode, checked: ``(s1, s2, z1, z2)`` (zeros None when
+    symmetric). ``[s1, s2, None, None]`` is symmetric too."""
+    fc1_expected = f"[E={num_experts}, H/G1, N1={fc1_rows}]"
+    fc2_expected = f"[E={num_experts}, I/G2, H={hidden_size}]"
+    usage = _int4_usage(act_dtype, fc1_expected, fc2_expected)
+    if quant_scales is None:
+        raise ValueError(f"{usage}; got None")
+    if not isinstance(quant_scales, (list, tuple)):
+        raise TypeError(f"{usage}; got {type(quant_scales).__name__}")
+    if len(quant_scales) not in (2, 4):
+        raise ValueError(f"{usage}; got {len(quant_scales)} tensor(s)")
+    entries = list(quant_scales) + [None] * (4 - len(quant_scales))
+    s1, s2, z1, z2 = entries
+    _int4_scale_tensor("quant_scales[0] (fc31_scales)", s1, num_experts, fc1_rows, hidden_size,
+                       "H", "N1", act_dtype)
+    _int4_scale_tensor("quant_scales[1] (fc2_scales)", s2, num_experts, hidden_size, inter_size,
+                       "I", "H", act_dtype)
+    if (z1 is None) != (z2 is None):
+        given, missing = ("fc31_zeros", "fc2_zeros") if z2 is None else ("fc2_zeros",
+                                                                         "fc31_zeros")
+        raise ValueError(
+            f"quant_scales has {given} but no {missing}: zero points are given for both GEMMs "
+            f"or for neither. {usage}"
+        )
+    if z1 is not None:
+        _int4_scale_tensor("quant_scales[2] (fc31_zeros)", z1, num_experts, fc1_rows,
+                           hidden_size, "H", "N1", act_dtype, like=s1)
+        _int4_scale_tensor("quant_scales[3] (fc2_zeros)", z2, num_experts, hidden_size,
+                           inter_size, "I", "H", act_dtype, like=s2)
+    return s1, s2, z1, z2
+
+
 def prepare_call(
     input: torch.Tensor,
     token_selected_experts: torch.Tensor,
@@ -373,12 +557,36 @@ def prepare_call(
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
 
     # dtypes
+    int8 = bool(use_int8_woq_per_channel)
+    int4 = bool(use_w4_group_scaling)
+    if int8 and int4:
+        raise ValueError(
+            "use_w4_group_scaling=True (int4 weights, W4A16) and use_int8_woq_per_channel=True "
+            "(int8 weights, W8A16) exclude each other: pass the flag of your weights' format"
+        )
     if input.dtype not in ACT_DTYPES:
+        if int4:
+            raise ValueError(f"use_w4_group_scaling=True with input dtype {input.dtype}: "
+                             f"{_W4A8_TEXT}; pass float16 or bfloat16 input")
         raise NotImplementedError(f"input dtype {input.dtype} is not supported; "
                                   f"{_SUPPORTED_DTYPES_TEXT}")
-    int8 = bool(use_int8_woq_per_channel)
     for name in ("fc1_expert_weights", "fc2_expert_weights"):
         w = tensors[name]
+        if int4:
+            if w.dtype not in (torch.uint8, torch.int8):
+                raise ValueError(
+                    f"use_w4_group_scaling=True needs packed int4 {name} (uint8 [E, N, K/2], two "
+                    f"weights per byte, low nibble first; int8 is read as the same bytes), got "
+                    f"{w.dtype} {_shape(w)}; quantize them once with "
+                    "cutlass_moe.quantize_int4_groupwise"
+                )
+            continue
+        if w.dtype == torch.uint8:
+            raise ValueError(
+                f"{name} is uint8 {_shape(w)}: packed int4 weights need "
+                "use_w4_group_scaling=True and quant_scales=[fc31_scales [E, H/G, N1], "
+                "fc2_scales [E, I/G, H]] in the activation dtype"
+            )
         if int8 and w.dtype != torch.int8:
             raise ValueError(
                 f"use_int8_woq_per_channel=True needs int8 {name}, got {w.dtype} "
@@ -396,10 +604,18 @@ def prepare_call(
                 f"{name} dtype {w.dtype} with input dtype {input.dtype} is not supported; "
                 f"{_SUPPORTED_DTYPES_TEXT}"
             )
-    if not int8 and not _no_quant_scales(quant_scales):
+    if int4:
+        # int8 tensors holding the packed bytes are read as those bytes (a view, no copy).
+        fc1_expert_weights, fc2_expert_weights = (
+            w.view(torch.uint8) if w.dtype == torch.int8 else w
+            for w in (fc1_expert_weights, fc2_expert_weights))
+        tensors["fc1_expert_weights"] = fc1_expert_weights
+        tensors["fc2_expert_weights"] = fc2_expert_weights
+    if not int8 and not int4 and not _no_quant_scales(quant_scales):
         raise NotImplementedError(
-            f"quant_scales without use_int8_woq_per_channel=True is not supported (FlashInfer's "
-            f"other quantization modes are not implemented); {_SUPPORTED_MODES_TEXT}"
+            f"quant_scales without use_int8_woq_per_channel=True or use_w4_group_scaling=True is "
+            f"not supported (FlashInfer's other quantization modes are not implemented); "
+            f"{_SUPPORTED_MODES_TEXT}"
         )
     if output_dtype is None:
         output_dtype = input.dtype
@@ -448,31 +664,39 @@ def prepare_call(
     num_experts, fc1_rows, fc1_cols = fc1_expert_weights.shape
     if num_experts < 1:
         raise ValueError(f"fc1_expert_weights has no experts: {_shape(fc1_expert_weights)}")
+    # int4 weights are packed two per byte along K: [E, N, K/2].
+    pack, k_text = (2, "/2") if int4 else (1, "")
     if fc2_expert_weights.shape[0] != num_experts or fc2_expert_weights.shape[1] != hidden_size:
         raise ValueError(
-            f"fc2_expert_weights must be [E={num_experts}, H={hidden_size}, I] to match "
+            f"fc2_expert_weights must be [E={num_experts}, H={hidden_size}, I{k_text}] to match "
             f"fc1_expert_weights {_shape(fc1_expert_weights)} and input {_shape(input)}, got "
             f"{_shape(fc2_expert_weights)}"
         )
-    inter_size = fc2_expert_weights.shape[2]
+    inter_size = fc2_expert_weights.shape[2] * pack
     gated = is_gated(act)
-    expected_fc1 = [num_experts, 2 * inter_size if gated else inter_size, hidden_size]
-    if [num_experts, fc1_rows, fc1_cols] != expected_fc1:
-        layout = "[E, 2*I, H] (rows: up, then gate)" if gated else "[E, I, H]"
+    n1 = 2 * inter_size if gated else inter_size
+    if [num_experts, fc1_rows, fc1_cols * pack] != [num_experts, n1, hidden_size]:
+        layout = (f"[E, 2*I, H{k_text}] (rows: up, then gate)" if gated
+                  else f"[E, I, H{k_text}]")
+        expected_fc1 = [num_experts, n1, hidden_size // pack if hidden_size % pack == 0
+                        else hidden_size / pack]
+        packed = " (packed int4: two weights per byte)" if int4 else ""
         raise ValueError(
-            f"fc1_expert_weights must be {layout} = {expected_fc1} for activation {act.name} "
-            f"with fc2_expert_weights {_shape(fc2_expert_weights)} and input {_shape(input)}, "
-            f"got {_shape(fc1_expert_weights)}"
+            f"fc1_expert_weights must be {layout} = {expected_fc1}{packed} for activation "
+            f"{act.name} with fc2_expert_weights {_shape(fc2_expert_weights)} and input "
+            f"{_shape(input)}, got {_shape(fc1_expert_weights)}"
         )
     if int8:
         check_int8_alignment(("int8 fc1_expert_weights", fc1_expert_weights),
                              ("int8 fc2_expert_weights", fc2_expert_weights))
+    if int4:
+        check_int4_alignment(("int4 fc1_expert_weights", fc1_expert_weights, "H"),
+                             ("int4 fc2_expert_weights", fc2_expert_weights, "I"))
     check_layer_shape(num_experts, hidden_size, inter_size, top_k, ep_size,
-                      "int8" if int8 else "16bit")
+                      "int8" if int8 else "int4" if int4 else "16bit")
     num_experts_total = num_experts * ep_size
 
     # optional tensors
-    n1 = expected_fc1[1]
     for name, bias, expected in (
         ("fc1_expert_biases", fc1_expert_biases, [num_experts, n1]),
         ("fc2_expert_biases", fc2_expert_biases, [num_experts, hidden_size]),
@@ -496,10 +720,17 @@ def prepare_call(
                                       "a per-expert (E_local)")
     clamped_relu2_limit = _exact_float32("clamped_relu2_limit", clamped_relu2_limit, [1],
                                          "a model-wide one-element")
-    fc1_weight_scales, fc2_weight_scales = (
-        _int8_scales(quant_scales, input.dtype, [num_experts, n1], [num_experts, hidden_size])
-        if int8 else (None, None)
-    )
+    fc1_weight_zeros = fc2_weight_zeros = None
+    if int4:
+        fc1_weight_scales, fc2_weight_scales, fc1_weight_zeros, fc2_weight_zeros = _int4_scales(
+            quant_scales, input.dtype, num_experts, hidden_size, inter_size, n1)
+        scale_names = ("quant_scales[0] (fc31_scales)", "quant_scales[1] (fc2_scales)")
+    else:
+        fc1_weight_scales, fc2_weight_scales = (
+            _int8_scales(quant_scales, input.dtype, [num_experts, n1], [num_experts, hidden_size])
+            if int8 else (None, None)
+        )
+        scale_names = ("quant_scales[0] (fc31_scale)", "quant_scales[1] (fc2_scale)")
     swiglu_alpha = _float32_vector("swiglu_alpha", swiglu_alpha, num_experts)
     swiglu_beta = _float32_vector("swiglu_beta", swiglu_beta, num_experts)
     swiglu_limit = _float32_vector("swiglu_limit", swiglu_limit, num_experts)
@@ -508,8 +739,10 @@ def prepare_call(
     device = input.device
     named: dict[str, torch.Tensor | None] = {
         **tensors,
-        "quant_scales[0] (fc31_scale)": fc1_weight_scales,
-        "quant_scales[1] (fc2_scale)": fc2_weight_scales,
+        scale_names[0]: fc1_weight_scales,
+        scale_names[1]: fc2_weight_scales,
+        "quant_scales[2] (fc31_zeros)": fc1_weight_zeros,
+        "quant_scales[3] (fc2_zeros)": fc2_weight_zeros,
         "fc1_expert_biases": fc1_expert_biases,
         "fc2_expert_biases": fc2_expert_biases,
         "swiglu_alpha": swiglu_alpha,
@@ -589,6 +822,9 @@ def prepare_call(
         fc2_expert_weights=fc2_expert_weights,
         fc1_weight_scales=None if fc1_weight_scales is None else fc1_weight_scales.contiguous(),
         fc2_weight_scales=None if fc2_weight_scales is None else fc2_weight_scales.contiguous(),
+        fc1_weight_zeros=None if fc1_weight_zeros is None else fc1_weight_zeros.contiguous(),
+        fc2_weight_zeros=None if fc2_weight_zeros is None else fc2_weight_zeros.contiguous(),
+        weight_format=WEIGHT_FORMAT_INT4 if int4 else "",
         fc1_expert_biases=None if fc1_expert_biases is None else fc1_expert_biases.contiguous(),
         # Tensor parallelism: every rank computes a partial sum, b2 is added once (rank 0).
         fc2_expert_biases=(
@@ -619,14 +855,17 @@ def prepare_call(
 
 def _read_tensors(call: MoeCall) -> dict[str, torch.Tensor | None]:
     """The tensors a call reads, by argument name (what output and workspace must not hit)."""
+    scales = "scales" if call.weight_format == WEIGHT_FORMAT_INT4 else "scale"
     return {
         "input": call.input,
         "token_selected_experts": call.token_selected_experts,
         "token_final_scales": call.token_final_scales,
         "fc1_expert_weights": call.fc1_expert_weights,
         "fc2_expert_weights": call.fc2_expert_weights,
-        "quant_scales[0] (fc31_scale)": call.fc1_weight_scales,
-        "quant_scales[1] (fc2_scale)": call.fc2_weight_scales,
+        f"quant_scales[0] (fc31_{scales})": call.fc1_weight_scales,
+        f"quant_scales[1] (fc2_{scales})": call.fc2_weight_scales,
+        "quant_scales[2] (fc31_zeros)": call.fc1_weight_zeros,
+        "quant_scales[3] (fc2_zeros)": call.fc2_weight_zeros,
         "fc1_expert_biases": call.fc1_expert_biases,
         "fc2_expert_biases": call.fc2_expert_biases,
         "swiglu_alpha": call.swiglu_alpha,
@@ -680,8 +919,8 @@ def check_overlaps(
 
 #: Op arguments the kernels read or write with 16-byte vector accesses.
 ALIGNED_ARGUMENTS = ("input", "fc1_expert_weights", "fc2_expert_weights", "fc1_weight_scales",
-                     "fc2_weight_scales", "fc1_expert_biases", "fc2_expert_biases", "output",
-                     "workspace_buffer")
+                     "fc2_weight_scales", "fc1_weight_zeros", "fc2_weight_zeros",
+                     "fc1_expert_biases", "fc2_expert_biases", "output", "workspace_buffer")
 
 
 def check_alignment(args: OpArguments) -> None:
@@ -716,10 +955,11 @@ class OpArguments(NamedTuple):
     input: torch.Tensor  # [T, H] float16/bfloat16
     token_selected_experts: torch.Tensor  # [T, k] int32 global expert ids
     token_final_scales: torch.Tensor  # [T, k] float32 router weights
-    fc1_expert_weights: torch.Tensor  # [E, N1, H], input dtype or int8
-    fc2_expert_weights: torch.Tensor  # [E, H, I], as fc1
-    fc1_weight_scales: torch.Tensor | None  # int8 only: [E, N1], input dtype
-    fc2_weight_scales: torch.Tensor | None  # int8 only: [E, H], input dtype
+    fc1_expert_weights: torch.Tensor  # [E, N1, H], input dtype or int8; int4: uint8 [E, N1, H/2]
+    fc2_expert_weights: torch.Tensor  # [E, H, I], as fc1; int4: uint8 [E, H, I/2]
+    # int8: [E, N1] and [E, H]; int4: [E, H/G1, N1] and [E, I/G2, H]; input dtype
+    fc1_weight_scales: torch.Tensor | None
+    fc2_weight_scales: torch.Tensor | None
     fc1_expert_biases: torch.Tensor | None  # [E, N1], input dtype
     fc2_expert_biases: torch.Tensor | None  # [E, H], input dtype
     swiglu_alpha: torch.Tensor | None  # [E] float32: all three clamp tensors, or none
@@ -738,6 +978,34 @@ class OpArguments(NamedTuple):
     clamped_relu2_limit: torch.Tensor | None = None  # [1] float32, required with ClampedRelu2
     situ_beta: torch.Tensor | None = None  # [E] float32, Situ (default 4)
     situ_linear_beta: torch.Tensor | None = None  # [E] float32, Situ (default 25)
+    # int4 group-wise weight-only (after the above, for the same reason): optional zero points
+    # shaped like the scales (both or neither), and the weight format of packed uint8 weights
+    # ("int4"; "" when the weights' dtype says it: the input dtype or int8).
+    fc1_weight_zeros: torch.Tensor | None = None  # int4: [E, H/G1, N1], input dtype
+    fc2_weight_zeros: torch.Tensor | None = None  # int4: [E, I/G2, H], input dtype
+    weight_format: str = ""
+
+
+def op_weight_type(args: OpArguments) -> torch.dtype | str:
+    """The weight entry of the op's runner triple: the weights' dtype, or the op's
+    ``weight_format`` tag for packed weights (``"int4"``; see :mod:`cutlass_moe._ext`)."""
+    return args.weight_format or args.fc1_expert_weights.dtype
+
+
+def op_inter_size(args: OpArguments) -> int:
+    """``I`` of the op's call (fc2's ``K``; packed int4 weights hold two per byte)."""
+    pack = 2 if args.weight_format == WEIGHT_FORMAT_INT4 else 1
+    return args.fc2_expert_weights.shape[2] * pack
+
+
+def op_group_sizes(args: OpArguments) -> tuple[int, int]:
+    """``(G1, G2)`` of int4 weights: ``H / fc1_weight_scales.shape[1]`` and
+    ``I / fc2_weight_scales.shape[1]`` (``(0, 0)`` for other weights). Arguments checked."""
+    if args.weight_format != WEIGHT_FORMAT_INT4:
+        return 0, 0
+    hidden_size, inter_size = args.input.shape[1], op_inter_size(args)
+    return (hidden_size // args.fc1_weight_scales.shape[1],
+            inter_size // args.fc2_weight_scales.shape[1])
 
 
 def op_activation(activation: int) -> ActivationType:
@@ -768,10 +1036,21 @@ def check_op_arguments(args: OpArguments, *, traced: bool = False) -> None:
     if not isinstance(fc1_expert_weights, torch.Tensor) or fc1_expert_weights.dim() != 3 or \
             not isinstance(fc2_expert_weights, torch.Tensor) or fc2_expert_weights.dim() != 3:
         raise ValueError("fc1_expert_weights and fc2_expert_weights must be 3-D [E, N, K]")
-    num_experts, inter_size = fc1_expert_weights.shape[0], fc2_expert_weights.shape[2]
+    weight_format = args.weight_format
+    if weight_format not in WEIGHT_FORMATS:
+        raise ValueError(f"weight_format must be one of {WEIGHT_FORMATS}, got {weight_format!r}")
+    int4 = weight_format == WEIGHT_FORMAT_INT4
+    num_experts = fc1_expert_weights.shape[0]
+    inter_size = fc2_expert_weights.shape[2] * (2 if int4 else 1)
     weight_dtype = fc1_expert_weights.dtype
-    if weight_dtype not in (act_dtype, torch.int8):
-        raise ValueError(f"fc1_expert_weights must be {act_dtype} or int8, got {weight_dtype}")
+    if int4 and weight_dtype != torch.uint8:
+        raise ValueError(f"weight_format 'int4' needs packed uint8 fc1_expert_weights "
+                         f"[E, N1, H/2], got {weight_dtype}")
+    if not int4 and weight_dtype not in (act_dtype, torch.int8):
+        packed = (" (packed uint8 int4 weights need weight_format='int4')"
+                  if weight_dtype == torch.uint8 else "")
+        raise ValueError(f"fc1_expert_weights must be {act_dtype} or int8, got "
+                         f"{weight_dtype}{packed}")
     int8 = weight_dtype == torch.int8
     if not isinstance(token_selected_experts, torch.Tensor) or \
             token_selected_experts.dim() != 2:
@@ -786,7 +1065,7 @@ def check_op_arguments(args: OpArguments, *, traced: bool = False) -> None:
         )
     ep_size = max(1, num_experts_total // num_experts)
     check_layer_shape(num_experts, hidden_size, inter_size, 1, ep_size,
-                      "int8" if int8 else "16bit")
+                      "int8" if int8 else "int4" if int4 else "16bit")
     if num_experts_total > MAX_EXPERTS_TOTAL:
         raise ValueError(f"num_experts_total={num_experts_total} exceeds the int32 expert ids")
     if not 1 <= top_k <= num_experts_total:
@@ -800,10 +1079,11 @@ def check_op_arguments(args: OpArguments, *, traced: bool = False) -> None:
     _expect("token_selected_experts", token_selected_experts, [num_tokens, top_k],
             (torch.int32,))
     _expect("token_final_scales", token_final_scales, [num_tokens, top_k], (torch.float32,))
-    _expect("fc1_expert_weights", fc1_expert_weights, [num_experts, fc1_rows, hidden_size],
-            weight_dtypes)
-    _expect("fc2_expert_weights", fc2_expert_weights, [num_experts, hidden_size, inter_size],
-            weight_dtypes)
+    pack = 2 if int4 else 1
+    _expect("fc1_expert_weights", fc1_expert_weights,
+            [num_experts, fc1_rows, hidden_size // pack], weight_dtypes)
+    _expect("fc2_expert_weights", fc2_expert_weights,
+            [num_experts, hidden_size, inter_size // pack], weight_dtypes)
     _expect("output", output, [num_tokens, hidden_size], (act_dtype, torch.float32))
     if int8:
         check_int8_alignment(("int8 fc1_expert_weights", fc1_expert_weights),
@@ -814,8 +1094,31 @@ def check_op_arguments(args: OpArguments, *, traced: bool = False) -> None:
         _expect("fc1_weight_scales", fc1_weight_scales, [num_experts, fc1_rows], (act_dtype,))
         _expect("fc2_weight_scales", fc2_weight_scales, [num_experts, hidden_size],
                 (act_dtype,))
+    elif int4:
+        if fc1_weight_scales is None or fc2_weight_scales is None:
+            raise ValueError("int4 expert weights need fc1_weight_scales and fc2_weight_scales "
+                             "(group-wise scales [E, H/G1, N1] and [E, I/G2, H] in the input "
+                             "dtype)")
+        for name, t, n, k, k_name in (
+                ("fc1_weight_scales", fc1_weight_scales, fc1_rows, hidden_size, "H"),
+                ("fc2_weight_scales", fc2_weight_scales, hidden_size, inter_size, "I")):
+            if not isinstance(t, torch.Tensor) or t.dim() != 3:
+                raise ValueError(f"{name} must be a 3-D [E, {k_name}/G, N] tensor")
+            _expect(name, t, [num_experts, t.shape[1], n], (act_dtype,))
+            int4_group_size(name, t.shape[1], k, k_name)
+        zeros = (args.fc1_weight_zeros, args.fc2_weight_zeros)
+        if (zeros[0] is None) != (zeros[1] is None):
+            raise ValueError("fc1_weight_zeros and fc2_weight_zeros are given for both GEMMs or "
+                             "for neither")
+        if zeros[0] is not None:
+            _expect("fc1_weight_zeros", zeros[0], _shape(fc1_weight_scales), (act_dtype,))
+            _expect("fc2_weight_zeros", zeros[1], _shape(fc2_weight_scales), (act_dtype,))
     elif fc1_weight_scales is not None or fc2_weight_scales is not None:
-        raise ValueError("fc1_weight_scales and fc2_weight_scales are only for int8 weights")
+        raise ValueError("fc1_weight_scales and fc2_weight_scales are only for int8 or int4 "
+                         "weights")
+    if not int4 and (args.fc1_weight_zeros is not None or args.fc2_weight_zeros is not None):
+        raise ValueError("fc1_weight_zeros and fc2_weight_zeros are only for int4 weights "
+                         "(weight_format='int4')")
     if fc1_expert_biases is not None:
         _expect("fc1_expert_biases", fc1_expert_biases, [num_experts, fc1_rows], (act_dtype,))
     if fc2_expert_biases is not None:
