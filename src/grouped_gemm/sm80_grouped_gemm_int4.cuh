@@ -20,9 +20,9 @@
 //     32-long half of the K-tile, one row of scales and of zero points (a 32-long half lies in
 //     one group, since G is a multiple of 32 and K-tiles start at multiples of 32).
 //   - Per K-tile, the block dequantises the ready stage's packed tile into a single 16-bit B tile
-//     in CUTLASS's crosswise shared-memory layout (8 nibbles -> one 16-byte vector per thread
-//     step), then the warps run the tile's tensor-core MMAs from shared memory as the stock
-//     mainloop does. Dequantisation costs TileN x 64 conversions per K-tile, shared by the
+//     in CUTLASS's crosswise shared-memory layout (one thread per column, 8 nibbles -> one
+//     16-byte vector by packed 16-bit math), then the warps run the tile's tensor-core MMAs from
+//     shared memory as the stock mainloop does. Dequantisation costs TileN x 64 conversions per K-tile, shared by the
 //     TileM rows of the tile; the packed tile moves a quarter of a 16-bit tile's bytes.
 //   - K-tiles follow CUTLASS's predicated iterator: the first tile covers the residue K % 64
 //     (or a full 64), the others full tiles; B, scales and zero points use the same offsets.
@@ -89,12 +89,12 @@ struct PackedDequant<cutlass::half_t> {
   CUTLASS_DEVICE static Pair pair(float x) { return __float2half2_rn(x); }
 };
 
+// s2: the scale twice; c2: (offset + zero) twice, exact for integer zeros (|z| < 2^6).
 template <typename Element>
-CUTLASS_DEVICE uint4 dequantise8_packed(uint32_t word, float scale, float zero) {
+CUTLASS_DEVICE uint4 dequantise8_packed(uint32_t word, typename PackedDequant<Element>::Pair s2,
+                                        typename PackedDequant<Element>::Pair c2) {
   using D = PackedDequant<Element>;
   using Pair = typename D::Pair;
-  const Pair s2 = D::pair(scale);
-  const Pair c2 = D::pair(D::kOffset + zero);  // exact for integer zeros (|z| < 2^7)
   uint32_t r[4];
   CUTLASS_PRAGMA_UNROLL
   for (int i = 0; i < 4; ++i) {
@@ -224,39 +224,63 @@ struct Int4Mainloop {
     }
   }
 
-  // Stage `slot`'s packed tile -> the 16-bit B tile, w = (q - z) * s rounded once.
-  CUTLASS_DEVICE static void dequantise(SharedStorage& s, int slot, bool has_zeros) {
-    const uint8_t* packed = s.packed.data() + slot * TileN * kPackedBytes;
-    const Element* scales = s.scales.data() + slot * 2 * TileN;
-    const Element* zeros = s.zeros.data() + slot * 2 * TileN;
+  // Every int4 tile has one thread per column (kThreads == TileN): thread t dequantises column
+  // t of each K-tile, whose 64 nibbles are two 16-byte reads, with one scale (and zero point)
+  // per 32-long half. Its eight 16-byte destinations in the B tile are the same for every
+  // K-tile, so their offsets are computed once.
+  static_assert(kThreads == TileN, "the int4 dequantisation maps one thread to one column");
+  struct BTileOffsets {
+    int at[kTileK / 8];
+  };
+
+  CUTLASS_DEVICE static BTileOffsets b_tile_offsets() {
     const SmemLayoutB layout = SmemLayoutB::packed({kTileK, TileN});
+    BTileOffsets o;
+    CUTLASS_PRAGMA_UNROLL
+    for (int kv = 0; kv < kTileK / 8; ++kv) {
+      o.at[kv] = int(layout(cutlass::MatrixCoord(kv * 8, int(threadIdx.x))));
+    }
+    return o;
+  }
+
+  // Stage `slot`'s packed tile -> the 16-bit B tile, w = (q - z) * s rounded once.
+  CUTLASS_DEVICE static void dequantise(SharedStorage& s, int slot, bool has_zeros,
+                                        BTileOffsets const& offsets) {
+    using D = PackedDequant<Element>;
+    const int col = threadIdx.x;
+    const uint4* packed =
+        reinterpret_cast<const uint4*>(s.packed.data() + (slot * TileN + col) * kPackedBytes);
+    const Element* scales = s.scales.data() + slot * 2 * TileN + col;
+    const Element* zeros = s.zeros.data() + slot * 2 * TileN + col;
     Element* b = s.b.data();
-    constexpr int kVectors = TileN * (kTileK / 8);  // 8 nibbles -> one 16-byte vector
     cutlass::NumericArrayConverter<Element, float, 8> convert;
     CUTLASS_PRAGMA_UNROLL
-    for (int i = 0; i < (kVectors + kThreads - 1) / kThreads; ++i) {
-      const int v = threadIdx.x + i * kThreads;
-      if (kVectors % kThreads == 0 || v < kVectors) {
-        const int col = v / (kTileK / 8);
-        const int kv = v % (kTileK / 8);
-        const int half = kv / (kHalfK / 8);
-        const uint32_t word =
-            *reinterpret_cast<const uint32_t*>(packed + col * kPackedBytes + kv * 4);
-        const float scale = float(scales[half * TileN + col]);
-        const float zero = has_zeros ? float(zeros[half * TileN + col]) : 8.0f;
-        void* dst = b + layout(cutlass::MatrixCoord(kv * 8, col));
-        if (zero == rintf(zero) && fabsf(zero) < 64.0f) {
-          *reinterpret_cast<uint4*>(dst) = dequantise8_packed<Element>(word, scale, zero);
-        } else {
-          // Other zero points: fp32, where q placed in the low mantissa bits of 2^23 is
-          // 2^23 + q exactly.
-          const float bias = 8388608.0f + zero;
-          cutlass::Array<float, 8> w;
+    for (int half = 0; half < 2; ++half) {
+      const uint4 vec = packed[half];
+      const uint32_t words[4] = {vec.x, vec.y, vec.z, vec.w};
+      const float scale = float(scales[half * TileN]);
+      const float zero = has_zeros ? float(zeros[half * TileN]) : 8.0f;
+      if (zero == rintf(zero) && fabsf(zero) < 64.0f) {
+        const typename D::Pair s2 = D::pair(scale);
+        const typename D::Pair c2 = D::pair(D::kOffset + zero);
+        CUTLASS_PRAGMA_UNROLL
+        for (int w = 0; w < 4; ++w) {
+          *reinterpret_cast<uint4*>(b + offsets.at[half * 4 + w]) =
+              dequantise8_packed<Element>(words[w], s2, c2);
+        }
+      } else {
+        // Other zero points: fp32, where q placed in the low mantissa bits of 2^23 is
+        // 2^23 + q exactly.
+        const float bias = 8388608.0f + zero;
+        CUTLASS_PRAGMA_UNROLL
+        for (int w = 0; w < 4; ++w) {
+          cutlass::Array<float, 8> v;
           CUTLASS_PRAGMA_UNROLL
           for (int j = 0; j < 8; ++j) {
-            w[j] = (__uint_as_float(0x4B000000u | ((word >> (4 * j)) & 0xFu)) - bias) * scale;
+            v[j] = (__uint_as_float(0x4B000000u | ((words[w] >> (4 * j)) & 0xFu)) - bias) * scale;
           }
-          *reinterpret_cast<cutlass::Array<Element, 8>*>(dst) = convert(w);
+          *reinterpret_cast<cutlass::Array<Element, 8>*>(b + offsets.at[half * 4 + w]) =
+              convert(v);
         }
       }
     }
@@ -274,6 +298,7 @@ struct Int4Mainloop {
     auto k_begin = [&](int tile) { return tile == 0 ? 0 : residue + (tile - 1) * kTileK; };
     auto k_extent = [&](int tile) { return tile == 0 ? residue : kTileK; };
     const bool has_zeros = b.zeros != nullptr;
+    const BTileOffsets b_offsets = b_tile_offsets();
 
     SmemIteratorA smem_a(s.a_ref(), thread);
     int write_slot = 0;
@@ -314,7 +339,7 @@ struct Int4Mainloop {
       const int read_slot = tile % Stages;
       cutlass::arch::cp_async_wait<Stages - 2>();
       __syncthreads();  // stage `tile` landed; every warp is done with the previous B tile
-      dequantise(s, read_slot, has_zeros);
+      dequantise(s, read_slot, has_zeros, b_offsets);
       copy_stage(tile + Stages - 1);  // into the slot the previous iteration read
       __syncthreads();  // the B tile is complete
 
