@@ -296,8 +296,10 @@ FULL_DECODE = {
     # 8 rows of int8 gated columns spill registers on sm_90 (both halves' 16-wide vectors):
     # not compiled.
     ("int8", True): [(1, 1, 4, 4), (2, 1, 4, 4), (4, 1, 4, 2)],
-    # int4: 32 weights per 16-byte vector, converted 8 at a time; the same shapes as int8.
-    ("int4", False): [(1, 2, 4, 4), (2, 2, 4, 4), (4, 2, 4, 2), (8, 1, 4, 2)],
+    # int4: 32 weights per 16-byte vector, converted 8 at a time, plus per-vector partial sums:
+    # 4 rows of 2 columns spill on sm_90 and 8 rows on every arch (about 150 bytes), so 4 rows
+    # take one column and 8 rows are not compiled.
+    ("int4", False): [(1, 2, 4, 4), (2, 2, 4, 4), (4, 1, 4, 2)],
     ("int4", True): [(1, 1, 4, 4), (2, 1, 4, 4), (4, 1, 4, 2)],
 }
 FAST_DECODE = {kind: configs[1:2] for kind, configs in FULL_DECODE.items()}
