@@ -55,13 +55,14 @@ DEFAULT_TABLE_INT8 = (
     (math.inf, 128, 256, 3),
 )
 # int4 group-wise weights (W4A16): tensor-core tactics dequantising in the mainloop (no split-K,
-# no fused gated tactics; the weight-streaming decode tactics stay opt-in). Not yet measured on a
-# GPU: the rows are tactics of tools/generate_kernels.py's int4 list chosen by the int8 table's
-# reasoning, which carries over with half the weight bytes — up to 8 rows per expert the weight
+# no fused gated tactics; the weight-streaming decode tactics stay opt-in). Chosen by the int8
+# table's reasoning, which carries over with half the weight bytes; on an H200 the tuner picked
+# the first row's tactic for Qwen3-30B-A3B at 8 and 64 tokens, the other rows are not yet
+# measured (tools/PERF_NOTES.md, change 6) — up to 8 rows per expert the weight
 # stream dominates (the small-M 16x128 tile, 4 stages: also the fast build's), up to 64 the
 # 32-row tile, then the 128x128 prefill tile (3 stages, 79 KB: fits sm_86/89; the fast build's
 # other tactic). Where a build lacks a row's exact tactic, default_tactic takes the nearest
-# tile_m. Re-measure with `cutlass-moe tune --weights int4` once the kernels have run.
+# tile_m.
 DEFAULT_TABLE_INT4 = (
     (8.0, 16, 128, 4),
     (64.0, 32, 128, 4),
