@@ -59,7 +59,7 @@ MoeProblem make_problem(int64_t num_tokens, int64_t hidden_size, int64_t inter_s
 }
 
 DType to_dtype(int value) {
-  if (value < 0 || value > static_cast<int>(DType::kInt4)) {
+  if (value < 0 || value > static_cast<int>(DType::kMxfp4)) {
     throw cutlass_moe::InvalidArgument("unknown dtype enum " + std::to_string(value));
   }
   return static_cast<DType>(value);

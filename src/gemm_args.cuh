@@ -65,6 +65,7 @@ struct GemmArgsWriter {
   int64_t inter;     // I
   int elem_bytes;
   int weight_bits;       // 16, 8 or 4
+  int scale_bytes;       // one weight scale: activation dtype, or 4 (fp8), 1 (mxfp4)
   int64_t fc1_scale_rows;  // rows of one expert's fc1 scales: 1 (int8), H / G1 (int4)
   int64_t fc2_scale_rows;  // likewise for fc2: 1, or I / G2
   GemmOperands ops;
@@ -99,16 +100,17 @@ struct GemmArgsWriter {
     const int64_t eb = elem_bytes;
     const int64_t wbits = weight_bits;
     const char* fc1_w = ops.fc1_weights + e * fc1_cols * hidden * wbits / 8;
-    const int64_t fc1_s_offset = e * fc1_scale_rows * fc1_cols * eb;
-    const char* fc1_s = ops.fc1_scales ? ops.fc1_scales + fc1_s_offset : nullptr;
-    const char* fc1_z = ops.fc1_zeros ? ops.fc1_zeros + fc1_s_offset : nullptr;
+    // Zero points (int4) are in the activation dtype, like int4's scales.
+    const int64_t fc1_s_offset = e * fc1_scale_rows * fc1_cols;
+    const char* fc1_s = ops.fc1_scales ? ops.fc1_scales + fc1_s_offset * scale_bytes : nullptr;
+    const char* fc1_z = ops.fc1_zeros ? ops.fc1_zeros + fc1_s_offset * eb : nullptr;
     write_problem(gemm1, e, rows, fc1_cols, hidden, ops.gathered + first_row * hidden * eb,
                   hidden, fc1_w, hidden, fc1_s, fc1_z, ops.fc1_out + first_row * fc1_cols * eb,
                   fc1_cols);
     const char* fc2_w = ops.fc2_weights + e * hidden * inter * wbits / 8;
-    const int64_t fc2_s_offset = e * fc2_scale_rows * hidden * eb;
-    const char* fc2_s = ops.fc2_scales ? ops.fc2_scales + fc2_s_offset : nullptr;
-    const char* fc2_z = ops.fc2_zeros ? ops.fc2_zeros + fc2_s_offset : nullptr;
+    const int64_t fc2_s_offset = e * fc2_scale_rows * hidden;
+    const char* fc2_s = ops.fc2_scales ? ops.fc2_scales + fc2_s_offset * scale_bytes : nullptr;
+    const char* fc2_z = ops.fc2_zeros ? ops.fc2_zeros + fc2_s_offset * eb : nullptr;
     const char* gemm2_a = ops.gemm2_a + first_row * inter * eb;
     write_problem(gemm2, e, rows, hidden, inter, gemm2_a, inter, fc2_w, inter, fc2_s, fc2_z,
                   ops.fc2_out + first_row * hidden * eb, hidden);

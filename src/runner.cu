@@ -191,15 +191,17 @@ struct WorkspaceLayout {
   // What routing (or the profiling set-up) needs to write every argument set, plus the split-K
   // set of a GEMM2 split into `gemm2_splits` (1: none).
   GemmArgsWriter writer(const MoeProblem& p, char* base, const GemmOperands& ops,
-                        size_t elem_bytes, size_t weight_bits, int gemm2_splits) const {
+                        DType act_dtype, DType weight_dtype, int gemm2_splits) const {
     GemmArgsWriter w;
     w.num_experts = p.num_experts;
     w.hidden = p.hidden_size;
     w.fc1_cols = p.fc1_out_size();
     w.inter = p.inter_size;
-    w.elem_bytes = static_cast<int>(elem_bytes);
-    w.weight_bits = static_cast<int>(weight_bits);
-    // Scale rows per expert: one per K-group for int4, one (per channel) otherwise.
+    w.elem_bytes = static_cast<int>(dtype_size(act_dtype));
+    w.scale_bytes = static_cast<int>(scale_size(weight_dtype, act_dtype));
+    w.weight_bits = static_cast<int>(dtype_bits(weight_dtype));
+    // Scale rows per expert: one per K-group for group-scaled weights, one (per channel)
+    // otherwise.
     w.fc1_scale_rows = p.fc1_group_size > 0 ? p.hidden_size / p.fc1_group_size : 1;
     w.fc2_scale_rows = p.fc2_group_size > 0 ? p.inter_size / p.fc2_group_size : 1;
     w.ops = ops;
@@ -433,15 +435,15 @@ MoeRunner::MoeRunner(DType act_dtype, DType weight_dtype, DType out_dtype)
       impl_(new Impl) {
   const bool act_ok = act_dtype == DType::kFloat16 || act_dtype == DType::kBFloat16;
   const bool weight_ok =
-      weight_dtype == act_dtype || weight_dtype == DType::kInt8 || weight_dtype == DType::kInt4;
+      weight_dtype == act_dtype || weight_dtype == DType::kInt8 || is_group_scaled(weight_dtype);
   const bool out_ok = out_dtype == act_dtype || out_dtype == DType::kFloat32;
   if (!act_ok || !weight_ok || !out_ok) {
     throw InvalidArgument(std::string("unsupported dtype configuration (activation ") +
                           dtype_name(act_dtype) + ", weights " + dtype_name(weight_dtype) +
                           ", output " + dtype_name(out_dtype) +
                           "): supported are fp16 or bf16 activations with weights of the same "
-                          "dtype, int8 (per-channel scales) or int4 (group-wise scales), and "
-                          "output in the activation dtype or fp32");
+                          "dtype, int8 (per-channel scales) or int4, fp8 or mxfp4 (group-wise "
+                          "scales), and output in the activation dtype or fp32");
   }
   int count = 0;
   const GemmTactic* const* all = gemm_tactics(&count);
@@ -507,9 +509,10 @@ void check_problem(const MoeProblem& p, DType weight_dtype) {
     err += "int8 weights need hidden_size and inter_size to be multiples of 16 (got " +
            to_string(p.hidden_size) + " and " + to_string(p.inter_size) + "); ";
   }
-  // int4 tactics read K in 16-byte vectors of 32 nibbles.
-  if (weight_dtype == DType::kInt4 && (p.hidden_size % 32 != 0 || p.inter_size % 32 != 0)) {
-    err += "int4 weights need hidden_size and inter_size to be multiples of 32 (got " +
+  // Group-scaled tactics read K in halves of 32 with one scale row each.
+  if (is_group_scaled(weight_dtype) && (p.hidden_size % 32 != 0 || p.inter_size % 32 != 0)) {
+    err += std::string(dtype_name(weight_dtype)) +
+           " weights need hidden_size and inter_size to be multiples of 32 (got " +
            to_string(p.hidden_size) + " and " + to_string(p.inter_size) + "); ";
   }
   if (p.num_experts < 1) err += "num_experts must be >= 1 (got " + to_string(p.num_experts) + "); ";
@@ -527,8 +530,8 @@ void check_problem(const MoeProblem& p, DType weight_dtype) {
   if (!err.empty()) throw InvalidArgument(err.substr(0, err.size() - 2));
 }
 
-// int4 weights: each GEMM's K-group (a multiple of 32 that divides its K; K itself is
-// per-channel). Other weights take no group size. `gemms`: bit 0 GEMM1, bit 1 GEMM2.
+// Group-scaled weights: each GEMM's K-group (a multiple of 32 that divides its K; K itself is
+// per-channel; mxfp4: 32). Other weights take no group size. `gemms`: bit 0 GEMM1, bit 1 GEMM2.
 void check_group_sizes(const MoeProblem& p, DType weight_dtype, int gemms) {
   using std::to_string;
   const int64_t groups[2] = {p.fc1_group_size, p.fc2_group_size};
@@ -536,12 +539,16 @@ void check_group_sizes(const MoeProblem& p, DType weight_dtype, int gemms) {
   for (int g = 0; g < 2; ++g) {
     if (!(gemms & (1 << g))) continue;
     const std::string which = "fc" + to_string(g + 1) + "_group_size";
-    if (weight_dtype != DType::kInt4) {
+    if (!is_group_scaled(weight_dtype)) {
       if (groups[g] != 0) {
-        throw InvalidArgument(which + " applies to int4 weights only (got " +
+        throw InvalidArgument(which + " applies to group-scaled weights only (got " +
                               to_string(groups[g]) + " with " + dtype_name(weight_dtype) + ")");
       }
       continue;
+    }
+    if (weight_dtype == DType::kMxfp4 && groups[g] != 32) {
+      throw InvalidArgument(which + " must be 32 for mxfp4 weights (got " +
+                            to_string(groups[g]) + ")");
     }
     if (groups[g] <= 0 || groups[g] % 32 != 0 || ks[g] % groups[g] != 0) {
       throw InvalidArgument(which + " must be a positive multiple of 32 that divides K = " +
@@ -604,8 +611,9 @@ void MoeRunner::run_moe(const MoeProblem& p, const MoePointers& ptrs, const std:
     throw InvalidArgument("int8 weights need fc1 and fc2 per-channel scales");
   }
   check_group_sizes(p, weight_dtype_, 3);
-  if (weight_dtype_ == DType::kInt4 && (!ptrs.fc1_scales || !ptrs.fc2_scales)) {
-    throw InvalidArgument("int4 weights need fc1 and fc2 group-wise scales");
+  if (is_group_scaled(weight_dtype_) && (!ptrs.fc1_scales || !ptrs.fc2_scales)) {
+    throw InvalidArgument(std::string(dtype_name(weight_dtype_)) +
+                          " weights need fc1 and fc2 group-wise scales");
   }
   if ((ptrs.fc1_zeros || ptrs.fc2_zeros) &&
       (weight_dtype_ != DType::kInt4 || !ptrs.fc1_zeros || !ptrs.fc2_zeros)) {
@@ -642,8 +650,7 @@ void MoeRunner::run_moe(const MoeProblem& p, const MoePointers& ptrs, const std:
   ops.fc2_zeros = static_cast<const char*>(ptrs.fc2_zeros);
   ops.fc2_out = base + layout.gathered;  // a plain GEMM1 has consumed the gathered rows by then
   ops.fc2_partials = base + layout.fc2_partials;
-  const GemmArgsWriter writer = layout.writer(p, base, ops, dtype_size(act_dtype_),
-                                              dtype_bits(weight_dtype_), splits);
+  const GemmArgsWriter writer = layout.writer(p, base, ops, act_dtype_, weight_dtype_, splits);
 
   // Routing also writes the grouped GEMMs' arguments (no launch of their own).
   launch_routing(ptrs.token_selected_experts, p.num_tokens, p.top_k, p.num_experts,
@@ -705,8 +712,9 @@ void MoeRunner::prepare_gemm_profile(int gemm, const MoeProblem& p, const void* 
     throw InvalidArgument("int8 weights need their per-channel scales for profiling");
   }
   check_group_sizes(p, weight_dtype_, gemm);
-  if (weight_dtype_ == DType::kInt4 && scales == nullptr) {
-    throw InvalidArgument("int4 weights need their group-wise scales for profiling");
+  if (is_group_scaled(weight_dtype_) && scales == nullptr) {
+    throw InvalidArgument(std::string(dtype_name(weight_dtype_)) +
+                          " weights need their group-wise scales for profiling");
   }
   if (zeros != nullptr && weight_dtype_ != DType::kInt4) {
     throw InvalidArgument("zero points are for int4 weights only");
@@ -745,14 +753,13 @@ void MoeRunner::prepare_gemm_profile(int gemm, const MoeProblem& p, const void* 
   // serves every tactic.
   constexpr int kThreads = 128;
   const int blocks = (p.num_experts + kThreads - 1) / kThreads;
-  // (int4 has no split tactics.)
-  const bool split_sets = gemm == 2 && split_k_allowed(p) && weight_dtype_ != DType::kInt4;
+  // (Group-scaled weights have no split tactics.)
+  const bool split_sets = gemm == 2 && split_k_allowed(p) && !is_group_scaled(weight_dtype_);
   for (int set = 0; set < (split_sets ? 1 + kNumSplitFactors : 1); ++set) {
     const int splits = set == 0 ? 1 : kSplitFactors[set - 1];
     launch_kernel("write_gemm_args_kernel", write_gemm_args_kernel, dim3(blocks),
                   dim3(kThreads), 0, stream, false, static_cast<const int64_t*>(offsets),
-                  layout.writer(p, base, ops, dtype_size(act_dtype_), dtype_bits(weight_dtype_),
-                                splits));
+                  layout.writer(p, base, ops, act_dtype_, weight_dtype_, splits));
   }
 
   const size_t input_offset = gemm == 1 ? layout.gathered : layout.act_out;

@@ -41,7 +41,13 @@ DTYPES = {
 QUANT_WEIGHT_DTYPES = {
     "int8": "DType::kInt8",
     "int4": "DType::kInt4",
+    "fp8": "DType::kFp8E4m3",
+    "mxfp4": "DType::kMxfp4",
 }
+
+# Weight formats of the group-scaled mainloop (src/grouped_gemm/sm80_grouped_gemm_group_scaled.cuh):
+# every one is compiled for the same tiles (FULL_TILES_INT4 / FAST_TILES_INT4).
+GROUP_SCALED_FORMATS = ("int4", "fp8", "mxfp4")
 
 # The decode kernel's weight element type per weight tag (16-bit: the activation type).
 DECODE_WEIGHT_TYPES = {
@@ -54,7 +60,10 @@ KERNEL_TEMPLATES = {
     "decode": ("grouped_gemm/decode_gemm.cuh", "grouped_gemm::decode::DecodeGemm"),
     "16bit": ("grouped_gemm/sm80_grouped_gemm.cuh", "grouped_gemm::Sm80GroupedGemm"),
     "int8": ("grouped_gemm/sm80_grouped_gemm_int8.cuh", "grouped_gemm::Sm80GroupedGemmInt8"),
-    "int4": ("grouped_gemm/sm80_grouped_gemm_int4.cuh", "grouped_gemm::Sm80GroupedGemmInt4"),
+    "int4": ("grouped_gemm/sm80_grouped_gemm_group_scaled.cuh", "grouped_gemm::Sm80GroupedGemmInt4"),
+    "fp8": ("grouped_gemm/sm80_grouped_gemm_group_scaled.cuh", "grouped_gemm::Sm80GroupedGemmFp8"),
+    "mxfp4": ("grouped_gemm/sm80_grouped_gemm_group_scaled.cuh",
+              "grouped_gemm::Sm80GroupedGemmMxfp4"),
     "gated": ("grouped_gemm/sm80_grouped_gemm_gated.cuh", "grouped_gemm::Sm80GroupedGemmGated"),
 }
 
@@ -207,14 +216,15 @@ FAST_TILES_INT8 = [
 ]
 
 
-# W4A16: 16-bit activations x packed int4 weights with group-wise scales, dequantised into a
-# 16-bit shared-memory tile once per K-tile (src/grouped_gemm/sm80_grouped_gemm_int4.cuh). Per
-# stage: the A tile (TileM x 64 x 2 B), the packed tile (TileN x 32 B) and two rows of scales and
-# of zero points (8 x TileN B); plus one dequantised tile (64 x TileN x 2 B). Warp tiles are
+# Group-scaled weights (W4A16 int4, FP8 e4m3, MXFP4): 16-bit activations x packed weights with
+# group-wise scales, dequantised into a 16-bit shared-memory tile once per K-tile
+# (src/grouped_gemm/sm80_grouped_gemm_group_scaled.cuh); the three formats share these tiles. Per
+# stage: the A tile (TileM x 64 x 2 B), the packed tile (TileN x 32 B; fp8 64 B) and two rows of
+# scales (int4: and of zero points); plus one dequantised tile (64 x TileN x 2 B). Warp tiles are
 # plain 16-bit ones (no mixed-input fragments), so 64x64 warps fit the registers as for 16-bit
-# weights. sizeof(SharedStorage) in KB, about:
-#   16x64 s4 26    16x128 s4/s6 44/58    32x128 s4 52    64x128 s3/s4 58/68
-#   128x128 s3 79    128x256 s3 110 (over the 99 KB of sm_86/89: filtered at run time there)
+# weights. sizeof(SharedStorage) in KB, about (int4 / fp8):
+#   16x64 s4 26/34    16x128 s4/s6 44/58, 60/82    32x128 s4 52/68    64x128 s3/s4 58/68, 70/84
+#   128x128 s3 79/91    128x256 s3 110/134 (over the 99 KB of sm_86/89: filtered at run time)
 FULL_TILES_INT4 = [
     (16, 64, 64, 16, 32, 64, 4),
     (16, 128, 64, 16, 32, 64, 4),
@@ -328,7 +338,12 @@ def tactics(fast: bool = False) -> list[Tactic]:
     return (
         [Tactic(dtype, *tile) for dtype in DTYPES for tile in tiles]
         + [Tactic(dtype, *tile, weight="int8") for dtype in DTYPES for tile in tiles_int8]
-        + [Tactic(dtype, *tile, weight="int4") for dtype in DTYPES for tile in tiles_int4]
+        + [
+            Tactic(dtype, *tile, weight=fmt)
+            for fmt in GROUP_SCALED_FORMATS
+            for dtype in DTYPES
+            for tile in tiles_int4
+        ]
         + [Tactic(dtype, *tile, gemms=GEMM1, gated=True) for dtype in DTYPES for tile in tiles_gated]
         + [
             Tactic(dtype, *tile, gemms=GEMM2, split_k=splits)

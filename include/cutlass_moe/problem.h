@@ -12,8 +12,15 @@ enum class DType : int {
   kBFloat16 = 1,
   kFloat32 = 2,
   kInt8 = 3,
-  kInt4 = 4,  // weights only: two per byte, low nibble first, with group-wise scales
+  kInt4 = 4,      // weights only: two per byte, low nibble first, with group-wise scales
+  kFp8E4m3 = 5,   // weights only: e4m3, float32 group-wise scales
+  kMxfp4 = 6,     // weights only: e2m1 two per byte, e8m0 scales per 32 weights
 };
+
+// Weights dequantised by the group-scaled mainloop: [K/G, N] scales per expert.
+constexpr bool is_group_scaled(DType t) {
+  return t == DType::kInt4 || t == DType::kFp8E4m3 || t == DType::kMxfp4;
+}
 
 // Activations between GEMM1 and GEMM2 (values are part of the binding's ABI; Python's
 // ActivationType carries FlashInfer's values and _ext maps them to these). Formulas: see
@@ -80,14 +87,23 @@ inline size_t dtype_size(DType t) {
       return 4;
     case DType::kInt8:
       return 1;
+    case DType::kFp8E4m3:
+      return 1;
     case DType::kInt4:
+    case DType::kMxfp4:
       return 0;  // not a whole byte: use dtype_bits
   }
   return 0;
 }
 
 inline size_t dtype_bits(DType t) {
-  return t == DType::kInt4 ? 4 : 8 * dtype_size(t);
+  return t == DType::kInt4 || t == DType::kMxfp4 ? 4 : 8 * dtype_size(t);
+}
+
+// Bytes of one weight scale: int8 and int4 scales are in the activation dtype, fp8's float32,
+// MXFP4's one e8m0 byte.
+inline size_t scale_size(DType weight, DType act) {
+  return weight == DType::kFp8E4m3 ? 4 : weight == DType::kMxfp4 ? 1 : dtype_size(act);
 }
 
 // Short name used in tactic names, messages and build info ("fp16", "bf16", "fp32", "int8").
@@ -103,6 +119,10 @@ inline const char* dtype_name(DType t) {
       return "int8";
     case DType::kInt4:
       return "int4";
+    case DType::kFp8E4m3:
+      return "fp8";
+    case DType::kMxfp4:
+      return "mxfp4";
   }
   return "unknown";
 }
@@ -116,8 +136,8 @@ struct MoeProblem {
   int top_k = 0;            // k
   int expert_start = 0;     // first global expert id owned by this rank (ep_rank * E_local)
   Activation activation = Activation::kSwiglu;
-  // int4 weights only: K elements per scale group of GEMM1 (K = H) and GEMM2 (K = I); a group
-  // as long as K is per-channel. 0 for other weights.
+  // Group-scaled weights only (int4, fp8, mxfp4): K elements per scale group of GEMM1 (K = H)
+  // and GEMM2 (K = I); a group as long as K is per-channel; mxfp4: 32. 0 for other weights.
   int64_t fc1_group_size = 0;
   int64_t fc2_group_size = 0;
 
@@ -135,8 +155,9 @@ struct MoePointers {
   const void* fc2_weights = nullptr;                // [E, H, I]  weight dtype
   const void* fc1_bias = nullptr;                   // [E, N1] activation dtype, optional
   const void* fc2_bias = nullptr;                   // [E, H]  activation dtype, optional
-  // Weight scales in the activation dtype: int8 [E, N1] / [E, H] (per channel); int4
-  // [E, H/G1, N1] / [E, I/G2, H] (per K-group of fc1_group_size / fc2_group_size elements).
+  // Weight scales: int8 [E, N1] / [E, H] (per channel, activation dtype); group-scaled formats
+  // [E, H/G1, N1] / [E, I/G2, H] (per K-group of fc1_group_size / fc2_group_size elements):
+  // int4 in the activation dtype, fp8 float32, mxfp4 e8m0 bytes.
   const void* fc1_scales = nullptr;
   const void* fc2_scales = nullptr;
   // int4 only, optional (both or neither): zero points shaped like the scales; a weight is

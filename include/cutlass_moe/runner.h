@@ -33,6 +33,9 @@
 //       multiples of 32 dividing K; K itself is per-channel) and optional zero points
 //       fc1_zeros/fc2_zeros shaped alike (both or neither; absent: zero = 8), all in the
 //       activation dtype. H and I must be multiples of 32.
+//       fp8 weights (kFp8E4m3): e4m3 [E, N, K] with float32 scales [E, K/G, N]; mxfp4 weights
+//       (kMxfp4): e2m1 bytes [E, N, K/2] (low nibble first) with e8m0 scales [E, K/32, N] and
+//       group sizes 32. Neither takes zero points.
 //   .prepare_gemm_profile(gemm, num_tokens, hidden_size, inter_size, num_experts, top_k,
 //            activation, weights, workspace, workspace_bytes, seed, stream, scales=0, zeros=0,
 //            group_size=0) -> None

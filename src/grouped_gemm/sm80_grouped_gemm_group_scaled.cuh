@@ -1,37 +1,40 @@
-// Sm80 grouped GEMM with int4 group-wise weights (W4A16): 16-bit activations x packed int4
-// expert weights, dequantised in the mainloop, one problem per expert, scheduled on the device.
+// Sm80 grouped GEMM with group-scaled weight-only experts: 16-bit activations x packed int4
+// (W4A16), FP8 e4m3 or MXFP4 e2m1 expert weights, dequantised in the mainloop, one problem per
+// expert, scheduled on the device (docs/architecture.md, "int4 weights" and "FP8 and MXFP4
+// weights").
 //
-// Math, per expert e:  D_e[M_e, N] = A_e[M_e, K] · W_e[N, K]^T, with
-//   W_e[n, k] = (q_e[n, k] - z_e[k / G, n]) * s_e[k / G, n]
-//   q_e      unsigned nibbles, [N, K/2] bytes (K contiguous), nibble k in the low half of byte
-//            k / 2 when k is even; ldb counts nibbles (>= K).
-//   s_e, z_e scales and optional zero points in the activation dtype, [K/G, N] (N contiguous);
-//            without zero points z = 8 (a symmetric signed nibble q - 8).
-//   G        the group size, a runtime value: a multiple of 32 that divides K (K: per channel).
-// The dequantised weight is computed in fp32 (exact: a 5-bit integer times a 16-bit scale) and
-// rounded once to the activation dtype, then multiplied on 16-bit tensor cores with fp32
-// accumulation; D is rounded once in the epilogue.
+// Math, per expert e:  D_e[M_e, N] = A_e[M_e, K] · W_e[N, K]^T, with W_e[n, k] a function of the
+// packed weight q_e[n, k] and the scale s_e[k / G, n] (N contiguous, [K/G, N] per expert):
+//   int4   W = (q - z) * s, q an unsigned nibble, s and the optional zero point z in the
+//          activation dtype (without zero points z = 8);
+//   fp8    W = e4m3(q) * s, s float32;
+//   mxfp4  W = e2m1(q) * 2^(x - 127), x the e8m0 scale byte (G = 32).
+// Packed weights are [N, K * bits / 8] bytes (K contiguous; 4-bit ones low nibble first); ldb
+// counts weights. G, the group size, is a runtime value: a multiple of 32 that divides K (K: per
+// channel). Each weight is computed in fp32 (exact for int4: a 5-bit integer times a 16-bit
+// scale) and rounded once to the activation dtype, then multiplied on 16-bit tensor cores with
+// fp32 accumulation; D is rounded once in the epilogue.
 //
-// CUTLASS 4.2's 2.x mainloops do not pair 16-bit A with 4-bit B on Sm80, so the mainloop is the
-// project's. It reuses CUTLASS's 16-bit x 16-bit building blocks (DefaultMmaCore's shared-memory
-// layouts and warp-level tensor-op MMA, and the predicated cp.async iterator for A):
+// CUTLASS 4.2's 2.x mainloops do not pair 16-bit A with these B types on Sm80, so the mainloop is
+// the project's. It reuses CUTLASS's 16-bit x 16-bit building blocks (DefaultMmaCore's
+// shared-memory layouts and warp-level tensor-op MMA, and the predicated cp.async iterator for A):
 //   - Stages-deep cp.async pipeline: each stage holds the A tile (16-bit, CUTLASS layout), the
-//     raw packed B tile (TileN x 32 bytes, a column's 64 nibbles contiguous) and, for each
-//     32-long half of the K-tile, one row of scales and of zero points (a 32-long half lies in
-//     one group, since G is a multiple of 32 and K-tiles start at multiples of 32).
+//     raw packed B tile (a column's 64 weights contiguous) and, for each 32-long half of the
+//     K-tile, one row of scales (int4: and of zero points); a 32-long half lies in one group,
+//     since G is a multiple of 32 and K-tiles start at multiples of 32.
 //   - Per K-tile, the block dequantises the ready stage's packed tile into a single 16-bit B tile
-//     in CUTLASS's crosswise shared-memory layout (one thread per column, 8 nibbles -> one
-//     16-byte vector by packed 16-bit math), then the warps run the tile's tensor-core MMAs from
-//     shared memory as the stock mainloop does. Dequantisation costs TileN x 64 conversions per K-tile, shared by the
-//     TileM rows of the tile; the packed tile moves a quarter of a 16-bit tile's bytes.
+//     in CUTLASS's crosswise shared-memory layout (one thread per column; int4 by packed 16-bit
+//     math, the others in fp32), then the warps run the tile's tensor-core MMAs from shared
+//     memory as the stock mainloop does. Dequantisation costs TileN x 64 conversions per K-tile,
+//     shared by the TileM rows of the tile.
 //   - K-tiles follow CUTLASS's predicated iterator: the first tile covers the residue K % 64
 //     (or a full 64), the others full tiles; B, scales and zero points use the same offsets.
 // Scheduling is CUTLASS's GemmGroupedProblemVisitor over device-resident problem sizes (no host
 // synchronisation), walked by the project's tile loop (tile_loop.cuh, with its tile order).
 //
-// Alignment (the caller checks): K % 32 == 0 (16-byte packed vectors), N % 8 == 0 (16-byte
-// scale and output accesses), lda % 8 == 0, ldd % 8 == 0; A, q, s, z and D 16-byte aligned.
-// M_e may be 0 (the expert is skipped). Scale pointers must not be null.
+// Alignment (the caller checks): K % 32 == 0, N % 8 == 0 (mxfp4: N % 16, 16-byte rows of scale
+// bytes), lda % 8 == 0, ldd % 8 == 0; A, q, s, z and D 16-byte aligned. M_e may be 0 (the
+// expert is skipped). Scale pointers must not be null.
 //
 // Instantiated by generated files (tools/generate_kernels.py); keep this header free of torch and
 // pybind11.
@@ -109,29 +112,141 @@ CUTLASS_DEVICE uint4 dequantise8_packed(uint32_t word, typename PackedDequant<El
                     __byte_perm(r[0], r[1], 0x7632), __byte_perm(r[2], r[3], 0x7632));
 }
 
-// Device-resident per-problem arrays of an int4 grouped GEMM (one entry per problem) and the
-// launch-wide group size.
-template <typename Element, typename OutputParams>
-struct Int4GemmParams {
+// The weight formats of the group-scaled mainloop: bits per weight, the scales' element type,
+// whether zero points exist, and the conversion of one column's 32-long K-half into four 16-byte
+// vectors of the activation dtype (`words`: the half's packed bytes as 32-bit words).
+namespace weight_format {
+
+// int4: unsigned nibbles, scales in the activation dtype, optional zero points (default 8).
+template <typename Element>
+struct Int4 {
+  static constexpr int kBits = 4;
+  using Scale = Element;
+  static constexpr bool kZeros = true;
+
+  CUTLASS_DEVICE static void dequantise(const uint32_t* words, Scale scale_value,
+                                        const Element* zero_value, uint4* out) {
+    using D = PackedDequant<Element>;
+    const float scale = float(scale_value);
+    const float zero = zero_value != nullptr ? float(*zero_value) : 8.0f;
+    if (zero == rintf(zero) && fabsf(zero) < 64.0f) {
+      const typename D::Pair s2 = D::pair(scale);
+      const typename D::Pair c2 = D::pair(D::kOffset + zero);
+      CUTLASS_PRAGMA_UNROLL
+      for (int w = 0; w < 4; ++w) out[w] = dequantise8_packed<Element>(words[w], s2, c2);
+      return;
+    }
+    // Other zero points: fp32, where q placed in the low mantissa bits of 2^23 is 2^23 + q
+    // exactly.
+    const float bias = 8388608.0f + zero;
+    cutlass::NumericArrayConverter<Element, float, 8> convert;
+    CUTLASS_PRAGMA_UNROLL
+    for (int w = 0; w < 4; ++w) {
+      cutlass::Array<float, 8> v;
+      CUTLASS_PRAGMA_UNROLL
+      for (int j = 0; j < 8; ++j) {
+        v[j] = (__uint_as_float(0x4B000000u | ((words[w] >> (4 * j)) & 0xFu)) - bias) * scale;
+      }
+      *reinterpret_cast<cutlass::Array<Element, 8>*>(&out[w]) = convert(v);
+    }
+  }
+};
+
+// FP8 e4m3 (one byte per weight), float32 scales: w = round(float(v) * s). The code's
+// exponent-and-mantissa bits placed at fp32 bits 26..20 read as v * 2^-120 (normal and
+// subnormal codes alike), so one multiply by 2^120 restores v exactly.
+template <typename Element>
+struct Fp8E4m3 {
+  static constexpr int kBits = 8;
+  using Scale = float;
+  static constexpr bool kZeros = false;
+
+  CUTLASS_DEVICE static float value(uint32_t code) {
+    return __uint_as_float(((code & 0x7Fu) << 20) | ((code & 0x80u) << 24)) *
+           __uint_as_float(0x7B800000u);  // 2^120
+  }
+
+  CUTLASS_DEVICE static void dequantise(const uint32_t* words, Scale scale, const Element*,
+                                        uint4* out) {
+    cutlass::NumericArrayConverter<Element, float, 8> convert;
+    CUTLASS_PRAGMA_UNROLL
+    for (int w = 0; w < 4; ++w) {
+      cutlass::Array<float, 8> v;
+      CUTLASS_PRAGMA_UNROLL
+      for (int j = 0; j < 8; ++j) {
+        v[j] = value((words[2 * w + j / 4] >> (8 * (j % 4))) & 0xFFu) * scale;
+      }
+      *reinterpret_cast<cutlass::Array<Element, 8>*>(&out[w]) = convert(v);
+    }
+  }
+};
+
+// MXFP4: e2m1 nibbles (low nibble first, as int4), one e8m0 scale 2^(x - 127) per 32 weights
+// (x = 255: NaN). The code's exponent-and-mantissa bits placed at fp32 bits 24..22 read as
+// v * 2^-126 (the subnormal code 0b001 included), restored by one multiply by 2^126.
+template <typename Element>
+struct Mxfp4 {
+  static constexpr int kBits = 4;
+  using Scale = uint8_t;
+  static constexpr bool kZeros = false;
+
+  CUTLASS_DEVICE static float scale_of(uint32_t x) {
+    return x == 0 ? __uint_as_float(0x00400000u)                         // 2^-127
+                  : x == 255 ? __uint_as_float(0x7FC00000u) : __uint_as_float(x << 23);
+  }
+
+  CUTLASS_DEVICE static void dequantise(const uint32_t* words, Scale scale_code, const Element*,
+                                        uint4* out) {
+    const float scale = scale_of(scale_code);
+    cutlass::NumericArrayConverter<Element, float, 8> convert;
+    CUTLASS_PRAGMA_UNROLL
+    for (int w = 0; w < 4; ++w) {
+      cutlass::Array<float, 8> v;
+      CUTLASS_PRAGMA_UNROLL
+      for (int j = 0; j < 8; ++j) {
+        const uint32_t code = (words[w] >> (4 * j)) & 0xFu;
+        const float e2m1 =
+            __uint_as_float(((code & 0x7u) << 22) | ((code & 0x8u) << 28)) *
+            __uint_as_float(0x7E800000u);  // 2^126
+        v[j] = e2m1 * scale;
+      }
+      *reinterpret_cast<cutlass::Array<Element, 8>*>(&out[w]) = convert(v);
+    }
+  }
+};
+
+}  // namespace weight_format
+
+// Device-resident per-problem arrays of a group-scaled grouped GEMM (one entry per problem) and
+// the launch-wide group size.
+template <typename Element, typename Scale, typename OutputParams>
+struct GroupScaledGemmParams {
   OutputParams output_op{};
   Element** ptr_A = nullptr;
-  uint8_t** ptr_B = nullptr;    // packed nibbles [N, K/2]
+  uint8_t** ptr_B = nullptr;      // packed weights [N, K * bits / 8] bytes
   Element** ptr_D = nullptr;
-  Element** ptr_scale = nullptr;  // [K/G, N], never null
-  Element** ptr_zero = nullptr;   // [K/G, N] entries, or null entries (zero point 8)
+  Scale** ptr_scale = nullptr;    // [K/G, N], never null
+  Element** ptr_zero = nullptr;   // int4: [K/G, N] entries, or null entries (zero point 8)
   int64_t* lda = nullptr;
-  int64_t* ldb = nullptr;         // in nibbles
+  int64_t* ldb = nullptr;         // in weights (elements), not bytes
   int64_t* ldd = nullptr;
   int group_size = 0;
 };
 
 // The mainloop of one output tile: accumulators = A[tile rows, :] * dequant(B)[:, tile columns].
-template <typename Element, int TileM, int TileN, int WarpM, int WarpN, int Stages>
-struct Int4Mainloop {
+template <typename Element, typename Format_, int TileM, int TileN, int WarpM, int WarpN,
+          int Stages>
+struct GroupScaledMainloop {
   static_assert(Stages >= 2, "the pipeline needs at least two stages");
   static constexpr int kTileK = 64;
-  static constexpr int kHalfK = 32;                    // K of one packed 16-byte vector
-  static constexpr int kPackedBytes = kTileK / 2;      // bytes of one column of a packed tile
+  static constexpr int kHalfK = 32;  // a K-half: one scale (and zero point) row per half
+  static constexpr int kBits = Format_::kBits;
+  static constexpr int kPackedBytes = kTileK * kBits / 8;  // one column of a packed tile
+  static constexpr int kChunkK = 128 / kBits;              // K of one 16-byte packed chunk
+  using Format = Format_;
+  using Scale = typename Format::Scale;
+  static constexpr int kScalesPerChunk = 16 / int(sizeof(Scale));
+  static_assert(TileN % kScalesPerChunk == 0, "scale rows are copied in 16-byte chunks");
 
   using Shape = cutlass::gemm::GemmShape<TileM, TileN, kTileK>;
   using WarpShape = cutlass::gemm::GemmShape<WarpM, WarpN, kTileK>;
@@ -163,9 +278,9 @@ struct Int4Mainloop {
   struct SharedStorage {
     cutlass::AlignedBuffer<Element, TileM * kTileK * Stages> a;      // A tiles (CUTLASS layout)
     cutlass::AlignedBuffer<Element, kTileK * TileN> b;               // dequantised B tile
-    cutlass::AlignedBuffer<uint8_t, Stages * TileN * kPackedBytes> packed;  // [stage][n][32 B]
-    cutlass::AlignedBuffer<Element, Stages * 2 * TileN> scales;      // [stage][half][n]
-    cutlass::AlignedBuffer<Element, Stages * 2 * TileN> zeros;       // [stage][half][n]
+    cutlass::AlignedBuffer<uint8_t, Stages * TileN * kPackedBytes> packed;  // [stage][n][bytes]
+    cutlass::AlignedBuffer<Scale, Stages * 2 * TileN> scales;        // [stage][half][n]
+    cutlass::AlignedBuffer<Element, Format::kZeros ? Stages * 2 * TileN : 8> zeros;  // likewise
 
     CUTLASS_DEVICE cutlass::TensorRef<Element, SmemLayoutA> a_ref() {
       return {a.data(), SmemLayoutA::packed({TileM, kTileK * Stages})};
@@ -177,10 +292,10 @@ struct Int4Mainloop {
 
   // What one tile reads besides A.
   struct BOperand {
-    const uint8_t* packed;  // the problem's [N, K/2] bytes
-    int64_t row_bytes;      // ldb / 2
-    const Element* scales;  // [K/G, N]
-    const Element* zeros;   // [K/G, N] or null
+    const uint8_t* packed;  // the problem's packed [N, K] weights
+    int64_t row_bytes;      // ldb * bits / 8
+    const Scale* scales;    // [K/G, N]
+    const Element* zeros;   // int4: [K/G, N] or null; null for the other formats
     int n0;                 // the tile's first column
     int n;                  // N
     int group_size;
@@ -192,43 +307,52 @@ struct Int4Mainloop {
                                     int k_extent, bool active) {
     const int thread = threadIdx.x;
     uint8_t* packed = s.packed.data() + slot * TileN * kPackedBytes;
-    constexpr int kChunks = TileN * 2;  // two 16-byte halves per column
+    constexpr int kColumnChunks = kPackedBytes / 16;
+    constexpr int kChunks = TileN * kColumnChunks;
     CUTLASS_PRAGMA_UNROLL
     for (int i = 0; i < (kChunks + kThreads - 1) / kThreads; ++i) {
       const int c = thread + i * kThreads;
       if (kChunks % kThreads == 0 || c < kChunks) {
-        const int col = c >> 1, half = c & 1;
-        const bool valid = active && b.n0 + col < b.n && half * kHalfK < k_extent;
-        const uint8_t* src =
-            valid ? b.packed + int64_t(b.n0 + col) * b.row_bytes + (k_begin + half * kHalfK) / 2
-                  : b.packed;
+        const int col = c / kColumnChunks, part = c % kColumnChunks;
+        const bool valid = active && b.n0 + col < b.n && part * kChunkK < k_extent;
+        const uint8_t* src = valid ? b.packed + int64_t(b.n0 + col) * b.row_bytes +
+                                         (k_begin + part * kChunkK) * kBits / 8
+                                   : b.packed;
         cutlass::arch::cp_async_zfill<16, cutlass::arch::CacheOperation::Global>(
-            packed + col * kPackedBytes + half * 16, src, valid);
+            packed + col * kPackedBytes + part * 16, src, valid);
       }
     }
     // One row of scales (and zero points) per 32-long half of the K-tile: its group's row.
-    constexpr int kRowChunks = TileN / 8;
-    constexpr int kScaleChunks = 2 * kRowChunks;
-    const int copies = b.zeros != nullptr ? 2 * kScaleChunks : kScaleChunks;
-    for (int c = thread; c < copies; c += kThreads) {
-      const bool zero = c >= kScaleChunks;
-      const int chunk = zero ? c - kScaleChunks : c;
-      const int half = chunk / kRowChunks;
-      const int col = (chunk % kRowChunks) * 8;
+    constexpr int kRowChunks = TileN / kScalesPerChunk;
+    for (int c = thread; c < 2 * kRowChunks; c += kThreads) {
+      const int half = c / kRowChunks;
+      const int col = (c % kRowChunks) * kScalesPerChunk;
       const bool valid = active && b.n0 + col < b.n && half * kHalfK < k_extent;
-      const Element* base = zero ? b.zeros : b.scales;
       const int64_t group = valid ? (k_begin + half * kHalfK) / b.group_size : 0;
-      const Element* src = valid ? base + group * b.n + b.n0 + col : base;
-      Element* dst = (zero ? s.zeros.data() : s.scales.data()) + (slot * 2 + half) * TileN + col;
-      cutlass::arch::cp_async_zfill<16, cutlass::arch::CacheOperation::Global>(dst, src, valid);
+      cutlass::arch::cp_async_zfill<16, cutlass::arch::CacheOperation::Global>(
+          s.scales.data() + (slot * 2 + half) * TileN + col,
+          valid ? b.scales + group * b.n + b.n0 + col : b.scales, valid);
+    }
+    if constexpr (Format::kZeros) {
+      if (b.zeros == nullptr) return;
+      constexpr int kZeroChunks = TileN / 8;
+      for (int c = thread; c < 2 * kZeroChunks; c += kThreads) {
+        const int half = c / kZeroChunks;
+        const int col = (c % kZeroChunks) * 8;
+        const bool valid = active && b.n0 + col < b.n && half * kHalfK < k_extent;
+        const int64_t group = valid ? (k_begin + half * kHalfK) / b.group_size : 0;
+        cutlass::arch::cp_async_zfill<16, cutlass::arch::CacheOperation::Global>(
+            s.zeros.data() + (slot * 2 + half) * TileN + col,
+            valid ? b.zeros + group * b.n + b.n0 + col : b.zeros, valid);
+      }
     }
   }
 
-  // Every int4 tile has one thread per column (kThreads == TileN): thread t dequantises column
-  // t of each K-tile, whose 64 nibbles are two 16-byte reads, with one scale (and zero point)
-  // per 32-long half. Its eight 16-byte destinations in the B tile are the same for every
-  // K-tile, so their offsets are computed once.
-  static_assert(kThreads == TileN, "the int4 dequantisation maps one thread to one column");
+  // Every tile has one thread per column (kThreads == TileN): thread t dequantises column t of
+  // each K-tile (its packed bytes read as 16-byte vectors), with one scale (and zero point) per
+  // 32-long half. Its eight 16-byte destinations in the B tile are the same for every K-tile, so
+  // their offsets are computed once.
+  static_assert(kThreads == TileN, "the dequantisation maps one thread to one column");
   struct BTileOffsets {
     int at[kTileK / 8];
   };
@@ -243,46 +367,32 @@ struct Int4Mainloop {
     return o;
   }
 
-  // Stage `slot`'s packed tile -> the 16-bit B tile, w = (q - z) * s rounded once.
+  // Stage `slot`'s packed tile -> the 16-bit B tile, each weight rounded once (Format).
   CUTLASS_DEVICE static void dequantise(SharedStorage& s, int slot, bool has_zeros,
                                         BTileOffsets const& offsets) {
-    using D = PackedDequant<Element>;
+    constexpr int kHalfWords = kPackedBytes / 2 / 4;  // 32-bit words of one K-half
     const int col = threadIdx.x;
     const uint4* packed =
         reinterpret_cast<const uint4*>(s.packed.data() + (slot * TileN + col) * kPackedBytes);
-    const Element* scales = s.scales.data() + slot * 2 * TileN + col;
-    const Element* zeros = s.zeros.data() + slot * 2 * TileN + col;
+    const Scale* scales = s.scales.data() + slot * 2 * TileN + col;
+    const Element* zeros = s.zeros.data() + (Format::kZeros ? slot * 2 * TileN + col : 0);
     Element* b = s.b.data();
-    cutlass::NumericArrayConverter<Element, float, 8> convert;
     CUTLASS_PRAGMA_UNROLL
     for (int half = 0; half < 2; ++half) {
-      const uint4 vec = packed[half];
-      const uint32_t words[4] = {vec.x, vec.y, vec.z, vec.w};
-      const float scale = float(scales[half * TileN]);
-      const float zero = has_zeros ? float(zeros[half * TileN]) : 8.0f;
-      if (zero == rintf(zero) && fabsf(zero) < 64.0f) {
-        const typename D::Pair s2 = D::pair(scale);
-        const typename D::Pair c2 = D::pair(D::kOffset + zero);
-        CUTLASS_PRAGMA_UNROLL
-        for (int w = 0; w < 4; ++w) {
-          *reinterpret_cast<uint4*>(b + offsets.at[half * 4 + w]) =
-              dequantise8_packed<Element>(words[w], s2, c2);
-        }
-      } else {
-        // Other zero points: fp32, where q placed in the low mantissa bits of 2^23 is
-        // 2^23 + q exactly.
-        const float bias = 8388608.0f + zero;
-        CUTLASS_PRAGMA_UNROLL
-        for (int w = 0; w < 4; ++w) {
-          cutlass::Array<float, 8> v;
-          CUTLASS_PRAGMA_UNROLL
-          for (int j = 0; j < 8; ++j) {
-            v[j] = (__uint_as_float(0x4B000000u | ((words[w] >> (4 * j)) & 0xFu)) - bias) * scale;
-          }
-          *reinterpret_cast<cutlass::Array<Element, 8>*>(b + offsets.at[half * 4 + w]) =
-              convert(v);
-        }
+      uint32_t words[kHalfWords];
+      CUTLASS_PRAGMA_UNROLL
+      for (int v = 0; v < kHalfWords / 4; ++v) {
+        const uint4 vec = packed[half * (kHalfWords / 4) + v];
+        words[4 * v] = vec.x;
+        words[4 * v + 1] = vec.y;
+        words[4 * v + 2] = vec.z;
+        words[4 * v + 3] = vec.w;
       }
+      uint4 out[4];
+      Format::dequantise(words, scales[half * TileN],
+                         has_zeros ? zeros + half * TileN : nullptr, out);
+      CUTLASS_PRAGMA_UNROLL
+      for (int w = 0; w < 4; ++w) *reinterpret_cast<uint4*>(b + offsets.at[half * 4 + w]) = out[w];
     }
   }
 
@@ -297,7 +407,7 @@ struct Int4Mainloop {
     const int residue = k_total - (k_iterations - 1) * kTileK;
     auto k_begin = [&](int tile) { return tile == 0 ? 0 : residue + (tile - 1) * kTileK; };
     auto k_extent = [&](int tile) { return tile == 0 ? residue : kTileK; };
-    const bool has_zeros = b.zeros != nullptr;
+    const bool has_zeros = Format::kZeros && b.zeros != nullptr;
     const BTileOffsets b_offsets = b_tile_offsets();
 
     SmemIteratorA smem_a(s.a_ref(), thread);
@@ -369,10 +479,10 @@ struct Int4Mainloop {
   }
 };
 
-// Kernel level: the project's tile loop over every problem's tiles, the int4 mainloop, and
+// Kernel level: the project's tile loop over every problem's tiles, the group-scaled mainloop, and
 // CUTLASS's tensor-op epilogue (D = accumulator, rounded to the output dtype).
 template <typename Mainloop, typename Epilogue>
-struct Sm80GroupedGemmInt4Kernel {
+struct Sm80GroupedGemmGroupScaledKernel {
   using Element = typename Mainloop::IteratorA::Element;
   using ElementD = typename Epilogue::OutputTileIterator::Element;
   using LayoutD = typename Epilogue::OutputTileIterator::Layout;
@@ -384,7 +494,8 @@ struct Sm80GroupedGemmInt4Kernel {
       ThreadblockShape, cutlass::gemm::kernel::GroupScheduleMode::kDeviceOnly, kThreadCount,
       kThreadCount, /*Transposed=*/false>;
 
-  struct Params : Int4GemmParams<Element, typename OutputOp::Params> {
+  struct Params
+      : GroupScaledGemmParams<Element, typename Mainloop::Scale, typename OutputOp::Params> {
     typename ProblemVisitor::Params problem_visitor{};
   };
 
@@ -398,7 +509,7 @@ struct Sm80GroupedGemmInt4Kernel {
   };
 
   CUTLASS_DEVICE
-  Sm80GroupedGemmInt4Kernel() {}
+  Sm80GroupedGemmGroupScaledKernel() {}
 
   CUTLASS_DEVICE
   void operator()(Params const& params, SharedStorage& shared_storage) {
@@ -412,9 +523,10 @@ struct Sm80GroupedGemmInt4Kernel {
               cutlass::MatrixCoord(tile.offset.row(), 0));
           typename Mainloop::BOperand b;
           b.packed = params.ptr_B[p];
-          b.row_bytes = params.ldb[p] / 2;
+          b.row_bytes = params.ldb[p] * Mainloop::kBits / 8;
           b.scales = params.ptr_scale[p];
-          b.zeros = params.ptr_zero != nullptr ? params.ptr_zero[p] : nullptr;
+          b.zeros = Mainloop::Format::kZeros && params.ptr_zero != nullptr ? params.ptr_zero[p]
+                                                                           : nullptr;
           b.n0 = tile.offset.column();
           b.n = tile.problem_size.n();
           b.group_size = params.group_size;
@@ -437,16 +549,17 @@ struct Sm80GroupedGemmInt4Kernel {
 };
 
 // The tactic's host side: the interface every grouped-GEMM tactic has (see tactic.h).
-template <typename Element, int TileM, int TileN, int TileK, int WarpM, int WarpN, int WarpK,
-          int Stages>
-struct Sm80GroupedGemmInt4 {
-  static_assert(TileK == 64 && WarpK == 64, "the int4 mainloop walks K in tiles of 64");
-  using Mainloop = Int4Mainloop<Element, TileM, TileN, WarpM, WarpN, Stages>;
+template <typename Element, template <typename> class FormatOf, int TileM, int TileN, int TileK,
+          int WarpM, int WarpN, int WarpK, int Stages>
+struct Sm80GroupedGemmGroupScaled {
+  static_assert(TileK == 64 && WarpK == 64, "the group-scaled mainloop walks K in tiles of 64");
+  using Format = FormatOf<Element>;
+  using Mainloop = GroupScaledMainloop<Element, Format, TileM, TileN, WarpM, WarpN, Stages>;
   static constexpr int kAlignmentD = 128 / cutlass::sizeof_bits<Element>::value;
   using OutputOp = cutlass::epilogue::thread::LinearCombination<Element, kAlignmentD, float, float>;
   using Epilogue = typename cutlass::epilogue::threadblock::DefaultEpilogueTensorOp<
       typename Mainloop::Shape, typename Mainloop::Operator, 1, OutputOp, kAlignmentD>::Epilogue;
-  using GemmKernel = Sm80GroupedGemmInt4Kernel<Mainloop, Epilogue>;
+  using GemmKernel = Sm80GroupedGemmGroupScaledKernel<Mainloop, Epilogue>;
 
   static constexpr int kThreads = GemmKernel::kThreadCount;
   static constexpr int kSmemBytes = int(sizeof(typename GemmKernel::SharedStorage));
@@ -455,11 +568,11 @@ struct Sm80GroupedGemmInt4 {
 
   static void launch(const GroupedGemmArgs& a, int threadblock_count, cudaStream_t stream) {
     if (a.ptr_scale == nullptr) {
-      throw InvalidArgument("int4 grouped GEMM needs per-expert scale pointers (ptr_scale)");
+      throw InvalidArgument("group-scaled grouped GEMM needs per-expert scale pointers");
     }
     if (a.group_size <= 0 || a.group_size % 32 != 0) {
-      throw InvalidArgument("int4 grouped GEMM: the group size must be a positive multiple of "
-                            "32 (got " + std::to_string(a.group_size) + ")");
+      throw InvalidArgument("group-scaled grouped GEMM: the group size must be a positive "
+                            "multiple of 32 (got " + std::to_string(a.group_size) + ")");
     }
     // Params built per call (no state kept between calls): thread-safe and graph-capturable.
     typename GemmKernel::Params params;
@@ -469,7 +582,7 @@ struct Sm80GroupedGemmInt4 {
     params.ptr_A = reinterpret_cast<Element**>(a.ptr_a);
     params.ptr_B = reinterpret_cast<uint8_t**>(a.ptr_b);
     params.ptr_D = reinterpret_cast<Element**>(a.ptr_d);
-    params.ptr_scale = reinterpret_cast<Element**>(a.ptr_scale);
+    params.ptr_scale = reinterpret_cast<typename Mainloop::Scale**>(a.ptr_scale);
     params.ptr_zero = reinterpret_cast<Element**>(a.ptr_zero);
     params.lda = a.lda;
     params.ldb = a.ldb;
@@ -479,6 +592,20 @@ struct Sm80GroupedGemmInt4 {
                                       a.pdl);
   }
 };
+
+// The three formats' tactics (tools/generate_kernels.py names them by these).
+template <typename Element, int TileM, int TileN, int TileK, int WarpM, int WarpN, int WarpK,
+          int Stages>
+using Sm80GroupedGemmInt4 = Sm80GroupedGemmGroupScaled<Element, weight_format::Int4, TileM, TileN,
+                                                       TileK, WarpM, WarpN, WarpK, Stages>;
+template <typename Element, int TileM, int TileN, int TileK, int WarpM, int WarpN, int WarpK,
+          int Stages>
+using Sm80GroupedGemmFp8 = Sm80GroupedGemmGroupScaled<Element, weight_format::Fp8E4m3, TileM,
+                                                      TileN, TileK, WarpM, WarpN, WarpK, Stages>;
+template <typename Element, int TileM, int TileN, int TileK, int WarpM, int WarpN, int WarpK,
+          int Stages>
+using Sm80GroupedGemmMxfp4 = Sm80GroupedGemmGroupScaled<Element, weight_format::Mxfp4, TileM,
+                                                        TileN, TileK, WarpM, WarpN, WarpK, Stages>;
 
 }  // namespace grouped_gemm
 }  // namespace cutlass_moe
