@@ -53,6 +53,8 @@ GROUP_SCALED_FORMATS = ("int4", "fp8", "mxfp4")
 DECODE_WEIGHT_TYPES = {
     "int8": "int8_t",
     "int4": "cutlass::uint4b_t",
+    "fp8": "cutlass::float_e4m3_t",
+    "mxfp4": "cutlass::float_e2m1_t",
 }
 
 # Kernel template header and class of each weight kind ("16bit": weights in the activation dtype).
@@ -311,6 +313,12 @@ FULL_DECODE = {
     # take one column and 8 rows are not compiled.
     ("int4", False): [(1, 2, 4, 4), (2, 2, 4, 4), (4, 1, 4, 2)],
     ("int4", True): [(1, 1, 4, 4), (2, 1, 4, 4), (4, 1, 4, 2)],
+    # fp8 (16 weights per vector) and mxfp4 (32): int4's shapes, bar 4 gated mxfp4 rows (255
+    # registers and a 56-byte spill on sm_90).
+    ("fp8", False): [(1, 2, 4, 4), (2, 2, 4, 4), (4, 1, 4, 2)],
+    ("fp8", True): [(1, 1, 4, 4), (2, 1, 4, 4), (4, 1, 4, 2)],
+    ("mxfp4", False): [(1, 2, 4, 4), (2, 2, 4, 4), (4, 1, 4, 2)],
+    ("mxfp4", True): [(1, 1, 4, 4), (2, 1, 4, 4)],
 }
 FAST_DECODE = {kind: configs[1:2] for kind, configs in FULL_DECODE.items()}
 

@@ -18,9 +18,10 @@
 //   every block that works on this chunk reads the same few KB.
 // - Products are summed in fp32 per lane, then across the warp by a fixed butterfly: results do
 //   not depend on timing (deterministic).
-// - int4 weights: a 16-byte vector holds 32 nibbles of one K-group (groups are multiples of 32
-//   long), so each lane reads one scale (and zero point) per vector and column, converts the
-//   nibbles to exact fp32 (q - zero) and applies the scale once to the vector's partial sums.
+// - Group-scaled weights (int4, fp8, mxfp4): a 16-byte vector holds 32 or 16 weights of one
+//   K-group (groups are multiples of 32 long), so each lane reads one scale (int4: and zero
+//   point) per vector and column, converts the weights to exact fp32 (int4: q - zero) and
+//   applies the scale once to the vector's partial sums.
 // - Epilogue: int8 weights' per-column scale, rounding to the activation dtype where the unfused
 //   path rounds (GEMM1's output; then bias and activation in fp32, as the activation kernel).
 //
@@ -33,15 +34,19 @@
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include <cub/block/block_scan.cuh>
 
 #include "activation_math.cuh"
+#include "cutlass/float8.h"
+#include "cutlass/float_subbyte.h"
 #include "cutlass/gemm_coord.h"
 #include "cutlass/numeric_types.h"
 #include "cutlass_moe/cuda_check.h"
 #include "cutlass_moe/problem.h"
 #include "cutlass_moe/tactic.h"
+#include "grouped_gemm/weight_codes.cuh"
 #include "launch.cuh"
 
 namespace cutlass_moe {
@@ -71,19 +76,51 @@ __device__ __forceinline__ void to_float(const uint4& v, cutlass::half_t, float*
   }
 }
 
-// int8 -> fp32 without the (quarter-rate) integer conversion: byte b ^ 0x80 placed in the low
-// mantissa bits of 2^23 gives 2^23 + b + 128 exactly, one byte permute and one add per value.
-__device__ __forceinline__ void to_float(const uint4& v, int8_t, float* out) {
-  const uint32_t words[4] = {v.x ^ 0x80808080u, v.y ^ 0x80808080u, v.z ^ 0x80808080u,
-                             v.w ^ 0x80808080u};
+// Weights k = 8 part .. 8 part + 7 of a 16-byte weight vector, to fp32. `bias` (int4 only) is
+// 2^23 + the vector's zero point.
+template <typename Element>
+__device__ __forceinline__ void weights8(const uint4& v, int, Element, float, float* out) {
+  to_float(v, Element(), out);  // 16-bit weights: the vector is one part
+}
+
+// int8 without the (quarter-rate) integer conversion: byte b ^ 0x80 placed in the low mantissa
+// bits of 2^23 gives 2^23 + b + 128 exactly, one byte permute and one add per value.
+__device__ __forceinline__ void weights8(const uint4& v, int part, int8_t, float, float* out) {
+  const uint32_t* words = reinterpret_cast<const uint32_t*>(&v) + 2 * part;
   constexpr float kBias = 8388608.0f + 128.0f;
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
+  for (int i = 0; i < 2; ++i) {
+    const uint32_t word = words[i] ^ 0x80808080u;
 #pragma unroll
     for (int b = 0; b < 4; ++b) {
-      out[4 * i + b] = __uint_as_float(__byte_perm(words[i], 0x4B000000u, 0x7440 + b)) - kBias;
+      out[4 * i + b] = __uint_as_float(__byte_perm(word, 0x4B000000u, 0x7440 + b)) - kBias;
     }
   }
+}
+
+// int4: nibble q placed in the low mantissa bits of 2^23 is 2^23 + q exactly, so subtracting
+// 2^23 + zero gives q - zero exactly.
+__device__ __forceinline__ void weights8(const uint4& v, int part, cutlass::uint4b_t, float bias,
+                                         float* out) {
+  const uint32_t word = reinterpret_cast<const uint32_t*>(&v)[part];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    out[i] = __uint_as_float(0x4B000000u | ((word >> (4 * i)) & 0xFu)) - bias;
+  }
+}
+
+__device__ __forceinline__ void weights8(const uint4& v, int part, cutlass::float_e4m3_t, float,
+                                         float* out) {
+  const uint32_t* words = reinterpret_cast<const uint32_t*>(&v) + 2 * part;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) out[i] = e4m3_value(words[i / 4] >> (8 * (i % 4)));
+}
+
+__device__ __forceinline__ void weights8(const uint4& v, int part, cutlass::float_e2m1_t, float,
+                                         float* out) {
+  const uint32_t word = reinterpret_cast<const uint32_t*>(&v)[part];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) out[i] = e2m1_value(word >> (4 * i));
 }
 
 __device__ __forceinline__ uint4 load_streaming(const void* p) {
@@ -138,8 +175,12 @@ struct Kernel {
   static constexpr int kWeightBits = cutlass::sizeof_bits<Weight>::value;
   static constexpr int kVec = 128 / kWeightBits;  // weights per 16-byte vector
   static constexpr int kStep = 32 * kVec;         // K per warp-wide step
-  static constexpr bool kInt8 = kWeightBits == 8;
-  static constexpr bool kInt4 = kWeightBits == 4;
+  static constexpr bool kInt8 = std::is_same<Weight, int8_t>::value;
+  static constexpr bool kInt4 = std::is_same<Weight, cutlass::uint4b_t>::value;
+  static constexpr bool kFp8 = std::is_same<Weight, cutlass::float_e4m3_t>::value;
+  static constexpr bool kMxfp4 = std::is_same<Weight, cutlass::float_e2m1_t>::value;
+  // Scales per (K-group, column), applied to each vector's partial sums (one group per vector).
+  static constexpr bool kGroupScaled = kInt4 || kFp8 || kMxfp4;
 
   using BlockScan = cub::BlockScan<int, kThreads>;
   struct SharedStorage {
@@ -216,8 +257,9 @@ struct Kernel {
         w_rows[c][h] = b + w_cols[c][h] * ldb * kWeightBits / 8;
       }
     }
-    // int4: scale (and zero) rows of kHalves * N columns, one row per K-group.
-    const Element* group_scales = kInt4 ? static_cast<const Element*>(p.ptr_scale[e]) : nullptr;
+    // Group-scaled weights: scale (int4: and zero point) rows of kHalves * N columns, one row
+    // per K-group; int4 scales in the activation dtype, fp8's float32, mxfp4's e8m0 bytes.
+    const void* group_scales = kGroupScaled ? p.ptr_scale[e] : nullptr;
     const Element* group_zeros =
         kInt4 && p.ptr_zero != nullptr ? static_cast<const Element*>(p.ptr_zero[e]) : nullptr;
     const int64_t scale_ld = kHalves * n_total;
@@ -232,8 +274,8 @@ struct Kernel {
 
     for (int64_t k_base = int64_t(lane) * kVec; k_base < k_total; k_base += kUnroll * kStep) {
       uint4 w[kUnroll][kColsPerWarp][kHalves];
-      // int4: each vector's scale and (zero point + 2^23), read with its weights.
-      float group_scale[kInt4 ? kUnroll : 1][kColsPerWarp][kHalves];
+      // Group-scaled: each vector's scale (int4: and zero point + 2^23), read with its weights.
+      float group_scale[kGroupScaled ? kUnroll : 1][kColsPerWarp][kHalves];
       float group_bias[kInt4 ? kUnroll : 1][kColsPerWarp][kHalves];
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
@@ -244,12 +286,18 @@ struct Kernel {
           for (int h = 0; h < kHalves; ++h) {
             w[u][c][h] = k < k_total ? load_streaming(w_rows[c][h] + k * kWeightBits / 8)
                                      : make_uint4(0, 0, 0, 0);
-            if constexpr (kInt4) {
+            if constexpr (kGroupScaled) {
               const int64_t at =
                   (k < k_total ? k / p.group_size : 0) * scale_ld + w_cols[c][h];
-              group_scale[u][c][h] = to_float(group_scales[at]);
-              group_bias[u][c][h] =
-                  8388608.0f + (group_zeros != nullptr ? to_float(group_zeros[at]) : 8.0f);
+              if constexpr (kInt4) {
+                group_scale[u][c][h] = to_float(static_cast<const Element*>(group_scales)[at]);
+                group_bias[u][c][h] =
+                    8388608.0f + (group_zeros != nullptr ? to_float(group_zeros[at]) : 8.0f);
+              } else if constexpr (kFp8) {
+                group_scale[u][c][h] = static_cast<const float*>(group_scales)[at];
+              } else {
+                group_scale[u][c][h] = e8m0_value(static_cast<const uint8_t*>(group_scales)[at]);
+              }
             }
           }
       }
@@ -257,43 +305,41 @@ struct Kernel {
       for (int u = 0; u < kUnroll; ++u) {
         const int64_t k = k_base + u * kStep;
         if (k >= k_total) break;
-        if constexpr (kInt4) {
-          // 32 nibbles per vector, 8 per 32-bit word: nibble q placed in the low mantissa bits
-          // of 2^23 is 2^23 + q exactly, so subtracting 2^23 + zero gives q - zero exactly.
-          float partial[kColsPerWarp][kHalves][kRows];
+        // Products in K order, 8 weights at a time (few live registers): into the accumulators,
+        // or, for group-scaled weights, into the vector's partial sums, scaled once after.
+        float partial[kColsPerWarp][kHalves][kRows];
+        auto* target = kGroupScaled ? partial : acc;
+        if constexpr (kGroupScaled) {
 #pragma unroll
           for (int c = 0; c < kColsPerWarp; ++c)
 #pragma unroll
             for (int h = 0; h < kHalves; ++h)
 #pragma unroll
               for (int m = 0; m < kRows; ++m) partial[c][h][m] = 0.0f;
+        }
 #pragma unroll
-          for (int part = 0; part < 4; ++part) {
-            float wf[kColsPerWarp][kHalves][8];
+        for (int part = 0; part < kVec / 8; ++part) {
+          float wf[kColsPerWarp][kHalves][8];
+#pragma unroll
+          for (int c = 0; c < kColsPerWarp; ++c)
+#pragma unroll
+            for (int h = 0; h < kHalves; ++h)
+              weights8(w[u][c][h], part, Weight(), kInt4 ? group_bias[kInt4 ? u : 0][c][h] : 0.0f,
+                       wf[c][h]);
+#pragma unroll
+          for (int m = 0; m < kRows; ++m) {
+            float a[8];
+            to_float(load_cached(a_rows[m] + k + part * 8), Element(), a);
 #pragma unroll
             for (int c = 0; c < kColsPerWarp; ++c)
 #pragma unroll
-              for (int h = 0; h < kHalves; ++h) {
-                const uint32_t word = reinterpret_cast<const uint32_t*>(&w[u][c][h])[part];
+              for (int h = 0; h < kHalves; ++h)
 #pragma unroll
-                for (int i = 0; i < 8; ++i) {
-                  wf[c][h][i] = __uint_as_float(0x4B000000u | ((word >> (4 * i)) & 0xFu)) -
-                                group_bias[u][c][h];
-                }
-              }
-#pragma unroll
-            for (int m = 0; m < kRows; ++m) {
-              float a[8];
-              to_float(load_cached(a_rows[m] + k + part * 8), Element(), a);
-#pragma unroll
-              for (int c = 0; c < kColsPerWarp; ++c)
-#pragma unroll
-                for (int h = 0; h < kHalves; ++h)
-#pragma unroll
-                  for (int i = 0; i < 8; ++i)
-                    partial[c][h][m] = fmaf(wf[c][h][i], a[i], partial[c][h][m]);
-            }
+                for (int i = 0; i < 8; ++i)
+                  target[c][h][m] = fmaf(wf[c][h][i], a[i], target[c][h][m]);
           }
+        }
+        if constexpr (kGroupScaled) {
 #pragma unroll
           for (int c = 0; c < kColsPerWarp; ++c)
 #pragma unroll
@@ -301,28 +347,6 @@ struct Kernel {
 #pragma unroll
               for (int m = 0; m < kRows; ++m)
                 acc[c][h][m] = fmaf(group_scale[u][c][h], partial[c][h][m], acc[c][h][m]);
-        } else {
-          float wf[kColsPerWarp][kHalves][kVec];
-#pragma unroll
-          for (int c = 0; c < kColsPerWarp; ++c)
-#pragma unroll
-            for (int h = 0; h < kHalves; ++h) to_float(w[u][c][h], Weight(), wf[c][h]);
-          // Activations 8 at a time (one 16-byte vector), in K order: few live registers.
-#pragma unroll
-          for (int m = 0; m < kRows; ++m) {
-#pragma unroll
-            for (int part = 0; part < kVec / 8; ++part) {
-              float a[8];
-              to_float(load_cached(a_rows[m] + k + part * 8), Element(), a);
-#pragma unroll
-              for (int c = 0; c < kColsPerWarp; ++c)
-#pragma unroll
-                for (int h = 0; h < kHalves; ++h)
-#pragma unroll
-                  for (int i = 0; i < 8; ++i)
-                    acc[c][h][m] = fmaf(wf[c][h][part * 8 + i], a[i], acc[c][h][m]);
-            }
-          }
         }
       }
     }
@@ -405,9 +429,10 @@ struct DecodeGemm {
     if (K::kInt8 && a.ptr_scale == nullptr) {
       throw InvalidArgument("decode GEMM: int8 weights need their per-column scales");
     }
-    if (K::kInt4 && (a.ptr_scale == nullptr || a.group_size <= 0 || a.group_size % 32 != 0)) {
-      throw InvalidArgument("decode GEMM: int4 weights need their scales and a group size that "
-                            "is a positive multiple of 32 (got " +
+    if (K::kGroupScaled &&
+        (a.ptr_scale == nullptr || a.group_size <= 0 || a.group_size % 32 != 0)) {
+      throw InvalidArgument("decode GEMM: group-scaled weights need their scales and a group size "
+                            "that is a positive multiple of 32 (got " +
                             std::to_string(a.group_size) + ")");
     }
     Params params;

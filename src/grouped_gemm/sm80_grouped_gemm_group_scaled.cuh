@@ -64,6 +64,7 @@
 #include "cutlass_moe/tactic.h"
 #include "grouped_gemm/kernel_setup.cuh"
 #include "grouped_gemm/tile_loop.cuh"
+#include "grouped_gemm/weight_codes.cuh"
 
 namespace cutlass_moe {
 namespace grouped_gemm {
@@ -152,19 +153,12 @@ struct Int4 {
   }
 };
 
-// FP8 e4m3 (one byte per weight), float32 scales: w = round(float(v) * s). The code's
-// exponent-and-mantissa bits placed at fp32 bits 26..20 read as v * 2^-120 (normal and
-// subnormal codes alike), so one multiply by 2^120 restores v exactly.
+// FP8 e4m3 (one byte per weight), float32 scales: w = round(e4m3(v) * s) (weight_codes.cuh).
 template <typename Element>
 struct Fp8E4m3 {
   static constexpr int kBits = 8;
   using Scale = float;
   static constexpr bool kZeros = false;
-
-  CUTLASS_DEVICE static float value(uint32_t code) {
-    return __uint_as_float(((code & 0x7Fu) << 20) | ((code & 0x80u) << 24)) *
-           __uint_as_float(0x7B800000u);  // 2^120
-  }
 
   CUTLASS_DEVICE static void dequantise(const uint32_t* words, Scale scale, const Element*,
                                         uint4* out) {
@@ -174,7 +168,7 @@ struct Fp8E4m3 {
       cutlass::Array<float, 8> v;
       CUTLASS_PRAGMA_UNROLL
       for (int j = 0; j < 8; ++j) {
-        v[j] = value((words[2 * w + j / 4] >> (8 * (j % 4))) & 0xFFu) * scale;
+        v[j] = e4m3_value(words[2 * w + j / 4] >> (8 * (j % 4))) * scale;
       }
       *reinterpret_cast<cutlass::Array<Element, 8>*>(&out[w]) = convert(v);
     }
@@ -182,33 +176,23 @@ struct Fp8E4m3 {
 };
 
 // MXFP4: e2m1 nibbles (low nibble first, as int4), one e8m0 scale 2^(x - 127) per 32 weights
-// (x = 255: NaN). The code's exponent-and-mantissa bits placed at fp32 bits 24..22 read as
-// v * 2^-126 (the subnormal code 0b001 included), restored by one multiply by 2^126.
+// (weight_codes.cuh).
 template <typename Element>
 struct Mxfp4 {
   static constexpr int kBits = 4;
   using Scale = uint8_t;
   static constexpr bool kZeros = false;
 
-  CUTLASS_DEVICE static float scale_of(uint32_t x) {
-    return x == 0 ? __uint_as_float(0x00400000u)                         // 2^-127
-                  : x == 255 ? __uint_as_float(0x7FC00000u) : __uint_as_float(x << 23);
-  }
-
   CUTLASS_DEVICE static void dequantise(const uint32_t* words, Scale scale_code, const Element*,
                                         uint4* out) {
-    const float scale = scale_of(scale_code);
+    const float scale = e8m0_value(scale_code);
     cutlass::NumericArrayConverter<Element, float, 8> convert;
     CUTLASS_PRAGMA_UNROLL
     for (int w = 0; w < 4; ++w) {
       cutlass::Array<float, 8> v;
       CUTLASS_PRAGMA_UNROLL
       for (int j = 0; j < 8; ++j) {
-        const uint32_t code = (words[w] >> (4 * j)) & 0xFu;
-        const float e2m1 =
-            __uint_as_float(((code & 0x7u) << 22) | ((code & 0x8u) << 28)) *
-            __uint_as_float(0x7E800000u);  // 2^126
-        v[j] = e2m1 * scale;
+        v[j] = e2m1_value(words[w] >> (4 * j)) * scale;
       }
       *reinterpret_cast<cutlass::Array<Element, 8>*>(&out[w]) = convert(v);
     }
