@@ -10,7 +10,13 @@ group-wise scales ``[E, K/G, N]`` and optional zeros at the given group sizes (r
 and computes with ``(q - z) * s`` (z = 8 without zeros), dequantised here independently of
 :mod:`cutlass_moe.int4` so that tests cross-check the two. It exposes int4 tactics named as the
 real build names them (``sm80_<act>_int4_...``, ``sm80_decode[_gated]_<act>_int4_...``) and
-records every call, profiling calls included.
+records every call, profiling calls included. FP8 (``DType`` 5) and MXFP4 (``DType`` 6) runners
+read float8_e4m3fn ``[E, N, K]`` weights with float32 scales ``[E, K/G, N]``, and packed uint8
+``[E, N, K/2]`` e2m1 weights with uint8 e8m0 scales ``[E, K/32, N]`` (group size 32 required),
+decode both codes themselves (bit fields, not cutlass_moe.fp8 / cutlass_moe.mxfp4), refuse zero
+points, and expose the tensor-core tactics ``sm80_<act>_fp8_...`` / ``sm80_<act>_mxfp4_...`` on
+int4's tiles plus the decode tactics ``sm80_decode[_gated]_<act>_<fmt>_...`` (as the build
+since the fp8/mxfp4 decode kernels).
 """
 
 from __future__ import annotations
@@ -32,6 +38,11 @@ FAKE_STREAM = 0xC0FFEE
 ENUM_TO_DTYPE = {v: k for k, v in _ext._DTYPE_TO_ENUM.items()}
 #: The C++ DType of int4 weights (int4_spec: kInt4 = 4).
 INT4_ENUM = _ext.PACKED_WEIGHT_FORMATS[_ext.INT4]
+#: The C++ DTypes of fp8 and mxfp4 weights (fp8_spec: kFp8E4m3 = 5, kMxfp4 = 6).
+FP8_ENUM = 5
+MXFP4_ENUM = 6
+#: Weight format of a runner's weight DType (formats named by a tag).
+ENUM_TO_FORMAT = {INT4_ENUM: "int4", FP8_ENUM: "fp8", MXFP4_ENUM: "mxfp4"}
 _ACT_NAMES = {0: "fp16", 1: "bf16", 2: "fp32"}
 # C++ Activation value -> ActivationType (4 -> Swiglu, which SwigluBias also runs as).
 ENUM_TO_ACTIVATION = {v: _ext.activation_from_enum(v) for v in set(_ext._ACTIVATION_TO_ENUM.values())}
@@ -86,6 +97,18 @@ def int4_tactic_descriptors(gemm: int, act: str = "bf16") -> list[dict[str, Any]
     return descs
 
 
+def group_scaled_tactic_descriptors(gemm: int, act: str = "bf16", fmt: str = "fp8"
+                                    ) -> list[dict[str, Any]]:
+    """The fake fp8 / mxfp4 runner's tactics (``fmt``): tensor-core tactics on int4's tiles,
+    named ``sm80_<act>_<fmt>_m..n..k64_w..x..x64_s<stages>``, and the decode tactics
+    ``sm80_decode[_gated]_<act>_<fmt>_m2n8_c2x4_u4`` (the gated one GEMM1's, gated activations
+    only); no split-K or fused gated tensor-core ones."""
+    return [
+        {**desc, "name": desc["name"].replace("_int4_", f"_{fmt}_"), "weight_dtype": fmt}
+        for desc in int4_tactic_descriptors(gemm, act)
+    ]
+
+
 def tactic_descriptors(gemm: int) -> list[dict[str, Any]]:
     descs = []
     for tile_m in (16, 32, 64, 128):
@@ -115,12 +138,15 @@ class FakeMoeRunner:
         FakeMoeRunner.constructed.append((act_dtype, weight_dtype, out_dtype))
         self.dtypes = (act_dtype, weight_dtype, out_dtype)
         self.int4 = weight_dtype == INT4_ENUM
+        self.format = ENUM_TO_FORMAT.get(weight_dtype, "")
         self.calls: list[dict[str, Any]] = []
         self.profile_calls: list[tuple[str, dict[str, Any]]] = []
 
     def all_tactics(self, gemm: int) -> list[dict[str, Any]]:
         if self.int4:
             return int4_tactic_descriptors(gemm, _ACT_NAMES[self.dtypes[0]])
+        if self.format:
+            return group_scaled_tactic_descriptors(gemm, _ACT_NAMES[self.dtypes[0]], self.format)
         return tactic_descriptors(gemm)
 
     def tactics(self, gemm: int) -> list[dict[str, Any]]:
@@ -143,11 +169,13 @@ class FakeMoeRunner:
         del args["self"]
         self.calls.append(args)
         act_dtype, out_dtype = ENUM_TO_DTYPE[self.dtypes[0]], ENUM_TO_DTYPE[self.dtypes[2]]
-        weight_dtype = torch.uint8 if self.int4 else ENUM_TO_DTYPE[self.dtypes[1]]
+        weight_dtype = (torch.uint8 if self.format else ENUM_TO_DTYPE[self.dtypes[1]])
         if weight_dtype == torch.int8 and (fc1_scales == 0 or fc2_scales == 0):
             raise ValueError("int8 weights need fc1 and fc2 per-channel scales")
-        if not self.int4 and (fc1_zeros or fc2_zeros or fc1_group_size or fc2_group_size):
-            raise ValueError("zeros and group sizes are for int4 weights only")
+        if not self.int4 and (fc1_zeros or fc2_zeros):
+            raise ValueError("zeros are for int4 weights only")  # fp8_spec: must be 0
+        if not self.format and (fc1_group_size or fc2_group_size):
+            raise ValueError("group sizes are for int4, fp8 and mxfp4 weights only")
         n1 = 2 * inter_size if activation in GATED_ENUMS else inter_size
         t, h, i, e, k = num_tokens, hidden_size, inter_size, num_experts, top_k
         x = _tensor_at(input, (t, h), act_dtype)
@@ -160,6 +188,12 @@ class FakeMoeRunner:
                                 act_dtype)
             if (fc1_zeros == 0) != (fc2_zeros == 0):
                 raise ValueError("int4 zeros are given for both GEMMs or for neither")
+        elif self.format == "fp8":
+            fc1 = _fp8_weights(fc1_weights, fc1_scales, fc1_group_size, e, n1, h, act_dtype)
+            fc2 = _fp8_weights(fc2_weights, fc2_scales, fc2_group_size, e, h, i, act_dtype)
+        elif self.format == "mxfp4":
+            fc1 = _mxfp4_weights(fc1_weights, fc1_scales, fc1_group_size, e, n1, h, act_dtype)
+            fc2 = _mxfp4_weights(fc2_weights, fc2_scales, fc2_group_size, e, h, i, act_dtype)
         else:
             fc1 = _tensor_at(fc1_weights, (e, n1, h), weight_dtype)
             fc2 = _tensor_at(fc2_weights, (e, h, i), weight_dtype)
@@ -201,10 +235,15 @@ class FakeMoeRunner:
         self.profile_calls.append(("prepare", args))
         if self.dtypes[1] == _ext.dtype_to_enum(torch.int8) and scales == 0:
             raise ValueError("int8 weights need their per-channel scales")
-        if self.int4:
+        if self.format:
             k = hidden_size if gemm == 1 else inter_size
             if scales == 0 or group_size <= 0 or k % group_size:
-                raise ValueError("int4 weights need their scales and the GEMM's group size")
+                raise ValueError(f"{self.format} weights need their scales and the GEMM's group "
+                                 "size")
+            if self.format == "mxfp4" and group_size != 32:
+                raise ValueError("mxfp4 weights have group size 32")
+            if zeros and not self.int4:
+                raise ValueError("zeros are for int4 weights only")
         elif zeros or group_size:
             raise ValueError("zeros and group sizes are for int4 weights only")
 
@@ -242,6 +281,62 @@ def _int4_weights(weights: int, scales: int, zeros: int, group_size: int, e: int
     return ((q - z_full) * s_full).to(act_dtype).float()
 
 
+def _expand_groups(scales: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Scales ``[e, groups, n]`` as ``[e, n, k]`` (group g of row n covers k in [g*G, (g+1)*G))."""
+    return scales.transpose(1, 2).repeat_interleave(group_size, dim=2)
+
+
+def e4m3_bits_to_float(codes: torch.Tensor) -> torch.Tensor:
+    """float32 values of e4m3fn bytes from their bit fields ``s eeee mmm`` (bias 7):
+    ``(m/8) * 2^-6`` for ``e == 0``, ``(1 + m/8) * 2^(e-7)`` otherwise; ValueError for the NaN
+    codes 0x7F / 0xFF (which fp8_spec forbids in weights)."""
+    codes = codes.to(torch.int32)
+    if bool(((codes & 0x7F) == 0x7F).any()):
+        raise ValueError("fp8 weights hold the e4m3fn NaN code")
+    sign = torch.where(codes >= 0x80, -1.0, 1.0).double()
+    exp = ((codes >> 3) & 0xF).double()
+    man = (codes & 0x7).double()
+    magnitude = torch.where(exp == 0, man / 8 * 2.0**-6, (1 + man / 8) * torch.pow(2.0, exp - 7))
+    return (sign * magnitude).float()
+
+
+def _fp8_weights(weights: int, scales: int, group_size: int, e: int, n: int, k: int,
+                 act_dtype: torch.dtype) -> torch.Tensor:
+    """The float32 weights ``[e, n, k]`` of fp8 ones (fp8_spec): e4m3 bytes ``[e, n, k]`` read
+    from host memory and decoded from their bits, times float32 scales ``[e, k/G, n]``, formed
+    in float32 and rounded once to the activation dtype."""
+    if scales == 0 or group_size <= 0 or k % group_size or group_size % 32 and group_size != k:
+        raise ValueError(f"fp8 weights need scales and a group size (got {group_size} for "
+                         f"K={k})")
+    values = e4m3_bits_to_float(_tensor_at(weights, (e, n, k), torch.uint8))
+    s = _tensor_at(scales, (e, k // group_size, n), torch.float32)
+    return (values * _expand_groups(s, group_size)).to(act_dtype).float()
+
+
+#: e2m1 magnitudes of the codes 0..7 (``s e e m``: m/2 for e == 0, (1 + m/2) * 2^(e-1) else).
+_E2M1 = [(m / 2 if e == 0 else (1 + m / 2) * 2.0 ** (e - 1)) for e in range(4) for m in range(2)]
+
+
+def _mxfp4_weights(weights: int, scales: int, group_size: int, e: int, n: int, k: int,
+                   act_dtype: torch.dtype) -> torch.Tensor:
+    """The float32 weights ``[e, n, k]`` of MXFP4 ones (fp8_spec): byte j of a row holds code
+    k = 2j in its low nibble, 2j + 1 in its high one; e8m0 scale x is 2^(x - 127) (255: NaN,
+    refused); value * scale in float32, rounded once to the activation dtype."""
+    if scales == 0 or group_size != 32:
+        raise ValueError(f"mxfp4 weights need scales and group size 32 (got {group_size})")
+    packed = _tensor_at(weights, (e, n, k // 2), torch.uint8).to(torch.int64)
+    codes = torch.empty(e, n, k, dtype=torch.int64)
+    codes[..., 0::2] = packed & 0xF
+    codes[..., 1::2] = packed >> 4
+    table = torch.tensor(_E2M1 + [-v for v in _E2M1], dtype=torch.float64)
+    values = table[codes]
+    x = _tensor_at(scales, (e, k // 32, n), torch.uint8).to(torch.float64)
+    if bool((x == 255).any()):
+        raise ValueError("mxfp4 scales hold the e8m0 NaN code 255")
+    scale = torch.pow(2.0, x - 127)
+    return (values * _expand_groups(scale, 32)).float().to(act_dtype).float()
+
+
 def make_fake_extension() -> types.ModuleType:
     module = types.ModuleType("cutlass_moe._C")
     module.MoeRunner = FakeMoeRunner
@@ -255,6 +350,8 @@ def make_fake_extension() -> types.ModuleType:
         "fast_build": True,
         "tactics": {"bf16_bf16_bf16": {"gemm1": 23, "gemm2": 23},
                     "bf16_int8_bf16": {"gemm1": 23, "gemm2": 23},
-                    "bf16_int4_bf16": {"gemm1": 10, "gemm2": 9}},
+                    "bf16_int4_bf16": {"gemm1": 10, "gemm2": 9},
+                    "bf16_fp8_bf16": {"gemm1": 8, "gemm2": 8},
+                    "bf16_mxfp4_bf16": {"gemm1": 8, "gemm2": 8}},
     }
     return module

@@ -128,10 +128,14 @@ def test_known_tactics_include_int8_and_int4_runners():
     with _ext._replaced_extension(make_fake_extension()):
         names = _REAL_KNOWN_TACTICS()
     assert names and all(name.startswith(("fake_", "sm80_bf16_int4_", "sm80_fp16_int4_",
+                                          "sm80_bf16_fp8_", "sm80_fp16_fp8_",
+                                          "sm80_bf16_mxfp4_", "sm80_fp16_mxfp4_",
                                           "sm80_decode")) for name in names)
     assert "sm80_bf16_int4_m16n128k64_w16x32x64_s4" in names
     assert "sm80_decode_gated_fp16_int4_m2n8_c2x4_u4" in names
-    for weight in (_ext.dtype_to_enum(torch.int8), 4):
+    assert {"sm80_bf16_fp8_m16n128k64_w16x32x64_s4",
+            "sm80_fp16_mxfp4_m128n128k64_w64x64x64_s3"} <= names  # fp8 (5) and mxfp4 (6)
+    for weight in (_ext.dtype_to_enum(torch.int8), 4, 5, 6):
         assert {(act, weight, out) for act in (0, 1) for out in (act, 2)} <= set(
             FakeMoeRunner.constructed)
 

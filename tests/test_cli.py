@@ -284,7 +284,7 @@ def test_argument_types():
      "--experts 3000000000: "),
     (["--model", "mixtral-8x7b", "--max-tokens", "0"], "argument --max-tokens"),
     (["--model", "mixtral-8x7b", "--dtype", "fp32"], "argument --dtype: invalid choice"),
-    (["--model", "mixtral-8x7b", "--weights", "fp8"], "argument --weights: invalid choice"),
+    (["--model", "mixtral-8x7b", "--weights", "nvfp4"], "argument --weights: invalid choice"),
     (["--model", "mixtral-8x7b", "--device", "cpu"], "argument --device"),
 ])
 def test_usage_errors(capsys, gpu, fake_ext, command, argv, message):
@@ -344,7 +344,7 @@ def test_weights_must_match_dtype(capsys, no_gpu, no_ext):
                              "--weights", "bf16")
     assert status == 2
     assert "--weights bf16 is not supported by this build" in err
-    assert "--weights fp16, int4 or int8 with --dtype fp16" in err
+    assert "--weights fp16, fp8, int4, int8 or mxfp4 with --dtype fp16" in err
     assert "16-bit weights must have the activation dtype, --dtype" in err
 
 
@@ -359,7 +359,7 @@ def test_supported_weight_types():
     assert cli.supported_weight_types("fp16", {"extension_available": True,
                                                "tactics": {"bf16_bf16_bf16": {}}}) == []
     assert cli.supported_weight_types("fp16", {"extension_available": False}) == [
-        "fp16", "int4", "int8"]
+        "fp16", "fp8", "int4", "int8", "mxfp4"]
     info["tactics"]["bf16_int4"] = {"gemm1": 1}  # the build's int4 kernels (W4A16)
     assert cli.supported_weight_types("bf16", info) == ["bf16", "int4", "int8"]
     assert cli.supported_weight_types("fp16", info) == ["fp16", "int8"]
@@ -486,7 +486,9 @@ def test_info_json(capsys, gpu, fake_ext, monkeypatch, no_cache_env):
     assert info["extension_available"] is True and info["cutlass_version"] == "4.2.0"
     assert info["tactics"] == {"bf16_bf16_bf16": {"gemm1": 23, "gemm2": 23},
                                "bf16_int8_bf16": {"gemm1": 23, "gemm2": 23},
-                               "bf16_int4_bf16": {"gemm1": 10, "gemm2": 9}}
+                               "bf16_int4_bf16": {"gemm1": 10, "gemm2": 9},
+                               "bf16_fp8_bf16": {"gemm1": 8, "gemm2": 8},
+                               "bf16_mxfp4_bf16": {"gemm1": 8, "gemm2": 8}}
     assert info["gpus"] == [{"index": 0, "name": "NVIDIA A10", "capability": "8.6",
                              "multiprocessors": 72, "memory_gib": 22.0, "kernels": "yes"}]
     assert info["tuning_cache"] == {"env": tuning_cache.CACHE_ENV, "path": None, "exists": False,
@@ -1378,9 +1380,10 @@ def test_tune_int4_default_group_size(capsys, fake_tuner):
      ("--group-size 48 does not fit mixtral-8x7b (--hidden 4096, --inter 14336): must be a "
       "multiple of 32")),
     (["--model", "mixtral-8x7b", "--group-size", "64"],
-     "--group-size applies to --weights int4 only (got --weights bf16)"),
+     "--group-size applies to --weights int4, fp8 or mxfp4 only (got --weights bf16)"),
     (["--model", "mixtral-8x7b", "--weights", "int8", "--group-size", "64", "--asym"],
-     "--group-size and --asym apply to --weights int4 only (got --weights int8)"),
+     ("--group-size applies to --weights int4, fp8 or mxfp4 only; --asym applies to --weights "
+      "int4 only (got --weights int8)")),
     (["--experts", "8", "--hidden", "144", "--inter", "256", "--top-k", "2", "--weights", "int4"],
      ("--weights int4 needs --hidden (144) and --inter (256) to be multiples of 32 (16-byte "
       "loads of packed int4 weights)")),

@@ -773,7 +773,10 @@ def test_prepare_arguments():
     with pytest.raises(ValueError, match="group_size"):
         tx.prepare(model, weights="int8", group_size=128)
     with pytest.raises(ValueError, match="weights must be"):
-        tx.prepare(model, weights="fp8")
+        tx.prepare(model, weights="fp4")
+    for quantized in ("fp8", "mxfp4"):  # a quantised checkpoint's format, not a quantiser
+        with pytest.raises(NotImplementedError, match="does not quantise 16-bit experts"):
+            tx.prepare(model, weights=quantized)
     with pytest.raises(ValueError, match=r"torch\.bfloat16.*dtype=torch\.float16"):
         tx.prepare(model, weights="fp16")
     with pytest.raises(ValueError, match="float32"):

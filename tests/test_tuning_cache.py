@@ -161,7 +161,7 @@ def test_constants_keep_their_values():
     assert tuning_cache.CACHE_SCHEMA == "cutlass_moe.tuning_cache"
     assert tuning_cache.CACHE_VERSION == 1
     assert tuning_cache.WEIGHT_MODES == {"16bit": "none", "int8": "int8_per_channel",
-                                         "int4": "int4"}
+                                         "int4": "int4", "fp8": "fp8", "mxfp4": "mxfp4"}
     assert (tuning_cache.QUANT_NONE, tuning_cache.QUANT_INT8_PER_CHANNEL) == (
         "none", "int8_per_channel")
 

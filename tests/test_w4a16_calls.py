@@ -344,8 +344,9 @@ def test_raw_op_runs_int4(fake_cpu, symmetric):
 @pytest.mark.parametrize("overrides,match", [
     (lambda a: {"weight_format": ""},
      (r"fc1_expert_weights must be torch.bfloat16 or int8, got torch.uint8 \(packed uint8 int4 "
-      r"weights need weight_format='int4'\)")),
-    (lambda a: {"weight_format": "mxfp4"}, r"weight_format must be one of \('', 'int4'\)"),
+      r"weights need weight_format='int4', MXFP4 ones 'mxfp4'\)")),
+    (lambda a: {"weight_format": "nvfp4"},
+     r"weight_format must be one of \('', 'int4', 'fp8', 'mxfp4'\)"),
     (lambda a: {"fc1_expert_weights": a["fc1_expert_weights"].view(torch.int8)},
      "weight_format 'int4' needs packed uint8 fc1_expert_weights"),
     (lambda a: {"fc2_weight_scales": None},
@@ -531,7 +532,8 @@ def test_torch_compile_fullgraph(fake_cpu, symmetric):
 
 
 def test_runner_key_of_int4_is_its_own(fake_cpu):
-    assert _ext.dtype_to_enum(_ext.INT4) == 4 and _ext.PACKED_WEIGHT_FORMATS == {"int4": 4}
+    assert _ext.dtype_to_enum(_ext.INT4) == 4
+    assert _ext.PACKED_WEIGHT_FORMATS == {"int4": 4, "fp8": 5, "mxfp4": 6}
     assert _ext.runner_key(BF16, "int4", BF16) == (1, 4, 1)
     assert _ext.runner_key(torch.float16, "int4", torch.float32) == (0, 4, 2)
     int4 = _ext.get_runner(BF16, "int4", BF16)
@@ -549,9 +551,9 @@ def test_uint8_storage_is_not_a_weight_type():
     with pytest.raises(NotImplementedError, match=r"uint8 is the storage of packed weight "
                        r"formats: name the format, e.g. 'int4'"):
         _ext.runner_key(BF16, torch.uint8, BF16)
-    with pytest.raises(NotImplementedError, match="weight format 'mxfp4' has no cutlass_moe "
-                       "kernel type; packed formats: 'int4'"):
-        _ext.dtype_to_enum("mxfp4")
+    with pytest.raises(NotImplementedError, match="weight format 'nvfp4' has no cutlass_moe "
+                       "kernel type; packed formats: 'int4', 'fp8', 'mxfp4'"):
+        _ext.dtype_to_enum("nvfp4")
     with pytest.raises(NotImplementedError):
         _ext.weight_type_name(torch.uint8)
 

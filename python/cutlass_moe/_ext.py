@@ -7,13 +7,16 @@ their tactic descriptors (per GEMM and device). All caches are safe to use from 
 
 **Weight types and runner keys.** The weight entry of a triple is a torch dtype for weights whose
 storage dtype says what they are (the activation dtype, int8), and a *weight-format tag* (a
-string, :data:`PACKED_WEIGHT_FORMATS`) for packed formats: ``"int4"`` (:data:`INT4`, W4A16:
-two nibbles per uint8 byte, group-wise scales). Packed formats share a storage dtype
-(torch.uint8 holds int4 today and would hold mxfp4 or nvfp4 later), so ``torch.uint8`` itself is
-never a weight type: :func:`dtype_to_enum` refuses it and asks for the tag. Each tag maps to its
-own C++ ``DType`` value (int4 = 4), so the runner key — the ``(act, weight, out)`` ``DType``
-triple — of one packed format can never be another's. A later uint8-packed format adds a tag and
-its ``DType`` value here; nothing keyed on ``torch.uint8`` has to change.
+string, :data:`PACKED_WEIGHT_FORMATS`) for the group-scaled weight-only formats: ``"int4"``
+(:data:`INT4`, W4A16: two nibbles per uint8 byte, group-wise scales), ``"fp8"`` (:data:`FP8`,
+float8_e4m3fn weights with float32 group-wise scales) and ``"mxfp4"`` (:data:`MXFP4`, two e2m1
+codes per uint8 byte with e8m0 scales per 32 elements). Packed formats share a storage dtype
+(torch.uint8 holds int4 and mxfp4, and would hold nvfp4 later), so ``torch.uint8`` itself is
+never a weight type: :func:`dtype_to_enum` refuses it and asks for the tag; float8_e4m3fn
+weights are named by their tag too (the format is the dtype *and* its group-wise scales). Each
+tag maps to its own C++ ``DType`` value (int4 = 4, fp8 = 5, mxfp4 = 6), so the runner key — the
+``(act, weight, out)`` ``DType`` triple — of one format can never be another's. A later format
+adds a tag and its ``DType`` value here; nothing keyed on ``torch.uint8`` has to change.
 """
 
 from __future__ import annotations
@@ -44,9 +47,16 @@ _DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "f
 #: The weight-format tag of int4 group-wise weight-only weights (W4A16; the C++ ``DType`` kInt4,
 #: named "int4" like its tactic descriptors' ``weight_dtype``).
 INT4 = "int4"
-#: Weight-format tags of packed weight formats and their C++ ``DType`` values (the binding's
-#: ABI). A packed format's storage dtype (torch.uint8) does not identify it, so it is keyed by tag.
-PACKED_WEIGHT_FORMATS: dict[str, int] = {INT4: 4}
+#: The weight-format tag of FP8 (e4m3) group-scaled weight-only weights (C++ ``DType`` kFp8E4m3,
+#: named "fp8"): torch.float8_e4m3fn ``[E, N, K]`` with float32 scales ``[E, K/G, N]``.
+FP8 = "fp8"
+#: The weight-format tag of MXFP4 weight-only weights (C++ ``DType`` kMxfp4, named "mxfp4"):
+#: uint8 ``[E, N, K/2]`` (two e2m1 codes per byte) with uint8 e8m0 scales ``[E, K/32, N]``.
+MXFP4 = "mxfp4"
+#: Weight-format tags and their C++ ``DType`` values (the binding's ABI). A packed format's
+#: storage dtype (torch.uint8) does not identify it, so it is keyed by tag; so is fp8, whose
+#: runner is the group-scaled weight-only one (``DType`` 5), not a plain float8 GEMM.
+PACKED_WEIGHT_FORMATS: dict[str, int] = {INT4: 4, FP8: 5, MXFP4: 6}
 
 #: A weight type: a torch dtype, or a tag of :data:`PACKED_WEIGHT_FORMATS`.
 WeightType = torch.dtype | str
@@ -84,9 +94,10 @@ def generation() -> int:
 
 
 def dtype_to_enum(dtype: WeightType) -> int:
-    """The C++ ``DType`` value of a torch dtype (fp16=0, bf16=1, fp32=2, int8=3) or of a packed
-    weight-format tag (``"int4"`` = 4). ``torch.uint8`` is refused: it is the storage of
-    several packed formats, which are named by their tag."""
+    """The C++ ``DType`` value of a torch dtype (fp16=0, bf16=1, fp32=2, int8=3) or of a
+    weight-format tag (``"int4"`` = 4, ``"fp8"`` = 5, ``"mxfp4"`` = 6). ``torch.uint8`` is
+    refused: it is the storage of several packed formats, which are named by their tag (and so
+    is ``torch.float8_e4m3fn``: ``"fp8"``)."""
     if isinstance(dtype, str):
         try:
             return PACKED_WEIGHT_FORMATS[dtype]
@@ -102,7 +113,9 @@ def dtype_to_enum(dtype: WeightType) -> int:
         supported = ", ".join([*(str(d) for d in _DTYPE_TO_ENUM),
                                *(repr(t) for t in PACKED_WEIGHT_FORMATS)])
         packed = (" (uint8 is the storage of packed weight formats: name the format, e.g. "
-                  f"{INT4!r})" if dtype == torch.uint8 else "")
+                  f"{INT4!r} or {MXFP4!r})" if dtype == torch.uint8 else
+                  f" (float8_e4m3fn weight-only weights are the weight format {FP8!r})"
+                  if dtype == torch.float8_e4m3fn else "")
         raise NotImplementedError(
             f"dtype {dtype} has no cutlass_moe kernel type{packed}; supported: {supported}"
         ) from None
@@ -110,7 +123,8 @@ def dtype_to_enum(dtype: WeightType) -> int:
 
 def weight_type_name(weight: WeightType) -> str:
     """The C++ ``DType`` name of a weight type, as tactic descriptors' ``weight_dtype`` spell it
-    (``"fp16"``, ``"bf16"``, ``"int8"``, ``"int4"``); NotImplementedError for another."""
+    (``"fp16"``, ``"bf16"``, ``"int8"``, ``"int4"``, ``"fp8"``, ``"mxfp4"``);
+    NotImplementedError for another."""
     dtype_to_enum(weight)  # raises for a type without a kernel type
     return weight if isinstance(weight, str) else _DTYPE_NAMES[weight]
 
@@ -182,13 +196,15 @@ def runner_key(
     act_dtype: torch.dtype, weight_dtype: WeightType, out_dtype: torch.dtype
 ) -> tuple[int, int, int]:
     """The (act, weight, out) ``DType`` triple that identifies one ``MoeRunner``; the weight is
-    a dtype or a packed weight-format tag (``"int4"``; see the module docstring)."""
+    a dtype or a weight-format tag (``"int4"``, ``"fp8"``, ``"mxfp4"``; see the module
+    docstring)."""
     return (dtype_to_enum(act_dtype), dtype_to_enum(weight_dtype), dtype_to_enum(out_dtype))
 
 
 def get_runner(act_dtype: torch.dtype, weight_dtype: WeightType, out_dtype: torch.dtype) -> Any:
-    """The cached ``_C.MoeRunner`` for this type triple (created on first use); int4 weights
-    use the tag :data:`INT4` (``get_runner(torch.bfloat16, "int4", torch.bfloat16)``)."""
+    """The cached ``_C.MoeRunner`` for this type triple (created on first use); int4, fp8 and
+    mxfp4 weights use their tags :data:`INT4`, :data:`FP8`, :data:`MXFP4`
+    (``get_runner(torch.bfloat16, "fp8", torch.bfloat16)``)."""
     key = runner_key(act_dtype, weight_dtype, out_dtype)
     runner = _runners.get(key)
     if runner is not None:
@@ -212,7 +228,8 @@ def tactics(
     """Descriptors of the tactics of GEMM ``gemm`` (1 or 2) runnable on ``device``, cached.
 
     Each is a dict with keys name, gemm, tile_m, tile_n, tile_k, warp_m, warp_n, warp_k, stages,
-    smem_bytes, threads, runnable, act_dtype, weight_dtype ("bf16", "int8", "int4", ...), gated,
+    smem_bytes, threads, runnable, act_dtype, weight_dtype ("bf16", "int8", "int4", "fp8",
+    "mxfp4", ...), gated,
     split_k, decode (see include/cutlass_moe/runner.h) and, for
     tactics that serve only some activations (fused gated GEMM1), ``activations``: a frozenset
     of :class:`ActivationType` (the binding's C++ values are converted here, at the boundary).

@@ -19,7 +19,10 @@ outermost ``autotune()`` block (a failed save is a warning). See docs/architectu
 int4 group-wise weights (W4A16) are tuned like the others, on their own runner (weight type
 ``"int4"``): keys carry the group sizes and whether zero points are present
 (:func:`cutlass_moe.tuning_cache.quant_int4`), and profiling passes each GEMM's packed weights,
-scales, zeros and group size to the runner's profiling calls.
+scales, zeros and group size to the runner's profiling calls. FP8 (e4m3) and MXFP4 weight-only
+weights likewise (weight types ``"fp8"`` / ``"mxfp4"``; keys
+:func:`~cutlass_moe.tuning_cache.quant_fp8`'s ``"fp8_g<G1>[_g<G2>]"`` and ``"mxfp4"``): profiling
+passes their weights, scales and group size (32 for mxfp4), never zeros.
 """
 
 from __future__ import annotations
@@ -44,16 +47,18 @@ from .quantization import quantize_int8_per_channel
 from .tuning_cache import (
     CACHE_ENV,
     QUANT_INT8_PER_CHANNEL,
+    QUANT_MXFP4,
     QUANT_NONE,
     WEIGHT_MODES,
     ShapeKey,
     TuningKey,
     dtype_tag,
+    quant_fp8,
     quant_int4,
     read_cache,
     write_cache,
 )
-from .validation import check_int4_group_size, check_layer_shape
+from .validation import MXFP4_GROUP_SIZE, check_group_size, check_layer_shape
 
 logger = logging.getLogger("cutlass_moe.autotuner")
 
@@ -106,9 +111,15 @@ def shape_key(
 ) -> ShapeKey:
     """The cache key of a layer shape (everything besides the GPU and the bucket). For int4
     weights (weight type ``"int4"``) ``group_sizes`` ``(G1, G2)`` and ``zeros`` (whether the
-    weights have zero points) are part of it (:func:`cutlass_moe.tuning_cache.quant_int4`)."""
+    weights have zero points) are part of it (:func:`cutlass_moe.tuning_cache.quant_int4`); for
+    fp8 weights the group sizes (:func:`cutlass_moe.tuning_cache.quant_fp8`); mxfp4 weights are
+    ``"mxfp4"`` (G = 32 always). ``zeros`` counts for int4 only."""
     if dtypes[1] == _ext.INT4:
         quant = quant_int4(group_sizes, zeros)
+    elif dtypes[1] == _ext.FP8:
+        quant = quant_fp8(group_sizes)
+    elif dtypes[1] == _ext.MXFP4:
+        quant = QUANT_MXFP4
     else:
         quant = QUANT_INT8_PER_CHANNEL if dtypes[1] == torch.int8 else QUANT_NONE
     return ShapeKey(dtype_tag(dtypes), quant, num_experts, hidden_size, inter_size, top_k,
@@ -162,7 +173,8 @@ def profile_gemm(
     over ``ep_size`` ranks), with the real ``weights`` of that GEMM (and, for int8 weights,
     their per-channel ``scales``, which the runner requires; for int4 weights the packed
     ``[E, N, K/2]`` weights, their ``[E, K/G, N]`` ``scales``, optional ``zeros`` and the GEMM's
-    ``group_size``), the L2 flushed before each timed run. Tactics that fail to launch get
+    ``group_size``; for fp8 and mxfp4 weights likewise, without zeros), the L2 flushed before
+    each timed run. Tactics that fail to launch get
     ``inf`` and a debug log line. Synchronises the device: never call it during capture."""
     num_tokens = max(1, math.ceil(bucket / shape.ep_size))
     args = (num_tokens, shape.hidden_size, shape.inter_size, shape.num_experts, shape.top_k,
@@ -313,8 +325,9 @@ class AutoTuner:
         miss; one that cannot serve this call's row count (a GEMM2 split over K, for a call
         above the largest bucket) gives the default. ``weights``/``scales``: the call's expert
         weights (profiling runs on them; ``scales`` are int8 weights' per-channel scales or
-        int4 weights' group-wise ones); ``zeros``/``group_sizes``: int4 weights' zero points
-        and group sizes (``shape`` already carries them in its key)."""
+        int4/fp8/mxfp4 weights' group-wise ones); ``zeros``/``group_sizes``: int4 weights' zero
+        points and the group sizes of int4/fp8/mxfp4 weights (``shape`` already carries them in
+        its key)."""
         bucket = bucket_for(num_tokens, tune_max_num_tokens)
         dev = device_id(device)
         expanded_rows = num_tokens * shape.top_k
@@ -501,7 +514,7 @@ def tune_model(
     device: torch.device | str | None = None,
     progress: Callable[[int, int], None] | None = None,
     weights: str = "16bit",
-    group_size: int = 128,
+    group_size: int | None = None,
     asymmetric: bool = False,
 ) -> list[TuneRow]:
     """Profiles every bucket of ``tuning_buckets(max_tokens)`` for both GEMMs of an MoE layer
@@ -515,8 +528,12 @@ def tune_model(
     ``"int4"`` (quantised group-wise with ``group_size`` for both GEMMs — a multiple of 32
     dividing H and I — and zero points when ``asymmetric``, as
     :func:`cutlass_moe.quantize_int4_groupwise` does; keyed ``quant_int4((G, G), asymmetric)``,
-    e.g. ``"int4_g128"``, as the calls with such weights). ``group_size`` and ``asymmetric``
-    apply to int4 only."""
+    e.g. ``"int4_g128"``, as the calls with such weights), ``"fp8"`` (float8_e4m3fn weights
+    quantised group-wise with ``group_size``, as
+    :func:`cutlass_moe.fp8.quantize_moe_weights_fp8` does; keyed ``quant_fp8((G, G))``, e.g.
+    ``"fp8_g128"``) or ``"mxfp4"`` (as :func:`cutlass_moe.mxfp4.quantize_moe_weights_mxfp4`
+    does; keyed ``"mxfp4"``; ``group_size`` None or 32). ``group_size`` (default: 128 for int4
+    and fp8, 32 for mxfp4) applies to these three, ``asymmetric`` to int4 only."""
     if not torch.cuda.is_available():
         raise RuntimeError("cutlass_moe: tuning needs a CUDA device and none is available")
     act = require_supported(normalize_activation(activation or ActivationType.Swiglu))
@@ -528,16 +545,22 @@ def tune_model(
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1 (got {max_tokens})")
     check_layer_shape(num_experts, hidden_size, inter_size, top_k, ep_size, weights)
-    int8, int4 = weights == "int8", weights == "int4"
-    if int4:
-        check_int4_group_size(group_size, hidden_size, inter_size)
+    int8, int4, fp8, mxfp4 = (weights == w for w in ("int8", "int4", "fp8", "mxfp4"))
+    if asymmetric and not int4:
+        raise ValueError(f"asymmetric (zero points) applies to int4 weights only (got weights="
+                         f"{weights!r})")
+    if group_size is None:
+        group_size = MXFP4_GROUP_SIZE if mxfp4 else 128
+    if int4 or fp8 or mxfp4:
+        check_group_size(group_size, hidden_size, inter_size, weights)
     device = torch.device(device or "cuda")
     if device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    weight_type: torch.dtype | str = torch.int8 if int8 else _ext.INT4 if int4 else dtype
+    weight_type: torch.dtype | str = (torch.int8 if int8 else _ext.INT4 if int4 else _ext.FP8
+                                      if fp8 else _ext.MXFP4 if mxfp4 else dtype)
     dtypes = (dtype, weight_type, dtype)
     runner = _ext.get_runner(*dtypes)
-    group_sizes = (group_size, group_size) if int4 else (0, 0)
+    group_sizes = (group_size, group_size) if int4 or fp8 or mxfp4 else (0, 0)
     shape = shape_key(dtypes, act, num_experts, hidden_size, inter_size, top_k, ep_size,
                       group_sizes=group_sizes, zeros=int4 and asymmetric)
     fc1_rows = 2 * inter_size if is_gated(act) else inter_size
@@ -548,8 +571,10 @@ def tune_model(
     if int8:
         (q1, s1), (q2, s2) = (quantize_int8_per_channel(w) for w in gemm_weights)
         gemm_weights, gemm_scales = (q1, q2), (s1, s2)
-    if int4:
-        layer = synthetic.quantize_layer_int4(*gemm_weights, group_size, asymmetric)
+    if int4 or fp8 or mxfp4:
+        layer = (synthetic.quantize_layer_int4(*gemm_weights, group_size, asymmetric) if int4
+                 else synthetic.quantize_layer_fp8(*gemm_weights, group_size) if fp8
+                 else synthetic.quantize_layer_mxfp4(*gemm_weights))
         gemm_weights, gemm_scales, gemm_zeros = layer.weights, layer.scales, layer.zeros
     tuner = get_tuner()
     buckets = tuning_buckets(max_tokens)

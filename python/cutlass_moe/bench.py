@@ -27,7 +27,10 @@ Method:
   and of our own CUTLASS Sm80 grouped GEMM with one expert (T=8192, H=I=8192, best tactic).
 * Each row: latency, achieved TB/s over the bytes of the experts actually touched (experts with
   at least one row, counted on the host before timing: fc1+fc2 weights, int8 scales, or int4's
-  half byte per weight plus its group-wise scales (and zeros), activations in and out), TFLOP/s (``2*T*k*(N1*H + H*I)``), the memory floor (bytes over copy bandwidth)
+  half byte per weight plus its group-wise scales (and zeros), fp8's byte per weight plus
+  4-byte scales per group, or MXFP4's half byte plus one byte of scale per 32 weights,
+  activations in and out), TFLOP/s (``2*T*k*(N1*H + H*I)``), the memory floor (bytes over copy
+  bandwidth)
   and the fractions ``floor/latency`` and ``TFLOP/s / Sm80 rate``.
 * ``stages``: a torch.profiler trace of a few calls of our op, kernels mapped to routing, gather,
   grouped-GEMM arguments, GEMM1, activation, GEMM2 and finalize.
@@ -53,7 +56,7 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from . import _ext, autotuner, synthetic, tactics, timing
+from . import _ext, autotuner, synthetic, tactics, timing, validation
 from .activation import ActivationType
 from .ops import cutlass_fused_moe
 from .presets import ModelPreset
@@ -95,6 +98,12 @@ MAX_ROTATE = 16
 
 #: The int4 group size of the benchmark and the tuner when none is given (``--group-size``).
 DEFAULT_INT4_GROUP_SIZE = 128
+#: The fp8 group size of the benchmark and the tuner when none is given (``--group-size``).
+DEFAULT_FP8_GROUP_SIZE = 128
+#: MXFP4's group size (fixed: one e8m0 scale per 32 weights).
+MXFP4_GROUP_SIZE = validation.MXFP4_GROUP_SIZE
+#: The ``--weights`` values with group-wise scales (``--group-size``).
+GROUP_SCALED_WEIGHTS = ("int4", "fp8", "mxfp4")
 
 
 def expert_weight_bytes(preset: ModelPreset, weights: str, act_bytes: int,
@@ -105,19 +114,26 @@ def expert_weight_bytes(preset: ModelPreset, weights: str, act_bytes: int,
     the activation dtype) or ``"int4"`` (half a byte per weight — packed ``[N1, H/2]`` and
     ``[H, I/2]`` — plus group-wise scales ``[H/G, N1]`` and ``[I/G, H]`` in the activation
     dtype, twice that with zero points (``asymmetric``); ``group_size`` is ``G``, which must
-    divide ``H`` and ``I``)."""
+    divide ``H`` and ``I``), ``"fp8"`` (1 byte per weight plus float32 group-wise scales, 4
+    bytes per ``G`` weights) or ``"mxfp4"`` (half a byte per weight plus one uint8 e8m0 scale
+    per 32 weights; ``group_size`` is ignored)."""
     n1, h, i = preset.fc1_rows, preset.hidden_size, preset.inter_size
     count = n1 * h + h * i
     if weights == "int8":
         return count + (n1 + h) * act_bytes
     if weights == "16bit":
         return count * act_bytes
-    if weights == "int4":
+    if weights == "mxfp4":
+        return count // 2 + count // MXFP4_GROUP_SIZE
+    if weights in ("int4", "fp8"):
         if group_size < 1 or h % group_size or i % group_size:
             raise ValueError(f"group_size={group_size} must divide H={h} and I={i}")
         groups = (n1 * h + h * i) // group_size  # scale (and zero) entries of both GEMMs
+        if weights == "fp8":
+            return count + groups * 4
         return count // 2 + groups * act_bytes * (2 if asymmetric else 1)
-    raise ValueError(f"weights must be '16bit', 'int8' or 'int4', got {weights!r}")
+    raise ValueError(f"weights must be '16bit', 'int8', 'int4', 'fp8' or 'mxfp4', got "
+                     f"{weights!r}")
 
 
 def count_touched_experts(ids: torch.Tensor, num_experts: int) -> int:
@@ -241,7 +257,7 @@ class BenchConfig:
 
     models: list[tuple[str, ModelPreset]]
     dtype: str = "bf16"  # "bf16" or "fp16"
-    weights: str = "bf16"  # the --weights value: the dtype, "int8" or "int4"
+    weights: str = "bf16"  # the --weights value: the dtype, "int8", "int4", "fp8" or "mxfp4"
     tokens: list[int] = dataclasses.field(default_factory=lambda: list(DEFAULT_BENCH_TOKENS))
     routing: str = "uniform"
     tactics: str = "tuned"  # "tuned", "default" or "both"
@@ -256,7 +272,7 @@ class BenchConfig:
     rotate: int | None = None  # None: automatic
     flush_l2: bool = True
     pdl: bool = True  # programmatic dependent launch where the GPU supports it
-    group_size: int = DEFAULT_INT4_GROUP_SIZE  # int4 weights: G of both GEMMs
+    group_size: int = DEFAULT_INT4_GROUP_SIZE  # int4/fp8 weights: G of both GEMMs (mxfp4: 32)
     asymmetric: bool = False  # int4 weights: with zero points
 
     def to_json(self) -> dict[str, Any]:
@@ -271,6 +287,7 @@ class BenchConfig:
             "flush_l2": self.flush_l2, "pdl": self.pdl,
             **({"group_size": self.group_size, "asymmetric": self.asymmetric}
                if self.weights == "int4" else {}),
+            **({"group_size": self.group_size} if self.weights in ("fp8", "mxfp4") else {}),
         }
 
 
@@ -291,10 +308,11 @@ def make_row(preset_name: str, preset: ModelPreset, dtype: str, weights: str, nu
              group_size: int = DEFAULT_INT4_GROUP_SIZE, asymmetric: bool = False,
              **extra: str) -> BenchRow:
     """A :class:`BenchRow` with its derived columns. ``weights`` is the weight type the
-    implementation ran with ("int8", "int4" or a 16-bit dtype name; ``group_size`` and
-    ``asymmetric`` describe int4 weights); the output has the activation dtype
+    implementation ran with ("int8", "int4", "fp8", "mxfp4" or a 16-bit dtype name;
+    ``group_size`` describes int4 and fp8 weights, ``asymmetric`` int4 ones); the output has the
+    activation dtype
     (``act_bytes``); ``extra``: tactic1, tactic2, source, note."""
-    mode = weights if weights in ("int8", "int4") else "16bit"
+    mode = weights if weights in ("int8", *GROUP_SCALED_WEIGHTS) else "16bit"
     nbytes = bytes_touched(preset, num_tokens, experts_touched, mode, act_bytes, act_bytes,
                            group_size, asymmetric)
     flops = moe_flops(preset, num_tokens)
@@ -565,9 +583,9 @@ def _peer_repeats(impl: str, warmup: int, repeats: int) -> tuple[int, int]:
 
 
 class _Layer:
-    """One preset's random weights on the GPU (16-bit, plus int8 or int4 when asked: ``weights``
-    is the --weights value) and its clamp. ``q1``/``q2`` and ``quant`` are what our op runs with;
-    the peers run the 16-bit ``w1``/``w2``."""
+    """One preset's random weights on the GPU (16-bit, plus int8, int4, fp8 or mxfp4 when asked:
+    ``weights`` is the --weights value) and its clamp. ``q1``/``q2`` and ``quant`` are what our
+    op runs with; the peers run the 16-bit ``w1``/``w2``."""
 
     def __init__(self, preset: ModelPreset, dtype: torch.dtype, device: torch.device,
                  weights: str, seed: int, group_size: int = DEFAULT_INT4_GROUP_SIZE,
@@ -586,6 +604,12 @@ class _Layer:
             self.q1, self.q2 = layer.weights
             self.quant = {"quant_scales": layer.quant_scales, "use_w4_group_scaling": True}
             self.weight_type = _ext.INT4
+        elif weights in ("fp8", "mxfp4"):
+            quantised = (synthetic.quantize_layer_fp8(self.w1, self.w2, group_size)
+                         if weights == "fp8" else synthetic.quantize_layer_mxfp4(self.w1, self.w2))
+            self.q1, self.q2 = quantised.weights
+            self.quant = {"quant_scales": quantised.quant_scales, **quantised.call_flags}
+            self.weight_type = _ext.FP8 if weights == "fp8" else _ext.MXFP4
         self.clamp = synthetic.swiglu_clamp(preset, device)
 
 

@@ -47,7 +47,7 @@ PROG = "cutlass-moe"
 DEFAULT_CACHE_FILE = "cutlass_moe_tuning_cache.json"
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
 #: ``--weights`` accepts these; which ones a build can run is checked after parsing.
-WEIGHT_CHOICES = ("bf16", "fp16", "int8", "int4")
+WEIGHT_CHOICES = ("bf16", "fp16", "int8", "int4", "fp8", "mxfp4")
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -164,12 +164,18 @@ def _accepts(num_experts: int, hidden_size: int, inter_size: int, top_k: int,
 
 
 _WEIGHT_ALIGN = {"int8": (validation.INT8_ALIGN_ELEMS, "16-byte int8 weight rows"),
-                 "int4": (validation.INT4_ALIGN_ELEMS, "16-byte loads of packed int4 weights")}
+                 "int4": (validation.INT4_ALIGN_ELEMS, "16-byte loads of packed int4 weights"),
+                 "fp8": (validation.FP8_ALIGN_ELEMS,
+                         "32-element K slices of the group-scaled fp8 mainloop"),
+                 "mxfp4": (validation.MXFP4_ALIGN_ELEMS, "16-byte loads of packed e2m1 weights")}
+#: The ``--weights`` values with group-wise scales (``--group-size``).
+GROUP_SCALED_WEIGHTS = bench.GROUP_SCALED_WEIGHTS
 
 
 def layer_shape_problem(preset: ModelPreset, weights: str) -> str | None:
     """None when :func:`cutlass_moe.validation.check_layer_shape` accepts the layer with
-    ``weights`` (``"16bit"``, ``"int8"`` or ``"int4"``), else what is wrong in terms of the
+    ``weights`` (``"16bit"``, ``"int8"``, ``"int4"``, ``"fp8"`` or ``"mxfp4"``), else what is
+    wrong in terms of the
     command's options. The rule is validation's alone: the option at fault is found by asking
     it about the shape without ``--top-k`` (1) and with one expert."""
     e, h, i, k = preset.num_experts, preset.hidden_size, preset.inter_size, preset.top_k
@@ -195,10 +201,10 @@ def supported_weight_types(dtype: str, info: Mapping[str, Any]) -> list[str]:
     """The ``--weights`` values this build runs with ``--dtype dtype``.
 
     ``cutlass_fused_moe`` takes weights of the activation dtype, int8 weights with
-    per-channel scales (W8A16) or int4 weights with group-wise scales (W4A16); with the
-    extension loaded, ``build_info()["tactics"]`` (keys ``"<act>_<weight>[_...]"``) must also
-    have kernels for that pair."""
-    python_side = {dtype, "int8", "int4"}
+    per-channel scales (W8A16), int4 weights with group-wise scales (W4A16), or FP8 (e4m3) and
+    MXFP4 weight-only weights; with the extension loaded, ``build_info()["tactics"]`` (keys
+    ``"<act>_<weight>[_...]"``) must also have kernels for that pair."""
+    python_side = {dtype, "int8", *GROUP_SCALED_WEIGHTS}
     tactics = info.get("tactics") if info.get("extension_available") else None
     if not isinstance(tactics, Mapping):
         return sorted(python_side)
@@ -225,8 +231,8 @@ def check_weights(dtype: str, weights: str | None) -> str:
         if weights == "int4":
             why = (f" (it was built without int4 weight-only (W4A16) kernels for --dtype "
                    f"{dtype})")
-        elif weights == "int8":
-            why = f" (it was built without int8 weight-only kernels for --dtype {dtype})"
+        elif weights in ("int8", "fp8", "mxfp4"):
+            why = f" (it was built without {weights} weight-only kernels for --dtype {dtype})"
         elif weights != dtype:
             why = " (16-bit weights must have the activation dtype, --dtype)"
         else:
@@ -237,37 +243,49 @@ def check_weights(dtype: str, weights: str | None) -> str:
 
 def weight_mode(weights: str) -> str:
     """``tune_model``'s ``weights`` argument for a ``--weights`` value."""
-    return weights if weights in ("int8", "int4") else "16bit"
+    return weights if weights in ("int8", *GROUP_SCALED_WEIGHTS) else "16bit"
 
 
 def check_weight_shape(weights: str, preset: ModelPreset, parser: argparse.ArgumentParser
                        ) -> None:
     """The layer shape with the ``--weights`` value ``weights`` (int8 weights need H and I to
-    be multiples of 16, int4 weights of 32): ``parser.error`` when :func:`layer_shape_problem`
+    be multiples of 16, int4, fp8 and mxfp4 weights of 32): ``parser.error`` when
+    :func:`layer_shape_problem`
     finds a problem."""
     problem = layer_shape_problem(preset, weight_mode(weights))
     if problem is not None:
         parser.error(problem)
 
 
-def int4_options(args: argparse.Namespace, weights: str,
-                 models: Sequence[tuple[str, ModelPreset]], parser: argparse.ArgumentParser
-                 ) -> tuple[int, bool]:
-    """``(group size, asymmetric)`` of ``--group-size`` (default
-    :data:`cutlass_moe.bench.DEFAULT_INT4_GROUP_SIZE`) and ``--asym``, checked against every
-    layer shape (a multiple of 32 dividing H and I); both options only with ``--weights int4``
-    (``parser.error`` otherwise)."""
-    if weights != "int4":
-        given = [opt for opt, value in (("--group-size", args.group_size), ("--asym", args.asym))
-                 if value not in (None, False)]
-        if given:
-            parser.error(f"{' and '.join(given)} appl{'y' if len(given) > 1 else 'ies'} to "
-                         f"--weights int4 only (got --weights {weights})")
+def quant_options(args: argparse.Namespace, weights: str,
+                  models: Sequence[tuple[str, ModelPreset]], parser: argparse.ArgumentParser
+                  ) -> tuple[int, bool]:
+    """``(group size, asymmetric)`` of ``--group-size`` and ``--asym``. ``--group-size``
+    applies to ``--weights int4`` and ``fp8`` (default
+    :data:`cutlass_moe.bench.DEFAULT_INT4_GROUP_SIZE` / ``DEFAULT_FP8_GROUP_SIZE``; checked
+    against every layer shape: a multiple of 32 dividing H and I) and to ``mxfp4`` (fixed at 32:
+    omitted or 32); ``--asym`` to ``int4`` only. ``parser.error`` otherwise."""
+    misplaced = []
+    if args.group_size is not None and weights not in GROUP_SCALED_WEIGHTS:
+        misplaced.append("--group-size applies to --weights int4, fp8 or mxfp4 only")
+    if args.asym and weights != "int4":
+        misplaced.append("--asym applies to --weights int4 only")
+    if misplaced:
+        parser.error(f"{'; '.join(misplaced)} (got --weights {weights})")
+    if weights not in GROUP_SCALED_WEIGHTS:
         return bench.DEFAULT_INT4_GROUP_SIZE, False
-    group_size = args.group_size or bench.DEFAULT_INT4_GROUP_SIZE
+    if weights == "mxfp4":
+        if args.group_size not in (None, bench.MXFP4_GROUP_SIZE):
+            parser.error(f"--group-size {args.group_size}: --weights mxfp4 has a fixed group "
+                         f"size of {bench.MXFP4_GROUP_SIZE} (one e8m0 scale per "
+                         f"{bench.MXFP4_GROUP_SIZE} weights); omit --group-size")
+        return bench.MXFP4_GROUP_SIZE, False
+    default = bench.DEFAULT_INT4_GROUP_SIZE if weights == "int4" else bench.DEFAULT_FP8_GROUP_SIZE
+    group_size = args.group_size or default
     for name, preset in models:
         try:
-            validation.check_int4_group_size(group_size, preset.hidden_size, preset.inter_size)
+            validation.check_group_size(group_size, preset.hidden_size, preset.inter_size,
+                                        weights)
         except ValueError as exc:
             parser.error(f"--group-size {group_size} does not fit {name} "
                          f"(--hidden {preset.hidden_size}, --inter {preset.inter_size}): "
@@ -278,11 +296,12 @@ def int4_options(args: argparse.Namespace, weights: str,
 def kernel_label(dtype: str, weights: str, group_size: int | None = None,
                  asymmetric: bool = False) -> str:
     """``"bf16"``, ``"bf16 x int8 weights"`` for quantised weights, or ``"bf16 x int4 weights
-    (group 128)"`` / ``"(group 128, zero points)"`` for int4 weights (table headers)."""
+    (group 128)"`` / ``"(group 128, zero points)"`` for int4 weights (and ``"bf16 x fp8 weights
+    (group 128)"``, ``"bf16 x mxfp4 weights (group 32)"``) (table headers)."""
     if weights == dtype:
         return dtype
     label = f"{dtype} x {weights} weights"
-    if weights == "int4" and group_size:
+    if weights in GROUP_SCALED_WEIGHTS and group_size:
         label += f" (group {group_size}{', zero points' if asymmetric else ''})"
     return label
 
@@ -455,7 +474,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         parser.error(f"--out {out}: {problem}")
     weights = check_weights(args.dtype, args.weights)
     check_weight_shape(weights, preset, parser)
-    group_size, asymmetric = int4_options(args, weights, [(name, preset)], parser)
+    group_size, asymmetric = quant_options(args, weights, [(name, preset)], parser)
     require_gpu_and_extension("tune", args.device)
 
     kept = 0
@@ -504,6 +523,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
             "weights": weights,
             **({"group_size": group_size, "asymmetric": asymmetric}
                if weights == "int4" else {}),
+            **({"group_size": group_size} if weights in ("fp8", "mxfp4") else {}),
             "activation": ActivationType.Swiglu.name,
             "ep_size": args.ep_size,
             "max_tokens": args.max_tokens,
@@ -586,7 +606,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     weights = check_weights(args.dtype, args.weights)
     for _, preset in models:
         check_weight_shape(weights, preset, parser)
-    group_size, asymmetric = int4_options(args, weights, models, parser)
+    group_size, asymmetric = quant_options(args, weights, models, parser)
     require_gpu_and_extension("bench", args.device)
 
     if args.tactics in ("tuned", "both"):
@@ -685,6 +705,8 @@ examples:
   {PROG} tune --model deepseek-v2-lite --ep-size 8 --max-tokens 4096 --out ds.json
   {PROG} tune --model mixtral-8x7b --weights int8
   {PROG} tune --model qwen3-30b-a3b --weights int4 --group-size 64 --asym
+  {PROG} tune --model qwen3-30b-a3b --weights fp8 --group-size 128
+  {PROG} tune --model gpt-oss-20b --weights mxfp4
   {PROG} tune --experts 16 --hidden 4096 --inter 2048 --top-k 2 --dtype fp16 --json
 """
 
@@ -721,6 +743,7 @@ examples:
   {PROG} bench --model qwen3-30b-a3b --default --routing zipf --json
   {PROG} bench --model mixtral-8x7b --weights int8 --tokens 1,8,64 --peers none
   {PROG} bench --model mixtral-8x7b --weights int4 --group-size 128 --tokens 1,8,64
+  {PROG} bench --model gpt-oss-20b --weights mxfp4 --tokens 1,8,64
 """
 
 
@@ -763,12 +786,16 @@ def _add_kernel_options(parser: argparse.ArgumentParser) -> None:
                        help="activation (and output) dtype (default: bf16)")
     group.add_argument("--weights", choices=WEIGHT_CHOICES, default=None,
                        help="expert weight type (default: the --dtype): the --dtype, int8 "
-                            "(weight-only, per-channel scales; H and I multiples of 16) or int4 "
-                            "(weight-only, group-wise scales, W4A16; H and I multiples of 32)")
+                            "(weight-only, per-channel scales; H and I multiples of 16), int4 "
+                            "(weight-only, group-wise scales, W4A16; H and I multiples of 32), "
+                            "fp8 (e4m3 weight-only, float32 group-wise scales; H and I "
+                            "multiples of 32) or mxfp4 (e2m1 weight-only, e8m0 scales per 32 "
+                            "weights; H and I multiples of 32)")
     group.add_argument("--group-size", type=positive_int, default=None, metavar="G",
-                       help="--weights int4: the quantisation group along K, a multiple of 32 "
-                            "dividing H and I (default: "
-                            f"{bench.DEFAULT_INT4_GROUP_SIZE}); part of the tuning cache's key")
+                       help="--weights int4 or fp8: the quantisation group along K, a multiple "
+                            "of 32 dividing H and I (default: "
+                            f"{bench.DEFAULT_INT4_GROUP_SIZE}); --weights mxfp4: fixed at "
+                            f"{bench.MXFP4_GROUP_SIZE}; part of the tuning cache's key")
     group.add_argument("--asym", action="store_true",
                        help="--weights int4: asymmetric quantisation with zero points (default: "
                             "symmetric); part of the tuning cache's key")

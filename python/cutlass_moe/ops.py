@@ -47,7 +47,11 @@ from .activation import ActivationType
 # tactic1/tactic2 (names, "" for the AutoTuner's choice), enable_pdl, then FlashInfer 0.7's
 # per-activation tensors clamped_relu2_limit float32 [1] (ClampedRelu2, required), situ_beta and
 # situ_linear_beta float32 [E] (Situ, optional), then int4's fc1_weight_zeros/fc2_weight_zeros
-# (both or neither) and weight_format ("" or "int4"; the group sizes are K / scales.shape[1]).
+# (both or neither) and weight_format ("", "int4", "fp8" or "mxfp4"; the group sizes are
+# K / scales.shape[1], 32 for mxfp4). fp8: float8_e4m3fn weights [E, N1, H] and [E, H, I] with
+# float32 scales [E, H/G1, N1] and [E, I/G2, H]; mxfp4: packed uint8 weights [E, N1, H/2] and
+# [E, H, I/2] (two e2m1 codes per byte) with uint8 e8m0 scales [E, H/32, N1] and [E, I/32, H];
+# neither has zeros.
 # Every tensor contiguous, on one device, 16-byte aligned (the GEMM operands); output and
 # workspace share no memory with the rest.
 # --------------------------------------------------------------------------------------------
@@ -98,7 +102,7 @@ def _run_fused_moe(*args: Any) -> None:
     group_sizes = validation.op_group_sizes(op)
     device = op.input.device
     validation.check_alignment(op)
-    # The weight entry is a dtype, or the weight-format tag of packed weights ("int4").
+    # The weight entry is a dtype, or the weight-format tag ("int4", "fp8", "mxfp4").
     dtypes = (op.input.dtype, validation.op_weight_type(op), op.output.dtype)
     runner = _ext.get_runner(*dtypes)
     act_enum = _ext.activation_to_enum(act)
@@ -171,8 +175,8 @@ def _choose_tactics(
 ) -> tuple[str, str]:
     """The tactics of both GEMMs: a forced name (checked) wins for its GEMM; the other comes
     from the AutoTuner (cache, tuning inside ``autotune()``, else the heuristic default).
-    ``zeros``/``group_sizes``: int4 weights' zero points and group sizes (part of the tuner's
-    key, and what profiling runs with)."""
+    ``zeros``/``group_sizes``: int4 weights' zero points and the group sizes of int4, fp8 and
+    mxfp4 weights (part of the tuner's key, and what profiling runs with)."""
     expanded_rows = num_tokens * top_k
     if forced[0] and forced[1]:
         return (tactics.resolve(dtypes, 1, activation, device, forced[0], expanded_rows),
@@ -257,6 +261,7 @@ def cutlass_fused_moe(
     situ_linear_beta: torch.Tensor | None = None,
     backend: str = "cutlass",
     use_int8_woq_per_channel: bool = False,
+    use_fp8_woq_group_scaling: bool = False,
     check_inputs: bool = False,
     tactics: Sequence[str] | None = None,
 ) -> list[torch.Tensor]:
@@ -278,11 +283,12 @@ def cutlass_fused_moe(
         fc1_expert_weights: contiguous ``[E, 2*I, H]`` for gated activations (Swiglu, Geglu,
             SwigluBias, SwigluStep, GegluTanh, Situ; rows ``[up | gate]``, see
             ``swap_w13_to_w31``), ``[E, I, H]`` otherwise; input dtype,
-            or int8 with ``use_int8_woq_per_channel``, or packed int4 ``[E, N1, H/2]`` uint8
-            with ``use_w4_group_scaling`` (see there). ``E`` is this EP rank's expert count,
-            ``I`` this TP rank's intermediate slice.
-        fc2_expert_weights: contiguous ``[E, H, I]``, input dtype (or int8, as fc1; packed
-            int4: ``[E, H, I/2]`` uint8).
+            or int8 with ``use_int8_woq_per_channel``, or packed int4 or MXFP4 ``[E, N1, H/2]``
+            uint8 with ``use_w4_group_scaling`` (see there), or float8_e4m3fn with
+            ``use_fp8_woq_group_scaling``. ``E`` is this EP rank's expert count, ``I`` this TP
+            rank's intermediate slice.
+        fc2_expert_weights: contiguous ``[E, H, I]``, input dtype (or int8 / float8_e4m3fn, as
+            fc1; packed int4 or MXFP4: ``[E, H, I/2]`` uint8).
         output_dtype: the input dtype or ``torch.float32``.
         quant_scales: None or empty for weights of the input dtype. With
             ``use_int8_woq_per_channel=True``: ``[fc31_scale, fc2_scale]``, the per-output-
@@ -291,7 +297,10 @@ def cutlass_fused_moe(
             ``use_w4_group_scaling=True``: ``[fc31_scales, fc2_scales]`` (symmetric) or
             ``[fc31_scales, fc2_scales, fc31_zeros, fc2_zeros]`` (asymmetric), the group-wise
             scales ``[E, H/G1, N1]`` and ``[E, I/G2, H]`` and zero points of the same shapes,
-            in the input dtype (see ``use_w4_group_scaling``).
+            in the input dtype (see ``use_w4_group_scaling``); MXFP4 (same flag):
+            ``[fc31_scales, fc2_scales]`` uint8 e8m0 ``[E, H/32, N1]`` and ``[E, I/32, H]``.
+            With ``use_fp8_woq_group_scaling=True``: ``[fc31_scales, fc2_scales]`` float32
+            ``[E, H/G1, N1]`` and ``[E, I/G2, H]``.
         fc1_expert_biases: optional ``[E, 2*I]`` / ``[E, I]``, input dtype.
         fc2_expert_biases: optional ``[E, H]``, input dtype; added on ``tp_rank == 0`` only.
         input_sf: must be None.
@@ -323,9 +332,23 @@ def cutlass_fused_moe(
             Needs ``H`` and ``I`` to be multiples of 32. FlashInfer/TensorRT-LLM's W4A8 mode
             (fp8 activations; activation scales and alphas in ``quant_scales``) is not served:
             ``ValueError``. Not together with ``use_int8_woq_per_channel``.
+
+            **MXFP4** (OCP microscaling) runs under the same flag: ``quant_scales`` of dtype
+            uint8 (e8m0; torch.float8_e8m0fnu is read as the same bytes) select it over int4,
+            whose scales have the input dtype. Weights uint8 ``[N, K/2]`` per expert, two e2m1
+            codes per byte (``k = 2j`` in the low nibble of byte ``j``; code bits ``s e e m``,
+            magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6), scales ``[K/32, N]`` (``G = 32`` always,
+            scale ``2^(x - 127)``); the layer computes with ``value * scale`` formed in float32
+            and rounded once to the input dtype. No zero points; both GEMMs must be MXFP4
+            (scales of one GEMM uint8 and of the other 16-bit: ``ValueError``). Needs ``H`` and
+            ``I`` multiples of 32. Produce it with
+            :func:`cutlass_moe.mxfp4.quantize_moe_weights_mxfp4` (see docs/architecture.md).
         enable_alltoall, use_deepseek_fp8_block_scale, use_mxfp8_act_scaling,
         min_latency_mode, use_packed_weights, use_wfp4afp8_humming: FlashInfer modes; must be
-        False.
+        False. ``use_deepseek_fp8_block_scale`` (fp8 activations too) raises an error that is
+        both ``NotImplementedError`` and ``ValueError`` and points to the weight-only mode
+        ``use_fp8_woq_group_scaling`` with the block scales expanded by
+        :func:`cutlass_moe.fp8.expand_block_scales`.
         tune_max_num_tokens: the largest token bucket of the AutoTuner; calls with more tokens
             share its tactics (see :func:`cutlass_moe.autotune`).
         enable_pdl: programmatic dependent launch between the call's kernels (and with the
@@ -369,6 +392,21 @@ def cutlass_fused_moe(
             :func:`cutlass_moe.quantization.to_int8_kernel_layout`) with symmetric
             per-output-channel ``quant_scales``; the layer computes with the dequantised
             weights ``q * scale``. Needs ``H`` and ``I`` to be multiples of 16.
+        use_fp8_woq_group_scaling: FP8 (e4m3) group-wise weight-only quantization (W8A16 with
+            fp8 weights) with float16/bfloat16 ``input``, on its own runner and tactics
+            (``weight_dtype`` "fp8"). ``fc1_expert_weights``/``fc2_expert_weights``:
+            ``torch.float8_e4m3fn`` ``[E, N1, H]`` / ``[E, H, I]`` (K contiguous, fc1 rows
+            ``[up; gate]``); ``quant_scales=[fc31_scales, fc2_scales]`` float32
+            ``[E, H/G1, N1]`` and ``[E, I/G2, H]`` (N contiguous; ``G`` a multiple of 32
+            dividing K, or ``G = K`` per channel; read from the scales' shape, separately per
+            GEMM). The layer computes with ``float32(v) * s`` rounded once to the input dtype.
+            No zero points. Per-tensor scales must be expanded to per-channel ``[E, 1, N]``;
+            DeepSeek-V3/Qwen3-FP8 128x128 block scales with
+            :func:`cutlass_moe.fp8.expand_block_scales`. Produce the weights with
+            :func:`cutlass_moe.fp8.quantize_moe_weights_fp8`. The e4m3fn NaN code must not
+            appear in the weights (not checked here: that would read them; importers refuse
+            it). Needs ``H`` and ``I`` multiples of 32. Not together with
+            ``use_int8_woq_per_channel`` or ``use_w4_group_scaling``.
         check_inputs: check on the host that every id is in ``[0, E*ep_size)`` and raise
             ``ValueError`` naming the bad ids. It synchronises with the GPU: during CUDA-graph
             capture it raises ``RuntimeError`` instead (check before capturing). Also on for
@@ -388,7 +426,10 @@ def cutlass_fused_moe(
             them), e.g. int8 weights without ``use_int8_woq_per_channel`` or the reverse, uint8
             (packed int4) weights without ``use_w4_group_scaling``, int4 scales whose group
             size is not a multiple of 32 dividing K, zero points for one GEMM only, or a W4A8
-            ``quant_scales`` list.
+            ``quant_scales`` list; float8_e4m3fn weights without
+            ``use_fp8_woq_group_scaling``, fp8 scales that are not float32 ``[E, K/G, N]``,
+            MXFP4 scales that are not ``[E, K/32, N]``, zero points with fp8 or MXFP4 weights,
+            or formats mixed between the two GEMMs.
         TypeError: a required tensor, or ``quant_scales`` or one of its entries, of the wrong
             type.
         RuntimeError: no CUDA device, or the compiled extension is missing.
@@ -431,6 +472,7 @@ def cutlass_fused_moe(
         situ_beta=situ_beta,
         situ_linear_beta=situ_linear_beta,
         backend=backend,
+        use_fp8_woq_group_scaling=use_fp8_woq_group_scaling,
     )
     compiling = torch.compiler.is_compiling()
     if compiling:

@@ -8,7 +8,9 @@
 - :func:`make_routing`: benchmark routing, ``k`` distinct experts per token drawn uniformly or
   Zipf-skewed.
 - :func:`quantize_layer_int4`: a layer's weights quantised to int4 group-wise weights (W4A16,
-  the kernel layout of :mod:`cutlass_moe.int4`) for the tuner and the benchmark.
+  the kernel layout of :mod:`cutlass_moe.int4`) for the tuner and the benchmark;
+  :func:`quantize_layer_fp8` and :func:`quantize_layer_mxfp4` the same for FP8 (e4m3) and MXFP4
+  weight-only weights (:mod:`cutlass_moe.fp8`, :mod:`cutlass_moe.mxfp4`).
 
 Every function draws from a ``torch.Generator`` seeded by its caller, so results repeat.
 """
@@ -19,7 +21,9 @@ from typing import NamedTuple
 
 import torch
 
+from .fp8 import quantize_moe_weights_fp8
 from .int4 import quantize_moe_weights_int4
+from .mxfp4 import quantize_moe_weights_mxfp4
 from .presets import ModelPreset
 
 #: Expert popularity of ``routing="zipf"``: p(expert of rank r) ~ 1 / r**ZIPF_EXPONENT.
@@ -130,3 +134,44 @@ def quantize_layer_int4(
                                                      symmetric=not asymmetric)
     zeros = (quant_scales[2], quant_scales[3]) if asymmetric else (None, None)
     return Int4Layer((p1, p2), (quant_scales[0], quant_scales[1]), zeros, group_size)
+
+
+class GroupScaledLayer(NamedTuple):
+    """A layer's FP8 (e4m3) or MXFP4 weight-only weights in their kernel layout
+    (:mod:`cutlass_moe.fp8`, :mod:`cutlass_moe.mxfp4`); shaped like :class:`Int4Layer` (no zero
+    points) so that callers treat the three formats alike."""
+
+    weights: tuple[torch.Tensor, torch.Tensor]  # fp8: [E, N1, H], [E, H, I]; mxfp4: uint8 K/2
+    scales: tuple[torch.Tensor, torch.Tensor]  # [E, H/G, N1], [E, I/G, H]: fp32 / uint8 e8m0
+    zeros: tuple[None, None]
+    group_size: int
+    weight_format: str  # "fp8" or "mxfp4"
+
+    @property
+    def quant_scales(self) -> list[torch.Tensor]:
+        """``cutlass_fused_moe``'s ``quant_scales`` (with ``use_fp8_woq_group_scaling=True``
+        for fp8, ``use_w4_group_scaling=True`` for mxfp4)."""
+        return list(self.scales)
+
+    @property
+    def call_flags(self) -> dict[str, bool]:
+        """The ``cutlass_fused_moe`` flag that selects the format."""
+        if self.weight_format == "fp8":
+            return {"use_fp8_woq_group_scaling": True}
+        return {"use_w4_group_scaling": True}
+
+
+def quantize_layer_fp8(w1: torch.Tensor, w2: torch.Tensor, group_size: int = 128
+                       ) -> GroupScaledLayer:
+    """``w1 [E, N1, H]`` and ``w2 [E, H, I]`` quantised group-wise to float8_e4m3fn with
+    ``group_size`` for both GEMMs (:func:`cutlass_moe.fp8.quantize_moe_weights_fp8`; float32
+    scales)."""
+    q1, q2, (s1, s2) = quantize_moe_weights_fp8(w1, w2, group_size=group_size)
+    return GroupScaledLayer((q1, q2), (s1, s2), (None, None), group_size, "fp8")
+
+
+def quantize_layer_mxfp4(w1: torch.Tensor, w2: torch.Tensor) -> GroupScaledLayer:
+    """``w1 [E, N1, H]`` and ``w2 [E, H, I]`` quantised to MXFP4
+    (:func:`cutlass_moe.mxfp4.quantize_moe_weights_mxfp4`; uint8 e8m0 scales, group size 32)."""
+    p1, p2, (s1, s2) = quantize_moe_weights_mxfp4(w1, w2)
+    return GroupScaledLayer((p1, p2), (s1, s2), (None, None), 32, "mxfp4")

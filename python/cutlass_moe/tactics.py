@@ -16,6 +16,14 @@ int4 group-wise weights have their own runner (weight type ``"int4"``) whose des
 weight-streaming ``sm80_decode[_gated]_<act>_int4_...`` ones (opt-in as for every weight type:
 :data:`DECODE_ENV`). One kernel serves every group size, so the group size is not part of a
 tactic; it is part of the tuner's key. Their default table is :data:`DEFAULT_TABLE_INT4`.
+
+FP8 (e4m3) and MXFP4 weight-only weights, the other two formats of the group-scaled mainloop,
+have their own runners too (weight types ``"fp8"`` and ``"mxfp4"``; descriptors'
+``weight_dtype`` "fp8" / "mxfp4"): tensor-core tactics ``sm80_<act>_fp8_m..n..k64_w..._s<stages>``
+and ``sm80_<act>_mxfp4_...`` on int4's tiles (no split-K or fused gated tactics), and
+weight-streaming ``sm80_decode[_gated]_<act>_fp8|mxfp4_...`` tactics, opt-in like every decode
+tactic (:data:`DECODE_ENV`; never a default). Their default tables are
+:data:`DEFAULT_TABLE_FP8` and :data:`DEFAULT_TABLE_MXFP4`.
 """
 
 from __future__ import annotations
@@ -30,8 +38,8 @@ import torch
 from . import _ext
 from .activation import ActivationType
 
-#: (activation, weight, output) types of one ``MoeRunner``: the weight is a dtype, or a packed
-#: weight format's tag (``"int4"``; see :mod:`cutlass_moe._ext`).
+#: (activation, weight, output) types of one ``MoeRunner``: the weight is a dtype, or a weight
+#: format's tag (``"int4"``, ``"fp8"``, ``"mxfp4"``; see :mod:`cutlass_moe._ext`).
 Dtypes = tuple[torch.dtype, torch.dtype | str, torch.dtype]
 
 # The heuristic default: (largest expected rows per expert, preferred tile_m, tile_n, stages).
@@ -68,6 +76,14 @@ DEFAULT_TABLE_INT4 = (
     (64.0, 32, 128, 4),
     (math.inf, 128, 128, 3),
 )
+# FP8 (e4m3) and MXFP4 weight-only weights run the int4 family's group-scaled mainloop on the
+# same tiles (16x64 s4, 16x128 s4/s6, 32x128 s4, 64x128 s3/s4, 128x128 s3, 128x256 s3; the fast
+# build has 16x128 s4 and 128x128 s3); their decode tactics are opt-in and never a default,
+# as for every weight type. Not yet measured: they start
+# from the int4 table (fp8 streams twice int4's weight bytes, MXFP4 as many plus one byte of
+# scale per 32 weights), to be revisited with `cutlass-moe tune --weights fp8|mxfp4` on a GPU.
+DEFAULT_TABLE_FP8 = DEFAULT_TABLE_INT4
+DEFAULT_TABLE_MXFP4 = DEFAULT_TABLE_INT4
 # Fused gated GEMM1 tactics (gather + both halves + activation in one kernel; tile N counts
 # output columns), the default GEMM1 of a gated activation up to GATED_DEFAULT_MAX_ROWS rows per
 # expert. Measured on the five presets (H100, bf16, GEMM1 + activation kernel against the fused
@@ -79,6 +95,9 @@ DEFAULT_TABLE_GATED = (
     (16.0, 32, 64, 4),
 )
 GATED_DEFAULT_MAX_ROWS = DEFAULT_TABLE_GATED[-1][0]
+#: The default table of each quantised weight type (descriptors' ``weight_dtype``).
+_WEIGHT_TABLES = {"int8": DEFAULT_TABLE_INT8, "int4": DEFAULT_TABLE_INT4,
+                  "fp8": DEFAULT_TABLE_FP8, "mxfp4": DEFAULT_TABLE_MXFP4}
 
 
 def supports_activation(desc: Mapping[str, Any], activation: ActivationType) -> bool:
@@ -168,14 +187,15 @@ def candidate_names(
 
 
 def _table(descs: Sequence[Mapping[str, Any]]) -> tuple[tuple[float, int, int, int], ...]:
-    """The measured table for the descriptors' kind (fused gated, int8, int4 or 16-bit)."""
+    """The measured table for the descriptors' kind (fused gated, int8, int4, fp8, mxfp4 or
+    16-bit)."""
     if any(d.get("gated") for d in descs):
         return DEFAULT_TABLE_GATED
-    if any(d.get("weight_dtype") == "int8" for d in descs):
-        return DEFAULT_TABLE_INT8
-    if any(d.get("weight_dtype") == "int4" for d in descs):
-        return DEFAULT_TABLE_INT4
+    for weight_dtype, table in _WEIGHT_TABLES.items():
+        if any(d.get("weight_dtype") == weight_dtype for d in descs):
+            return table
     return DEFAULT_TABLE
+
 
 
 def default_tactic(descs: Sequence[Mapping[str, Any]], expected_rows_per_expert: float) -> str:
@@ -183,8 +203,9 @@ def default_tactic(descs: Sequence[Mapping[str, Any]], expected_rows_per_expert:
     expected to get ``expected_rows_per_expert`` rows (``T*k/E_total`` for balanced routing).
 
     The row count selects a preferred configuration from a measured table (``DEFAULT_TABLE``;
-    ``DEFAULT_TABLE_INT8`` / ``DEFAULT_TABLE_INT4`` for descriptors whose ``weight_dtype`` is
-    "int8" / "int4");
+    ``DEFAULT_TABLE_INT8`` / ``DEFAULT_TABLE_INT4`` / ``DEFAULT_TABLE_FP8`` /
+    ``DEFAULT_TABLE_MXFP4`` for descriptors whose ``weight_dtype`` is "int8" / "int4" / "fp8" /
+    "mxfp4");
     when that exact tactic is not compiled or not runnable, the smallest ``tile_m`` at least the
     preferred one (else the largest) is taken, with more ``stages`` first, then the narrower
     ``tile_n``, then the name — so the choice never depends on the order of ``descs``.
@@ -228,7 +249,8 @@ def tile_m_target(expected_rows_per_expert: float) -> float:
     bound (every table is a step function over these bounds, so ``default_tactic`` gives the
     same answer for the bound as for the rows)."""
     rows = max(float(expected_rows_per_expert), 0.0)
-    tables = (*DEFAULT_TABLE, *DEFAULT_TABLE_INT8, *DEFAULT_TABLE_INT4, *DEFAULT_TABLE_GATED)
+    tables = (*DEFAULT_TABLE, *DEFAULT_TABLE_INT8, *DEFAULT_TABLE_INT4, *DEFAULT_TABLE_FP8,
+              *DEFAULT_TABLE_MXFP4, *DEFAULT_TABLE_GATED)
     return min(row[0] for row in tables if rows <= row[0])
 
 

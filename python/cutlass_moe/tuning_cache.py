@@ -20,8 +20,10 @@ the runner's weight type, a dtype or a packed format's tag) and ``quant``: ``"no
 ``"int4_g<G1>[_g<G2>][_asym]"`` (the group sizes of GEMM1 and GEMM2, the second only when it
 differs, and ``_asym`` with zero points). The kernels are the same for every group size, but the
 group size (and the zero-point loads) change how many bytes a tactic streams per weight, so the
-fastest tactic depends on them. The file format did not change for int4 (still version 1): files
-written before int4 existed load as they did.
+fastest tactic depends on them. FP8 (e4m3) weight-only weights are keyed ``"bf16_fp8_bf16"`` with
+:func:`quant_fp8`'s ``"fp8_g<G1>[_g<G2>]"`` (no zero points), MXFP4 ones ``"bf16_mxfp4_bf16"``
+with ``"mxfp4"`` (:data:`QUANT_MXFP4`: its group size is always 32). The file format did not
+change for int4, fp8 or mxfp4 (still version 1): files written before them load as they did.
 """
 
 from __future__ import annotations
@@ -54,8 +56,10 @@ __all__ = [
     "CACHE_SCHEMA",
     "CACHE_VERSION",
     "MAX_CACHE_BYTES",
+    "QUANT_FP8",
     "QUANT_INT4",
     "QUANT_INT8_PER_CHANNEL",
+    "QUANT_MXFP4",
     "QUANT_NONE",
     "WEIGHT_MODES",
     "ShapeKey",
@@ -63,6 +67,7 @@ __all__ = [
     "build_id",
     "dtype_tag",
     "known_tactics",
+    "quant_fp8",
     "quant_int4",
     "read_cache",
     "write_cache",
@@ -82,8 +87,14 @@ QUANT_INT8_PER_CHANNEL = "int8_per_channel"
 #: The prefix of int4 group-wise weights' ShapeKey.quant (:func:`quant_int4` adds the group
 #: sizes and whether there are zero points).
 QUANT_INT4 = "int4"
-#: ``tune_model``'s ``weights`` values and their ShapeKey.quant (int4: the prefix).
-WEIGHT_MODES = {"16bit": QUANT_NONE, "int8": QUANT_INT8_PER_CHANNEL, "int4": QUANT_INT4}
+#: The prefix of FP8 (e4m3) weight-only weights' ShapeKey.quant (:func:`quant_fp8` adds the
+#: group sizes).
+QUANT_FP8 = "fp8"
+#: ShapeKey.quant of MXFP4 weight-only weights (group size always 32, no zero points).
+QUANT_MXFP4 = "mxfp4"
+#: ``tune_model``'s ``weights`` values and their ShapeKey.quant (int4, fp8: the prefix).
+WEIGHT_MODES = {"16bit": QUANT_NONE, "int8": QUANT_INT8_PER_CHANNEL, "int4": QUANT_INT4,
+                "fp8": QUANT_FP8, "mxfp4": QUANT_MXFP4}
 
 # Values quoted in warnings come from the file: their repr is bounded in length and depth.
 _brief = reprlib.Repr()
@@ -104,8 +115,8 @@ class ShapeKey:
 
     # "<activation>_<weight>_<output>", e.g. "bf16_bf16_bf16", "bf16_int8_bf16", "bf16_int4_bf16"
     dtypes: str
-    # "none" (weights of the activation dtype), "int8_per_channel" or quant_int4(...), e.g.
-    # "int4_g128" or "int4_g128_asym"
+    # "none" (weights of the activation dtype), "int8_per_channel", quant_int4(...), e.g.
+    # "int4_g128" or "int4_g128_asym", quant_fp8(...), e.g. "fp8_g128", or "mxfp4"
     quant: str
     num_experts: int  # experts on this rank
     hidden_size: int
@@ -217,6 +228,16 @@ def quant_int4(group_sizes: Sequence[int], zeros: bool) -> str:
     return tag + ("_asym" if zeros else "")
 
 
+def quant_fp8(group_sizes: Sequence[int]) -> str:
+    """ShapeKey.quant of FP8 (e4m3) weight-only weights with group sizes ``(G1, G2)``:
+    ``"fp8_g128"``, ``"fp8_g2048_g768"`` (per-channel, H=2048, I=768). ValueError for a group
+    size below 1."""
+    g1, g2 = (int(g) for g in group_sizes)
+    if g1 < 1 or g2 < 1:
+        raise ValueError(f"fp8 group sizes must be >= 1, got {(g1, g2)}")
+    return f"{QUANT_FP8}_g{g1}" + (f"_g{g2}" if g2 != g1 else "")
+
+
 def build_id() -> str:
     """Identity of the compiled kernels: package, CUTLASS and CUDA versions. Tactic names are
     stable across builds, so a file from the same versions with fewer tactics stays usable."""
@@ -228,12 +249,13 @@ def build_id() -> str:
 
 
 def known_tactics() -> set[str]:
-    """Every tactic name of every runner configuration this build has (16-bit, int8 and int4
-    weights, 16-bit and fp32 outputs). Needs the compiled extension (``RuntimeError`` without
-    it)."""
+    """Every tactic name of every runner configuration this build has (16-bit, int8, int4, fp8
+    and mxfp4 weights, 16-bit and fp32 outputs). Needs the compiled extension (``RuntimeError``
+    without it)."""
     names: set[str] = set()
     for dtype in (torch.float16, torch.bfloat16):
-        weights: tuple[torch.dtype | str, ...] = (dtype, torch.int8, _ext.INT4)
+        weights: tuple[torch.dtype | str, ...] = (dtype, torch.int8, _ext.INT4, _ext.FP8,
+                                                  _ext.MXFP4)
         for weight in weights:
             for out in (dtype, torch.float32):
                 try:

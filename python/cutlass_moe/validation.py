@@ -18,6 +18,11 @@
   :func:`op_weight_type` / :func:`op_group_sizes` / :func:`op_inter_size` (what the op's kernel
   derives from its arguments). The kernel layout and the call convention are in
   docs/architecture.md and :func:`cutlass_moe.cutlass_fused_moe`'s docstring.
+- FP8 (e4m3) and MXFP4 weight-only weights, the two other formats of the group-scaled
+  mainloop: FP8 with ``use_fp8_woq_group_scaling=True`` (float8_e4m3fn ``[E, N, K]``, float32
+  scales ``[E, K/G, N]``), MXFP4 with ``use_w4_group_scaling=True`` and uint8 (e8m0) scales
+  ``[E, K/32, N]`` (the scales' dtype tells it from int4); :func:`check_fp8_alignment`,
+  :func:`check_mxfp4_alignment`, :func:`check_group_size`. No zero points for either.
 
 Messages name the argument, its shape or dtype, and what was expected.
 """
@@ -45,14 +50,23 @@ CHECK_INPUTS_ENV = "CUTLASS_MOE_CHECK_INPUTS"
 ACT_DTYPES = (torch.float16, torch.bfloat16)
 _SUPPORTED_DTYPES_TEXT = (
     "supported: float16 or bfloat16 activations with weights of the same dtype, int8 weights "
-    "with use_int8_woq_per_channel=True, or packed int4 weights (uint8) with "
-    "use_w4_group_scaling=True"
+    "with use_int8_woq_per_channel=True, packed int4 or MXFP4 weights (uint8) with "
+    "use_w4_group_scaling=True, or float8_e4m3fn weights with use_fp8_woq_group_scaling=True"
 )
 _SUPPORTED_MODES_TEXT = (
     "cutlass_moe supports float16/bfloat16 MoE with weights of the activation dtype or int8 "
     "weight-only per-channel quantization (use_int8_woq_per_channel=True) or int4 group-wise "
-    "weight-only quantization (use_w4_group_scaling=True, W4A16), with tp/ep "
-    "parallelism, cluster_size=1 and no all-to-all"
+    "weight-only quantization (use_w4_group_scaling=True, W4A16; MXFP4 weights with uint8 e8m0 "
+    "scales under the same flag) or FP8 (e4m3) group-wise weight-only quantization "
+    "(use_fp8_woq_group_scaling=True), with tp/ep parallelism, cluster_size=1 and no all-to-all"
+)
+#: Why FlashInfer's DeepSeek FP8 block-scale mode is refused, and what serves its weights.
+_DEEPSEEK_FP8_TEXT = (
+    "FlashInfer's DeepSeek FP8 block-scale mode quantises the activations to fp8 too, which "
+    "cutlass_moe does not serve. Its fp8 weights run weight-only: keep float16/bfloat16 input, "
+    "pass the float8_e4m3fn weights with use_fp8_woq_group_scaling=True and "
+    "quant_scales=[fc31_scales, fc2_scales] float32 [E, K/128, N], the 128x128 block scales "
+    "(weight_scale_inv) expanded per column with cutlass_moe.fp8.expand_block_scales"
 )
 # GEMM operands and the output are read and written with 16-byte vector accesses.
 ALIGN_BYTES = 16
@@ -65,17 +79,38 @@ INT4_ALIGN_ELEMS = 32
 INT4_GROUP_STEP = 32
 #: The group sizes documented for int4 weights (any multiple of 32 dividing K works, and K).
 INT4_DOCUMENTED_GROUP_SIZES = (32, 64, 128)
-#: The op's ``weight_format`` of packed int4 weights (uint8 storage does not say which packed
-#: format a tensor holds, so the op is told; "" = the weights' dtype says it).
+#: FP8 and MXFP4 weights: K (H and I) in steps of 32 elements, like int4 (fp8_spec).
+FP8_ALIGN_ELEMS = 32
+MXFP4_ALIGN_ELEMS = 32
+#: MXFP4 scales' N in steps of 16 (16-byte rows of uint8 e8m0 scales).
+MXFP4_N_ALIGN_ELEMS = 16
+#: MXFP4's group size: one e8m0 scale per 32 elements along K, always (OCP microscaling).
+MXFP4_GROUP_SIZE = 32
+#: The op's ``weight_format`` of weights whose storage dtype does not say the format (uint8
+#: holds int4 and mxfp4; float8_e4m3fn weights are the group-scaled fp8 format), so the op is
+#: told; "" = the weights' dtype says it (the input dtype or int8).
 WEIGHT_FORMAT_INT4 = "int4"
-WEIGHT_FORMATS = ("", WEIGHT_FORMAT_INT4)
+WEIGHT_FORMAT_FP8 = "fp8"
+WEIGHT_FORMAT_MXFP4 = "mxfp4"
+WEIGHT_FORMATS = ("", WEIGHT_FORMAT_INT4, WEIGHT_FORMAT_FP8, WEIGHT_FORMAT_MXFP4)
+#: The weight formats with group-wise scales ``[E, K/G, N]`` (the group-scaled mainloop).
+GROUP_SCALED_FORMATS = (WEIGHT_FORMAT_INT4, WEIGHT_FORMAT_FP8, WEIGHT_FORMAT_MXFP4)
+#: The formats stored two per byte along K (``[E, N, K/2]``).
+PACKED_FORMATS = (WEIGHT_FORMAT_INT4, WEIGHT_FORMAT_MXFP4)
+#: The dtypes of MXFP4's e8m0 scales: uint8, and torch's float8_e8m0fnu where it exists (read
+#: as the same bytes).
+MXFP4_SCALE_DTYPES = tuple(d for d in (torch.uint8, getattr(torch, "float8_e8m0fnu", None))
+                           if d is not None)
 # Expert ids and offsets are 32-bit on the device.
 MAX_EXPERTS_TOTAL = 2**31 - 1
 _MAX_BAD_IDS_SHOWN = 8
 #: ``weights`` values of :func:`check_layer_shape`.
-WEIGHT_KINDS = ("16bit", "int8", "int4")
-_KIND_ALIGN = {"16bit": ALIGN_ELEMS, "int8": INT8_ALIGN_ELEMS, "int4": INT4_ALIGN_ELEMS}
-_KIND_WHY = {"int8": "16-byte int8 loads", "int4": "16-byte loads of packed int4 weights"}
+WEIGHT_KINDS = ("16bit", "int8", "int4", "fp8", "mxfp4")
+_KIND_ALIGN = {"16bit": ALIGN_ELEMS, "int8": INT8_ALIGN_ELEMS, "int4": INT4_ALIGN_ELEMS,
+               "fp8": FP8_ALIGN_ELEMS, "mxfp4": MXFP4_ALIGN_ELEMS}
+_KIND_WHY = {"int8": "16-byte int8 loads", "int4": "16-byte loads of packed int4 weights",
+             "fp8": "32-element K slices of the group-scaled fp8 mainloop",
+             "mxfp4": "16-byte loads of packed e2m1 weights"}
 
 
 def check_layer_shape(
@@ -88,8 +123,9 @@ def check_layer_shape(
 ) -> None:
     """The layer-shape rule of every entry point: ``num_experts`` (this rank's experts) and
     ``ep_size`` at least 1, ``hidden_size`` and ``inter_size`` positive multiples of 8 (16 for
-    ``weights="int8"``: 16-byte int8 loads along K; 32 for ``weights="int4"``: 16-byte loads of
-    packed nibbles), ``1 <= top_k <= num_experts*ep_size`` and
+    ``weights="int8"``: 16-byte int8 loads along K; 32 for ``weights="int4"``, ``"fp8"`` and
+    ``"mxfp4"``: the group-scaled mainloop's 32-element K slices),
+    ``1 <= top_k <= num_experts*ep_size`` and
     ``num_experts*ep_size < 2**31`` (ids are int32). ValueError saying which part fails."""
     if weights not in WEIGHT_KINDS:
         raise ValueError(f"weights must be one of {WEIGHT_KINDS}, got {weights!r}")
@@ -126,6 +162,12 @@ def check_layer_shape(
         )
 
 
+class _RefusedFlashInferMode(NotImplementedError, ValueError):
+    """A FlashInfer mode that cutlass_moe refuses although part of it is served another way
+    (``use_deepseek_fp8_block_scale``): both a ``NotImplementedError`` (like every refused
+    FlashInfer mode) and a ``ValueError`` (fp8_spec: a bad argument of the call)."""
+
+
 class MoeCall(NamedTuple):
     """The op's arguments after validation (tensors contiguous, ids int32, scales float32)."""
 
@@ -134,13 +176,16 @@ class MoeCall(NamedTuple):
     token_final_scales: torch.Tensor
     fc1_expert_weights: torch.Tensor
     fc2_expert_weights: torch.Tensor
-    # int8 weights: fc31_scale [E, N1] and fc2_scale [E, H]; int4 weights: group-wise scales
-    # [E, H/G1, N1] and [E, I/G2, H]; activation dtype.
+    # int8 weights: fc31_scale [E, N1] and fc2_scale [E, H] (activation dtype); int4, fp8 and
+    # mxfp4 weights: group-wise scales [E, H/G1, N1] and [E, I/G2, H] (int4: activation dtype,
+    # fp8: float32, mxfp4: uint8 e8m0 with G = 32).
     fc1_weight_scales: torch.Tensor | None
     fc2_weight_scales: torch.Tensor | None
     fc1_weight_zeros: torch.Tensor | None  # int4 with zero points: [E, H/G1, N1]
     fc2_weight_zeros: torch.Tensor | None  # int4 with zero points: [E, I/G2, H]
-    weight_format: str  # "" (the weights' dtype says it) or "int4" (packed uint8 weights)
+    # "" (the weights' dtype says it), "int4" or "mxfp4" (packed uint8 weights) or "fp8"
+    # (float8_e4m3fn weights with group-wise float32 scales)
+    weight_format: str
     fc1_expert_biases: torch.Tensor | None
     fc2_expert_biases: torch.Tensor | None
     swiglu_alpha: torch.Tensor | None
@@ -190,6 +235,9 @@ def _check_unsupported_modes(
         "use_packed_weights": use_packed_weights,
     }
     for flag, value in flags.items():
+        if value and flag == "use_deepseek_fp8_block_scale":
+            raise _RefusedFlashInferMode(f"{flag}=True is not supported; {_SUPPORTED_MODES_TEXT}. "
+                                         f"{_DEEPSEEK_FP8_TEXT}")
         if value:
             raise NotImplementedError(f"{flag}=True is not supported; {_SUPPORTED_MODES_TEXT}")
     if cluster_size != 1:
@@ -411,7 +459,8 @@ def _int4_usage(act_dtype: torch.dtype, fc1_expected: str, fc2_expected: str) ->
         f"{fc2_expected}] (symmetric) or [fc31_scales, fc2_scales, fc31_zeros, fc2_zeros] "
         f"(zero points shaped like the scales), all in the activation dtype {act_dtype}; "
         "G is a multiple of 32 dividing K, or K (per-channel); see "
-        f"cutlass_moe.quantize_int4_groupwise. {_W4A8_TEXT}"
+        "cutlass_moe.quantize_int4_groupwise (MXFP4 weights: uint8 e8m0 scales [E, K/32, N], "
+        f"see cutlass_moe.quantize_moe_weights_mxfp4). {_W4A8_TEXT}"
     )
 
 
@@ -487,6 +536,183 @@ def _int4_scales(
     return s1, s2, z1, z2
 
 
+# --------------------------------------------------------------------------------------------
+# FP8 (e4m3) and MXFP4 weight-only weights (fp8_spec): the group-scaled mainloop's other two
+# formats. FP8: float8_e4m3fn [E, N, K] with float32 scales [E, K/G, N] (G as int4's rule);
+# MXFP4: uint8 [E, N, K/2] (two e2m1 codes per byte, low nibble first) with uint8 e8m0 scales
+# [E, K/32, N]. No zero points for either.
+# --------------------------------------------------------------------------------------------
+
+_FP8_NOT_E4M3 = (torch.float8_e5m2, getattr(torch, "float8_e4m3fnuz", None),
+                 getattr(torch, "float8_e5m2fnuz", None))
+
+
+def check_group_size(group_size: Any, hidden_size: int, inter_size: int,
+                     weights: str = "int4") -> None:
+    """One group size ``G`` for both GEMMs of a layer with ``weights`` ``"int4"`` or ``"fp8"``
+    (``cutlass-moe tune/bench --group-size``, ``tune_model``): an integer, a multiple of 32,
+    dividing ``H`` and ``I``; ``"mxfp4"``: exactly 32. ValueError saying which part fails."""
+    if weights == WEIGHT_FORMAT_MXFP4:
+        if group_size != MXFP4_GROUP_SIZE or isinstance(group_size, bool):
+            raise ValueError(f"group_size={group_size!r}: MXFP4 weights have one e8m0 scale per "
+                             f"{MXFP4_GROUP_SIZE} elements along K, always (G = "
+                             f"{MXFP4_GROUP_SIZE})")
+        return
+    check_int4_group_size(group_size, hidden_size, inter_size)
+
+
+def _check_k_n_alignment(kind: str, k_align: int, n_align: int, pack: int,
+                         weights: Sequence[tuple[str, torch.Tensor, str]], why: str) -> None:
+    layout = "[E, N, K/2]" if pack == 2 else "[E, N, K]"
+    for label, w, k_name in weights:
+        k = pack * w.shape[2]
+        if k % k_align != 0:
+            raise ValueError(f"{label} {layout} = {_shape(w)}: K={k_name}={k} must be a multiple "
+                             f"of {k_align} ({why})")
+    for label, w, _ in weights:
+        if w.shape[1] % n_align != 0:
+            raise ValueError(f"{label} {layout} = {_shape(w)}: N={w.shape[1]} must be a multiple "
+                             f"of {n_align} ({kind} weights)")
+
+
+def check_fp8_alignment(*weights: tuple[str, torch.Tensor, str]) -> None:
+    """The fp8 kernels' alignment rule for weights ``[E, N, K]``, given as ``(label, tensor,
+    k_name)``: every ``K`` a multiple of 32, then every ``N`` a multiple of 8."""
+    _check_k_n_alignment("fp8", FP8_ALIGN_ELEMS, ALIGN_ELEMS, 1, weights,
+                         _KIND_WHY[WEIGHT_FORMAT_FP8])
+
+
+def check_mxfp4_alignment(*weights: tuple[str, torch.Tensor, str]) -> None:
+    """The mxfp4 kernels' alignment rule for packed weights ``[E, N, K/2]``, given as
+    ``(label, tensor, k_name)``: every ``K = 2 * shape[2]`` a multiple of 32, then every ``N`` a
+    multiple of 16 (16-byte rows of uint8 scales)."""
+    _check_k_n_alignment("mxfp4", MXFP4_ALIGN_ELEMS, MXFP4_N_ALIGN_ELEMS, 2, weights,
+                         _KIND_WHY[WEIGHT_FORMAT_MXFP4])
+
+
+def _is_mxfp4_scale(t: Any) -> bool:
+    return isinstance(t, torch.Tensor) and t.dtype in MXFP4_SCALE_DTYPES
+
+
+def mxfp4_scales_given(quant_scales: Any) -> bool:
+    """Whether ``quant_scales`` of a ``use_w4_group_scaling=True`` call hold MXFP4's uint8
+    (e8m0) scales (either of its first two entries), which select MXFP4 over int4 (whose scales
+    have the activation dtype)."""
+    return isinstance(quant_scales, (list, tuple)) and any(
+        _is_mxfp4_scale(t) for t in list(quant_scales)[:2])
+
+
+def _fp8_usage(fc1_expected: str, fc2_expected: str) -> str:
+    return (
+        f"use_fp8_woq_group_scaling=True needs quant_scales=[fc31_scales {fc1_expected}, "
+        f"fc2_scales {fc2_expected}] float32 (one row of N scales per group of G elements along "
+        "K; G a multiple of 32 dividing K, or K: per-channel) and no zero points; see "
+        "cutlass_moe.fp8.quantize_moe_weights_fp8 (per-tensor scales: expand them to [E, 1, N]; "
+        "128x128 block scales: cutlass_moe.fp8.expand_block_scales)"
+    )
+
+
+def _mxfp4_usage(fc1_expected: str, fc2_expected: str) -> str:
+    return (
+        f"use_w4_group_scaling=True with uint8 (e8m0) scales selects MXFP4 and needs "
+        f"quant_scales=[fc31_scales {fc1_expected}, fc2_scales {fc2_expected}] uint8 (one e8m0 "
+        f"scale per {MXFP4_GROUP_SIZE} elements along K) and no zero points; see "
+        "cutlass_moe.mxfp4.quantize_moe_weights_mxfp4 (int4 weights take scales of the "
+        "activation dtype)"
+    )
+
+
+def _scale_list(quant_scales: Any, usage: str, fmt: str) -> tuple[Any, Any]:
+    """The two scales of an fp8/mxfp4 ``quant_scales``: ``[s1, s2]`` (or ``[s1, s2, None,
+    None]``); zero points are refused (ValueError naming them)."""
+    if quant_scales is None:
+        raise ValueError(f"{usage}; got None")
+    if not isinstance(quant_scales, (list, tuple)):
+        raise TypeError(f"{usage}; got {type(quant_scales).__name__}")
+    if len(quant_scales) not in (2, 4):
+        raise ValueError(f"{usage}; got {len(quant_scales)} tensor(s)")
+    for index, name in ((2, "fc31_zeros"), (3, "fc2_zeros")):
+        if index < len(quant_scales) and quant_scales[index] is not None:
+            raise ValueError(f"quant_scales[{index}] ({name}): {fmt} weights have no zero "
+                             f"points. {usage}")
+    return quant_scales[0], quant_scales[1]
+
+
+def _group_scale_tensor(
+    label: str, t: Any, num_experts: int, n: int, k: int, k_name: str, n_name: str,
+    fmt: str,
+) -> int:
+    """One fp8 (float32) or mxfp4 (uint8 e8m0) scales tensor ``[E, K/G, N]``: its group size."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{label} must be a torch.Tensor, got {type(t).__name__}")
+    mxfp4 = fmt == WEIGHT_FORMAT_MXFP4
+    rows = f"{k_name}/{MXFP4_GROUP_SIZE}={k // MXFP4_GROUP_SIZE}" if mxfp4 else f"{k_name}/G"
+    layout = f"[E={num_experts}, {rows}, {n_name}={n}]"
+    if t.dim() != 3 or t.shape[0] != num_experts or t.shape[2] != n or (
+            mxfp4 and t.shape[1] != k // MXFP4_GROUP_SIZE):
+        hint = ""
+        if t.dim() == 3 and t.shape[0] == num_experts and t.shape[1] == n and t.shape[2] != n:
+            hint = (f" (it looks transposed: the kernel layout is [E, {rows}, {n_name}], N "
+                    "contiguous)")
+        elif not mxfp4 and t.numel() == num_experts:
+            hint = (f" (per-tensor scales: expand them to per-channel [E, 1, {n_name}], e.g. "
+                    f"s.reshape({num_experts}, 1, 1).expand({num_experts}, 1, {n}).contiguous())")
+        elif not mxfp4 and t.dim() == 3 and t.shape[0] == num_experts and \
+                (t.shape[1], t.shape[2]) == (-(-n // 128), -(-k // 128)):
+            hint = (" (it looks like 128x128 block scales [E, ceil(N/128), ceil(K/128)]: expand "
+                    "them per column with cutlass_moe.fp8.expand_block_scales)")
+        elif mxfp4 and t.dim() == 3 and t.shape[0] == num_experts and t.shape[2] == n:
+            hint = (f" (MXFP4's group size is fixed at {MXFP4_GROUP_SIZE}: {k_name}={k} needs "
+                    f"{k // MXFP4_GROUP_SIZE} rows)")
+        raise ValueError(
+            f"{label} must be {layout} (one row of {n} scales per group of "
+            f"{MXFP4_GROUP_SIZE if mxfp4 else 'G'} elements along {k_name}={k}), got "
+            f"{_shape(t)}{hint}"
+        )
+    if mxfp4:
+        return MXFP4_GROUP_SIZE
+    group = int4_group_size(label, t.shape[1], k, k_name)
+    if t.dtype != torch.float32:
+        hint = (" (uint8 e8m0 scales are MXFP4's, with use_w4_group_scaling=True)"
+                if t.dtype in MXFP4_SCALE_DTYPES else "")
+        raise ValueError(f"{label} must be float32 (fp8 weight-only scales), got {t.dtype}{hint}")
+    return group
+
+
+def _fp8_mxfp4_scales(
+    quant_scales: Any,
+    fmt: str,
+    num_experts: int,
+    hidden_size: int,
+    inter_size: int,
+    fc1_rows: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quant_scales`` of the fp8 or mxfp4 mode (``fmt``), checked: ``(s1, s2)``; mxfp4
+    scales of torch's float8_e8m0fnu are returned as their uint8 bytes."""
+    mxfp4 = fmt == WEIGHT_FORMAT_MXFP4
+    g = str(MXFP4_GROUP_SIZE) if mxfp4 else ""
+    fc1_expected = f"[E={num_experts}, H/{g or 'G1'}, N1={fc1_rows}]"
+    fc2_expected = f"[E={num_experts}, I/{g or 'G2'}, H={hidden_size}]"
+    usage = (_mxfp4_usage if mxfp4 else _fp8_usage)(fc1_expected, fc2_expected)
+    s1, s2 = _scale_list(quant_scales, usage, "MXFP4" if mxfp4 else "fp8")
+    if mxfp4:
+        for label, t in (("quant_scales[0] (fc31_scales)", s1),
+                         ("quant_scales[1] (fc2_scales)", s2)):
+            if isinstance(t, torch.Tensor) and t.dtype not in MXFP4_SCALE_DTYPES:
+                raise ValueError(
+                    f"{label} is {t.dtype} {_shape(t)} while the other GEMM's scales are uint8 "
+                    "(e8m0, MXFP4): the two GEMMs' weights must have one format (MXFP4: uint8 "
+                    "e8m0 scales for both; int4: scales of the activation dtype for both)"
+                )
+    _group_scale_tensor("quant_scales[0] (fc31_scales)", s1, num_experts, fc1_rows, hidden_size,
+                        "H", "N1", fmt)
+    _group_scale_tensor("quant_scales[1] (fc2_scales)", s2, num_experts, hidden_size,
+                        inter_size, "I", "H", fmt)
+    if mxfp4:
+        s1, s2 = (s if s.dtype == torch.uint8 else s.view(torch.uint8) for s in (s1, s2))
+    return s1, s2
+
+
 def prepare_call(
     input: torch.Tensor,
     token_selected_experts: torch.Tensor,
@@ -525,6 +751,7 @@ def prepare_call(
     situ_beta: torch.Tensor | None = None,
     situ_linear_beta: torch.Tensor | None = None,
     backend: str = "cutlass",
+    use_fp8_woq_group_scaling: bool = False,
 ) -> MoeCall:
     """Every check that needs no device and no extension; returns the op's arguments."""
     _check_backend(backend)
@@ -558,13 +785,34 @@ def prepare_call(
 
     # dtypes
     int8 = bool(use_int8_woq_per_channel)
-    int4 = bool(use_w4_group_scaling)
-    if int8 and int4:
+    w4 = bool(use_w4_group_scaling)
+    fp8 = bool(use_fp8_woq_group_scaling)
+    if int8 and w4:
         raise ValueError(
             "use_w4_group_scaling=True (int4 weights, W4A16) and use_int8_woq_per_channel=True "
             "(int8 weights, W8A16) exclude each other: pass the flag of your weights' format"
         )
+    if fp8 and (int8 or w4):
+        other = "use_int8_woq_per_channel=True (int8 weights)" if int8 else (
+            "use_w4_group_scaling=True (int4 or MXFP4 weights)")
+        raise ValueError(
+            f"use_fp8_woq_group_scaling=True (float8_e4m3fn weights) and {other} exclude each "
+            "other: pass the flag of your weights' format"
+        )
+    # MXFP4 shares int4's flag and packed uint8 weights: its uint8 (e8m0) scales tell it.
+    mxfp4 = w4 and mxfp4_scales_given(quant_scales)
+    int4 = w4 and not mxfp4
     if input.dtype not in ACT_DTYPES:
+        if fp8:
+            raise ValueError(
+                f"use_fp8_woq_group_scaling=True with input dtype {input.dtype}: FP8 weight-only "
+                "needs float16 or bfloat16 input (fp8 activations, FlashInfer's "
+                "use_deepseek_fp8_block_scale mode, are not served)")
+        if mxfp4:
+            raise ValueError(
+                f"use_w4_group_scaling=True with MXFP4 (uint8 e8m0) scales and input dtype "
+                f"{input.dtype}: MXFP4 weight-only needs float16 or bfloat16 input (fp8/mxfp8 "
+                "activations are not served)")
         if int4:
             raise ValueError(f"use_w4_group_scaling=True with input dtype {input.dtype}: "
                              f"{_W4A8_TEXT}; pass float16 or bfloat16 input")
@@ -572,6 +820,31 @@ def prepare_call(
                                   f"{_SUPPORTED_DTYPES_TEXT}")
     for name in ("fc1_expert_weights", "fc2_expert_weights"):
         w = tensors[name]
+        if fp8:
+            if w.dtype != torch.float8_e4m3fn:
+                other = (" (only e4m3fn: convert e5m2/fnuz weights through float32 and "
+                         "requantise)" if w.dtype in _FP8_NOT_E4M3 else "")
+                raise ValueError(
+                    f"use_fp8_woq_group_scaling=True needs float8_e4m3fn {name} ([E, N, K], K "
+                    f"contiguous), got {w.dtype} {_shape(w)}{other}; quantize them once with "
+                    "cutlass_moe.fp8.quantize_moe_weights_fp8"
+                )
+            continue
+        if mxfp4:
+            if w.dtype not in (torch.uint8, torch.int8):
+                raise ValueError(
+                    f"use_w4_group_scaling=True with uint8 (e8m0) scales selects MXFP4 and needs "
+                    f"packed {name} (uint8 [E, N, K/2], two e2m1 codes per byte, low nibble "
+                    f"first; int8 is read as the same bytes), got {w.dtype} {_shape(w)}; "
+                    "quantize them once with cutlass_moe.mxfp4.quantize_moe_weights_mxfp4"
+                )
+            continue
+        if w.dtype == torch.float8_e4m3fn:
+            raise ValueError(
+                f"{name} is float8_e4m3fn {_shape(w)}: FP8 weight-only weights need "
+                "use_fp8_woq_group_scaling=True and quant_scales=[fc31_scales [E, H/G, N1], "
+                "fc2_scales [E, I/G, H]] float32"
+            )
         if int4:
             if w.dtype not in (torch.uint8, torch.int8):
                 raise ValueError(
@@ -585,7 +858,8 @@ def prepare_call(
             raise ValueError(
                 f"{name} is uint8 {_shape(w)}: packed int4 weights need "
                 "use_w4_group_scaling=True and quant_scales=[fc31_scales [E, H/G, N1], "
-                "fc2_scales [E, I/G, H]] in the activation dtype"
+                "fc2_scales [E, I/G, H]] in the activation dtype (packed MXFP4 weights: the "
+                "same flag with uint8 e8m0 scales [E, K/32, N])"
             )
         if int8 and w.dtype != torch.int8:
             raise ValueError(
@@ -604,18 +878,18 @@ def prepare_call(
                 f"{name} dtype {w.dtype} with input dtype {input.dtype} is not supported; "
                 f"{_SUPPORTED_DTYPES_TEXT}"
             )
-    if int4:
+    if int4 or mxfp4:
         # int8 tensors holding the packed bytes are read as those bytes (a view, no copy).
         fc1_expert_weights, fc2_expert_weights = (
             w.view(torch.uint8) if w.dtype == torch.int8 else w
             for w in (fc1_expert_weights, fc2_expert_weights))
         tensors["fc1_expert_weights"] = fc1_expert_weights
         tensors["fc2_expert_weights"] = fc2_expert_weights
-    if not int8 and not int4 and not _no_quant_scales(quant_scales):
+    if not int8 and not w4 and not fp8 and not _no_quant_scales(quant_scales):
         raise NotImplementedError(
             f"quant_scales without use_int8_woq_per_channel=True or use_w4_group_scaling=True is "
-            f"not supported (FlashInfer's other quantization modes are not implemented); "
-            f"{_SUPPORTED_MODES_TEXT}"
+            f"not supported, nor without use_fp8_woq_group_scaling=True (FlashInfer's other "
+            f"quantization modes are not implemented); {_SUPPORTED_MODES_TEXT}"
         )
     if output_dtype is None:
         output_dtype = input.dtype
@@ -664,8 +938,8 @@ def prepare_call(
     num_experts, fc1_rows, fc1_cols = fc1_expert_weights.shape
     if num_experts < 1:
         raise ValueError(f"fc1_expert_weights has no experts: {_shape(fc1_expert_weights)}")
-    # int4 weights are packed two per byte along K: [E, N, K/2].
-    pack, k_text = (2, "/2") if int4 else (1, "")
+    # int4 and mxfp4 weights are packed two per byte along K: [E, N, K/2].
+    pack, k_text = (2, "/2") if int4 or mxfp4 else (1, "")
     if fc2_expert_weights.shape[0] != num_experts or fc2_expert_weights.shape[1] != hidden_size:
         raise ValueError(
             f"fc2_expert_weights must be [E={num_experts}, H={hidden_size}, I{k_text}] to match "
@@ -680,7 +954,8 @@ def prepare_call(
                   else f"[E, I, H{k_text}]")
         expected_fc1 = [num_experts, n1, hidden_size // pack if hidden_size % pack == 0
                         else hidden_size / pack]
-        packed = " (packed int4: two weights per byte)" if int4 else ""
+        packed = (" (packed int4: two weights per byte)" if int4 else
+                  " (packed MXFP4: two e2m1 codes per byte)" if mxfp4 else "")
         raise ValueError(
             f"fc1_expert_weights must be {layout} = {expected_fc1}{packed} for activation "
             f"{act.name} with fc2_expert_weights {_shape(fc2_expert_weights)} and input "
@@ -692,8 +967,16 @@ def prepare_call(
     if int4:
         check_int4_alignment(("int4 fc1_expert_weights", fc1_expert_weights, "H"),
                              ("int4 fc2_expert_weights", fc2_expert_weights, "I"))
+    if fp8:
+        check_fp8_alignment(("fp8 fc1_expert_weights", fc1_expert_weights, "H"),
+                            ("fp8 fc2_expert_weights", fc2_expert_weights, "I"))
+    if mxfp4:
+        check_mxfp4_alignment(("mxfp4 fc1_expert_weights", fc1_expert_weights, "H"),
+                              ("mxfp4 fc2_expert_weights", fc2_expert_weights, "I"))
+    weight_format = (WEIGHT_FORMAT_INT4 if int4 else WEIGHT_FORMAT_FP8 if fp8
+                     else WEIGHT_FORMAT_MXFP4 if mxfp4 else "")
     check_layer_shape(num_experts, hidden_size, inter_size, top_k, ep_size,
-                      "int8" if int8 else "int4" if int4 else "16bit")
+                      "int8" if int8 else weight_format or "16bit")
     num_experts_total = num_experts * ep_size
 
     # optional tensors
@@ -724,6 +1007,10 @@ def prepare_call(
     if int4:
         fc1_weight_scales, fc2_weight_scales, fc1_weight_zeros, fc2_weight_zeros = _int4_scales(
             quant_scales, input.dtype, num_experts, hidden_size, inter_size, n1)
+        scale_names = ("quant_scales[0] (fc31_scales)", "quant_scales[1] (fc2_scales)")
+    elif fp8 or mxfp4:
+        fc1_weight_scales, fc2_weight_scales = _fp8_mxfp4_scales(
+            quant_scales, weight_format, num_experts, hidden_size, inter_size, n1)
         scale_names = ("quant_scales[0] (fc31_scales)", "quant_scales[1] (fc2_scales)")
     else:
         fc1_weight_scales, fc2_weight_scales = (
@@ -824,7 +1111,7 @@ def prepare_call(
         fc2_weight_scales=None if fc2_weight_scales is None else fc2_weight_scales.contiguous(),
         fc1_weight_zeros=None if fc1_weight_zeros is None else fc1_weight_zeros.contiguous(),
         fc2_weight_zeros=None if fc2_weight_zeros is None else fc2_weight_zeros.contiguous(),
-        weight_format=WEIGHT_FORMAT_INT4 if int4 else "",
+        weight_format=weight_format,
         fc1_expert_biases=None if fc1_expert_biases is None else fc1_expert_biases.contiguous(),
         # Tensor parallelism: every rank computes a partial sum, b2 is added once (rank 0).
         fc2_expert_biases=(
@@ -855,7 +1142,7 @@ def prepare_call(
 
 def _read_tensors(call: MoeCall) -> dict[str, torch.Tensor | None]:
     """The tensors a call reads, by argument name (what output and workspace must not hit)."""
-    scales = "scales" if call.weight_format == WEIGHT_FORMAT_INT4 else "scale"
+    scales = "scales" if call.weight_format in GROUP_SCALED_FORMATS else "scale"
     return {
         "input": call.input,
         "token_selected_experts": call.token_selected_experts,
@@ -955,9 +1242,11 @@ class OpArguments(NamedTuple):
     input: torch.Tensor  # [T, H] float16/bfloat16
     token_selected_experts: torch.Tensor  # [T, k] int32 global expert ids
     token_final_scales: torch.Tensor  # [T, k] float32 router weights
-    fc1_expert_weights: torch.Tensor  # [E, N1, H], input dtype or int8; int4: uint8 [E, N1, H/2]
-    fc2_expert_weights: torch.Tensor  # [E, H, I], as fc1; int4: uint8 [E, H, I/2]
-    # int8: [E, N1] and [E, H]; int4: [E, H/G1, N1] and [E, I/G2, H]; input dtype
+    # [E, N1, H], input dtype or int8 (fp8: float8_e4m3fn); int4/mxfp4: uint8 [E, N1, H/2]
+    fc1_expert_weights: torch.Tensor
+    fc2_expert_weights: torch.Tensor  # [E, H, I], as fc1; int4/mxfp4: uint8 [E, H, I/2]
+    # int8: [E, N1] and [E, H], input dtype; int4/fp8/mxfp4: [E, H/G1, N1] and [E, I/G2, H]
+    # (int4: input dtype, fp8: float32, mxfp4: uint8 e8m0 with G = 32)
     fc1_weight_scales: torch.Tensor | None
     fc2_weight_scales: torch.Tensor | None
     fc1_expert_biases: torch.Tensor | None  # [E, N1], input dtype
@@ -979,8 +1268,9 @@ class OpArguments(NamedTuple):
     situ_beta: torch.Tensor | None = None  # [E] float32, Situ (default 4)
     situ_linear_beta: torch.Tensor | None = None  # [E] float32, Situ (default 25)
     # int4 group-wise weight-only (after the above, for the same reason): optional zero points
-    # shaped like the scales (both or neither), and the weight format of packed uint8 weights
-    # ("int4"; "" when the weights' dtype says it: the input dtype or int8).
+    # shaped like the scales (both or neither; int4 only), and the weight format ("int4" or
+    # "mxfp4" for packed uint8 weights, "fp8" for float8_e4m3fn ones; "" when the weights'
+    # dtype says it: the input dtype or int8).
     fc1_weight_zeros: torch.Tensor | None = None  # int4: [E, H/G1, N1], input dtype
     fc2_weight_zeros: torch.Tensor | None = None  # int4: [E, I/G2, H], input dtype
     weight_format: str = ""
@@ -988,20 +1278,23 @@ class OpArguments(NamedTuple):
 
 def op_weight_type(args: OpArguments) -> torch.dtype | str:
     """The weight entry of the op's runner triple: the weights' dtype, or the op's
-    ``weight_format`` tag for packed weights (``"int4"``; see :mod:`cutlass_moe._ext`)."""
+    ``weight_format`` tag (``"int4"``, ``"fp8"``, ``"mxfp4"``; see :mod:`cutlass_moe._ext`)."""
     return args.weight_format or args.fc1_expert_weights.dtype
 
 
 def op_inter_size(args: OpArguments) -> int:
-    """``I`` of the op's call (fc2's ``K``; packed int4 weights hold two per byte)."""
-    pack = 2 if args.weight_format == WEIGHT_FORMAT_INT4 else 1
+    """``I`` of the op's call (fc2's ``K``; packed int4/mxfp4 weights hold two per byte)."""
+    pack = 2 if args.weight_format in PACKED_FORMATS else 1
     return args.fc2_expert_weights.shape[2] * pack
 
 
 def op_group_sizes(args: OpArguments) -> tuple[int, int]:
-    """``(G1, G2)`` of int4 weights: ``H / fc1_weight_scales.shape[1]`` and
-    ``I / fc2_weight_scales.shape[1]`` (``(0, 0)`` for other weights). Arguments checked."""
-    if args.weight_format != WEIGHT_FORMAT_INT4:
+    """``(G1, G2)`` of int4 and fp8 weights: ``H / fc1_weight_scales.shape[1]`` and
+    ``I / fc2_weight_scales.shape[1]``; ``(32, 32)`` for mxfp4; ``(0, 0)`` for other weights.
+    Arguments checked."""
+    if args.weight_format == WEIGHT_FORMAT_MXFP4:
+        return MXFP4_GROUP_SIZE, MXFP4_GROUP_SIZE
+    if args.weight_format not in (WEIGHT_FORMAT_INT4, WEIGHT_FORMAT_FP8):
         return 0, 0
     hidden_size, inter_size = args.input.shape[1], op_inter_size(args)
     return (hidden_size // args.fc1_weight_scales.shape[1],
@@ -1040,15 +1333,23 @@ def check_op_arguments(args: OpArguments, *, traced: bool = False) -> None:
     if weight_format not in WEIGHT_FORMATS:
         raise ValueError(f"weight_format must be one of {WEIGHT_FORMATS}, got {weight_format!r}")
     int4 = weight_format == WEIGHT_FORMAT_INT4
+    fp8 = weight_format == WEIGHT_FORMAT_FP8
+    mxfp4 = weight_format == WEIGHT_FORMAT_MXFP4
+    packed_format = weight_format in PACKED_FORMATS
     num_experts = fc1_expert_weights.shape[0]
-    inter_size = fc2_expert_weights.shape[2] * (2 if int4 else 1)
+    inter_size = fc2_expert_weights.shape[2] * (2 if packed_format else 1)
     weight_dtype = fc1_expert_weights.dtype
-    if int4 and weight_dtype != torch.uint8:
-        raise ValueError(f"weight_format 'int4' needs packed uint8 fc1_expert_weights "
+    if packed_format and weight_dtype != torch.uint8:
+        raise ValueError(f"weight_format {weight_format!r} needs packed uint8 fc1_expert_weights "
                          f"[E, N1, H/2], got {weight_dtype}")
-    if not int4 and weight_dtype not in (act_dtype, torch.int8):
-        packed = (" (packed uint8 int4 weights need weight_format='int4')"
-                  if weight_dtype == torch.uint8 else "")
+    if fp8 and weight_dtype != torch.float8_e4m3fn:
+        raise ValueError(f"weight_format 'fp8' needs float8_e4m3fn fc1_expert_weights "
+                         f"[E, N1, H], got {weight_dtype}")
+    if not weight_format and weight_dtype not in (act_dtype, torch.int8):
+        packed = (" (packed uint8 int4 weights need weight_format='int4', MXFP4 ones 'mxfp4')"
+                  if weight_dtype == torch.uint8 else
+                  " (float8_e4m3fn weights need weight_format='fp8')"
+                  if weight_dtype == torch.float8_e4m3fn else "")
         raise ValueError(f"fc1_expert_weights must be {act_dtype} or int8, got "
                          f"{weight_dtype}{packed}")
     int8 = weight_dtype == torch.int8
@@ -1065,7 +1366,7 @@ def check_op_arguments(args: OpArguments, *, traced: bool = False) -> None:
         )
     ep_size = max(1, num_experts_total // num_experts)
     check_layer_shape(num_experts, hidden_size, inter_size, 1, ep_size,
-                      "int8" if int8 else "int4" if int4 else "16bit")
+                      "int8" if int8 else weight_format or "16bit")
     if num_experts_total > MAX_EXPERTS_TOTAL:
         raise ValueError(f"num_experts_total={num_experts_total} exceeds the int32 expert ids")
     if not 1 <= top_k <= num_experts_total:
@@ -1079,7 +1380,7 @@ def check_op_arguments(args: OpArguments, *, traced: bool = False) -> None:
     _expect("token_selected_experts", token_selected_experts, [num_tokens, top_k],
             (torch.int32,))
     _expect("token_final_scales", token_final_scales, [num_tokens, top_k], (torch.float32,))
-    pack = 2 if int4 else 1
+    pack = 2 if packed_format else 1
     _expect("fc1_expert_weights", fc1_expert_weights,
             [num_experts, fc1_rows, hidden_size // pack], weight_dtypes)
     _expect("fc2_expert_weights", fc2_expert_weights,
@@ -1113,9 +1414,26 @@ def check_op_arguments(args: OpArguments, *, traced: bool = False) -> None:
         if zeros[0] is not None:
             _expect("fc1_weight_zeros", zeros[0], _shape(fc1_weight_scales), (act_dtype,))
             _expect("fc2_weight_zeros", zeros[1], _shape(fc2_weight_scales), (act_dtype,))
+    elif fp8 or mxfp4:
+        what = ("group-wise float32 scales [E, H/G1, N1] and [E, I/G2, H]" if fp8 else
+                f"uint8 e8m0 scales [E, H/{MXFP4_GROUP_SIZE}, N1] and "
+                f"[E, I/{MXFP4_GROUP_SIZE}, H]")
+        if fc1_weight_scales is None or fc2_weight_scales is None:
+            raise ValueError(f"{weight_format} expert weights need fc1_weight_scales and "
+                             f"fc2_weight_scales ({what})")
+        for name, t, n, k, k_name in (
+                ("fc1_weight_scales", fc1_weight_scales, fc1_rows, hidden_size, "H"),
+                ("fc2_weight_scales", fc2_weight_scales, hidden_size, inter_size, "I")):
+            if not isinstance(t, torch.Tensor) or t.dim() != 3:
+                raise ValueError(f"{name} must be a 3-D [E, {k_name}/G, N] tensor")
+            if fp8:
+                _expect(name, t, [num_experts, t.shape[1], n], (torch.float32,))
+                int4_group_size(name, t.shape[1], k, k_name)
+            else:
+                _expect(name, t, [num_experts, k // MXFP4_GROUP_SIZE, n], (torch.uint8,))
     elif fc1_weight_scales is not None or fc2_weight_scales is not None:
         raise ValueError("fc1_weight_scales and fc2_weight_scales are only for int8 or int4 "
-                         "weights")
+                         "weights (or fp8 / mxfp4 ones with their weight_format)")
     if not int4 and (args.fc1_weight_zeros is not None or args.fc2_weight_zeros is not None):
         raise ValueError("fc1_weight_zeros and fc2_weight_zeros are only for int4 weights "
                          "(weight_format='int4')")

@@ -34,6 +34,17 @@ on the experts module; :func:`cutlass_moe_experts_forward` turns the module into
 - expert parallelism (``_is_expert_parallel``: local ids, off-rank choices marked with ids
   ``>= E``) maps exactly: ids outside ``[0, E)`` contribute zero in the kernel too.
 
+**Quantised checkpoints.** transformers' fine-grained FP8 experts (``FP8Experts``, which
+dispatch through their own ``FP8ExpertsInterface``: :func:`register` registers there too) run
+on the fp8 weight-only kernels (e4m3 codes moved as they are, rows ``[up | gate]``, block
+scales expanded to ``[E, K/G, N]`` float32), or on the mxfp4 kernels for ``expert_dtype="fp4"``
+with power-of-two scales; the weights dequantise exactly to those of the checkpoint loaded
+with ``dequantize=True`` (transformers' own FP8 kernels also quantise the activations, these
+do not). Static activation scales, blocks the kernels cannot take and e4m3 NaN codes fall back.
+gpt-oss's MXFP4 experts (``Mxfp4GptOssExperts``) have no experts hook in transformers:
+:func:`convert_experts` and :func:`prepare` raise NotImplementedError for them
+(docs/transformers.md, "Quantised checkpoints").
+
 **Fallback.** What cannot be expressed exactly runs transformers' own eager experts forward,
 with one :class:`CutlassMoeFallbackWarning` per experts class and reason, never a different
 result: ``has_post_expert_norm``, an activation or gate that matches no kernel activation,
@@ -63,6 +74,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import inspect
 import math
 import re
 import warnings
@@ -83,6 +95,14 @@ try:
     from transformers.integrations import moe as _hf_moe
 except ImportError:  # transformers 4.x: no ExpertsInterface (register() says so)
     _hf_moe = None
+try:  # the fine-grained FP8 experts (FP8Experts) dispatch through their own ExpertsInterface
+    from transformers.integrations import finegrained_fp8 as _hf_fp8
+except ImportError:  # pragma: no cover - transformers without it
+    _hf_fp8 = None
+try:  # gpt-oss's MXFP4 experts (not a dispatching module: see _MXFP4_NOT_IMPLEMENTED)
+    from transformers.integrations import mxfp4 as _hf_mxfp4
+except ImportError:  # pragma: no cover - transformers without it
+    _hf_mxfp4 = None
 
 from .. import _ext, validation
 from ..activation import ActivationType
@@ -120,7 +140,13 @@ _PARAMETER_NAMES = ("swiglu_alpha", "swiglu_beta", "swiglu_limit", "situ_beta",
                     "situ_linear_beta", "clamped_relu2_limit")
 _TENSOR_NAMES = ("fc1", "fc2", "fc1_bias", "fc2_bias", "fc1_scale", "fc2_scale",
                  *_PARAMETER_NAMES)
-_WEIGHT_KINDS = {"bf16": torch.bfloat16, "fp16": torch.float16, "int8": None}
+_WEIGHT_KINDS = {"bf16": torch.bfloat16, "fp16": torch.float16, "int8": None, "fp8": None,
+                 "mxfp4": None}
+#: The cutlass_fused_moe flag of each quantised weight format (the scales go in quant_scales).
+_FORMAT_FLAGS = {"int8": "use_int8_woq_per_channel", "fp8": "use_fp8_woq_group_scaling",
+                 "mxfp4": "use_w4_group_scaling"}
+_QUANTIZED_CHECKPOINT_FORMATS = ("fp8", "mxfp4")
+_E4M3_NAN = 0x7F  # e4m3fn: S.1111.111 is NaN
 
 
 class CutlassMoeFallbackWarning(UserWarning):
@@ -147,6 +173,37 @@ class _NameCheck:
     """Stands in for a model when asking transformers whether it accepts a name."""
 
 
+def _fp8_interface() -> Any:
+    """transformers' ``FP8ExpertsInterface`` (the registry ``FP8Experts`` dispatches through),
+    or None where this transformers has none."""
+    return getattr(_hf_fp8, "FP8ExpertsInterface", None)
+
+
+def _fp8_experts_class() -> type | None:
+    return getattr(_hf_fp8, "FP8Experts", None)
+
+
+def _mxfp4_experts_class() -> type | None:
+    return getattr(_hf_mxfp4, "Mxfp4GptOssExperts", None)
+
+
+_MXFP4_NOT_IMPLEMENTED = (
+    "gpt-oss's MXFP4 experts (transformers' Mxfp4GptOssExperts) cannot run through cutlass_moe "
+    "in transformers {version}: the class is not a @use_experts_implementation module (no "
+    "ExpertsInterface hook: Mxfp4GptOssMLP calls its forward_routed with Triton routing data "
+    "directly), and its weights are Triton tensors in a hardware-specific swizzled layout. "
+    "Where transformers cannot run MXFP4 natively it dequantizes gpt-oss to bfloat16 at load "
+    "(GptOssExperts), which experts_implementation='cutlass_moe' runs (16-bit weights); for "
+    "MXFP4 weights on the kernels, import the checkpoint with cutlass_moe's load_mxfp4_experts "
+    "and call cutlass_fused_moe(..., use_w4_group_scaling=True) directly"
+)
+
+
+def _mxfp4_error() -> NotImplementedError:
+    return NotImplementedError(_MXFP4_NOT_IMPLEMENTED.format(
+        version=getattr(transformers, "__version__", "unknown")))
+
+
 def register(name: str = NAME) -> None:
     """Registers :func:`cutlass_moe_experts_forward` in transformers' ``ExpertsInterface``
     under ``name`` (idempotent; importing this module has already done it for ``NAME``).
@@ -167,6 +224,10 @@ def register(name: str = NAME) -> None:
             "pip install -U 'transformers>=5.7,<6'"
         )
     interface.register(name, cutlass_moe_experts_forward)
+    fp8_interface = _fp8_interface()
+    if fp8_interface is not None:
+        # FP8Experts (fine-grained FP8 checkpoints) look names up in their own interface.
+        fp8_interface.register(name, cutlass_moe_experts_forward)
     check = getattr(transformers.PreTrainedModel, "get_correct_experts_implementation", None)
     accepted = check is not None
     if check is not None:
@@ -178,6 +239,8 @@ def register(name: str = NAME) -> None:
             pass
     if not accepted:
         interface._global_mapping.pop(name, None)
+        if fp8_interface is not None:
+            fp8_interface._global_mapping.pop(name, None)
         raise RuntimeError(
             f"transformers {found} does not accept the registered experts_implementation "
             f"{name!r} (its check uses a fixed list of names); cutlass_moe needs a transformers "
@@ -192,6 +255,24 @@ def register(name: str = NAME) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
+class _ScaleGrid:
+    """A quantised checkpoint's scales of one GEMM: ``[E, rows, cols]`` over weights ``[E, N, K]``
+    (row n uses scale row ``n // (N / rows)``, column k scale column ``k // (K / cols)``, as
+    transformers' own ``Fp8Dequantize`` derives the blocks from the grid)."""
+
+    name: str
+    rows: int
+    cols: int
+    dtype: torch.dtype
+
+    def block_rows(self, n: int) -> int:
+        return n // self.rows
+
+    def group(self, k: int) -> int:
+        return k // self.cols
+
+
+@dataclasses.dataclass(frozen=True)
 class _Structure:
     gated: bool
     transposed: bool
@@ -200,13 +281,39 @@ class _Structure:
     num_experts: int
     hidden_size: int
     inter_size: int
-    dtype: torch.dtype
+    dtype: torch.dtype  # the weights' storage dtype (float8_e4m3fn, int8 for packed FP4)
     device: torch.device
+    #: "16bit", or the kernel format of a quantised checkpoint's weights: "fp8" (e4m3) or
+    #: "mxfp4" (FP8Experts with expert_dtype="fp4": packed e2m1 with power-of-two scales).
+    weight_format: str = "16bit"
+    scales: tuple[_ScaleGrid, _ScaleGrid] | None = None  # fc1's and fc2's
+
+
+_DISPATCH_CODE: Any = None
+
+
+def _dispatch_code() -> Any:
+    """The code object of ``@use_experts_implementation``'s dispatching ``forward``."""
+    global _DISPATCH_CODE
+    if _DISPATCH_CODE is None and _hf_moe is not None:
+        class _Probe(torch.nn.Module):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                return x
+        _DISPATCH_CODE = _hf_moe.use_experts_implementation(_Probe).forward.__code__
+    return _DISPATCH_CODE
 
 
 def _eager_forward(module: torch.nn.Module) -> Callable[..., torch.Tensor] | None:
-    """The class's own forward, which ``@use_experts_implementation`` wraps."""
-    return getattr(type(module).forward, "__wrapped__", None)
+    """The class's own forward, which ``@use_experts_implementation`` wraps (unwrapped through
+    every layer of the decorator: transformers' FP8 loader decorates ``FP8Experts`` once per
+    replaced module, each time around the previous dispatcher)."""
+    forward = getattr(type(module).forward, "__wrapped__", None)
+    code = _dispatch_code()
+    while (forward is not None and code is not None
+           and getattr(forward, "__code__", None) is code
+           and getattr(forward, "__wrapped__", None) is not None):
+        forward = forward.__wrapped__
+    return forward
 
 
 def _is_experts_module(module: torch.nn.Module) -> bool:
@@ -218,9 +325,17 @@ def _is_dtensor(t: torch.Tensor) -> bool:
     return hasattr(t, "placements") and hasattr(t, "to_local")
 
 
+def _is_fp8_experts(module: torch.nn.Module) -> bool:
+    cls = _fp8_experts_class()
+    return cls is not None and isinstance(module, cls)
+
+
 def _structure(module: torch.nn.Module) -> _Structure:
     """Flags, tensor names and sizes of an experts module; UnsupportedExperts for what the
     fused layer cannot express."""
+    mxfp4_cls = _mxfp4_experts_class()
+    if mxfp4_cls is not None and isinstance(module, mxfp4_cls):
+        raise _mxfp4_error()
     if _eager_forward(module) is None:
         raise UnsupportedExperts(
             f"{type(module).__name__} is not a transformers @use_experts_implementation module")
@@ -235,8 +350,16 @@ def _structure(module: torch.nn.Module) -> _Structure:
     fc1 = "gate_up_proj" if gated else "up_proj"
     names = (fc1, "down_proj", fc1 + "_bias" if has_bias else None,
              "down_proj_bias" if has_bias else None)
+    fp8_experts = _is_fp8_experts(module)
+    scale_names = (fc1 + "_scale_inv", "down_proj_scale_inv") if fp8_experts else ()
+    held = {n for n, _ in module.named_parameters()} | {n for n, _ in module.named_buffers()}
+    if fp8_experts and (getattr(module, "activation_scheme", "dynamic") == "static"
+                        or any(n.endswith("_activation_scale") for n in held)):
+        raise UnsupportedExperts(
+            "activation_scheme='static': its FP8 forward quantises the activations with "
+            "calibrated per-tensor scales, which the weight-only kernels would ignore")
     tensors = {}
-    for name in names:
+    for name in (*names, *scale_names):
         if name is None:
             continue
         t = getattr(module, name, None)
@@ -244,7 +367,6 @@ def _structure(module: torch.nn.Module) -> _Structure:
             raise UnsupportedExperts(f"the module has no tensor {name!r}")
         tensors[name] = t
     known = set(tensors) | {_PREFIX + n for n in _TENSOR_NAMES}
-    held = {n for n, _ in module.named_parameters()} | {n for n, _ in module.named_buffers()}
     unknown = sorted(held - known)
     if unknown:
         raise UnsupportedExperts(
@@ -257,27 +379,40 @@ def _structure(module: torch.nn.Module) -> _Structure:
                 "on sharded parameters)")
         if t.device.type == "meta":
             raise UnsupportedExperts(f"{name} is on the meta device (offloaded or not loaded)")
-    dtypes = {t.dtype for t in tensors.values()}
+    weights = {n: tensors[n] for n in names if n is not None}
+    dtypes = {t.dtype for t in weights.values()}
     devices = {t.device for t in tensors.values()}
-    if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
-        raise UnsupportedExperts(
-            f"its weights have dtypes {sorted(map(str, dtypes))} (one floating-point dtype needed)")
     if len(devices) != 1:
         raise UnsupportedExperts(
             f"its weights are on several devices ({sorted(map(str, devices))})")
-
     w1, w2 = tensors[names[0]], tensors[names[1]]
+    weight_format = "16bit"
+    if fp8_experts and {w1.dtype, w2.dtype} <= {torch.float8_e4m3fn, torch.int8}:
+        if w1.dtype != w2.dtype or has_bias or transposed:
+            raise UnsupportedExperts(
+                f"FP8 experts with {names[0]} {w1.dtype}, down_proj {w2.dtype}, "
+                f"has_bias={has_bias}, is_transposed={transposed} (one of float8_e4m3fn or "
+                "packed FP4 int8 for both, no biases, untransposed needed)")
+        weight_format = "fp8" if w1.dtype == torch.float8_e4m3fn else "mxfp4"
+    elif len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point or any(
+            d.itemsize == 1 for d in dtypes):
+        raise UnsupportedExperts(
+            f"its weights have dtypes {sorted(map(str, dtypes))} (one floating-point dtype "
+            "needed, or the fine-grained FP8 experts' float8_e4m3fn / packed FP4)")
+
     if w1.dim() != 3 or w2.dim() != 3:
         raise UnsupportedExperts(f"{names[0]} {list(w1.shape)} and down_proj {list(w2.shape)} "
                                  "are not [E, N, K] weights")
+    pack = 2 if weight_format == "mxfp4" else 1  # two e2m1 values per byte along K
     if transposed:
         num_experts, hidden_size, fc1_rows = w1.shape
         inter_size = w2.shape[1]
         expected_w2 = [num_experts, inter_size, hidden_size]
     else:
         num_experts, fc1_rows, hidden_size = w1.shape
-        inter_size = w2.shape[2]
-        expected_w2 = [num_experts, hidden_size, inter_size]
+        hidden_size *= pack
+        inter_size = w2.shape[2] * pack
+        expected_w2 = [num_experts, hidden_size, inter_size // pack]
     if fc1_rows != (2 * inter_size if gated else inter_size) or list(w2.shape) != expected_w2:
         raise UnsupportedExperts(
             f"{names[0]} {list(w1.shape)} and down_proj {list(w2.shape)} do not fit together "
@@ -286,8 +421,64 @@ def _structure(module: torch.nn.Module) -> _Structure:
         if name is not None and list(tensors[name].shape) != [num_experts, width]:
             raise UnsupportedExperts(
                 f"{name} is {list(tensors[name].shape)}, expected {[num_experts, width]}")
+    grids = None
+    if weight_format != "16bit":
+        grids = (_scale_grid(tensors[scale_names[0]], scale_names[0], num_experts, fc1_rows,
+                             hidden_size, weight_format),
+                 _scale_grid(tensors[scale_names[1]], scale_names[1], num_experts, hidden_size,
+                             inter_size, weight_format))
+        if weight_format == "fp8":
+            for name in names[:2]:
+                codes = tensors[name].detach().view(torch.uint8)
+                if bool(((codes & _E4M3_NAN) == _E4M3_NAN).any()):
+                    raise UnsupportedExperts(
+                        f"{name} holds e4m3 NaN codes (0x7F/0xFF), which the fp8 kernels do not "
+                        "take")
     return _Structure(gated, transposed, interleaved, names, num_experts, hidden_size,
-                      inter_size, next(iter(dtypes)), next(iter(devices)))
+                      inter_size, w1.dtype, next(iter(devices)), weight_format, grids)
+
+
+def _scale_grid(scale: torch.Tensor, name: str, num_experts: int, n: int, k: int,
+                weight_format: str) -> _ScaleGrid:
+    """The grid of an FP8Experts scale tensor, checked against what the kernels take."""
+    if scale.dim() != 3 or scale.shape[0] != num_experts:
+        raise UnsupportedExperts(
+            f"{name} is {list(scale.shape)}, not [E={num_experts}, rows, cols] block scales")
+    rows, cols = scale.shape[1:]
+    if rows < 1 or cols < 1 or n % rows or k % cols:
+        raise UnsupportedExperts(
+            f"{name} {list(scale.shape)} does not tile its weights [{n}, {k}] into whole blocks")
+    group = k // cols
+    allowed = (torch.float32, torch.bfloat16, torch.float16,
+               getattr(torch, "float8_e8m0fnu", torch.float32))
+    if scale.dtype not in allowed:
+        raise UnsupportedExperts(f"{name} is {scale.dtype} (float32 or ue8m0 scales needed)")
+    if weight_format == "fp8" and group % 32:
+        raise UnsupportedExperts(
+            f"{name} has blocks of {group} columns along K={k}: the fp8 kernels take groups "
+            "that are multiples of 32")
+    if weight_format == "mxfp4":
+        if group != 32:
+            raise UnsupportedExperts(
+                f"{name} has blocks of {group} columns along K={k}: MXFP4 scales one group of "
+                "32")
+        _e8m0_bits(scale.detach(), name)  # raises where a scale is not a power of two
+    return _ScaleGrid(name, rows, cols, scale.dtype)
+
+
+def _e8m0_bits(scale: torch.Tensor, name: str) -> torch.Tensor:
+    """The e8m0 bytes (biased exponents) of power-of-two scales."""
+    e8m0 = getattr(torch, "float8_e8m0fnu", None)
+    if e8m0 is not None and scale.dtype == e8m0:
+        return scale.view(torch.uint8)
+    s = scale.float()
+    mantissa, exponent = torch.frexp(s)
+    bits = exponent.to(torch.int32) + 126  # s = 0.5 * 2^exponent = 2^(bits - 127)
+    if not bool(((mantissa == 0.5) & (bits >= 0) & (bits <= 254)).all()):
+        raise UnsupportedExperts(
+            f"{name} holds scales that are not powers of two in e8m0's range: MXFP4 kernels "
+            "take e8m0 (2^(x-127)) scales only")
+    return bits.to(torch.uint8)
 
 
 # ------------------------------------------------------------------------------------------
@@ -468,6 +659,9 @@ class ConvertedExperts:
     situ_linear_beta: torch.Tensor | None = None
     clamped_relu2_limit: torch.Tensor | None = None
     description: str = ""
+    #: the format of the weights: "16bit", "int8" (per-channel scales), "fp8" (e4m3, float32
+    #: scales ``[E, K/G, N]``) or "mxfp4" (packed e2m1, e8m0 scales ``[E, K/32, N]``).
+    weight_format: str = "16bit"
 
     def fused_moe_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :func:`cutlass_moe.cutlass_fused_moe` after its six
@@ -482,7 +676,7 @@ class ConvertedExperts:
                 kwargs[name] = getattr(self, name)
         if self.quant_scales is not None:
             kwargs["quant_scales"] = self.quant_scales
-            kwargs["use_int8_woq_per_channel"] = True
+            kwargs[_FORMAT_FLAGS.get(self.weight_format, _FORMAT_FLAGS["int8"])] = True
         return kwargs
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -504,8 +698,51 @@ def _kernel_ready(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _expand_scales(scale: torch.Tensor, grid: _ScaleGrid, n: int,
+                   weight_format: str) -> torch.Tensor:
+    """A checkpoint's block scales ``[E, rows, cols]`` as the kernels' ``[E, K/G, N]``:
+    float32 for fp8, e8m0 bytes for mxfp4 (each column n takes its block's row)."""
+    scale = scale.detach()
+    if weight_format == "mxfp4":
+        scale = _e8m0_bits(scale, grid.name)
+    else:
+        scale = scale.to(torch.float32)
+    return scale.transpose(1, 2).repeat_interleave(grid.block_rows(n), dim=2)
+
+
+def _up_first(t: torch.Tensor, dim: int, inter_size: int) -> torch.Tensor:
+    """transformers' ``[gate; up]`` along ``dim`` as the kernels' ``[up; gate]`` (a copy)."""
+    gate, up = t.split(inter_size, dim=dim)
+    return torch.cat((up, gate), dim=dim)
+
+
+def _convert_quantized(module: torch.nn.Module, structure: _Structure,
+                       form: _Form) -> ConvertedExperts:
+    """FP8Experts' FP8 (or packed FP4) weights and block scales in the kernel layout."""
+    fmt, names, grids = structure.weight_format, structure.names, structure.scales
+    w1 = getattr(module, names[0]).detach()
+    w2 = getattr(module, names[1]).detach()
+    s1 = _expand_scales(getattr(module, grids[0].name), grids[0], w1.shape[1], fmt)
+    s2 = _expand_scales(getattr(module, grids[1].name), grids[1], w2.shape[1], fmt)
+    if fmt == "mxfp4":  # the same bytes: low nibble k = 2j, as the kernels read them
+        w1, w2 = w1.view(torch.uint8), w2.view(torch.uint8)
+    if structure.gated:
+        fc1 = _up_first(w1, 1, structure.inter_size)
+        s1 = _up_first(s1, 2, structure.inter_size)
+    else:
+        fc1 = _kernel_ready(w1)
+    return ConvertedExperts(
+        fc1, _kernel_ready(w2), form.activation,
+        quant_scales=[s1.contiguous(), s2.contiguous()],
+        description=f"{form.describe()}, {fmt} weights", weight_format=fmt)
+
+
 def _convert(module: torch.nn.Module, structure: _Structure, form: _Form,
              weights: str = "16bit") -> ConvertedExperts:
+    if structure.weight_format != "16bit":
+        converted = _convert_quantized(module, structure, form)
+        _add_parameters(converted, form, structure)
+        return converted
     names = structure.names
     w1 = getattr(module, names[0]).detach()
     w2 = getattr(module, names[1]).detach()
@@ -527,17 +764,22 @@ def _convert(module: torch.nn.Module, structure: _Structure, form: _Form,
         fc2_bias = _kernel_ready(getattr(module, names[3]))
     converted = ConvertedExperts(fc1, fc2, form.activation, fc1_bias, fc2_bias,
                                  description=form.describe())
-    for name, value in form.params:
-        shape = (1,) if name == "clamped_relu2_limit" else (structure.num_experts,)
-        value = _FLOAT32_MAX if value == math.inf else value
-        setattr(converted, name, torch.full(shape, value, dtype=torch.float32,
-                                            device=structure.device))
+    _add_parameters(converted, form, structure)
     if weights == "int8":
         q1, q2, scales = quantize_moe_weights_int8(fc1, fc2, scale_dtype=structure.dtype)
         converted.fc1_expert_weights, converted.fc2_expert_weights = q1, q2
         converted.quant_scales = scales
         converted.description += ", int8 weights"
+        converted.weight_format = "int8"
     return converted
+
+
+def _add_parameters(converted: ConvertedExperts, form: _Form, structure: _Structure) -> None:
+    for name, value in form.params:
+        shape = (1,) if name == "clamped_relu2_limit" else (structure.num_experts,)
+        value = _FLOAT32_MAX if value == math.inf else value
+        setattr(converted, name, torch.full(shape, value, dtype=torch.float32,
+                                            device=structure.device))
 
 
 def convert_experts(module: torch.nn.Module, weights: str = "16bit") -> ConvertedExperts:
@@ -551,14 +793,23 @@ def convert_experts(module: torch.nn.Module, weights: str = "16bit") -> Converte
     Args:
         module: a transformers experts module (a ``@use_experts_implementation`` class).
         weights: ``"16bit"`` (the module's dtype) or ``"int8"`` (weight-only, per-channel
-            scales in the module's dtype; ``H`` and ``I`` multiples of 16).
+            scales in the module's dtype; ``H`` and ``I`` multiples of 16). The experts of a
+            fine-grained FP8 checkpoint (transformers' ``FP8Experts``) keep their own format
+            (``weight_format`` ``"fp8"``, or ``"mxfp4"`` for ``expert_dtype="fp4"``): leave
+            ``weights`` at ``"16bit"`` for them.
 
     Raises:
         UnsupportedExperts: the module cannot be expressed exactly (the message says why).
+        NotImplementedError: gpt-oss's MXFP4 experts (``Mxfp4GptOssExperts``), which
+            transformers gives no experts hook (see docs/transformers.md).
+        ValueError: an unknown ``weights``, or ``"int8"`` for a quantised checkpoint's experts.
     """
     if weights not in ("16bit", "int8"):
         raise ValueError(f"weights must be '16bit' or 'int8', got {weights!r}")
     structure = _structure(module)
+    if weights == "int8" and structure.weight_format != "16bit":
+        raise ValueError(f"the experts hold {structure.weight_format} weights of a quantised "
+                         "checkpoint; they are converted as they are (weights='16bit')")
     return _convert(module, structure, _recognise(module, structure), weights)
 
 
@@ -602,8 +853,8 @@ class _Plan:
     def describe(self) -> str:
         if self.reason is not None:
             return f"eager: {self.reason}"
-        return f"cutlass_moe: {self.form.describe()}" + (", int8 weights"
-                                                         if self.weights == "int8" else "")
+        quantized = f", {self.weights} weights" if self.weights != "16bit" else ""
+        return f"cutlass_moe: {self.form.describe()}{quantized}"
 
 
 def _sources(module: torch.nn.Module) -> tuple[_Source, ...]:
@@ -620,6 +871,10 @@ def _kernel_reason(structure: _Structure, weights: str) -> str | None:
     if weights == "16bit" and structure.dtype not in _KERNEL_DTYPES:
         return (f"its weights are {structure.dtype}: the fused kernels take float16/bfloat16 "
                 "weights (load the model with dtype=torch.bfloat16)")
+    flag = _FORMAT_FLAGS.get(weights)
+    if flag is not None and flag not in inspect.signature(cutlass_fused_moe).parameters:
+        return (f"this cutlass_moe has no {weights} weight-only path (cutlass_fused_moe takes "
+                f"no {flag})")
     try:
         validation.check_layer_shape(structure.num_experts, structure.hidden_size,
                                      structure.inter_size, 1, 1, weights)
@@ -643,7 +898,7 @@ def _build_plan(module: torch.nn.Module) -> _Plan:
     sources = _sources(module)
     try:
         structure = _structure(module)
-        reason = _kernel_reason(structure, "16bit")
+        reason = _kernel_reason(structure, structure.weight_format)
         if reason is not None:
             raise UnsupportedExperts(reason)
         form = _recognise(module, structure)
@@ -652,7 +907,8 @@ def _build_plan(module: torch.nn.Module) -> _Plan:
     else:
         with torch.no_grad():
             converted = _convert(module, structure, form)
-        plan = _install(module, converted, form, structure, "16bit", False, sources)
+        plan = _install(module, converted, form, structure, structure.weight_format, False,
+                        sources)
     module.__dict__[_PLAN_ATTR] = plan
     return plan
 
@@ -761,8 +1017,10 @@ def cutlass_moe_experts_forward(
         return getattr(self, _PREFIX + name) if name in plan.buffers else None
 
     fc1, fc2 = buffer("fc1"), buffer("fc2")
-    int8 = plan.weights == "int8"
-    weight_dtype = buffer("fc1_scale").dtype if int8 else fc1.dtype
+    fmt = plan.weights
+    # fp8/mxfp4 scales are float32/e8m0: any 16-bit activation dtype goes with them.
+    weight_dtype = (buffer("fc1_scale").dtype if fmt == "int8" else
+                    hidden_states.dtype if fmt in _QUANTIZED_CHECKPOINT_FORMATS else fc1.dtype)
     if hidden_states.dtype != weight_dtype or hidden_states.device != fc1.device:
         return _fallback(
             self, f"hidden states are {hidden_states.dtype} on {hidden_states.device}, the "
@@ -782,9 +1040,9 @@ def cutlass_moe_experts_forward(
         t = buffer(name)
         if t is not None:  # float32 per the op; model.to(dtype) may have cast the buffer
             extra[name] = t if t.dtype == torch.float32 else t.float()
-    if int8:
+    if fmt in _FORMAT_FLAGS:
         extra["quant_scales"] = [buffer("fc1_scale"), buffer("fc2_scale")]
-        extra["use_int8_woq_per_channel"] = True
+        extra[_FORMAT_FLAGS[fmt]] = True
     out = cutlass_fused_moe(
         x, ids, scales, fc1, fc2, x.dtype, fc1_expert_biases=buffer("fc1_bias"),
         fc2_expert_biases=buffer("fc2_bias"), activation_type=plan.form.activation, **extra)[0]
@@ -799,6 +1057,8 @@ def _hf_tensors(module: torch.nn.Module, plan: _Plan) -> dict[str, torch.Tensor]
     def buffer(name: str) -> torch.Tensor | None:
         return getattr(module, _PREFIX + name) if name in plan.buffers else None
 
+    if plan.weights in _QUANTIZED_CHECKPOINT_FORMATS:
+        return _hf_quantized_tensors(plan, buffer)
     fc1, fc2 = buffer("fc1"), buffer("fc2")
     if plan.weights == "int8":
         fc1 = dequantize(fc1, buffer("fc1_scale"))
@@ -820,6 +1080,32 @@ def _hf_tensors(module: torch.nn.Module, plan: _Plan) -> dict[str, torch.Tensor]
         b1 = buffer("fc1_bias")
         tensors[names[2]] = gate_first(b1) if structure.gated else b1
         tensors[names[3]] = buffer("fc2_bias")
+    return tensors
+
+
+def _hf_quantized_tensors(plan: _Plan, buffer: Callable[[str], torch.Tensor | None]
+                          ) -> dict[str, torch.Tensor]:
+    """FP8Experts' weights and block scales (exactly as loaded) from the kernel layout."""
+    structure, fmt = plan.structure, plan.weights
+    tensors = {}
+    for index, (weight, scale) in enumerate((("fc1", "fc1_scale"), ("fc2", "fc2_scale"))):
+        w, s = buffer(weight), buffer(scale)  # [E, N, K(/2)], [E, K/G, N]
+        if index == 0 and structure.gated:
+            gate_rows = structure.inter_size
+            w = _up_first(w, 1, w.shape[1] - gate_rows)  # [up; gate] -> [gate; up]
+            s = _up_first(s, 2, s.shape[2] - gate_rows)
+        grid = structure.scales[index]
+        s = s[:, :, ::grid.block_rows(w.shape[1])].transpose(1, 2)  # [E, rows, cols]
+        if fmt == "mxfp4":
+            w = w.view(torch.int8)
+            if grid.dtype == getattr(torch, "float8_e8m0fnu", None):
+                s = s.contiguous().view(grid.dtype)
+            else:
+                s = torch.exp2(s.float() - 127.0).to(grid.dtype)
+        else:
+            s = s.to(grid.dtype)
+        tensors[structure.names[index]] = w
+        tensors[grid.name] = s.contiguous()
     return tensors
 
 
@@ -877,7 +1163,11 @@ def prepare(model: torch.nn.Module, weights: str = "bf16",
         weights: ``"bf16"`` or ``"fp16"``: the 16-bit weights as loaded (they must already be
             of that dtype); ``"int8"``: weight-only int8 with per-channel scales in the
             weights' dtype (``cutlass_moe.quantization``; ``H`` and ``I`` multiples of 16);
-            ``"int4"``: not available yet (needs the W4A16 kernels).
+            ``"int4"``: not available yet (needs the W4A16 kernels); ``"fp8"`` / ``"mxfp4"``:
+            the experts of a fine-grained FP8 checkpoint (transformers' ``FP8Experts``,
+            ``expert_dtype`` ``"fp8"`` / ``"fp4"``) in their own format, block scales
+            expanded to the kernels' ``[E, K/G, N]`` (16-bit experts are not quantised to
+            these formats here).
         group_size: the int4 quantisation group; only with ``weights="int4"``.
 
     Returns:
@@ -885,7 +1175,9 @@ def prepare(model: torch.nn.Module, weights: str = "bf16",
         ``"cutlass_moe: Swiglu"`` or ``"eager: <reason>"``.
 
     Raises:
-        NotImplementedError: ``weights="int4"``.
+        NotImplementedError: ``weights="int4"``; ``"fp8"``/``"mxfp4"`` for 16-bit experts; a
+            model with gpt-oss MXFP4 experts (``Mxfp4GptOssExperts``, no experts hook in
+            transformers).
         ValueError: an unknown ``weights``, ``group_size`` without int4, expert weights of
             another dtype than asked, shapes int8 cannot take, a module already prepared
             differently, or a model without experts modules; nothing is changed then.
@@ -896,16 +1188,20 @@ def prepare(model: torch.nn.Module, weights: str = "bf16",
             "grouped GEMM, which this version of cutlass_moe does not have yet; use "
             "weights='int8' or 'bf16'")
     if weights not in _WEIGHT_KINDS:
-        raise ValueError(f"weights must be 'bf16', 'fp16', 'int8' or 'int4', got {weights!r}")
+        raise ValueError(f"weights must be 'bf16', 'fp16', 'int8', 'int4', 'fp8' or 'mxfp4', "
+                         f"got {weights!r}")
     if group_size is not None:
         raise ValueError(f"group_size applies to weights='int4' only, got group_size="
                          f"{group_size} with weights={weights!r}")
     register()
+    mxfp4_cls = _mxfp4_experts_class()
+    if mxfp4_cls is not None and any(isinstance(m, mxfp4_cls) for m in model.modules()):
+        raise _mxfp4_error()
     modules = experts_modules(model)
     if not modules:
         raise ValueError(f"{type(model).__name__} has no transformers experts modules "
                          "(@use_experts_implementation classes)")
-    kind = "int8" if weights == "int8" else "16bit"
+    kind = weights if weights in ("int8", *_QUANTIZED_CHECKPOINT_FORMATS) else "16bit"
     wanted = _WEIGHT_KINDS[weights]
     report: dict[str, str] = {}
     work = []
@@ -925,7 +1221,24 @@ def prepare(model: torch.nn.Module, weights: str = "bf16",
             report[name] = f"eager: {exc}"
             _warn_once(module, str(exc))
             continue
-        if (wanted is not None and structure.dtype != wanted) or (
+        if kind in _QUANTIZED_CHECKPOINT_FORMATS or structure.weight_format != "16bit":
+            if structure.weight_format == "16bit":
+                raise NotImplementedError(
+                    f"prepare(weights={weights!r}) keeps the {weights} experts of a quantised "
+                    f"checkpoint (transformers' FP8Experts); the experts of {name} are "
+                    f"{structure.dtype} and prepare does not quantise 16-bit experts to "
+                    f"{weights} (use weights='int8', or the 16-bit weights as they are)")
+            if structure.weight_format != kind:
+                raise ValueError(
+                    f"prepare(weights={weights!r}): the experts of {name} hold the "
+                    f"{structure.weight_format} weights of a quantised checkpoint; prepare "
+                    f"keeps them as they are: call prepare(model, "
+                    f"weights={structure.weight_format!r})")
+            reason = _FORMAT_FLAGS[kind] not in inspect.signature(cutlass_fused_moe).parameters
+            if reason:
+                raise ValueError(f"prepare(weights={weights!r}): this cutlass_moe has no "
+                                 f"{kind} weight-only path")
+        elif (wanted is not None and structure.dtype != wanted) or (
                 wanted is None and structure.dtype not in _KERNEL_DTYPES):
             raise ValueError(
                 f"prepare(weights={weights!r}): the experts of {name} are {structure.dtype}; "
@@ -944,7 +1257,8 @@ def prepare(model: torch.nn.Module, weights: str = "bf16",
             converted = _convert(module, structure, form, kind)
         plan = _install(module, converted, form, structure, kind, True, ())
         del converted
-        for hf_name in structure.names:
+        scale_names = tuple(g.name for g in structure.scales or ())
+        for hf_name in (*structure.names, *scale_names):
             if hf_name is not None:
                 module._parameters.pop(hf_name, None)
         module.__dict__[_PLAN_ATTR] = plan
