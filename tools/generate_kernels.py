@@ -60,6 +60,7 @@ DECODE_WEIGHT_TYPES = {
 # Kernel template header and class of each weight kind ("16bit": weights in the activation dtype).
 KERNEL_TEMPLATES = {
     "decode": ("grouped_gemm/decode_gemm.cuh", "grouped_gemm::decode::DecodeGemm"),
+    "decode_mma": ("grouped_gemm/decode_mma_gemm.cuh", "grouped_gemm::decode::DecodeMmaGemm"),
     "16bit": ("grouped_gemm/sm80_grouped_gemm.cuh", "grouped_gemm::Sm80GroupedGemm"),
     "int8": ("grouped_gemm/sm80_grouped_gemm_int8.cuh", "grouped_gemm::Sm80GroupedGemmInt8"),
     "int4": ("grouped_gemm/sm80_grouped_gemm_group_scaled.cuh", "grouped_gemm::Sm80GroupedGemmInt4"),
@@ -89,6 +90,10 @@ class Tactic:
     split_k: int = 1  # > 1: GEMM2 split over K, fp32 partial sums (GEMM2 only)
     decode: bool = False  # weight-streaming decode kernel: tile_m rows per pass, tile_n columns
     # per work item, warp_n columns per warp, stages = K-steps of loads issued together
+    mma: bool = False  # tensor-core decode kernel (int4): tile_m rows (8 per MMA group), tile_n
+    # columns per work item (16 per MMA row tile, 8 gated), warp_k warps splitting K, stages =
+    # 128-long K chunks of loads in flight per warp
+    prefetch: bool = False  # tensor-core decode: the next batch's weight loads issued early
 
     @property
     def weight_tag(self) -> str:
@@ -98,7 +103,7 @@ class Tactic:
     def kind(self) -> str:
         """Key of KERNEL_TEMPLATES."""
         if self.decode:
-            return "decode"
+            return "decode_mma" if self.mma else "decode"
         if self.gated:
             return "gated"
         return self.weight or "16bit"
@@ -109,6 +114,10 @@ class Tactic:
 
     @property
     def base_name(self) -> str:
+        if self.mma:
+            prefix = "sm80_decode_mma_gated" if self.gated else "sm80_decode_mma"
+            return (f"{prefix}_{self.dtype}_{self.weight_tag}_m{self.tile_m}n{self.tile_n}"
+                    f"_k{self.warp_k}_u{self.stages}" + ("_p" if self.prefetch else ""))
         if self.decode:
             prefix = "sm80_decode_gated" if self.gated else "sm80_decode"
             return (f"{prefix}_{self.dtype}_{self.weight_tag}_m{self.tile_m}n{self.tile_n}"
@@ -322,6 +331,18 @@ FULL_DECODE = {
 }
 FAST_DECODE = {kind: configs[1:2] for kind, configs in FULL_DECODE.items()}
 
+# Tensor-core decode kernels for int4 weights (src/grouped_gemm/decode_mma_gemm.cuh): (rows per
+# item: 8 per MMA group, MMA row tiles per item, warps splitting K, 128-long K chunks of loads in
+# flight per warp, the next batch's loads issued early), plain and gated. Every warp keeps
+# tiles x 2 x chunks 16-byte weight loads in flight (twice that with prefetch, at about 200
+# registers: two blocks per SM instead of three).
+FULL_DECODE_MMA = {
+    False: [(8, 1, 4, 4, False), (8, 2, 4, 2, False), (16, 1, 4, 2, False), (16, 2, 4, 2, False),
+            (8, 2, 4, 2, True), (16, 1, 4, 2, True)],
+    True: [(8, 1, 4, 4, False), (8, 2, 4, 2, False), (16, 1, 4, 2, False), (8, 2, 4, 2, True)],
+}
+FAST_DECODE_MMA = {gated: configs[:1] for gated, configs in FULL_DECODE_MMA.items()}
+
 
 def _decode_tactics(fast: bool) -> list[Tactic]:
     found = []
@@ -332,6 +353,14 @@ def _decode_tactics(fast: bool) -> list[Tactic]:
                     dtype, rows, cols * warps, 0, rows, cols, 0, unroll,
                     gemms=GEMM1 if gated else GEMM1 | GEMM2,
                     weight=None if weights == "16bit" else weights, gated=gated, decode=True))
+    for gated, configs in (FAST_DECODE_MMA if fast else FULL_DECODE_MMA).items():
+        for dtype in DTYPES:
+            for rows, tiles, warps, unroll, prefetch in configs:
+                cols = tiles * (8 if gated else 16)
+                found.append(Tactic(
+                    dtype, rows, cols, 0, rows, cols, warps, unroll,
+                    gemms=GEMM1 if gated else GEMM1 | GEMM2, weight="int4", gated=gated,
+                    decode=True, mma=True, prefetch=prefetch))
     return found
 
 
@@ -390,7 +419,12 @@ def _instance_file(group: list[Tactic]) -> str:
         kernel_name = t.kernel_alias
         if kernel_name not in declared:
             out = ", float" if t.split_k > 1 else ""
-            if t.decode:
+            if t.mma:
+                kernel = (
+                    f"{template}<{element}, {t.tile_m // 8}, {t.tile_n // (8 if t.gated else 16)}, "
+                    f"{t.warp_k}, {t.stages}, {_cpp_bool(t.gated)}, {_cpp_bool(t.prefetch)}>"
+                )
+            elif t.decode:
                 weight = DECODE_WEIGHT_TYPES[t.weight] if t.weight else element
                 kernel = (
                     f"{template}<{element}, {weight}, {t.tile_m}, {t.warp_n}, {t.warps}, "

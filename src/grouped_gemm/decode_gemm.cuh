@@ -162,6 +162,71 @@ struct Params {
   GatedEpilogueArgs gated;       // gated: activation, fc1 bias [E, 2I], clamp parameters
 };
 
+// The work items of a decode kernel: chunks of up to kRows rows of one expert. Every block scans
+// the problem sizes into a prefix of row chunks (in shared memory) so that a persistent grid
+// walks only the items that exist; locate() maps a chunk back to its expert and first row.
+template <int kRows, int kThreads>
+struct RowChunks {
+  using BlockScan = cub::BlockScan<int, kThreads>;
+  struct Storage {
+    typename BlockScan::TempStorage scan;
+    int chunk_prefix[kMaxExperts + 1];  // row chunks of the experts before e
+  };
+
+  // Fills the prefix; returns the total number of chunks (the same in every thread).
+  static __device__ int scan(const Params& p, Storage& shared) {
+    const int num_experts = p.problem_count;
+    int running = 0;
+    for (int base = 0; base < num_experts; base += kThreads) {
+      const int e = base + static_cast<int>(threadIdx.x);
+      const int rows = e < num_experts ? p.problem_sizes[e].m() : 0;
+      int before = 0, total = 0;
+      BlockScan(shared.scan).ExclusiveSum((rows + kRows - 1) / kRows, before, total);
+      if (e < num_experts) shared.chunk_prefix[e] = running + before;
+      running += total;
+      __syncthreads();  // the scan's storage is reused by the next pass
+    }
+    if (threadIdx.x == 0) shared.chunk_prefix[num_experts] = running;
+    __syncthreads();
+    return shared.chunk_prefix[num_experts];
+  }
+
+  // The expert of `chunk`: the last e with chunk_prefix[e] <= chunk (empty experts share their
+  // successor's prefix and are skipped by taking the last); `first` is its first row.
+  static __device__ void locate(const Params& p, const Storage& shared, int chunk, int& e,
+                                int& first, int& rows) {
+    int lo = 0, hi = p.problem_count;  // invariant: prefix[lo] <= chunk < prefix[hi]
+    while (hi - lo > 1) {
+      const int mid = (lo + hi) / 2;
+      if (shared.chunk_prefix[mid] <= chunk) lo = mid; else hi = mid;
+    }
+    e = lo;
+    first = (chunk - shared.chunk_prefix[e]) * kRows;
+    rows = min(kRows, p.problem_sizes[e].m() - first);
+  }
+};
+
+// Stores output element (row, n) of problem e from its fp32 sums (gated: the up and gate sums of
+// column n), rounded to the activation dtype where the unfused path rounds (GEMM1's output; then
+// bias and activation in fp32, as the activation kernel).
+template <typename Element, bool kGated>
+__device__ __forceinline__ void store_output(const Params& p, int e, int64_t row, int64_t n,
+                                             int64_t n_total, float up, float gate) {
+  float value = rounded<Element>(up);
+  if constexpr (kGated) {
+    float u = value, g = rounded<Element>(gate);
+    const Element* bias = static_cast<const Element*>(p.gated.bias);
+    if (bias != nullptr) {
+      u += to_float(bias[e * 2 * n_total + n]);
+      g += to_float(bias[e * 2 * n_total + n_total + n]);
+    }
+    value = activation_math::gated(p.gated.activation, g, u,
+                                   activation_math::gated_params(p.gated, e));
+  }
+  Element* d = static_cast<Element*>(p.ptr_d[e]);
+  d[row * p.ldd[e] + n] = Element(value);
+}
+
 // Element: activation dtype; Weight: Element, int8_t or cutlass::uint4b_t (with group-wise scales
 // whose rows hold N' = kHalves * N columns). kRows rows per work item, kColsPerWarp
 // output columns per warp, kWarps warps, kUnroll K-steps of loads issued together. Gated: the
@@ -181,29 +246,13 @@ struct Kernel {
   static constexpr bool kMxfp4 = std::is_same<Weight, cutlass::float_e2m1_t>::value;
   // Scales per (K-group, column), applied to each vector's partial sums (one group per vector).
   static constexpr bool kGroupScaled = kInt4 || kFp8 || kMxfp4;
+  static constexpr bool kGatedKernel = kGated;
 
-  using BlockScan = cub::BlockScan<int, kThreads>;
-  struct SharedStorage {
-    typename BlockScan::TempStorage scan;
-    int chunk_prefix[kMaxExperts + 1];  // row chunks of the experts before e
-  };
+  using Chunks = RowChunks<kRows, kThreads>;
+  using SharedStorage = typename Chunks::Storage;
 
   static __device__ void run(const Params& p, SharedStorage& shared) {
-    const int num_experts = p.problem_count;
-    // Row chunks per expert, as an exclusive prefix over the experts.
-    int running = 0;
-    for (int base = 0; base < num_experts; base += kThreads) {
-      const int e = base + static_cast<int>(threadIdx.x);
-      const int rows = e < num_experts ? p.problem_sizes[e].m() : 0;
-      int before = 0, total = 0;
-      BlockScan(shared.scan).ExclusiveSum((rows + kRows - 1) / kRows, before, total);
-      if (e < num_experts) shared.chunk_prefix[e] = running + before;
-      running += total;
-      __syncthreads();  // the scan's storage is reused by the next pass
-    }
-    if (threadIdx.x == 0) shared.chunk_prefix[num_experts] = running;
-    __syncthreads();
-    const int total_chunks = shared.chunk_prefix[num_experts];
+    const int total_chunks = Chunks::scan(p, shared);
     if (total_chunks == 0) return;
     const int64_t n_total = p.problem_sizes[0].n();  // every problem of a GEMM shares N and K
     const int64_t k_total = p.problem_sizes[0].k();
@@ -215,16 +264,8 @@ struct Kernel {
     for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
       const int chunk = static_cast<int>(item / col_tiles);
       const int col_tile = static_cast<int>(item % col_tiles);
-      // The expert of this chunk: the last e with chunk_prefix[e] <= chunk (empty experts share
-      // their successor's prefix and are skipped by taking the last).
-      int lo = 0, hi = num_experts;  // invariant: prefix[lo] <= chunk < prefix[hi]
-      while (hi - lo > 1) {
-        const int mid = (lo + hi) / 2;
-        if (shared.chunk_prefix[mid] <= chunk) lo = mid; else hi = mid;
-      }
-      const int e = lo;
-      const int first = (chunk - shared.chunk_prefix[e]) * kRows;
-      const int rows = min(kRows, p.problem_sizes[e].m() - first);
+      int e, first, rows;
+      Chunks::locate(p, shared, chunk, e, first, rows);
       compute(p, e, first, rows, col_tile * kCols + warp * kColsPerWarp, n_total, k_total,
               lane);
     }
@@ -363,8 +404,6 @@ struct Kernel {
             acc[c][h][m] += __shfl_xor_sync(0xffffffffu, acc[c][h][m], offset);
 
     // Lane c * kRows + m stores column c of row m.
-    Element* d = static_cast<Element*>(p.ptr_d[e]);
-    const int64_t ldd = p.ldd[e];
     const Element* scales = kInt8 ? static_cast<const Element*>(p.ptr_scale[e]) : nullptr;
 #pragma unroll
     for (int c = 0; c < kColsPerWarp; ++c) {
@@ -376,21 +415,9 @@ struct Kernel {
         float out[kHalves];
 #pragma unroll
         for (int h = 0; h < kHalves; ++h) {
-          const float scale = kInt8 ? to_float(scales[n + h * n_total]) : 1.0f;
-          out[h] = rounded<Element>(acc[c][h][m] * scale);
+          out[h] = acc[c][h][m] * (kInt8 ? to_float(scales[n + h * n_total]) : 1.0f);
         }
-        float value = out[0];
-        if constexpr (kGated) {
-          float up = out[0], gate = out[1];
-          const Element* bias = static_cast<const Element*>(p.gated.bias);
-          if (bias != nullptr) {
-            up += to_float(bias[e * 2 * n_total + n]);
-            gate += to_float(bias[e * 2 * n_total + n_total + n]);
-          }
-          value = activation_math::gated(p.gated.activation, gate, up,
-                                         activation_math::gated_params(p.gated, e));
-        }
-        d[(first + m) * ldd + n] = Element(value);
+        store_output<Element, kGated>(p, e, first + m, n, n_total, out[0], out[kHalves - 1]);
       }
     }
   }
@@ -403,11 +430,10 @@ __global__ void __launch_bounds__(K::kThreads) decode_gemm_kernel(Params params)
   K::run(params, shared);
 }
 
-// The tactic's host side: the interface every grouped-GEMM tactic has (see tactic.h).
-template <typename Element, typename Weight, int kRows, int kColsPerWarp, int kWarps,
-          int kUnroll, bool kGated>
-struct DecodeGemm {
-  using K = Kernel<Element, Weight, kRows, kColsPerWarp, kWarps, kUnroll, kGated>;
+// The host side of a decode kernel K: the interface every grouped-GEMM tactic has (see
+// tactic.h).
+template <typename K>
+struct DecodeLauncher {
   static constexpr int kThreads = K::kThreads;
   static constexpr int kSmemBytes = int(sizeof(typename K::SharedStorage));
 
@@ -423,7 +449,7 @@ struct DecodeGemm {
       throw InvalidArgument("decode GEMM: more than " + std::to_string(kMaxExperts) +
                             " local experts");
     }
-    if (kGated && a.ptr_rows == nullptr) {
+    if (K::kGatedKernel && a.ptr_rows == nullptr) {
       throw InvalidArgument("decode GEMM: the gated variant needs the row-index arrays");
     }
     if (K::kInt8 && a.ptr_scale == nullptr) {
@@ -453,6 +479,12 @@ struct DecodeGemm {
                   0, stream, a.pdl, params);
   }
 };
+
+// The FMA decode tactic (see the top of this file).
+template <typename Element, typename Weight, int kRows, int kColsPerWarp, int kWarps,
+          int kUnroll, bool kGated>
+struct DecodeGemm
+    : DecodeLauncher<Kernel<Element, Weight, kRows, kColsPerWarp, kWarps, kUnroll, kGated>> {};
 
 }  // namespace decode
 }  // namespace grouped_gemm
