@@ -4,7 +4,8 @@ What is tested: the conversion of each family's experts module (weights, layout,
 against the family's own eager experts forward, through ``reference_moe`` in float64; the whole
 experts function end to end through the fake extension (tests/_fake_ext.py computes the layer
 with reference_moe on host memory); every fallback; the registration; the cache of converted
-weights; and ``prepare`` (originals really freed, int8, int4 refused).
+weights; and ``prepare`` (originals really freed, int8, argument errors; int4, fp8 and
+mxfp4 in tests/test_transformers_prepare_quantize.py).
 
 Skipped when transformers is not installed; CI installs it (``.[test]``).
 """
@@ -768,15 +769,14 @@ def test_prepared_model_falls_back_on_rebuilt_weights(family):
 
 def test_prepare_arguments():
     model = tiny_model("mixtral", torch.bfloat16)
-    with pytest.raises(NotImplementedError, match="W4A16"):
+    with pytest.raises(ValueError, match="must divide both H=32 and I=32"):
         tx.prepare(model, weights="int4", group_size=128)
     with pytest.raises(ValueError, match="group_size"):
         tx.prepare(model, weights="int8", group_size=128)
     with pytest.raises(ValueError, match="weights must be"):
         tx.prepare(model, weights="fp4")
-    for quantized in ("fp8", "mxfp4"):  # a quantised checkpoint's format, not a quantiser
-        with pytest.raises(NotImplementedError, match="does not quantise 16-bit experts"):
-            tx.prepare(model, weights=quantized)
+    with pytest.raises(ValueError, match="must divide both"):  # fp8's default group: 128
+        tx.prepare(model, weights="fp8")
     with pytest.raises(ValueError, match=r"torch\.bfloat16.*dtype=torch\.float16"):
         tx.prepare(model, weights="fp16")
     with pytest.raises(ValueError, match="float32"):

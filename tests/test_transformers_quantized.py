@@ -545,3 +545,29 @@ def test_prepare_keeps_the_checkpoint_format_and_falls_back_on_rebuilt_tensors(
     for name, t in originals.items():
         assert rebuilt[name].dtype == t.dtype and rebuilt[name].shape == t.shape, name
         assert torch.equal(rebuilt[name].view(torch.uint8), t.view(torch.uint8)), name
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "fp4"])
+def test_prepare_refuses_to_requantise_a_checkpoint(fmt, monkeypatch):
+    """A quantised checkpoint's experts are kept in their format: other kinds (int4 too) and
+    a group size (its blocks are kept) are refused, before anything changes, and so is a
+    second prepare with a group size."""
+    kernel = "fp8" if fmt == "fp8" else "mxfp4"
+    monkeypatch.setattr(tx.inspect, "signature", lambda f: types.SimpleNamespace(
+        parameters=dict.fromkeys(tx._FORMAT_FLAGS.values())))
+    model, _ = quantized_model(fmt)
+    module = model.model.layers[0].mlp.experts
+    other = "mxfp4" if kernel == "fp8" else "fp8"
+    for weights, group in (("int4", None), ("int4", 32), ("int8", None), (other, None)):
+        with pytest.raises(ValueError, match=f"weights={kernel!r}"):
+            tx.prepare(model, weights=weights, group_size=group)
+    with pytest.raises(ValueError, match="leave group_size out" if kernel == "fp8"
+                       else "group_size applies"):
+        tx.prepare(model, weights=kernel, group_size=64)
+    assert dict(module.named_parameters()) and tx._PLAN_ATTR not in module.__dict__
+    report = tx.prepare(model, weights=kernel)
+    assert report == {"model.layers.0.mlp.experts": f"cutlass_moe: Swiglu, {kernel} weights"}
+    assert tx.prepare(model, weights=kernel) == report
+    if kernel == "fp8":
+        with pytest.raises(ValueError, match="already prepared"):
+            tx.prepare(model, weights=kernel, group_size=128)

@@ -42,7 +42,9 @@ with power-of-two scales; the weights dequantise exactly to those of the checkpo
 with ``dequantize=True`` (transformers' own FP8 kernels also quantise the activations, these
 do not). Static activation scales, blocks the kernels cannot take and e4m3 NaN codes fall back.
 gpt-oss's MXFP4 experts (``Mxfp4GptOssExperts``) have no experts hook in transformers:
-:func:`convert_experts` and :func:`prepare` raise NotImplementedError for them
+:func:`convert_experts` and :func:`prepare` raise NotImplementedError for them. Loaded with
+``quantization_config=Mxfp4Config(dequantize=True)`` instead (bf16 ``GptOssExperts``),
+``prepare(model, weights="mxfp4")`` re-quantises them losslessly to the checkpoint's weights
 (docs/transformers.md, "Quantised checkpoints").
 
 **Fallback.** What cannot be expressed exactly runs transformers' own eager experts forward,
@@ -63,7 +65,8 @@ expert weights once more); an untransposed ``down_proj`` (and an ungated ``up_pr
 used as it is, without a copy.
 :func:`converted_weight_bytes` reports the cost. :func:`prepare` converts in place instead,
 module by module, and frees the originals (peak: the model plus one layer's copy), optionally
-quantising to int8 on the way.
+quantising the 16-bit experts on the way (weight-only: int8 per channel, int4 or FP8 e4m3
+group-wise, or MXFP4).
 
 Under ``torch.compile`` the cached conversion is used without re-checking the parameters (run
 one eager forward or :func:`prepare` first; a compiled first call builds it at a graph break);
@@ -106,6 +109,9 @@ except ImportError:  # pragma: no cover - transformers without it
 
 from .. import _ext, validation
 from ..activation import ActivationType
+from ..fp8 import dequantize_fp8, quantize_moe_weights_fp8
+from ..int4 import dequantize_int4, quantize_moe_weights_int4
+from ..mxfp4 import MXFP4_BLOCK, dequantize_mxfp4, quantize_moe_weights_mxfp4
 from ..ops import cutlass_fused_moe
 from ..quantization import dequantize, quantize_moe_weights_int8
 from ..reference import apply_activation
@@ -140,11 +146,16 @@ _PARAMETER_NAMES = ("swiglu_alpha", "swiglu_beta", "swiglu_limit", "situ_beta",
                     "situ_linear_beta", "clamped_relu2_limit")
 _TENSOR_NAMES = ("fc1", "fc2", "fc1_bias", "fc2_bias", "fc1_scale", "fc2_scale",
                  *_PARAMETER_NAMES)
-_WEIGHT_KINDS = {"bf16": torch.bfloat16, "fp16": torch.float16, "int8": None, "fp8": None,
-                 "mxfp4": None}
+_WEIGHT_KINDS = {"bf16": torch.bfloat16, "fp16": torch.float16, "int8": None, "int4": None,
+                 "fp8": None, "mxfp4": None}
 #: The cutlass_fused_moe flag of each quantised weight format (the scales go in quant_scales).
-_FORMAT_FLAGS = {"int8": "use_int8_woq_per_channel", "fp8": "use_fp8_woq_group_scaling",
-                 "mxfp4": "use_w4_group_scaling"}
+_FORMAT_FLAGS = {"int8": "use_int8_woq_per_channel", "int4": "use_w4_group_scaling",
+                 "fp8": "use_fp8_woq_group_scaling", "mxfp4": "use_w4_group_scaling"}
+#: The formats 16-bit experts can be quantised to (prepare, convert_experts).
+_QUANTIZERS = ("int8", "int4", "fp8", "mxfp4")
+#: The formats whose group size along K is chosen (``group_size``), and its default.
+_GROUPED = ("int4", "fp8")
+_DEFAULT_GROUP_SIZE = 128
 _QUANTIZED_CHECKPOINT_FORMATS = ("fp8", "mxfp4")
 _E4M3_NAN = 0x7F  # e4m3fn: S.1111.111 is NaN
 
@@ -191,11 +202,12 @@ _MXFP4_NOT_IMPLEMENTED = (
     "gpt-oss's MXFP4 experts (transformers' Mxfp4GptOssExperts) cannot run through cutlass_moe "
     "in transformers {version}: the class is not a @use_experts_implementation module (no "
     "ExpertsInterface hook: Mxfp4GptOssMLP calls its forward_routed with Triton routing data "
-    "directly), and its weights are Triton tensors in a hardware-specific swizzled layout. "
-    "Where transformers cannot run MXFP4 natively it dequantizes gpt-oss to bfloat16 at load "
-    "(GptOssExperts), which experts_implementation='cutlass_moe' runs (16-bit weights); for "
-    "MXFP4 weights on the kernels, import the checkpoint with cutlass_moe's load_mxfp4_experts "
-    "and call cutlass_fused_moe(..., use_w4_group_scaling=True) directly"
+    "directly), and its weights are Triton tensors in a hardware-specific swizzled layout. To "
+    "run the checkpoint's MXFP4 weights on cutlass_moe, load it dequantized, "
+    "from_pretrained(path, dtype=torch.bfloat16, "
+    "quantization_config=transformers.Mxfp4Config(dequantize=True)) (bfloat16 GptOssExperts), "
+    "then call cutlass_moe.integrations.transformers.prepare(model, weights='mxfp4'): the "
+    "re-quantisation recovers exactly the checkpoint's weights (see prepare's documentation)"
 )
 
 
@@ -659,8 +671,9 @@ class ConvertedExperts:
     situ_linear_beta: torch.Tensor | None = None
     clamped_relu2_limit: torch.Tensor | None = None
     description: str = ""
-    #: the format of the weights: "16bit", "int8" (per-channel scales), "fp8" (e4m3, float32
-    #: scales ``[E, K/G, N]``) or "mxfp4" (packed e2m1, e8m0 scales ``[E, K/32, N]``).
+    #: the format of the weights: "16bit", "int8" (per-channel scales), "int4" (packed, scales
+    #: ``[E, K/G, N]`` in the activation dtype), "fp8" (e4m3, float32 scales ``[E, K/G, N]``)
+    #: or "mxfp4" (packed e2m1, e8m0 scales ``[E, K/32, N]``).
     weight_format: str = "16bit"
 
     def fused_moe_kwargs(self) -> dict[str, Any]:
@@ -738,7 +751,7 @@ def _convert_quantized(module: torch.nn.Module, structure: _Structure,
 
 
 def _convert(module: torch.nn.Module, structure: _Structure, form: _Form,
-             weights: str = "16bit") -> ConvertedExperts:
+             weights: str = "16bit", group_size: int | None = None) -> ConvertedExperts:
     if structure.weight_format != "16bit":
         converted = _convert_quantized(module, structure, form)
         _add_parameters(converted, form, structure)
@@ -765,13 +778,47 @@ def _convert(module: torch.nn.Module, structure: _Structure, form: _Form,
     converted = ConvertedExperts(fc1, fc2, form.activation, fc1_bias, fc2_bias,
                                  description=form.describe())
     _add_parameters(converted, form, structure)
-    if weights == "int8":
-        q1, q2, scales = quantize_moe_weights_int8(fc1, fc2, scale_dtype=structure.dtype)
-        converted.fc1_expert_weights, converted.fc2_expert_weights = q1, q2
-        converted.quant_scales = scales
-        converted.description += ", int8 weights"
-        converted.weight_format = "int8"
+    if weights in _QUANTIZERS:
+        _quantize(converted, weights, group_size, structure.dtype)
     return converted
+
+
+def _quantize(converted: ConvertedExperts, weights: str, group_size: int | None,
+              dtype: torch.dtype) -> None:
+    """Replaces the 16-bit fc1/fc2 of ``converted`` (kernel layout, rows ``[up; gate]``) by
+    their ``weights`` quantisation with the library's quantisers: int8 per channel, int4
+    symmetric group-wise (round to nearest, scales in ``dtype``), fp8 e4m3 group-wise (float32
+    scales), MXFP4 (OCP rule, e8m0 scales). Scales ``[E, K/G, N]`` (int8: ``[E, N]``)."""
+    fc1, fc2 = converted.fc1_expert_weights, converted.fc2_expert_weights
+    if weights == "int8":
+        q1, q2, scales = quantize_moe_weights_int8(fc1, fc2, scale_dtype=dtype)
+    elif weights == "int4":
+        q1, q2, scales = quantize_moe_weights_int4(fc1, fc2, group_size, symmetric=True,
+                                                   scale_dtype=dtype)
+    elif weights == "fp8":
+        q1, q2, scales = quantize_moe_weights_fp8(fc1, fc2, group_size)
+    else:
+        q1, q2, scales = quantize_moe_weights_mxfp4(fc1, fc2)
+    converted.fc1_expert_weights, converted.fc2_expert_weights = q1, q2
+    converted.quant_scales = scales
+    group = f" (group {group_size})" if weights in _GROUPED else ""
+    converted.description += f", {weights} weights{group}"
+    converted.weight_format = weights
+
+
+def _dequantized_weights(weights: str, buffer: Callable[[str], torch.Tensor | None],
+                         dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """fc1 and fc2 (kernel layout) rebuilt from quantised buffers: the weights the kernels
+    compute with (each value formed in float32, rounded once to ``dtype``; int8 and int4 in
+    their scales' dtype)."""
+    pairs = [(buffer("fc1"), buffer("fc1_scale")), (buffer("fc2"), buffer("fc2_scale"))]
+    if weights == "int8":
+        return tuple(dequantize(w, s) for w, s in pairs)
+    if weights == "int4":
+        return tuple(dequantize_int4(w, s, dtype=s.dtype) for w, s in pairs)
+    if weights == "fp8":
+        return tuple(dequantize_fp8(w, s, dtype) for w, s in pairs)
+    return tuple(dequantize_mxfp4(w, s, dtype) for w, s in pairs)
 
 
 def _add_parameters(converted: ConvertedExperts, form: _Form, structure: _Structure) -> None:
@@ -782,7 +829,8 @@ def _add_parameters(converted: ConvertedExperts, form: _Form, structure: _Struct
                                             device=structure.device))
 
 
-def convert_experts(module: torch.nn.Module, weights: str = "16bit") -> ConvertedExperts:
+def convert_experts(module: torch.nn.Module, weights: str = "16bit",
+                    group_size: int | None = None) -> ConvertedExperts:
     """The ``cutlass_fused_moe`` arguments that compute exactly what the experts module
     computes (new tensors, or the module's own where no conversion is needed; the module is
     not changed).
@@ -792,25 +840,77 @@ def convert_experts(module: torch.nn.Module, weights: str = "16bit") -> Converte
 
     Args:
         module: a transformers experts module (a ``@use_experts_implementation`` class).
-        weights: ``"16bit"`` (the module's dtype) or ``"int8"`` (weight-only, per-channel
-            scales in the module's dtype; ``H`` and ``I`` multiples of 16). The experts of a
-            fine-grained FP8 checkpoint (transformers' ``FP8Experts``) keep their own format
-            (``weight_format`` ``"fp8"``, or ``"mxfp4"`` for ``expert_dtype="fp4"``): leave
-            ``weights`` at ``"16bit"`` for them.
+        weights: ``"16bit"`` (the module's dtype), or a quantisation of the 16-bit weights as
+            :func:`prepare` makes it: ``"int8"`` (per-channel scales in the module's dtype;
+            ``H`` and ``I`` multiples of 16), ``"int4"`` (symmetric group-wise, scales in the
+            module's dtype), ``"fp8"`` (e4m3 group-wise, float32 scales) or ``"mxfp4"`` (OCP
+            MXFP4, e8m0 scales; ``H`` and ``I`` multiples of 32 for the last three). The
+            experts of a fine-grained FP8 checkpoint (transformers' ``FP8Experts``) keep their
+            own format (``weight_format`` ``"fp8"``, or ``"mxfp4"`` for
+            ``expert_dtype="fp4"``): leave ``weights`` at ``"16bit"`` for them.
+        group_size: the group along K of ``"int4"`` and ``"fp8"`` (default 128; a multiple of
+            32 dividing ``H`` and ``I``); only with those.
 
     Raises:
         UnsupportedExperts: the module cannot be expressed exactly (the message says why).
         NotImplementedError: gpt-oss's MXFP4 experts (``Mxfp4GptOssExperts``), which
             transformers gives no experts hook (see docs/transformers.md).
-        ValueError: an unknown ``weights``, or ``"int8"`` for a quantised checkpoint's experts.
+        ValueError: an unknown ``weights``, a quantisation asked for a quantised checkpoint's
+            experts, a bad ``group_size``, or shapes the format cannot take.
     """
-    if weights not in ("16bit", "int8"):
-        raise ValueError(f"weights must be '16bit' or 'int8', got {weights!r}")
+    if weights not in ("16bit", *_QUANTIZERS):
+        raise ValueError(f"weights must be '16bit', 'int8', 'int4', 'fp8' or 'mxfp4', got "
+                         f"{weights!r}")
+    group_size = _group_size(weights, group_size, "convert_experts")
     structure = _structure(module)
-    if weights == "int8" and structure.weight_format != "16bit":
+    if weights != "16bit" and structure.weight_format != "16bit":
         raise ValueError(f"the experts hold {structure.weight_format} weights of a quantised "
                          "checkpoint; they are converted as they are (weights='16bit')")
-    return _convert(module, structure, _recognise(module, structure), weights)
+    if weights != "16bit":
+        _check_quantizable(structure, weights, group_size, f"convert_experts(weights="
+                           f"{weights!r})")
+    return _convert(module, structure, _recognise(module, structure), weights, group_size)
+
+
+def _group_size(weights: str, group_size: object, where: str) -> int | None:
+    """The group size a quantisation uses: ``group_size`` checked (a positive multiple of 32),
+    the default for int4/fp8, None for the others (where only None, or 32 for mxfp4, is
+    accepted)."""
+    if weights not in _GROUPED:
+        if group_size is None or (weights == "mxfp4" and type(group_size) is int
+                                  and group_size == MXFP4_BLOCK):
+            return None
+        fixed = (" (MXFP4 groups are always 32)" if weights == "mxfp4" else "")
+        raise ValueError(f"{where}: group_size applies to weights='int4' and 'fp8' only, got "
+                         f"group_size={group_size} with weights={weights!r}{fixed}")
+    if group_size is None:
+        return _DEFAULT_GROUP_SIZE
+    if (not isinstance(group_size, int) or isinstance(group_size, bool) or group_size <= 0
+            or group_size % 32):
+        raise ValueError(f"{where}: group_size must be a positive multiple of 32 (32, 64, 128, "
+                         f"...), got {group_size!r}")
+    return group_size
+
+
+def _check_quantizable(structure: _Structure, weights: str, group_size: int | None,
+                       where: str) -> None:
+    """ValueError unless experts of this shape can be quantised to ``weights`` with
+    ``group_size`` (the format's alignment, a group dividing ``H`` and ``I``)."""
+    try:
+        validation.check_layer_shape(structure.num_experts, structure.hidden_size,
+                                     structure.inter_size, 1, 1, weights)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+    if group_size is None:
+        return
+    h, i = structure.hidden_size, structure.inter_size
+    if h % group_size or i % group_size:
+        common = math.gcd(h, i)
+        fits = [g for g in (128, 64, 32) if common % g == 0]
+        hint = f" (group_size={fits[0]} does)" if fits else ""
+        raise ValueError(
+            f"{where}: group_size={group_size} must divide both H={h} and I={i} (groups of K "
+            f"for fc1 and fc2){hint}")
 
 
 # ------------------------------------------------------------------------------------------
@@ -849,11 +949,14 @@ class _Plan:
     weights: str = "16bit"
     prepared: bool = False  # made by prepare(): the originals are gone
     sources: tuple[_Source, ...] = ()
+    group_size: int | None = None  # of 16-bit experts quantised to int4 / fp8 by prepare()
 
     def describe(self) -> str:
         if self.reason is not None:
             return f"eager: {self.reason}"
         quantized = f", {self.weights} weights" if self.weights != "16bit" else ""
+        if self.group_size is not None:
+            quantized += f" (group {self.group_size})"
         return f"cutlass_moe: {self.form.describe()}{quantized}"
 
 
@@ -915,11 +1018,11 @@ def _build_plan(module: torch.nn.Module) -> _Plan:
 
 def _install(module: torch.nn.Module, converted: ConvertedExperts, form: _Form,
              structure: _Structure, weights: str, prepared: bool,
-             sources: tuple[_Source, ...]) -> _Plan:
+             sources: tuple[_Source, ...], group_size: int | None = None) -> _Plan:
     tensors = converted.tensors()
     for name, t in tensors.items():
         module.register_buffer(_PREFIX + name, t, persistent=False)
-    return _Plan(None, form, structure, tuple(tensors), weights, prepared, sources)
+    return _Plan(None, form, structure, tuple(tensors), weights, prepared, sources, group_size)
 
 
 def _current_plan(module: torch.nn.Module) -> _Plan:
@@ -1018,9 +1121,12 @@ def cutlass_moe_experts_forward(
 
     fc1, fc2 = buffer("fc1"), buffer("fc2")
     fmt = plan.weights
-    # fp8/mxfp4 scales are float32/e8m0: any 16-bit activation dtype goes with them.
-    weight_dtype = (buffer("fc1_scale").dtype if fmt == "int8" else
-                    hidden_states.dtype if fmt in _QUANTIZED_CHECKPOINT_FORMATS else fc1.dtype)
+    bias = buffer("fc1_bias")
+    # int8/int4 scales are in the activation dtype; fp8/mxfp4 scales are float32/e8m0, so any
+    # 16-bit activation dtype goes with them (biases, where there are, have to match).
+    weight_dtype = (buffer("fc1_scale").dtype if fmt in ("int8", "int4") else
+                    (hidden_states.dtype if bias is None else bias.dtype)
+                    if fmt in _QUANTIZED_CHECKPOINT_FORMATS else fc1.dtype)
     if hidden_states.dtype != weight_dtype or hidden_states.device != fc1.device:
         return _fallback(
             self, f"hidden states are {hidden_states.dtype} on {hidden_states.device}, the "
@@ -1051,18 +1157,18 @@ def cutlass_moe_experts_forward(
 
 def _hf_tensors(module: torch.nn.Module, plan: _Plan) -> dict[str, torch.Tensor]:
     """transformers' tensors of a prepared module, rebuilt from its converted buffers
-    (exact for 16-bit weights; the dequantised weights for int8)."""
+    (exact for 16-bit weights and a quantised checkpoint's tensors; the dequantised weights,
+    in the experts' 16-bit dtype, for 16-bit experts that prepare quantised)."""
     structure, form = plan.structure, plan.form
 
     def buffer(name: str) -> torch.Tensor | None:
         return getattr(module, _PREFIX + name) if name in plan.buffers else None
 
-    if plan.weights in _QUANTIZED_CHECKPOINT_FORMATS:
+    if structure.weight_format != "16bit":
         return _hf_quantized_tensors(plan, buffer)
     fc1, fc2 = buffer("fc1"), buffer("fc2")
-    if plan.weights == "int8":
-        fc1 = dequantize(fc1, buffer("fc1_scale"))
-        fc2 = dequantize(fc2, buffer("fc2_scale"))
+    if plan.weights in _QUANTIZERS:
+        fc1, fc2 = _dequantized_weights(plan.weights, buffer, structure.dtype)
 
     def gate_first(t: torch.Tensor) -> torch.Tensor:
         up, gate = t.chunk(2, dim=1)
@@ -1142,57 +1248,94 @@ def prepare(model: torch.nn.Module, weights: str = "bf16",
     """Converts the experts of ``model`` for cutlass_moe in place, frees the originals and
     selects ``experts_implementation="cutlass_moe"``.
 
-    Module by module: the converted (or int8-quantised) weights are made, kept as the
-    module's ``cutlass_moe_*`` buffers, and the original expert parameters are deleted, so
-    the peak is the model plus one layer's copy and a model that fits in 16 bits never needs
-    twice the memory (int8 ends at about half the expert bytes). The freed memory goes back
-    to PyTorch's caching allocator (``torch.cuda.empty_cache()`` returns it to the driver).
-    Memory is only released where nothing else (an optimiser, your own variables) still holds
-    the parameters.
+    Module by module: the converted (or quantised) weights are made, kept as the module's
+    ``cutlass_moe_*`` buffers, and the original expert parameters are deleted, so the peak is
+    the model plus one layer's copy and a model that fits in 16 bits never needs twice the
+    memory (int8 and fp8 end at about half the expert bytes, int4 and mxfp4 near a quarter).
+    The freed memory goes back to PyTorch's caching allocator (``torch.cuda.empty_cache()``
+    returns it to the driver). Memory is only released where nothing else (an optimiser, your
+    own variables) still holds the parameters.
 
     A prepared model keeps working when a call must fall back (float32 activations, CPU
-    tensors): the eager forward then runs on weights rebuilt from the buffers. It no longer
-    has its expert parameters, so it cannot run another experts implementation, be trained,
-    or be saved with ``save_pretrained``; reload the checkpoint for that.
+    tensors): the eager forward then runs on weights rebuilt from the buffers (the 16-bit
+    weights exactly; for quantised ones, the weights the kernels compute with, dequantised to
+    the experts' dtype). It no longer has its expert parameters, so it cannot run another
+    experts implementation, be trained, or be saved with ``save_pretrained``; reload the
+    checkpoint for that.
 
     Modules that cannot be expressed exactly are left as they are (and fall back, with one
     warning per reason).
 
+    16-bit experts are quantised by the library's quantisers, weight-only (the activations stay
+    16-bit), after the rows are put in the kernels' ``[up; gate]`` order; biases and the
+    activation's parameters stay as they are:
+
+    - ``"int8"``: symmetric per output channel, scales in the weights' dtype
+      (:mod:`cutlass_moe.quantization`; ``H`` and ``I`` multiples of 16);
+    - ``"int4"``: symmetric group-wise, round to nearest (:func:`cutlass_moe.int4.
+      quantize_int4_groupwise`: per group of ``group_size`` along K, ``s = max(max(w) / 7,
+      -min(w) / 8)`` rounded to the weights' dtype, ``q = clamp(round(w / s), -8, 7) + 8``),
+      packed two per byte, scales ``[E, K/G, N]`` in the weights' dtype;
+    - ``"fp8"``: e4m3 group-wise (:func:`cutlass_moe.fp8.quantize_fp8_groupwise`: one float32
+      scale ``max(|w|) / 448`` per output row and group of ``group_size`` along K, finer than
+      DeepSeek's 128x128 blocks), scales ``[E, K/G, N]``;
+    - ``"mxfp4"``: OCP MXFP4 (:func:`cutlass_moe.mxfp4.quantize_mxfp4`: e2m1 codes, one e8m0
+      scale ``2^(floor(log2(max|w|)) - 2)`` per 32 along K), scales uint8 ``[E, K/32, N]``.
+
+    For int4, fp8 and mxfp4 ``H`` and ``I`` must be multiples of 32, and ``group_size`` (int4,
+    fp8) a multiple of 32 dividing both (gpt-oss's 2880 takes 64 or 32, not 128).
+
+    **gpt-oss MXFP4 checkpoints.** transformers' native MXFP4 experts (``Mxfp4GptOssExperts``)
+    have no experts hook (``NotImplementedError``). Load the checkpoint dequantised instead,
+    ``from_pretrained(path, dtype=torch.bfloat16, quantization_config=Mxfp4Config(
+    dequantize=True))`` (transformers also dequantises on its own where it cannot run MXFP4:
+    compute capability below 7.5, no Triton or ``kernels`` package, ``use_kernels=True`` on
+    CUDA, or the CPU without ``use_kernels=True``), which gives bf16 ``GptOssExperts``, and
+    call ``prepare(model, weights="mxfp4")``: the experts are back at 4 bits and **compute
+    exactly the checkpoint's weights**. transformers' dequantisation ``code * 2^(x - 127)`` is
+    exact in bfloat16 (an e2m1 value has at most 2 significant bits; products down to 2^-128
+    are bfloat16 subnormals, exact), and the OCP rule recovers each block: where its largest
+    code is 4 or 6 it gives the checkpoint's scale and codes; where it is 2 or 3, 1 or 1.5, or
+    0.5 it gives a scale 2, 4 or 8 times smaller (never below 2^-127) and each code that many
+    times larger, again an e2m1 value (at most 6), so every dequantised value is identical; an
+    all-zero block gets scale 1 and zero codes; the negative-zero code (8) becomes +0. It fails only where the load itself lost information: scale bytes 253-254 with
+    large codes overflow bfloat16 (``inf``: ``prepare`` raises), and a float16 load is exact
+    only while every value fits float16 (scales from ``2^-23`` to ``2^13``; tested for bf16
+    over every scale byte 0-252, and for float16 in that range).
+
     Args:
         model: a transformers model (or any module holding experts modules).
         weights: ``"bf16"`` or ``"fp16"``: the 16-bit weights as loaded (they must already be
-            of that dtype); ``"int8"``: weight-only int8 with per-channel scales in the
-            weights' dtype (``cutlass_moe.quantization``; ``H`` and ``I`` multiples of 16);
-            ``"int4"``: not available yet (needs the W4A16 kernels); ``"fp8"`` / ``"mxfp4"``:
-            the experts of a fine-grained FP8 checkpoint (transformers' ``FP8Experts``,
-            ``expert_dtype`` ``"fp8"`` / ``"fp4"``) in their own format, block scales
-            expanded to the kernels' ``[E, K/G, N]`` (16-bit experts are not quantised to
-            these formats here).
-        group_size: the int4 quantisation group; only with ``weights="int4"``.
+            of that dtype); ``"int8"``, ``"int4"``, ``"fp8"``, ``"mxfp4"``: 16-bit experts
+            quantised as above (they must be float16/bfloat16: the activations keep that
+            dtype). The experts of a fine-grained FP8 checkpoint (transformers'
+            ``FP8Experts``, ``expert_dtype`` ``"fp8"`` / ``"fp4"``) are kept in their own
+            format with ``"fp8"`` / ``"mxfp4"`` (block scales expanded to the kernels'
+            ``[E, K/G, N]``), and refuse every other ``weights``.
+        group_size: the group along K of ``"int4"`` and ``"fp8"`` (default 128); ``None`` or
+            32 for ``"mxfp4"``; not taken by the other kinds (nor by an FP8 checkpoint, whose
+            blocks are kept).
 
     Returns:
         ``{module name: what it runs}`` for every experts module, e.g.
-        ``"cutlass_moe: Swiglu"`` or ``"eager: <reason>"``.
+        ``"cutlass_moe: Swiglu"``, ``"cutlass_moe: Swiglu, int4 weights (group 128)"`` or
+        ``"eager: <reason>"``.
 
     Raises:
-        NotImplementedError: ``weights="int4"``; ``"fp8"``/``"mxfp4"`` for 16-bit experts; a
-            model with gpt-oss MXFP4 experts (``Mxfp4GptOssExperts``, no experts hook in
-            transformers).
-        ValueError: an unknown ``weights``, ``group_size`` without int4, expert weights of
-            another dtype than asked, shapes int8 cannot take, a module already prepared
-            differently, or a model without experts modules; nothing is changed then.
+        NotImplementedError: a model with gpt-oss MXFP4 experts (``Mxfp4GptOssExperts``, no
+            experts hook in transformers; the message names the route above).
+        ValueError: an unknown ``weights``; a ``group_size`` that is not a multiple of 32
+            dividing ``H`` and ``I``, or one given where the kind takes none; expert weights
+            of another dtype than asked (or not 16-bit, for a quantisation); shapes the format
+            cannot take; a quantised checkpoint's experts with another ``weights`` than their
+            format; a module already prepared differently (another kind or group size); or a
+            model without experts modules. Nothing is changed then.
     """
-    if weights == "int4":
-        raise NotImplementedError(
-            "prepare(weights='int4') needs the W4A16 (int4 weight-only, group-wise scales) "
-            "grouped GEMM, which this version of cutlass_moe does not have yet; use "
-            "weights='int8' or 'bf16'")
     if weights not in _WEIGHT_KINDS:
         raise ValueError(f"weights must be 'bf16', 'fp16', 'int8', 'int4', 'fp8' or 'mxfp4', "
                          f"got {weights!r}")
-    if group_size is not None:
-        raise ValueError(f"group_size applies to weights='int4' only, got group_size="
-                         f"{group_size} with weights={weights!r}")
+    asked_group = group_size
+    group_size = _group_size(weights, group_size, "prepare")
     register()
     mxfp4_cls = _mxfp4_experts_class()
     if mxfp4_cls is not None and any(isinstance(m, mxfp4_cls) for m in model.modules()):
@@ -1201,15 +1344,18 @@ def prepare(model: torch.nn.Module, weights: str = "bf16",
     if not modules:
         raise ValueError(f"{type(model).__name__} has no transformers experts modules "
                          "(@use_experts_implementation classes)")
-    kind = weights if weights in ("int8", *_QUANTIZED_CHECKPOINT_FORMATS) else "16bit"
+    kind = weights if weights in _QUANTIZERS else "16bit"
     wanted = _WEIGHT_KINDS[weights]
     report: dict[str, str] = {}
     work = []
     for name, module in modules:
         plan = module.__dict__.get(_PLAN_ATTR)
         if plan is not None and plan.prepared:
+            checkpoint = plan.structure.weight_format != "16bit"
             if plan.weights != kind or (wanted is not None and getattr(
-                    module, _PREFIX + "fc1").dtype != wanted):
+                    module, _PREFIX + "fc1").dtype != wanted) or (
+                    not checkpoint and plan.group_size != group_size) or (
+                    checkpoint and asked_group is not None):
                 raise ValueError(f"{name} was already prepared ({plan.describe()}); reload "
                                  "the model to prepare it differently")
             report[name] = plan.describe()
@@ -1221,41 +1367,45 @@ def prepare(model: torch.nn.Module, weights: str = "bf16",
             report[name] = f"eager: {exc}"
             _warn_once(module, str(exc))
             continue
-        if kind in _QUANTIZED_CHECKPOINT_FORMATS or structure.weight_format != "16bit":
-            if structure.weight_format == "16bit":
-                raise NotImplementedError(
-                    f"prepare(weights={weights!r}) keeps the {weights} experts of a quantised "
-                    f"checkpoint (transformers' FP8Experts); the experts of {name} are "
-                    f"{structure.dtype} and prepare does not quantise 16-bit experts to "
-                    f"{weights} (use weights='int8', or the 16-bit weights as they are)")
+        where = f"prepare(weights={weights!r})"
+        if structure.weight_format != "16bit":  # a quantised checkpoint: kept as it is
             if structure.weight_format != kind:
                 raise ValueError(
-                    f"prepare(weights={weights!r}): the experts of {name} hold the "
-                    f"{structure.weight_format} weights of a quantised checkpoint; prepare "
-                    f"keeps them as they are: call prepare(model, "
-                    f"weights={structure.weight_format!r})")
-            reason = _FORMAT_FLAGS[kind] not in inspect.signature(cutlass_fused_moe).parameters
-            if reason:
-                raise ValueError(f"prepare(weights={weights!r}): this cutlass_moe has no "
-                                 f"{kind} weight-only path")
-        elif (wanted is not None and structure.dtype != wanted) or (
-                wanted is None and structure.dtype not in _KERNEL_DTYPES):
-            raise ValueError(
-                f"prepare(weights={weights!r}): the experts of {name} are {structure.dtype}; "
-                "prepare keeps (or quantises from) the 16-bit weights as loaded, so load the "
-                f"model with dtype={wanted or torch.bfloat16} (the kernels need activations of "
-                "the weights' dtype)")
-        try:
-            validation.check_layer_shape(structure.num_experts, structure.hidden_size,
-                                         structure.inter_size, 1, 1, kind)
-        except ValueError as exc:
-            raise ValueError(f"prepare(weights={weights!r}): {name}: {exc}") from None
-        work.append((name, module, structure, form))
-    for name, module, structure, form in work:
+                    f"{where}: the experts of {name} hold the {structure.weight_format} "
+                    "weights of a quantised checkpoint; prepare keeps them as they are: call "
+                    f"prepare(model, weights={structure.weight_format!r})")
+            if asked_group is not None:
+                raise ValueError(
+                    f"prepare(weights={weights!r}, group_size={asked_group}): the experts of "
+                    f"{name} hold a quantised checkpoint's {kind} weights, whose blocks are "
+                    "kept; leave group_size out")
+            module_group = None
+        else:
+            if (wanted is not None and structure.dtype != wanted) or (
+                    wanted is None and structure.dtype not in _KERNEL_DTYPES):
+                raise ValueError(
+                    f"{where}: the experts of {name} are {structure.dtype}; prepare keeps (or "
+                    "quantises from) the 16-bit weights as loaded, so load the model with "
+                    f"dtype={wanted or torch.bfloat16} (the kernels need activations of the "
+                    "weights' dtype)")
+            module_group = group_size
+            for hf_name in structure.names[:2] if kind in _QUANTIZERS else ():
+                if not bool(torch.isfinite(getattr(module, hf_name)).all()):
+                    raise ValueError(
+                        f"{where}: {name}.{hf_name} holds NaN or inf, which no quantisation "
+                        "represents (check the checkpoint, or how it was loaded)")
+        flag = _FORMAT_FLAGS.get(kind)
+        if flag is not None and flag not in inspect.signature(cutlass_fused_moe).parameters:
+            raise ValueError(f"{where}: this cutlass_moe has no {kind} weight-only path")
+        _check_quantizable(structure, kind, module_group, f"{where}: {name}")
+        work.append((name, module, structure, form, module_group))
+    for name, module, structure, form, module_group in work:
         _drop_buffers(module)
+        quantize = kind if structure.weight_format == "16bit" else "16bit"
         with torch.no_grad():
-            converted = _convert(module, structure, form, kind)
-        plan = _install(module, converted, form, structure, kind, True, ())
+            converted = _convert(module, structure, form, quantize, module_group)
+        plan = _install(module, converted, form, structure, kind, True, (),
+                        module_group if kind in _GROUPED else None)
         del converted
         scale_names = tuple(g.name for g in structure.scales or ())
         for hf_name in (*structure.names, *scale_names):
