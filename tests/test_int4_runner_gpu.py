@@ -161,6 +161,40 @@ def test_int4_large_and_empty(ext):
     assert rel_l2(out.float(), ref) <= TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_int4_decode_tactics_long_k(ext, dtype):
+    """Every int4 decode tactic on K long enough that each warp of a K-split block walks several
+    batches of 128-long chunks (H = 1056 = 8 x 128 + 32: also a lone 32-long slice), groups of
+    32 to 352 and per-channel scales, with and without zero points, 1 to 80 rows per expert;
+    and groups of whole 128-long chunks without zero points (H = 1152, I = 384: G = 128, 256 and
+    per-channel), where the tensor-core decode kernels scale each chunk's sums instead of the
+    weights."""
+    runner = _runner(ext, dtype)
+    decode1 = _names(runner, 1, decode=True)
+    decode2 = [n for n, _ in _names(runner, 2, decode=True)]
+    if not decode1 or not decode2:
+        pytest.skip("no int4 decode tactic in this build")
+    plain1 = next(n for n, gated in _names(runner, 1, decode=False) if not gated)
+    plain2 = _names(runner, 2, decode=False)[0][0]
+    failures = []
+    cases = ((1, 1056, 288, (96, 288), False), (5, 1056, 288, (32, 96), True),
+             (40, 1056, 288, (1056, 32), False), (160, 1056, 288, (352, 96), True),
+             (3, 1152, 384, (128, 384), False), (40, 1152, 384, (1152, 128), False),
+             (9, 1152, 384, (128, 128), True))
+    for num_tokens, hidden, inter, (g1, g2), asym in cases:
+        case = _case(dtype, num_tokens, hidden, inter, 4, 2, ActivationType.Swiglu, g1, g2, asym,
+                     seed=num_tokens + g1)
+        x, ids, route, fc1, fc2, ref = case
+        pairs = [(t1, plain2) for t1, _ in decode1] + [(plain1, t2) for t2 in decode2]
+        for t1, t2 in pairs:
+            out = _run(runner, x, ids, route, fc1, fc2, ActivationType.Swiglu, t1, t2, g1, g2)
+            err = record_error(f"int4_{str(dtype)[6:]}", rel_l2(out.float(), ref))
+            if not err <= TOLERANCE[dtype]:
+                failures.append(f"T={num_tokens} H={hidden} G={g1}/{g2} asym={asym} {t1} + "
+                                f"{t2}: {err:.3g}")
+    assert not failures, "\n".join(failures[:20])
+
+
 def test_int4_bad_group_size_raises(ext):
     runner = _runner(ext, torch.bfloat16)
     names1 = _names(runner, 1)

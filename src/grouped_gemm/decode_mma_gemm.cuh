@@ -18,7 +18,10 @@
 // - Scales (and zero points) per (K-group, column) are applied before the MMA as the int4
 //   mainloop does: w = q * s - z * s in one packed FMA (z = 8 without zero points, exact then;
 //   with zero points z * s is rounded once more). A lane's 32 k never straddle a group (groups
-//   are multiples of 32).
+//   are multiples of 32). Without zero points and with groups of whole 128-long chunks (G = 128,
+//   256, ..., per-channel K), the MMA takes q - 8 exactly and each chunk's fp32 sums are
+//   multiplied by their row's scale instead (one packed operation less per weight pair, and no
+//   rounding of the weights at all).
 // - Gated (GEMM1 of a gated activation): the 16 rows of an MMA are 8 up rows (n) and their 8
 //   gate rows (I + n), so each lane ends with both halves of its output columns and applies
 //   the activation itself.
@@ -49,6 +52,7 @@ struct Packed16;
 template <>
 struct Packed16<cutlass::bfloat16_t> {
   static constexpr uint32_t kMagic = 0x43004300u;  // (128, 128): q in the low mantissa bits
+  static constexpr uint32_t kMinusMagicPlus8 = 0xC308C308u;  // (-136, -136)
   static __device__ __forceinline__ uint32_t fma(uint32_t a, uint32_t b, uint32_t c) {
     uint32_t d;
     asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
@@ -72,6 +76,7 @@ struct Packed16<cutlass::bfloat16_t> {
 template <>
 struct Packed16<cutlass::half_t> {
   static constexpr uint32_t kMagic = 0x64006400u;  // (1024, 1024)
+  static constexpr uint32_t kMinusMagicPlus8 = 0xE408E408u;  // (-1032, -1032)
   static __device__ __forceinline__ uint32_t fma(uint32_t a, uint32_t b, uint32_t c) {
     uint32_t d;
     asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
@@ -213,7 +218,10 @@ struct MmaKernel {
     const int64_t chunks = (k_total + kChunk - 1) / kChunk;
     const int64_t stride = int64_t(kWarps) * kUnroll;
     Operands cur, next;
-    Source src{b, ldb_bytes, scales, zeros, scale_ld, p.group_size, k_total, quad};
+    // Without zero points and with groups of whole chunks, a chunk's 16-bit weights are q - 8
+    // (exact) and its scale multiplies the chunk's fp32 sums per weight row.
+    const bool post_scale = zeros == nullptr && p.group_size % kChunk == 0;
+    Source src{b, ldb_bytes, scales, zeros, scale_ld, p.group_size, k_total, quad, post_scale};
 #pragma unroll
     for (int t = 0; t < kTiles; ++t) {
       src.w_row[t][0] = w_row[t][0];
@@ -246,13 +254,14 @@ struct MmaKernel {
     int group_size;
     int64_t k_total;
     int quad;
+    bool post_scale;
     int64_t w_row[kTiles][2];
     const Element* a_rows[kGroups];
   };
 
   // The weights of one batch of kUnroll chunks in registers: packed codes, and (s, s) and
-  // (-z s, -z s) per weight row. The activations (a few KB that every block re-reads, so mostly
-  // cache hits) are read when the batch is multiplied.
+  // (-z s, -z s) per weight row (post_scale: s as fp32 bits). The activations (a few KB that
+  // every block re-reads, so mostly cache hits) are read when the batch is multiplied.
   struct Operands {
     uint4 w[kUnroll][kTiles][2];
     uint32_t scale2[kUnroll][kTiles][2];
@@ -277,9 +286,14 @@ struct MmaKernel {
                               : make_uint4(0, 0, 0, 0);
           const int64_t at = group * src.scale_ld + src.w_row[t][h];
           const float s = in_k ? to_float(src.scales[at]) : 0.0f;
-          const float z = src.zeros != nullptr ? to_float(src.zeros[at]) : 8.0f;
-          o.scale2[u][t][h] = Math::splat(s);
-          o.shift2[u][t][h] = Math::splat(-z * s);
+          if (src.post_scale) {
+            o.scale2[u][t][h] = __float_as_uint(s);
+            o.shift2[u][t][h] = 0;
+          } else {
+            const float z = src.zeros != nullptr ? to_float(src.zeros[at]) : 8.0f;
+            o.scale2[u][t][h] = Math::splat(s);
+            o.shift2[u][t][h] = Math::splat(-z * s);
+          }
         }
     }
   }
@@ -287,6 +301,14 @@ struct MmaKernel {
   static __device__ __forceinline__ void multiply(const Source& src, int64_t c0,
                                                   const Operands& o,
                                                   float (&acc)[kTiles][kGroups][4]) {
+#pragma unroll
+    float partial[kTiles][kGroups][4];  // post_scale: one chunk's sums
+#pragma unroll
+    for (int t = 0; t < kTiles; ++t)
+#pragma unroll
+      for (int g = 0; g < kGroups; ++g)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) partial[t][g][i] = 0.0f;
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t k = slice(src, c0, u);
@@ -321,13 +343,32 @@ struct MmaKernel {
             for (int h = 0; h < 2; ++h) {
               const uint32_t word = reinterpret_cast<const uint32_t*>(&o.w[u][t][h])[m / 4];
               const uint32_t biased = ((word >> (4 * (m % 4))) & 0x000F000Fu) | Math::kMagic;
-              const uint32_t q = Math::fma(biased, Math::one(), Math::kMagic ^ 0x80008000u);
-              afrag[2 * half + h] = Math::fma(q, o.scale2[u][t][h], o.shift2[u][t][h]);
+              if (src.post_scale) {
+                afrag[2 * half + h] = Math::fma(biased, Math::one(), Math::kMinusMagicPlus8);
+              } else {
+                const uint32_t q = Math::fma(biased, Math::one(), Math::kMagic ^ 0x80008000u);
+                afrag[2 * half + h] = Math::fma(q, o.scale2[u][t][h], o.shift2[u][t][h]);
+              }
             }
           }
 #pragma unroll
-          for (int g = 0; g < kGroups; ++g) Math::mma(acc[t][g], afrag, bfrag[g][0], bfrag[g][1]);
+          for (int g = 0; g < kGroups; ++g) {
+            Math::mma(src.post_scale ? partial[t][g] : acc[t][g], afrag, bfrag[g][0],
+                      bfrag[g][1]);
+          }
         }
+      }
+      if (src.post_scale) {  // the chunk's sums times its scale per weight row (lo, hi)
+#pragma unroll
+        for (int t = 0; t < kTiles; ++t)
+#pragma unroll
+          for (int g = 0; g < kGroups; ++g)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+              acc[t][g][i] = fmaf(__uint_as_float(o.scale2[u][t][i / 2]), partial[t][g][i],
+                                  acc[t][g][i]);
+              partial[t][g][i] = 0.0f;
+            }
       }
     }
   }
