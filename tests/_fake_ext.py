@@ -9,14 +9,16 @@ activation dtype). An int4 runner (weight ``DType`` 4) reads packed uint8 ``[E, 
 group-wise scales ``[E, K/G, N]`` and optional zeros at the given group sizes (required, > 0)
 and computes with ``(q - z) * s`` (z = 8 without zeros), dequantised here independently of
 :mod:`cutlass_moe.int4` so that tests cross-check the two. It exposes int4 tactics named as the
-real build names them (``sm80_<act>_int4_...``, ``sm80_decode[_gated]_<act>_int4_...``) and
-records every call, profiling calls included. FP8 (``DType`` 5) and MXFP4 (``DType`` 6) runners
-read float8_e4m3fn ``[E, N, K]`` weights with float32 scales ``[E, K/G, N]``, and packed uint8
-``[E, N, K/2]`` e2m1 weights with uint8 e8m0 scales ``[E, K/32, N]`` (group size 32 required),
-decode both codes themselves (bit fields, not cutlass_moe.fp8 / cutlass_moe.mxfp4), refuse zero
-points, and expose the tensor-core tactics ``sm80_<act>_fp8_...`` / ``sm80_<act>_mxfp4_...`` on
-int4's tiles plus the decode tactics ``sm80_decode[_gated]_<act>_<fmt>_...`` (as the build
-since the fp8/mxfp4 decode kernels).
+real build names them (``sm80_<act>_int4_...``, ``sm80_decode[_gated]_<act>_int4_...``,
+``sm80_decode_mma[_gated]_<act>_int4_...``) and records every call, profiling calls included.
+FP8 (``DType`` 5) and MXFP4 (``DType`` 6) runners read float8_e4m3fn ``[E, N, K]`` weights with
+float32 scales ``[E, K/G, N]``, and packed uint8 ``[E, N, K/2]`` e2m1 weights with uint8 e8m0
+scales ``[E, K/32, N]`` (group size 32 required), decode both codes themselves (bit fields, not
+cutlass_moe.fp8 / cutlass_moe.mxfp4), refuse zero points, and expose the tensor-core tactics
+``sm80_<act>_fp8_...`` / ``sm80_<act>_mxfp4_...`` on int4's tiles plus the decode tactics
+``sm80_decode[_gated]_<act>_<fmt>_...`` (as the build since the fp8/mxfp4 decode kernels). Each
+format's decode tactics include those that ``cutlass_moe.tactics.DEFAULT_DECODE`` names, so CPU
+tests see the measured decode defaults.
 """
 
 from __future__ import annotations
@@ -68,45 +70,76 @@ INT4_TILES = ((16, 64, 16, 32, 4), (16, 128, 16, 32, 4), (16, 128, 16, 32, 6),
               (128, 128, 64, 64, 3), (128, 256, 64, 64, 3))
 
 
-def int4_tactic_descriptors(gemm: int, act: str = "bf16") -> list[dict[str, Any]]:
-    """The fake int4 runner's tactics, named like the real ones: tensor-core tactics (no
-    split-K, no fused gated ones) and the weight-streaming decode tactics (GEMM1 also has the
-    gated decode tactic, for gated activations only)."""
+#: The fake builds' decode tactics per weight format: (name with ``{act}``, gated, rows per
+#: pass, output columns per work item), named as the real build names them. Gated ones are
+#: GEMM1's (gated activations only); plain ones serve both GEMMs. Besides an FMA decode tactic
+#: of 2 rows per pass (and its gated twin), every format lists the tactics that
+#: cutlass_moe.tactics.DEFAULT_DECODE names (int4: the tensor-core ``sm80_decode_mma*`` ones).
+DECODE_TACTICS = {
+    "int4": (("sm80_decode_{act}_int4_m2n8_c2x4_u4", False, 2, 8),
+             ("sm80_decode_gated_{act}_int4_m2n8_c2x4_u4", True, 2, 8),
+             ("sm80_decode_mma_{act}_int4_m8n32_k4_u2", False, 8, 32),
+             ("sm80_decode_mma_{act}_int4_m16n32_k4_u2", False, 16, 32),
+             ("sm80_decode_mma_gated_{act}_int4_m8n16_k4_u2", True, 8, 16)),
+    "fp8": (("sm80_decode_{act}_fp8_m2n8_c2x4_u4", False, 2, 8),
+            ("sm80_decode_gated_{act}_fp8_m2n8_c2x4_u4", True, 2, 8),
+            ("sm80_decode_{act}_fp8_m1n8_c2x4_u4", False, 1, 8),
+            ("sm80_decode_gated_{act}_fp8_m1n4_c1x4_u4", True, 1, 4)),
+    "mxfp4": (("sm80_decode_{act}_mxfp4_m2n8_c2x4_u4", False, 2, 8),
+              ("sm80_decode_gated_{act}_mxfp4_m2n8_c2x4_u4", True, 2, 8),
+              ("sm80_decode_{act}_mxfp4_m1n8_c2x4_u4", False, 1, 8),
+              ("sm80_decode_gated_{act}_mxfp4_m1n4_c1x4_u4", True, 1, 4)),
+}
+
+
+def decode_tactic_descriptors(gemm: int, act: str, fmt: str) -> list[dict[str, Any]]:
+    """The fake ``fmt`` runner's decode tactics of GEMM ``gemm`` (:data:`DECODE_TACTICS`)."""
     descs = []
-    for tile_m, tile_n, warp_m, warp_n, stages in INT4_TILES:
-        descs.append({
-            "name": f"sm80_{act}_int4_m{tile_m}n{tile_n}k64_w{warp_m}x{warp_n}x64_s{stages}",
-            "gemm": gemm, "tile_m": tile_m, "tile_n": tile_n, "tile_k": 64, "warp_m": warp_m,
-            "warp_n": warp_n, "warp_k": 64, "stages": stages, "smem_bytes": 1000 * stages,
-            "threads": 32 * (tile_m // warp_m) * (tile_n // warp_n),
-            # Like the real build on a 99 KB device: the largest tile does not fit.
-            "runnable": (tile_m, tile_n) != (128, 256), "act_dtype": act,
-            "weight_dtype": "int4", "gated": False, "split_k": 1, "decode": False,
-        })
-    decode = [("sm80_decode_{act}_int4_m2n8_c2x4_u4", False)]
-    if gemm == 1:
-        decode.append(("sm80_decode_gated_{act}_int4_m2n8_c2x4_u4", True))
-    for name, gated in decode:
-        desc = {"name": name.format(act=act), "gemm": gemm, "tile_m": 2, "tile_n": 8,
+    for name, gated, rows, cols in DECODE_TACTICS[fmt]:
+        if gated and gemm != 1:
+            continue
+        desc = {"name": name.format(act=act), "gemm": gemm, "tile_m": rows, "tile_n": cols,
                 "tile_k": 0, "warp_m": 0, "warp_n": 0, "warp_k": 0, "stages": 0,
                 "smem_bytes": 0, "threads": 128, "runnable": True, "act_dtype": act,
-                "weight_dtype": "int4", "gated": gated, "split_k": 1, "decode": True}
+                "weight_dtype": fmt, "gated": gated, "split_k": 1, "decode": True}
         if gated:
             desc["activations"] = sorted(GATED_ENUMS)
         descs.append(desc)
     return descs
 
 
+def _tensor_core_descriptors(gemm: int, act: str, fmt: str) -> list[dict[str, Any]]:
+    """The fake group-scaled runners' tensor-core tactics (:data:`INT4_TILES`, every format)."""
+    descs = []
+    for tile_m, tile_n, warp_m, warp_n, stages in INT4_TILES:
+        descs.append({
+            "name": f"sm80_{act}_{fmt}_m{tile_m}n{tile_n}k64_w{warp_m}x{warp_n}x64_s{stages}",
+            "gemm": gemm, "tile_m": tile_m, "tile_n": tile_n, "tile_k": 64, "warp_m": warp_m,
+            "warp_n": warp_n, "warp_k": 64, "stages": stages, "smem_bytes": 1000 * stages,
+            "threads": 32 * (tile_m // warp_m) * (tile_n // warp_n),
+            # Like the real build on a 99 KB device: the largest tile does not fit.
+            "runnable": (tile_m, tile_n) != (128, 256), "act_dtype": act,
+            "weight_dtype": fmt, "gated": False, "split_k": 1, "decode": False,
+        })
+    return descs
+
+
+def int4_tactic_descriptors(gemm: int, act: str = "bf16") -> list[dict[str, Any]]:
+    """The fake int4 runner's tactics, named like the real ones: tensor-core tactics (no
+    split-K, no fused gated ones) and the decode tactics of :data:`DECODE_TACTICS` (weight
+    streaming and tensor-core ``sm80_decode_mma*``; GEMM1 also has the gated ones, for gated
+    activations only)."""
+    return _tensor_core_descriptors(gemm, act, "int4") + decode_tactic_descriptors(gemm, act,
+                                                                                   "int4")
+
+
 def group_scaled_tactic_descriptors(gemm: int, act: str = "bf16", fmt: str = "fp8"
                                     ) -> list[dict[str, Any]]:
     """The fake fp8 / mxfp4 runner's tactics (``fmt``): tensor-core tactics on int4's tiles,
     named ``sm80_<act>_<fmt>_m..n..k64_w..x..x64_s<stages>``, and the decode tactics
-    ``sm80_decode[_gated]_<act>_<fmt>_m2n8_c2x4_u4`` (the gated one GEMM1's, gated activations
-    only); no split-K or fused gated tensor-core ones."""
-    return [
-        {**desc, "name": desc["name"].replace("_int4_", f"_{fmt}_"), "weight_dtype": fmt}
-        for desc in int4_tactic_descriptors(gemm, act)
-    ]
+    ``sm80_decode[_gated]_<act>_<fmt>_...`` of :data:`DECODE_TACTICS` (the gated ones GEMM1's,
+    gated activations only); no split-K or fused gated tensor-core ones."""
+    return _tensor_core_descriptors(gemm, act, fmt) + decode_tactic_descriptors(gemm, act, fmt)
 
 
 def tactic_descriptors(gemm: int) -> list[dict[str, Any]]:

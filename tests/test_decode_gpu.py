@@ -173,8 +173,10 @@ def test_decode_graph_replay_and_repeats_are_bitwise_equal(weights):
 
 
 def test_decode_tactics_are_opt_in_and_never_the_default(monkeypatch):
-    """Until measured, decode tactics run only when named in tactics= or when
-    CUTLASS_MOE_DECODE_TACTICS=1 makes them tuner candidates; never as the default."""
+    """16-bit decode tactics (within a few per cent of the tensor-core tiles on an H200) run
+    only when named in tactics= or when CUTLASS_MOE_DECODE_TACTICS=1 makes them tuner
+    candidates; never as the default (those of int4, fp8 and mxfp4 weights are candidates and,
+    at decode sizes, defaults)."""
     dtype = torch.bfloat16
     device = torch.device(DEVICE)
     for gemm in (1, 2):

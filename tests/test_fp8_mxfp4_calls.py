@@ -599,51 +599,116 @@ def test_runner_keys_are_their_own(fake_cpu):
         _ext.dtype_to_enum(torch.uint8)
 
 
+#: The 16x64 tile that the fp8 and mxfp4 tables take up to 8 rows per expert.
+NARROW_M = "m16n64k64_w16x32x64_s4"
+
+
+def _decode_defaults(fmt, act="bf16"):
+    """DEFAULT_DECODE's fp8 / mxfp4 choice at up to a quarter row per expert: (a gated GEMM1's,
+    GEMM2's and an ungated GEMM1's); mxfp4 has no gated decode default."""
+    plain = f"sm80_decode_{act}_{fmt}_m1n8_c2x4_u4"
+    gated = f"sm80_decode_gated_{act}_fp8_m1n4_c1x4_u4" if fmt == "fp8" else plain
+    return gated, plain
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("t,tile", [(1, SMALL_M), (16, SMALL_M), (17, MID_M), (128, MID_M),
-                                    (129, PREFILL)])
-def test_default_tactics(fake_cpu, fresh_tuner, monkeypatch, fmt, t, tile):
-    """The int4 table's tiles by rows per expert T*k/E (E=4, k=2): <= 8 small-M, <= 64 the
-    32-row tile, then the prefill tile; the names carry the format."""
+@pytest.mark.parametrize("t,e,tile", [(1, 8, None), (1, 4, NARROW_M), (16, 4, NARROW_M),
+                                      (17, 4, MID_M), (128, 4, MID_M), (129, 4, PREFILL)])
+def test_default_tactics(fake_cpu, fresh_tuner, monkeypatch, fmt, t, e, tile):
+    """By rows per expert T*k/E (k=2): up to a quarter row DEFAULT_DECODE's decode tactics
+    (fp8: the gated one for a gated activation's GEMM1), then the format's table: <= 8 the
+    16x64 tile, <= 64 the 32-row tile, then the prefill tile; the names carry the format."""
     monkeypatch.delenv(tactics.DECODE_ENV, raising=False)
-    p = _problem(fmt, t=t, seed=3)
+    p = _problem(fmt, t=t, e=e, seed=3)
     cutlass_fused_moe(p.x, p.ids, p.router, p.q1, p.q2, BF16, quant_scales=p.scales,
                       **FLAGS[fmt])
     (call,) = _runner(fmt).calls
-    assert (call["tactic1"], call["tactic2"]) == (_name(fmt, tile), _name(fmt, tile))
+    expected = _decode_defaults(fmt) if tile is None else (_name(fmt, tile), _name(fmt, tile))
+    assert (call["tactic1"], call["tactic2"]) == expected
     assert fresh_tuner.last_selection(1).source == "default"
+    dtypes = (BF16, fmt, BF16)
+    if tile is None:
+        plain = _decode_defaults(fmt)[1]
+        # An ungated GEMM1 takes the plain decode tactic, as GEMM2 does.
+        assert tactics.default_tactics(dtypes, ActivationType.Relu, CPU, t, K, e) == (plain,
+                                                                                        plain)
+        # Decode tactics off: the table's 16x64 tile.
+        monkeypatch.setenv(tactics.DECODE_ENV, "0")
+        assert tactics.default_tactics(dtypes, ActivationType.Swiglu, CPU, t, K, e) == (
+            _name(fmt, NARROW_M), _name(fmt, NARROW_M))
+    monkeypatch.setenv(tactics.DECODE_ENV, "1")
+    assert tactics.default_tactics(dtypes, ActivationType.Swiglu, CPU, t, K, e) == expected
 
 
 def test_tables():
-    assert tactics.DEFAULT_TABLE_FP8 == tactics.DEFAULT_TABLE_INT4
-    assert tactics.DEFAULT_TABLE_MXFP4 == tactics.DEFAULT_TABLE_INT4
+    for table in (tactics.DEFAULT_TABLE_FP8, tactics.DEFAULT_TABLE_MXFP4):
+        assert table[0] == (8.0, 16, 64, 4)
+        assert table[1:] == tactics.DEFAULT_TABLE_INT4[1:]
+    assert tactics.DEFAULT_DECODE["fp8"] == ((0.25, (
+        "sm80_decode_gated_{act}_fp8_m1n4_c1x4_u4", "sm80_decode_{act}_fp8_m1n8_c2x4_u4")),)
+    assert tactics.DEFAULT_DECODE["mxfp4"] == ((0.25, (
+        "sm80_decode_{act}_mxfp4_m1n8_c2x4_u4",)),)
+    # The fast build lacks the 16x64 tile: the 16-row tile it has.
     fast_build = [{"name": _name("fp8", tile), "tile_m": m, "tile_n": 128, "stages": s,
                    "weight_dtype": "fp8"} for tile, m, s in ((SMALL_M, 16, 4), (PREFILL, 128, 3))]
-    assert [tactics.default_tactic(fast_build, rows) for rows in (1, 8, 9, 64, 65, 4096)] == [
-        _name("fp8", SMALL_M)] * 2 + [_name("fp8", PREFILL)] * 4
+    assert [tactics.default_tactic(fast_build, rows)
+            for rows in (0.25, 1, 8, 9, 64, 65, 4096)] == [
+        _name("fp8", SMALL_M)] * 3 + [_name("fp8", PREFILL)] * 4
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_candidates_and_decode_opt_in(fake_cpu, monkeypatch, fmt):
-    monkeypatch.delenv(tactics.DECODE_ENV, raising=False)
+def test_decode_defaults_fall_back_to_the_table(fmt):
+    """Without DEFAULT_DECODE's names among the descriptors (the fast build's decode tactics are
+    others), the table decides; a gated GEMM1 without the gated name takes the plain one."""
+    tensor_core = [{"name": _name(fmt, tile), "tile_m": m, "tile_n": n, "stages": 4,
+                    "weight_dtype": fmt} for tile, m, n in ((NARROW_M, 16, 64), (MID_M, 32, 128))]
+    gated, plain = _decode_defaults(fmt)
+    other = f"sm80_decode_bf16_{fmt}_m2n8_c2x4_u4"
+
+    def decode(name, is_gated=False):
+        return {"name": name, "tile_m": 1, "tile_n": 8, "stages": 4, "weight_dtype": fmt,
+                "decode": True, "gated": is_gated}
+
+    assert tactics.default_tactic(tensor_core + [decode(other)], 0.25) == _name(fmt, NARROW_M)
+    assert tactics.default_tactic(tensor_core + [decode(other), decode(plain)], 0.25) == plain
+    assert tactics.default_tactic(tensor_core + [decode(plain), decode(gated, True)],
+                                  0.25) == gated
+    assert tactics.default_tactic(tensor_core + [decode(plain), decode(gated, True)],
+                                  0.26) == _name(fmt, NARROW_M)
+    # A decode tactic that is not runnable is no default either.
+    assert tactics.default_tactic(tensor_core + [dict(decode(plain), runnable=False)],
+                                  0.1) == _name(fmt, NARROW_M)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_candidates_and_decode_tactics(fake_cpu, monkeypatch, fmt):
+    """fp8 / mxfp4 decode tactics are candidates unless CUTLASS_MOE_DECODE_TACTICS=0."""
     dtypes = (BF16, fmt, BF16)
     decode = f"sm80_decode_bf16_{fmt}_m2n8_c2x4_u4"
     gated = f"sm80_decode_gated_bf16_{fmt}_m2n8_c2x4_u4"
+    defaults = set(_decode_defaults(fmt))
+    monkeypatch.setenv(tactics.DECODE_ENV, "0")
     for gemm in (1, 2):
         descs = tactics.candidates(dtypes, gemm, ActivationType.Swiglu, CPU)
         assert descs and all(d["name"].startswith(f"sm80_bf16_{fmt}_") and not d["decode"]
                              and d["split_k"] == 1 and not d["gated"] for d in descs)
         names = [d["name"] for d in descs]
         assert _name(fmt, "m128n256k64_w64x64x64_s3") not in names  # not runnable here
-        assert {_name(fmt, t) for t in (SMALL_M, MID_M, PREFILL)} <= set(names)
-    monkeypatch.setenv(tactics.DECODE_ENV, "1")
-    assert {decode, gated} <= set(tactics.candidate_names(dtypes, 1, ActivationType.Swiglu, CPU))
-    relu = tactics.candidate_names(dtypes, 1, ActivationType.Relu, CPU)
-    assert decode in relu and gated not in relu
-    assert decode in tactics.candidate_names(dtypes, 2, ActivationType.Swiglu, CPU)
-    # ... and never a default
-    assert tactics.default_tactics(dtypes, ActivationType.Swiglu, CPU, 1, K, E) == (
-        _name(fmt, SMALL_M), _name(fmt, SMALL_M))
+        assert {_name(fmt, t) for t in (NARROW_M, SMALL_M, MID_M, PREFILL)} <= set(names)
+    for value in (None, "1"):
+        if value is None:
+            monkeypatch.delenv(tactics.DECODE_ENV)
+        else:
+            monkeypatch.setenv(tactics.DECODE_ENV, value)
+        gemm1 = tactics.candidate_names(dtypes, 1, ActivationType.Swiglu, CPU)
+        assert {decode, gated} | defaults <= set(gemm1)
+        relu = tactics.candidate_names(dtypes, 1, ActivationType.Relu, CPU)
+        assert decode in relu and gated not in relu
+        gemm2 = tactics.candidate_names(dtypes, 2, ActivationType.Swiglu, CPU)
+        assert decode in gemm2 and gated not in gemm2
+        # ... and the measured decode defaults at a quarter row per expert (T=1, E=8)
+        assert tactics.default_tactics(dtypes, ActivationType.Swiglu, CPU, 1, K, 8) == (
+            _decode_defaults(fmt))
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import math
 import pathlib
 import random
 import sys
@@ -799,47 +800,92 @@ def test_default_tactic_on_the_fast_int8_build(rows, expected):
     assert default_tactic(_int8_descs(fast=True), rows) == f"sm80_bf16_int8_{expected}"
 
 
-def _int4_descs(fast: bool, act: str = "bf16"):
-    """The generator's int4 tactics of one activation dtype as descriptors (decode ones too)."""
+def _int4_descs(fast: bool, act: str = "bf16", weight: str = "int4"):
+    """The generator's tactics of one group-scaled weight format (int4 by default) and
+    activation dtype as GEMM1 descriptors (decode ones too, gated ones included)."""
     generator = _generator_module()
     return [
         {"name": t.name, "gemm": 1, "tile_m": t.tile_m, "tile_n": t.tile_n, "tile_k": t.tile_k,
          "warp_m": t.warp_m, "warp_n": t.warp_n, "warp_k": t.warp_k, "stages": t.stages,
-         "smem_bytes": 0, "threads": 128, "act_dtype": act, "weight_dtype": "int4",
+         "smem_bytes": 0, "threads": 128, "act_dtype": act, "weight_dtype": weight,
          "decode": t.decode, "gated": t.gated, "split_k": t.split_k, "runnable": True}
-        for t in generator.tactics(fast=fast) if t.weight == "int4" and t.dtype == act
+        for t in generator.tactics(fast=fast) if t.weight == weight and t.dtype == act
     ]
 
 
+_MMA8_GATED, _MMA8, _MMA16 = ("decode_mma_gated_{act}_int4_m8n16_k4_u2",
+                              "decode_mma_{act}_int4_m8n32_k4_u2",
+                              "decode_mma_{act}_int4_m16n32_k4_u2")
+_INT4_MID, _INT4_PREFILL = "{act}_int4_m32n128k64_w32x32x64_s4", "{act}_int4_m128n128k64_w64x64x64_s3"
+
+
 @pytest.mark.parametrize("act", ["bf16", "fp16"])
-@pytest.mark.parametrize("rows,expected", [
-    # Every row of the int4 table names a tactic of the full list: small-M 16x128 (4 stages)
-    # up to 8 rows per expert, the 32-row tile up to 64, then the 128x128 prefill tile.
-    (0, "m16n128k64_w16x32x64_s4"), (8, "m16n128k64_w16x32x64_s4"),
-    (9, "m32n128k64_w32x32x64_s4"), (64, "m32n128k64_w32x32x64_s4"),
-    (65, "m128n128k64_w64x64x64_s3"), (8192, "m128n128k64_w64x64x64_s3"),
+@pytest.mark.parametrize("rows,gemm1,gemm2", [
+    # DEFAULT_DECODE's int4 rows name tactics of the full list: up to 4 rows per expert the
+    # 8-row tensor-core decode tactics (the gated one for a gated activation's GEMM1), up to 16
+    # the 16-row one; then the int4 table: the 32-row tile up to 64, then the 128x128 prefill
+    # tile.
+    (0, _MMA8_GATED, _MMA8), (1, _MMA8_GATED, _MMA8), (4, _MMA8_GATED, _MMA8),
+    (4.5, _MMA16, _MMA16), (8, _MMA16, _MMA16), (16, _MMA16, _MMA16),
+    (17, _INT4_MID, _INT4_MID), (64, _INT4_MID, _INT4_MID),
+    (65, _INT4_PREFILL, _INT4_PREFILL), (8192, _INT4_PREFILL, _INT4_PREFILL),
 ])
-def test_default_tactic_on_int4_tactics(act, rows, expected):
+def test_default_tactic_on_int4_tactics(act, rows, gemm1, gemm2):
     descs = _int4_descs(fast=False, act=act)
     if not descs:
         pytest.skip("tools/generate_kernels.py has no int4 tactics in this checkout")
-    assert any(d["decode"] for d in descs)  # present, and never a default
+    assert any(d["decode"] for d in descs)
     assert not any(d["split_k"] > 1 or (d["gated"] and not d["decode"]) for d in descs)
-    assert default_tactic(descs, rows) == f"sm80_{act}_int4_{expected}"
-    # GEMM2 (no gated decode tactic) gets the same.
+    assert default_tactic(descs, rows) == "sm80_" + gemm1.format(act=act)
+    # GEMM2 and an ungated activation's GEMM1 (no gated decode tactic) take the plain one.
     assert default_tactic([d for d in descs if not d["gated"]], rows) == (
-        f"sm80_{act}_int4_{expected}")
+        "sm80_" + gemm2.format(act=act))
+    # Decode tactics off (CUTLASS_MOE_DECODE_TACTICS=0): the int4 table alone.
+    table = "m16n128k64_w16x32x64_s4" if rows <= 8 else (
+        "m32n128k64_w32x32x64_s4" if rows <= 64 else "m128n128k64_w64x64x64_s3")
+    assert default_tactic([d for d in descs if not d["decode"]], rows) == (
+        f"sm80_{act}_int4_{table}")
 
 
+@pytest.mark.parametrize("act", ["bf16", "fp16"])
+@pytest.mark.parametrize("weight", ["fp8", "mxfp4"])
+@pytest.mark.parametrize("rows,tile", [
+    (0, None), (0.25, None), (0.26, "m16n64k64_w16x32x64_s4"), (1, "m16n64k64_w16x32x64_s4"),
+    (8, "m16n64k64_w16x32x64_s4"), (9, "m32n128k64_w32x32x64_s4"),
+    (64, "m32n128k64_w32x32x64_s4"), (65, "m128n128k64_w64x64x64_s3"),
+])
+def test_default_tactic_on_fp8_and_mxfp4_tactics(act, weight, rows, tile):
+    """DEFAULT_DECODE's fp8 / mxfp4 row (up to a quarter row per expert) names tactics of the
+    full list, then the format's table: 16x64 up to 8 rows, 32x128 up to 64, then 128x128."""
+    descs = _int4_descs(fast=False, act=act, weight=weight)
+    if not descs:
+        pytest.skip(f"tools/generate_kernels.py has no {weight} tactics in this checkout")
+    plain = [d for d in descs if not d["gated"]]
+    if tile is None:
+        # mxfp4 has no gated decode default: a gated GEMM1 takes the plain one too.
+        gated_name = (f"sm80_decode_gated_{act}_fp8_m1n4_c1x4_u4" if weight == "fp8"
+                      else f"sm80_decode_{act}_mxfp4_m1n8_c2x4_u4")
+        assert default_tactic(descs, rows) == gated_name
+        assert default_tactic(plain, rows) == f"sm80_decode_{act}_{weight}_m1n8_c2x4_u4"
+    else:
+        assert default_tactic(descs, rows) == default_tactic(plain, rows) == (
+            f"sm80_{act}_{weight}_{tile}")
+
+
+@pytest.mark.parametrize("weight", ["int4", "fp8", "mxfp4"])
 @pytest.mark.parametrize("rows,expected", [
-    (1, "m16n128k64_w16x32x64_s4"), (8, "m16n128k64_w16x32x64_s4"),
+    (0.25, "m16n128k64_w16x32x64_s4"), (1, "m16n128k64_w16x32x64_s4"),
+    (8, "m16n128k64_w16x32x64_s4"),
     (9, "m128n128k64_w64x64x64_s3"), (1000, "m128n128k64_w64x64x64_s3"),
 ])
-def test_default_tactic_on_the_fast_int4_build(rows, expected):
-    descs = _int4_descs(fast=True)
+def test_default_tactic_on_the_fast_group_scaled_build(weight, rows, expected):
+    """The fast build has none of DEFAULT_DECODE's tactics (its decode tactics are others): the
+    table decides, on the fast build's two tiles."""
+    descs = _int4_descs(fast=True, weight=weight)
     if not descs:
-        pytest.skip("tools/generate_kernels.py has no int4 tactics in this checkout")
-    assert default_tactic(descs, rows) == f"sm80_bf16_int4_{expected}"
+        pytest.skip(f"tools/generate_kernels.py has no {weight} tactics in this checkout")
+    assert any(d["decode"] for d in descs)
+    assert default_tactic(descs, rows) == f"sm80_bf16_{weight}_{expected}"
 
 
 def _gemm1_descs_16bit(fast):
@@ -884,36 +930,89 @@ def test_default_gemm1_of_a_gated_activation_fast_build(rows, expected):
     assert default_tactic(_gemm1_descs_16bit(fast=True), rows) == expected
 
 
-@pytest.mark.parametrize("weights", ["16bit", "int8", "int4", "gated"])
+@pytest.mark.parametrize("weights", ["16bit", "int8", "int4", "int4-gemm2", "fp8", "fp8-gemm2",
+                                     "mxfp4", "gated"])
 def test_default_choice_cached_per_bound_matches_the_rows(weights):
     """Default choices are cached per table bound: the bound must pick what the rows pick."""
     from cutlass_moe.tactics import tile_m_target as _tile_m_target
 
     descs = {"int8": lambda: _int8_descs(fast=False), "16bit": _descs,
              "int4": lambda: _int4_descs(fast=False),
+             "int4-gemm2": lambda: [d for d in _int4_descs(fast=False) if not d["gated"]],
+             "fp8": lambda: _int4_descs(fast=False, weight="fp8"),
+             "fp8-gemm2": lambda: [d for d in _int4_descs(fast=False, weight="fp8")
+                                   if not d["gated"]],
+             "mxfp4": lambda: _int4_descs(fast=False, weight="mxfp4"),
              "gated": lambda: _gemm1_descs_16bit(fast=False)}[weights]()
     if not descs:
         pytest.skip(f"tools/generate_kernels.py has no {weights} tactics in this checkout")
-    for rows in [0, 0.5, 1, 3, 7.9, 8, 8.1, 12, 16, 16.5, 30, 48, 49, 60, 64, 64.5, 100, 5000]:
+    for rows in [0, 0.1, 0.25, 0.26, 0.5, 1, 3, 4, 4.5, 7.9, 8, 8.1, 12, 16, 16.5, 30, 48, 49,
+                 60, 64, 64.5, 100, 5000]:
         assert default_tactic(descs, _tile_m_target(rows)) == default_tactic(descs, rows), rows
 
 
-def test_decode_tactics_are_tuner_candidates_only_when_enabled(monkeypatch):
-    """CUTLASS_MOE_DECODE_TACTICS=1 adds the decode tactics to the candidates; a forced name
-    is accepted either way."""
+def test_tile_m_target_has_the_decode_bounds():
+    assert [tactics.tile_m_target(rows) for rows in (0, 0.1, 0.25, 0.26, 1, 4, 4.5, 8, 9, 16,
+                                                     17, 48, 64, 65)] == [
+        0.25, 0.25, 0.25, 4.0, 4.0, 4.0, 8.0, 8.0, 16.0, 16.0, 48.0, 48.0, 64.0, math.inf]
+    bounds = {row[0] for rows in tactics.DEFAULT_DECODE.values() for row in rows}
+    assert all(tactics.tile_m_target(bound) == bound for bound in bounds)
+
+
+def _candidates_under(monkeypatch, weight):
+    """The context that installs a fake extension whose runners list one tensor-core tactic and
+    one decode tactic of ``weight`` (descriptors' weight_dtype)."""
     from _fake_ext import FakeMoeRunner, make_fake_extension
 
     plain = {"name": "plain", "gemm": 2, "tile_m": 16, "tile_n": 128, "tile_k": 64, "stages": 4,
-             "runnable": True, "split_k": 1}
+             "runnable": True, "split_k": 1, "weight_dtype": weight}
     decode = dict(plain, name="decode", tile_m=2, tile_k=0, decode=True)
     monkeypatch.setattr(FakeMoeRunner, "tactics", lambda self, gemm: [plain, decode])
     monkeypatch.setattr(_ext, "device_guard", lambda device: contextlib.nullcontext())
+    return _ext._replaced_extension(make_fake_extension())
+
+
+@pytest.mark.parametrize("weight,auto", [("bf16", False), ("fp16", False), ("int8", False),
+                                         ("int4", True), ("fp8", True), ("mxfp4", True)])
+def test_decode_tactic_candidates_per_setting(monkeypatch, weight, auto):
+    """CUTLASS_MOE_DECODE_TACTICS unset or empty: the decode tactics of the group-scaled
+    formats (int4, fp8, mxfp4) are candidates, those of 16-bit and int8 weights are not; 1 (true,
+    yes, on): every one; 0 (false, no, off): none. include_decode overrides it, and a forced name
+    is accepted in every case."""
+    dtypes, cpu, swiglu = (BF16,) * 3, torch.device("cpu"), ActivationType.Swiglu
+    both = ["plain", "decode"]
+    with _candidates_under(monkeypatch, weight):
+        for value, expected in [(None, both if auto else ["plain"]),
+                                ("", both if auto else ["plain"]),
+                                ("  ", both if auto else ["plain"]),
+                                ("Auto", both if auto else ["plain"]),
+                                ("1", both), ("true", both), ("YES", both), (" on ", both),
+                                ("0", ["plain"]), ("false", ["plain"]), ("No", ["plain"]),
+                                ("off", ["plain"])]:
+            if value is None:
+                monkeypatch.delenv(tactics.DECODE_ENV, raising=False)
+            else:
+                monkeypatch.setenv(tactics.DECODE_ENV, value)
+            assert tactics.candidate_names(dtypes, 2, swiglu, cpu, 8) == expected, value
+            assert tactics.decode_enabled() == (value is not None and value.strip() in (
+                "1", "true", "YES", "on")), value
+            assert tactics.candidate_names(dtypes, 2, swiglu, cpu, 8, include_decode=True) == both
+            assert tactics.candidate_names(dtypes, 2, swiglu, cpu, 8,
+                                           include_decode=False) == ["plain"]
+            assert tactics.resolve(dtypes, 2, swiglu, cpu, "decode", 8) == "decode"
+            # "decode" is none of DEFAULT_DECODE's names: never a default.
+            assert tactics.default_for(dtypes, 2, swiglu, cpu, 0.1) == "plain"
+
+
+@pytest.mark.parametrize("value", ["2", "maybe", "enabled", "1,0"])
+def test_bad_decode_setting_raises(monkeypatch, value):
+    monkeypatch.setenv(tactics.DECODE_ENV, value)
+    match = (rf"CUTLASS_MOE_DECODE_TACTICS={value!r} is not a valid setting: leave it unset, "
+             r"empty or auto .* 1/true/yes/on .* 0/false/no/off")
+    with pytest.raises(ValueError, match=match):
+        tactics.decode_mode()
+    with pytest.raises(ValueError, match=match):
+        tactics.decode_enabled()
     dtypes, cpu = (BF16,) * 3, torch.device("cpu")
-    with _ext._replaced_extension(make_fake_extension()):
-        monkeypatch.delenv(tactics.DECODE_ENV, raising=False)
-        assert tactics.candidate_names(dtypes, 2, ActivationType.Swiglu, cpu, 8) == ["plain"]
-        assert tactics.resolve(dtypes, 2, ActivationType.Swiglu, cpu, "decode", 8) == "decode"
-        monkeypatch.setenv(tactics.DECODE_ENV, "1")
-        assert tactics.candidate_names(dtypes, 2, ActivationType.Swiglu, cpu, 8) == [
-            "plain", "decode"]
-        assert tactics.default_for(dtypes, 2, ActivationType.Swiglu, cpu, 1) == "plain"
+    with _candidates_under(monkeypatch, "int4"), pytest.raises(ValueError, match=match):
+        tactics.candidate_names(dtypes, 2, ActivationType.Swiglu, cpu, 8)

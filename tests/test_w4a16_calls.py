@@ -41,6 +41,10 @@ MID_M = "sm80_bf16_int4_m32n128k64_w32x32x64_s4"
 PREFILL = "sm80_bf16_int4_m128n128k64_w64x64x64_s3"
 DECODE = "sm80_decode_bf16_int4_m2n8_c2x4_u4"
 DECODE_GATED = "sm80_decode_gated_bf16_int4_m2n8_c2x4_u4"
+# The tensor-core decode tactics that tactics.DEFAULT_DECODE names for int4 weights.
+MMA_GATED = "sm80_decode_mma_gated_bf16_int4_m8n16_k4_u2"
+MMA_8 = "sm80_decode_mma_bf16_int4_m8n32_k4_u2"
+MMA_16 = "sm80_decode_mma_bf16_int4_m16n32_k4_u2"
 
 
 def _problem(t=T, e=E, h=H, i=I, k=K, activation=ActivationType.Swiglu, group_size=32,
@@ -452,36 +456,96 @@ def test_int8_typed_bytes_give_the_same_call(fake_cpu):
     assert second["fc1_weights"] == first["fc1_weights"] == p1.data_ptr()
 
 
-@pytest.mark.parametrize("t,expected", [(1, SMALL_M), (16, SMALL_M), (17, MID_M), (128, MID_M),
-                                        (129, PREFILL)])
+@pytest.mark.parametrize("t,expected", [
+    (1, (MMA_GATED, MMA_8)), (2, (MMA_GATED, MMA_8)), (8, (MMA_GATED, MMA_8)),
+    (9, (MMA_16, MMA_16)), (16, (MMA_16, MMA_16)), (32, (MMA_16, MMA_16)),
+    (33, (MID_M, MID_M)), (128, (MID_M, MID_M)), (129, (PREFILL, PREFILL)),
+])
 def test_default_tactics(fake_cpu, fresh_tuner, monkeypatch, t, expected):
-    """The int4 table by rows per expert T*k/E (E=4, k=2): <= 8 small-M, <= 64 the 32-row
-    tile, then the prefill tile; decode tactics never by default."""
+    """By rows per expert T*k/E (E=4, k=2): DEFAULT_DECODE's int4 rows (up to 4 the 8-row
+    tensor-core decode tactics, the gated one for a gated activation's GEMM1; up to 16 the
+    16-row one), then the int4 table (up to 64 the 32-row tile, then the prefill tile)."""
     monkeypatch.delenv(tactics.DECODE_ENV, raising=False)
     x, ids, router, p1, p2, quant_scales, _, _ = _problem(t=t, seed=3)
     cutlass_fused_moe(x, ids, router, p1, p2, BF16, quant_scales=quant_scales,
                       use_w4_group_scaling=True)
     (call,) = _runner().calls
-    assert (call["tactic1"], call["tactic2"]) == (expected, expected)
+    assert (call["tactic1"], call["tactic2"]) == expected
+    assert fresh_tuner.last_selection(1).source == "default"
+    # Every decode tactic a candidate: int4's defaults are the same.
     monkeypatch.setenv(tactics.DECODE_ENV, "1")
-    assert tactics.default_tactics(INT4_DTYPES, ActivationType.Swiglu, CPU, t, K, E) == (
+    assert tactics.default_tactics(INT4_DTYPES, ActivationType.Swiglu, CPU, t, K, E) == expected
+
+
+@pytest.mark.parametrize("t,expected", [(1, MMA_8), (8, MMA_8), (9, MMA_16), (32, MMA_16),
+                                        (33, MID_M)])
+def test_default_gemm1_of_an_ungated_activation(fake_cpu, monkeypatch, t, expected):
+    """The gated decode tactic serves gated activations only: an ungated GEMM1 takes the plain
+    one, as GEMM2 does."""
+    monkeypatch.delenv(tactics.DECODE_ENV, raising=False)
+    assert tactics.default_tactics(INT4_DTYPES, ActivationType.Relu, CPU, t, K, E) == (
         expected, expected)
 
 
-def test_candidates_and_decode_opt_in(fake_cpu, monkeypatch):
+@pytest.mark.parametrize("t,expected", [(1, SMALL_M), (16, SMALL_M), (17, MID_M), (128, MID_M),
+                                        (129, PREFILL)])
+def test_default_tactics_with_decode_tactics_off(fake_cpu, fresh_tuner, monkeypatch, t,
+                                                 expected):
+    """CUTLASS_MOE_DECODE_TACTICS=0: no decode tactic is a candidate, so the int4 table alone
+    decides (<= 8 rows per expert small-M, <= 64 the 32-row tile, then the prefill tile)."""
+    monkeypatch.setenv(tactics.DECODE_ENV, "0")
+    x, ids, router, p1, p2, quant_scales, _, _ = _problem(t=t, seed=3)
+    cutlass_fused_moe(x, ids, router, p1, p2, BF16, quant_scales=quant_scales,
+                      use_w4_group_scaling=True)
+    (call,) = _runner().calls
+    assert (call["tactic1"], call["tactic2"]) == (expected, expected)
+    # The defaults are cached per decode mode: back to auto, the decode defaults return.
+    monkeypatch.delenv(tactics.DECODE_ENV)
+    if t <= 32:
+        assert tactics.default_tactics(INT4_DTYPES, ActivationType.Swiglu, CPU, t, K, E)[1] in (
+            MMA_8, MMA_16)
+
+
+def test_candidates_and_decode_tactics(fake_cpu, monkeypatch):
+    """int4 decode tactics are candidates unless CUTLASS_MOE_DECODE_TACTICS=0; =1 adds no
+    other int4 one."""
     monkeypatch.delenv(tactics.DECODE_ENV, raising=False)
+    decode = {DECODE, DECODE_GATED, MMA_GATED, MMA_8, MMA_16}
     names = tactics.candidate_names(INT4_DTYPES, 1, ActivationType.Swiglu, CPU)
-    assert names and all(n.startswith("sm80_bf16_int4_") for n in names)
+    assert decode <= set(names)
     assert "sm80_bf16_int4_m128n256k64_w64x64x64_s3" not in names  # not runnable
-    monkeypatch.setenv(tactics.DECODE_ENV, "1")
-    assert {DECODE, DECODE_GATED} <= set(
-        tactics.candidate_names(INT4_DTYPES, 1, ActivationType.Swiglu, CPU))
-    relu = tactics.candidate_names(INT4_DTYPES, 1, ActivationType.Relu, CPU)
-    assert DECODE in relu and DECODE_GATED not in relu  # the gated one fuses the activation
-    gemm2 = tactics.candidate_names(INT4_DTYPES, 2, ActivationType.Swiglu, CPU)
-    assert DECODE in gemm2 and DECODE_GATED not in gemm2
-    assert all(d["weight_dtype"] == "int4" and d["split_k"] == 1
-               for d in tactics.candidates(INT4_DTYPES, 2, ActivationType.Swiglu, CPU))
+    for value in ("1", "on"):
+        monkeypatch.setenv(tactics.DECODE_ENV, value)
+        assert tactics.candidate_names(INT4_DTYPES, 1, ActivationType.Swiglu, CPU) == names
+    for value in ("", "1"):
+        monkeypatch.setenv(tactics.DECODE_ENV, value)
+        relu = tactics.candidate_names(INT4_DTYPES, 1, ActivationType.Relu, CPU)
+        # the gated ones fuse the activation
+        assert {DECODE, MMA_8, MMA_16} <= set(relu) and not {DECODE_GATED, MMA_GATED} & set(relu)
+        gemm2 = tactics.candidate_names(INT4_DTYPES, 2, ActivationType.Swiglu, CPU)
+        assert {DECODE, MMA_8, MMA_16} <= set(gemm2)
+        assert not {DECODE_GATED, MMA_GATED} & set(gemm2)
+        assert all(d["weight_dtype"] == "int4" and d["split_k"] == 1
+                   for d in tactics.candidates(INT4_DTYPES, 2, ActivationType.Swiglu, CPU))
+    for value in ("0", "off"):
+        monkeypatch.setenv(tactics.DECODE_ENV, value)
+        for gemm in (1, 2):
+            names = tactics.candidate_names(INT4_DTYPES, gemm, ActivationType.Swiglu, CPU)
+            assert names and all(n.startswith("sm80_bf16_int4_") for n in names)
+    # include_decode overrides the environment.
+    assert decode <= set(tactics.candidate_names(INT4_DTYPES, 1, ActivationType.Swiglu, CPU,
+                                                 include_decode=True))
+    monkeypatch.delenv(tactics.DECODE_ENV)
+    assert not decode & set(tactics.candidate_names(INT4_DTYPES, 1, ActivationType.Swiglu, CPU,
+                                                    include_decode=False))
+
+
+def test_bad_decode_setting_fails_the_call(fake_cpu, monkeypatch):
+    monkeypatch.setenv(tactics.DECODE_ENV, "maybe")
+    x, ids, router, p1, p2, quant_scales, _, _ = _problem(seed=3)
+    with pytest.raises(ValueError, match="CUTLASS_MOE_DECODE_TACTICS='maybe' is not a valid"):
+        cutlass_fused_moe(x, ids, router, p1, p2, BF16, quant_scales=quant_scales,
+                          use_w4_group_scaling=True)
 
 
 def test_forced_tactics(fake_cpu, monkeypatch):

@@ -12,18 +12,23 @@ stages, runnable, gated, split_k and, for gated tactics, ``activations``: a froz
 :class:`~cutlass_moe.activation.ActivationType`). Results are cached per extension generation.
 
 int4 group-wise weights have their own runner (weight type ``"int4"``) whose descriptors carry
-``weight_dtype`` "int4": tensor-core tactics ``sm80_<act>_int4_m..n..k64_w..._s<stages>`` and the
-weight-streaming ``sm80_decode[_gated]_<act>_int4_...`` ones (opt-in as for every weight type:
-:data:`DECODE_ENV`). One kernel serves every group size, so the group size is not part of a
-tactic; it is part of the tuner's key. Their default table is :data:`DEFAULT_TABLE_INT4`.
+``weight_dtype`` "int4": tensor-core tactics ``sm80_<act>_int4_m..n..k64_w..._s<stages>``, the
+weight-streaming ``sm80_decode[_gated]_<act>_int4_...`` ones and the tensor-core decode ones
+``sm80_decode_mma[_gated]_<act>_int4_...``. One kernel serves every group size, so the group size
+is not part of a tactic; it is part of the tuner's key. Their default table is
+:data:`DEFAULT_TABLE_INT4`.
 
 FP8 (e4m3) and MXFP4 weight-only weights, the other two formats of the group-scaled mainloop,
 have their own runners too (weight types ``"fp8"`` and ``"mxfp4"``; descriptors'
 ``weight_dtype`` "fp8" / "mxfp4"): tensor-core tactics ``sm80_<act>_fp8_m..n..k64_w..._s<stages>``
 and ``sm80_<act>_mxfp4_...`` on int4's tiles (no split-K or fused gated tactics), and
-weight-streaming ``sm80_decode[_gated]_<act>_fp8|mxfp4_...`` tactics, opt-in like every decode
-tactic (:data:`DECODE_ENV`; never a default). Their default tables are
+weight-streaming ``sm80_decode[_gated]_<act>_fp8|mxfp4_...`` tactics. Their default tables are
 :data:`DEFAULT_TABLE_FP8` and :data:`DEFAULT_TABLE_MXFP4`.
+
+Decode tactics (descriptors' ``decode`` true) of these three group-scaled formats are tuner
+candidates by default and, at decode sizes, the measured defaults of :data:`DEFAULT_DECODE`;
+those of 16-bit and int8 weights (within a few per cent of the tensor-core tiles) are candidates
+only with ``CUTLASS_MOE_DECODE_TACTICS=1`` and never a default (:data:`DECODE_ENV`).
 """
 
 from __future__ import annotations
@@ -63,14 +68,14 @@ DEFAULT_TABLE_INT8 = (
     (math.inf, 128, 256, 3),
 )
 # int4 group-wise weights (W4A16): tensor-core tactics dequantising in the mainloop (no split-K,
-# no fused gated tactics; the weight-streaming decode tactics stay opt-in). Chosen by the int8
-# table's reasoning, which carries over with half the weight bytes; on an H200 the tuner picked
-# the first row's tactic for Qwen3-30B-A3B at 8 and 64 tokens, the other rows are not yet
-# measured (tools/PERF_NOTES.md, change 6) — up to 8 rows per expert the weight
-# stream dominates (the small-M 16x128 tile, 4 stages: also the fast build's), up to 64 the
-# 32-row tile, then the 128x128 prefill tile (3 stages, 79 KB: fits sm_86/89; the fast build's
-# other tactic). Where a build lacks a row's exact tactic, default_tactic takes the nearest
-# tile_m.
+# no fused gated tactics). Chosen by the int8 table's reasoning, which carries over with half the
+# weight bytes: up to 8 rows per expert the weight stream dominates (the small-M 16x128 tile, 4
+# stages: also the fast build's), up to 64 the 32-row tile, then the 128x128 prefill tile (3
+# stages, 79 KB: fits sm_86/89; the fast build's other tactic); on an H200 the tuner picked the
+# first row's tactic for Qwen3-30B-A3B at 8 and 64 tokens (tools/PERF_NOTES.md, change 6). Up to
+# 16 rows per expert the decode tactics of DEFAULT_DECODE come first where the build has them
+# (measured: see there). Where a build lacks a row's exact tactic, default_tactic takes the
+# nearest tile_m.
 DEFAULT_TABLE_INT4 = (
     (8.0, 16, 128, 4),
     (64.0, 32, 128, 4),
@@ -78,12 +83,48 @@ DEFAULT_TABLE_INT4 = (
 )
 # FP8 (e4m3) and MXFP4 weight-only weights run the int4 family's group-scaled mainloop on the
 # same tiles (16x64 s4, 16x128 s4/s6, 32x128 s4, 64x128 s3/s4, 128x128 s3, 128x256 s3; the fast
-# build has 16x128 s4 and 128x128 s3); their decode tactics are opt-in and never a default,
-# as for every weight type. Not yet measured: they start
-# from the int4 table (fp8 streams twice int4's weight bytes, MXFP4 as many plus one byte of
-# scale per 32 weights), to be revisited with `cutlass-moe tune --weights fp8|mxfp4` on a GPU.
-DEFAULT_TABLE_FP8 = DEFAULT_TABLE_INT4
-DEFAULT_TABLE_MXFP4 = DEFAULT_TABLE_INT4
+# build has 16x128 s4 and 128x128 s3) and start from int4's table, bar its first row: on an
+# H200 (Sm80 kernels, each GEMM alone with the L2 flushed, Mixtral-8x7B, Qwen3-30B-A3B and
+# gpt-oss-20b at T=1, 8, 32, 64) the narrower 16x64 tile (twice the blocks of 16x128) is as fast
+# or faster up to 8 rows per expert (gpt-oss-20b T=8 mxfp4, GEMM1/GEMM2: 192/100 us against
+# 205/135 us; Mixtral-8x7B fp8 equal). Up to a quarter row per expert the decode tactics of
+# DEFAULT_DECODE come first where the build has them.
+DEFAULT_TABLE_FP8 = (
+    (8.0, 16, 64, 4),
+    (64.0, 32, 128, 4),
+    (math.inf, 128, 128, 3),
+)
+DEFAULT_TABLE_MXFP4 = (
+    (8.0, 16, 64, 4),
+    (64.0, 32, 128, 4),
+    (math.inf, 128, 128, 3),
+)
+# Measured decode defaults of the group-scaled weight formats: per weight_dtype, (largest expected
+# rows per expert, tactic names with the activation tag as "{act}"); the first row whose bound
+# is at or above the rows applies, and its first name among the call's candidates wins (a gated
+# name is only among a gated activation's GEMM1 candidates, so GEMM2 and ungated GEMM1s take the
+# plain one). Where none is a candidate (the fast build, or decode tactics turned off with
+# CUTLASS_MOE_DECODE_TACTICS=0), and above the last bound, the weight type's table applies.
+# Measured on an H200 (Sm80 kernels, each GEMM alone with the L2 flushed, Mixtral-8x7B,
+# Qwen3-30B-A3B and gpt-oss-20b at T=1, 8, 32, 64), the decode tactics beat the tables' tiles by
+# 1.2-4x at these sizes: e.g. Mixtral-8x7B T=1 int4 GEMM2 52 us (decode_mma m16n32) against
+# 216 us (16x128), fp8 GEMM2 68 us (decode m1n8) against 228 us; Qwen3-30B-A3B T=8 int4 GEMM1
+# 64 us (decode_mma gated m8n16) against about 100 us. 16-bit and int8 weights have no entry:
+# their decode tactics are within a few per cent of the tiles.
+DEFAULT_DECODE: dict[str, tuple[tuple[float, tuple[str, ...]], ...]] = {
+    "int4": (
+        (4.0, ("sm80_decode_mma_gated_{act}_int4_m8n16_k4_u2",
+               "sm80_decode_mma_{act}_int4_m8n32_k4_u2")),
+        (16.0, ("sm80_decode_mma_{act}_int4_m16n32_k4_u2",)),
+    ),
+    "fp8": (
+        (0.25, ("sm80_decode_gated_{act}_fp8_m1n4_c1x4_u4",
+                "sm80_decode_{act}_fp8_m1n8_c2x4_u4")),
+    ),
+    "mxfp4": (
+        (0.25, ("sm80_decode_{act}_mxfp4_m1n8_c2x4_u4",)),
+    ),
+}
 # Fused gated GEMM1 tactics (gather + both halves + activation in one kernel; tile N counts
 # output columns), the default GEMM1 of a gated activation up to GATED_DEFAULT_MAX_ROWS rows per
 # expert. Measured on the five presets (H100, bf16, GEMM1 + activation kernel against the fused
@@ -120,15 +161,51 @@ def serves_rows(desc: Mapping[str, Any], expanded_rows: int | None) -> bool:
     return expanded_rows <= split_k_max_rows()
 
 
-#: Environment variable that makes the weight-streaming decode tactics (``sm80_decode*``)
-#: candidates of the tuner. Until they are verified and measured on a GPU they are opt-in: by
-#: default only a call that names one in ``tactics=`` runs it.
+#: Environment variable that says which decode tactics (descriptors' ``decode`` true:
+#: ``sm80_decode*``) are tuner candidates: unset, empty or ``auto``, those of the group-scaled weight
+#: formats (:data:`AUTO_DECODE_WEIGHTS`, whose measured ones are also defaults at decode sizes:
+#: :data:`DEFAULT_DECODE`); ``1``/``true``/``yes``/``on``, every one (16-bit and int8 weights'
+#: too); ``0``/``false``/``no``/``off``, none (and no decode default). A call that names one in
+#: ``tactics=`` runs it whatever the setting.
 DECODE_ENV = "CUTLASS_MOE_DECODE_TACTICS"
+#: Weight types (descriptors' ``weight_dtype``) whose decode tactics are candidates by default.
+AUTO_DECODE_WEIGHTS = frozenset({"int4", "fp8", "mxfp4"})
+#: The decode modes of :data:`DECODE_ENV`'s values (lower case, stripped).
+_DECODE_MODES = {"": "auto", "auto": "auto", "1": "all", "true": "all", "yes": "all", "on": "all",
+                 "0": "none", "false": "none", "no": "none", "off": "none"}
+
+
+def decode_mode() -> str:
+    """Which decode tactics are tuner candidates, from :data:`DECODE_ENV`: ``"auto"`` (unset,
+    empty or ``auto``: those of :data:`AUTO_DECODE_WEIGHTS`), ``"all"`` or ``"none"``; ValueError for any
+    other value."""
+    raw = os.environ.get(DECODE_ENV, "")
+    mode = _DECODE_MODES.get(raw.strip().lower())
+    if mode is None:
+        raise ValueError(
+            f"{DECODE_ENV}={raw!r} is not a valid setting: leave it unset, empty or auto (decode "
+            f"tactics of int4, fp8 and mxfp4 weights), or set 1/true/yes/on (every decode "
+            f"tactic) or 0/false/no/off (none)")
+    return mode
 
 
 def decode_enabled() -> bool:
-    """Whether the decode tactics are tuner candidates (``CUTLASS_MOE_DECODE_TACTICS=1``)."""
-    return os.environ.get(DECODE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+    """Whether every decode tactic is a tuner candidate (``CUTLASS_MOE_DECODE_TACTICS=1``)."""
+    return decode_mode() == "all"
+
+
+def _decode_allowed(desc: Mapping[str, Any], mode: str) -> bool:
+    """Whether a descriptor passes the decode mode (tactics that are no decode tactic always do)."""
+    if not desc.get("decode") or mode == "all":
+        return True
+    return mode == "auto" and desc.get("weight_dtype") in AUTO_DECODE_WEIGHTS
+
+
+def _mode(include_decode: bool | None) -> str:
+    """The decode mode of a candidates call: the argument's when given, else the environment's."""
+    if include_decode is None:
+        return decode_mode()
+    return "all" if include_decode else "none"
 
 
 # (descriptors, names) per candidate set: both are on every call's path (the tuner checks a
@@ -142,18 +219,17 @@ def _candidate_set(
     activation: ActivationType,
     device: torch.device,
     expanded_rows: int | None,
-    include_decode: bool | None,
+    mode: str,
 ) -> tuple[list[dict[str, Any]], list[str]]:
     split_ok = expanded_rows is None or expanded_rows <= split_k_max_rows()
-    decode_ok = decode_enabled() if include_decode is None else include_decode
-    key = (_ext.generation(), dtypes, gemm, activation, device, split_ok, decode_ok)
+    key = (_ext.generation(), dtypes, gemm, activation, device, split_ok, mode)
     found = _candidates.get(key)
     if found is None:
         descs = [
             d for d in _ext.tactics(*dtypes, gemm, device)
             if d.get("runnable", True) and supports_activation(d, activation)
             and (split_ok or int(d.get("split_k", 1)) == 1)
-            and (decode_ok or not d.get("decode"))
+            and _decode_allowed(d, mode)
         ]
         found = _candidates[key] = (descs, [str(d["name"]) for d in descs])
     return found
@@ -169,9 +245,11 @@ def candidates(
 ) -> list[dict[str, Any]]:
     """Descriptors of the tactics that can serve GEMM ``gemm`` (1 or 2) of a call with these
     dtypes and ``activation`` on ``device``: runnable there, serving the activation, and (when
-    ``expanded_rows`` is given) allowed at that many rows ``T*k``. Decode tactics are included
-    when ``include_decode`` is true (default: :func:`decode_enabled`). Cached; do not mutate."""
-    return _candidate_set(dtypes, gemm, activation, device, expanded_rows, include_decode)[0]
+    ``expanded_rows`` is given) allowed at that many rows ``T*k``. Decode tactics: every one
+    when ``include_decode`` is true, none when it is false, and by default as
+    :func:`decode_mode` says. Cached; do not mutate."""
+    return _candidate_set(dtypes, gemm, activation, device, expanded_rows,
+                          _mode(include_decode))[0]
 
 
 def candidate_names(
@@ -183,7 +261,8 @@ def candidate_names(
     include_decode: bool | None = None,
 ) -> list[str]:
     """Names of :func:`candidates` (cached; do not mutate)."""
-    return _candidate_set(dtypes, gemm, activation, device, expanded_rows, include_decode)[1]
+    return _candidate_set(dtypes, gemm, activation, device, expanded_rows,
+                          _mode(include_decode))[1]
 
 
 def _table(descs: Sequence[Mapping[str, Any]]) -> tuple[tuple[float, int, int, int], ...]:
@@ -197,30 +276,57 @@ def _table(descs: Sequence[Mapping[str, Any]]) -> tuple[tuple[float, int, int, i
     return DEFAULT_TABLE
 
 
+#: The activation tags that DEFAULT_DECODE's names take in place of ``{act}``.
+_ACT_TAGS = ("bf16", "fp16")
+
+
+def _decode_default(pool: Sequence[Mapping[str, Any]], rows: float) -> str | None:
+    """The first name of the :data:`DEFAULT_DECODE` row for ``rows`` that is among ``pool``
+    (None without such a row or name)."""
+    weight = next((d.get("weight_dtype") for d in pool if d.get("weight_dtype") in DEFAULT_DECODE),
+                  None)
+    if weight is None:
+        return None
+    row = next((row for row in DEFAULT_DECODE[weight] if rows <= row[0]), None)
+    if row is None:
+        return None
+    names = {str(d["name"]) for d in pool}
+    for template in row[1]:
+        for act in _ACT_TAGS:
+            name = template.format(act=act)
+            if name in names:
+                return name
+    return None
+
 
 def default_tactic(descs: Sequence[Mapping[str, Any]], expected_rows_per_expert: float) -> str:
     """Name of the heuristic default tactic among ``descs`` for a GEMM whose experts are
     expected to get ``expected_rows_per_expert`` rows (``T*k/E_total`` for balanced routing).
 
-    The row count selects a preferred configuration from a measured table (``DEFAULT_TABLE``;
-    ``DEFAULT_TABLE_INT8`` / ``DEFAULT_TABLE_INT4`` / ``DEFAULT_TABLE_FP8`` /
-    ``DEFAULT_TABLE_MXFP4`` for descriptors whose ``weight_dtype`` is "int8" / "int4" / "fp8" /
-    "mxfp4");
+    Descriptors with ``runnable`` false are skipped, and so are GEMM2 tactics split over K.
+    For the group-scaled weight formats (``weight_dtype`` "int4", "fp8", "mxfp4") at decode
+    sizes, the measured decode tactics of :data:`DEFAULT_DECODE` come first: the first name of
+    the row for these rows that is among ``descs``. Otherwise (other weight types, larger
+    calls, or none of the row's names present) the weight-streaming decode tactics are skipped
+    and the row count selects a preferred configuration from a measured table
+    (``DEFAULT_TABLE``; ``DEFAULT_TABLE_INT8`` / ``DEFAULT_TABLE_INT4`` / ``DEFAULT_TABLE_FP8``
+    / ``DEFAULT_TABLE_MXFP4`` for descriptors whose ``weight_dtype`` is "int8" / "int4" /
+    "fp8" / "mxfp4");
     when that exact tactic is not compiled or not runnable, the smallest ``tile_m`` at least the
     preferred one (else the largest) is taken, with more ``stages`` first, then the narrower
     ``tile_n``, then the name — so the choice never depends on the order of ``descs``.
-    Descriptors with ``runnable`` false are skipped, and so are GEMM2 tactics split over K and
-    the weight-streaming decode tactics (their speed depends on the shape more than a table can
-    say: only the tuner picks them, by measurement).
     When fused gated GEMM1 tactics are among them (a gated activation's GEMM1), only those are
     considered up to ``GATED_DEFAULT_MAX_ROWS`` rows per expert (with their own table), and only
     the others above it.
     """
-    pool = [d for d in descs if d.get("runnable", True) and int(d.get("split_k", 1)) == 1
-            and not d.get("decode")]
+    runnable = [d for d in descs if d.get("runnable", True) and int(d.get("split_k", 1)) == 1]
+    rows = max(float(expected_rows_per_expert), 0.0)
+    decode = _decode_default(runnable, rows)
+    if decode is not None:
+        return decode
+    pool = [d for d in runnable if not d.get("decode")]
     if not pool:
         raise RuntimeError("no runnable tactic is compiled for this configuration and device")
-    rows = max(float(expected_rows_per_expert), 0.0)
     gated = [d for d in pool if d.get("gated")]
     plain = [d for d in pool if not d.get("gated")]
     if gated and (rows <= GATED_DEFAULT_MAX_ROWS or not plain):
@@ -244,13 +350,14 @@ def default_tactic(descs: Sequence[Mapping[str, Any]], expected_rows_per_expert:
 
 
 def tile_m_target(expected_rows_per_expert: float) -> float:
-    """The smallest row bound of any default table at or above ``expected_rows_per_expert``:
-    the only input of the heuristic that depends on the call, so default choices are cached per
-    bound (every table is a step function over these bounds, so ``default_tactic`` gives the
-    same answer for the bound as for the rows)."""
+    """The smallest row bound of any default table (:data:`DEFAULT_DECODE`'s rows included) at
+    or above ``expected_rows_per_expert``: the only input of the heuristic that depends on the
+    call, so default choices are cached per bound (every table is a step function over these
+    bounds, so ``default_tactic`` gives the same answer for the bound as for the rows)."""
     rows = max(float(expected_rows_per_expert), 0.0)
     tables = (*DEFAULT_TABLE, *DEFAULT_TABLE_INT8, *DEFAULT_TABLE_INT4, *DEFAULT_TABLE_FP8,
-              *DEFAULT_TABLE_MXFP4, *DEFAULT_TABLE_GATED)
+              *DEFAULT_TABLE_MXFP4, *DEFAULT_TABLE_GATED,
+              *(row for decode_rows in DEFAULT_DECODE.values() for row in decode_rows))
     return min(row[0] for row in tables if rows <= row[0])
 
 
@@ -264,12 +371,15 @@ def default_for(
     device: torch.device,
     expected_rows_per_expert: float,
 ) -> str:
-    """The heuristic default tactic of one GEMM of a call (cached per row bound)."""
+    """The heuristic default tactic of one GEMM of a call among its :func:`candidates` (cached
+    per row bound and decode mode)."""
     target = tile_m_target(expected_rows_per_expert)
-    key = (_ext.generation(), dtypes, gemm, activation, device, target)
+    mode = decode_mode()
+    key = (_ext.generation(), dtypes, gemm, activation, device, target, mode)
     name = _defaults.get(key)
     if name is None:
-        name = default_tactic(candidates(dtypes, gemm, activation, device), target)
+        name = default_tactic(_candidate_set(dtypes, gemm, activation, device, None, mode)[0],
+                              target)
         _defaults[key] = name
     return name
 
