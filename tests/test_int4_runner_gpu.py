@@ -47,9 +47,9 @@ def _quantised(num_experts, n, k, group, asym, dtype, gen):
     scales = (scales / (8 * k**0.5)).to(dtype)
     zeros = None
     z = torch.full((num_experts, groups, n), 8.0, device=DEVICE)
-    if asym:
-        zeros = torch.randint(0, 16, (num_experts, groups, n), generator=gen,
-                              device=DEVICE).to(dtype)
+    if asym:  # integer zero points, or (asym == "fraction") quarter-integer ones
+        zeros = torch.randint(0, 16, (num_experts, groups, n), generator=gen, device=DEVICE)
+        zeros = (zeros + (0.25 if asym == "fraction" else 0.0)).to(dtype)
         z = zeros.float()
     s_full = scales.float().repeat_interleave(group, dim=1).transpose(1, 2)  # [E, N, K]
     z_full = z.repeat_interleave(group, dim=1).transpose(1, 2)
@@ -165,10 +165,11 @@ def test_int4_large_and_empty(ext):
 def test_int4_decode_tactics_long_k(ext, dtype):
     """Every int4 decode tactic on K long enough that each warp of a K-split block walks several
     batches of 128-long chunks (H = 1056 = 8 x 128 + 32: also a lone 32-long slice), groups of
-    32 to 352 and per-channel scales, with and without zero points, 1 to 80 rows per expert;
-    and groups of whole 128-long chunks without zero points (H = 1152, I = 384: G = 128, 256 and
-    per-channel), where the tensor-core decode kernels scale each chunk's sums instead of the
-    weights."""
+    32 to 352 and per-channel scales, with and without zero points (integer, and quarter-integer
+    ones, which take the fp32 conversion), 1 to 160 tokens, SwiGLU and ReLU (non-negative GEMM2
+    inputs, where a per-group error of the zero point's term does not average out); and groups
+    of whole 128-long chunks without zero points (H = 1152, I = 384: G = 128 and per-channel),
+    where the tensor-core decode kernels scale each chunk's sums instead of the weights."""
     runner = _runner(ext, dtype)
     decode1 = _names(runner, 1, decode=True)
     decode2 = [n for n, _ in _names(runner, 2, decode=True)]
@@ -177,21 +178,24 @@ def test_int4_decode_tactics_long_k(ext, dtype):
     plain1 = next(n for n, gated in _names(runner, 1, decode=False) if not gated)
     plain2 = _names(runner, 2, decode=False)[0][0]
     failures = []
-    cases = ((1, 1056, 288, (96, 288), False), (5, 1056, 288, (32, 96), True),
-             (40, 1056, 288, (1056, 32), False), (160, 1056, 288, (352, 96), True),
-             (3, 1152, 384, (128, 384), False), (40, 1152, 384, (1152, 128), False),
-             (9, 1152, 384, (128, 128), True))
-    for num_tokens, hidden, inter, (g1, g2), asym in cases:
-        case = _case(dtype, num_tokens, hidden, inter, 4, 2, ActivationType.Swiglu, g1, g2, asym,
+    swiglu, relu = ActivationType.Swiglu, ActivationType.Relu
+    cases = ((1, 1056, 288, (96, 288), False, swiglu), (5, 1056, 288, (32, 96), True, swiglu),
+             (40, 1056, 288, (1056, 32), False, swiglu), (160, 1056, 288, (352, 96), True, relu),
+             (3, 1152, 384, (128, 384), False, relu), (40, 1152, 384, (1152, 128), False, swiglu),
+             (9, 1152, 384, (128, 128), True, relu), (6, 1152, 384, (64, 128), "fraction", relu))
+    for num_tokens, hidden, inter, (g1, g2), asym, act in cases:
+        case = _case(dtype, num_tokens, hidden, inter, 4, 2, act, g1, g2, asym,
                      seed=num_tokens + g1)
         x, ids, route, fc1, fc2, ref = case
-        pairs = [(t1, plain2) for t1, _ in decode1] + [(plain1, t2) for t2 in decode2]
+        gated = act == swiglu
+        pairs = [(t1, plain2) for t1, g in decode1 if gated or not g]
+        pairs += [(plain1, t2) for t2 in decode2]
         for t1, t2 in pairs:
-            out = _run(runner, x, ids, route, fc1, fc2, ActivationType.Swiglu, t1, t2, g1, g2)
+            out = _run(runner, x, ids, route, fc1, fc2, act, t1, t2, g1, g2)
             err = record_error(f"int4_{str(dtype)[6:]}", rel_l2(out.float(), ref))
             if not err <= TOLERANCE[dtype]:
-                failures.append(f"T={num_tokens} H={hidden} G={g1}/{g2} asym={asym} {t1} + "
-                                f"{t2}: {err:.3g}")
+                failures.append(f"T={num_tokens} H={hidden} G={g1}/{g2} asym={asym} "
+                                f"{act.name} {t1} + {t2}: {err:.3g}")
     assert not failures, "\n".join(failures[:20])
 
 

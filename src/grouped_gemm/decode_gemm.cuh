@@ -77,7 +77,7 @@ __device__ __forceinline__ void to_float(const uint4& v, cutlass::half_t, float*
 }
 
 // Weights k = 8 part .. 8 part + 7 of a 16-byte weight vector, to fp32. `bias` (int4 only) is
-// 2^23 + the vector's zero point.
+// 2^23 + the vector's zero point rounded to an integer (the fraction is applied by the caller).
 template <typename Element>
 __device__ __forceinline__ void weights8(const uint4& v, int, Element, float, float* out) {
   to_float(v, Element(), out);  // 16-bit weights: the vector is one part
@@ -271,6 +271,30 @@ struct Kernel {
     }
   }
 
+  // int4 zero points with a fraction: partial sums of q - round(z) become those of q - z by
+  // adding (round(z) - z) times the vector's activation sum (activations read again: cached).
+  static __device__ __forceinline__ void add_zero_fraction(const Element* const (&a_rows)[kRows],
+                                                        int64_t k,
+                                                        const float (&zero)[kColsPerWarp][kHalves],
+                                                        float (&partial)[kColsPerWarp][kHalves]
+                                                                        [kRows]) {
+#pragma unroll
+    for (int m = 0; m < kRows; ++m) {
+      float a_sum = 0.0f;
+      for (int part = 0; part < kVec / 8; ++part) {
+        float a[8];
+        to_float(load_cached(a_rows[m] + k + part * 8), Element(), a);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) a_sum += a[i];
+      }
+#pragma unroll
+      for (int c = 0; c < kColsPerWarp; ++c)
+#pragma unroll
+        for (int h = 0; h < kHalves; ++h)
+          partial[c][h][m] = fmaf(rintf(zero[c][h]) - zero[c][h], a_sum, partial[c][h][m]);
+    }
+  }
+
   static __device__ __forceinline__ void compute(const Params& p, int e, int first, int rows,
                                                  int64_t col0, int64_t n_total, int64_t k_total,
                                                  int lane) {
@@ -315,9 +339,9 @@ struct Kernel {
 
     for (int64_t k_base = int64_t(lane) * kVec; k_base < k_total; k_base += kUnroll * kStep) {
       uint4 w[kUnroll][kColsPerWarp][kHalves];
-      // Group-scaled: each vector's scale (int4: and zero point + 2^23), read with its weights.
+      // Group-scaled: each vector's scale (int4: and zero point), read with its weights.
       float group_scale[kGroupScaled ? kUnroll : 1][kColsPerWarp][kHalves];
-      float group_bias[kInt4 ? kUnroll : 1][kColsPerWarp][kHalves];
+      float group_zero[kInt4 ? kUnroll : 1][kColsPerWarp][kHalves];
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         const int64_t k = k_base + u * kStep;
@@ -332,8 +356,7 @@ struct Kernel {
                   (k < k_total ? k / p.group_size : 0) * scale_ld + w_cols[c][h];
               if constexpr (kInt4) {
                 group_scale[u][c][h] = to_float(static_cast<const Element*>(group_scales)[at]);
-                group_bias[u][c][h] =
-                    8388608.0f + (group_zeros != nullptr ? to_float(group_zeros[at]) : 8.0f);
+                group_zero[u][c][h] = group_zeros != nullptr ? to_float(group_zeros[at]) : 8.0f;
               } else if constexpr (kFp8) {
                 group_scale[u][c][h] = static_cast<const float*>(group_scales)[at];
               } else {
@@ -358,6 +381,15 @@ struct Kernel {
 #pragma unroll
               for (int m = 0; m < kRows; ++m) partial[c][h][m] = 0.0f;
         }
+        // int4: q - round(z) exactly per weight (2^23 + q - (2^23 + round(z))); a zero point's
+        // fraction (rare: checkpoints store integers) is applied to the vector's activation sum.
+        float bias[kInt4 ? kColsPerWarp : 1][kInt4 ? kHalves : 1];
+        if constexpr (kInt4) {
+#pragma unroll
+          for (int c = 0; c < kColsPerWarp; ++c)
+#pragma unroll
+            for (int h = 0; h < kHalves; ++h) bias[c][h] = 8388608.0f + rintf(group_zero[u][c][h]);
+        }
 #pragma unroll
         for (int part = 0; part < kVec / 8; ++part) {
           float wf[kColsPerWarp][kHalves][8];
@@ -365,7 +397,7 @@ struct Kernel {
           for (int c = 0; c < kColsPerWarp; ++c)
 #pragma unroll
             for (int h = 0; h < kHalves; ++h)
-              weights8(w[u][c][h], part, Weight(), kInt4 ? group_bias[kInt4 ? u : 0][c][h] : 0.0f,
+              weights8(w[u][c][h], part, Weight(), kInt4 ? bias[kInt4 ? c : 0][kInt4 ? h : 0] : 0.0f,
                        wf[c][h]);
 #pragma unroll
           for (int m = 0; m < kRows; ++m) {
@@ -379,6 +411,15 @@ struct Kernel {
                 for (int i = 0; i < 8; ++i)
                   target[c][h][m] = fmaf(wf[c][h][i], a[i], target[c][h][m]);
           }
+        }
+        if constexpr (kInt4) {
+          bool fraction = false;
+#pragma unroll
+          for (int c = 0; c < kColsPerWarp; ++c)
+#pragma unroll
+            for (int h = 0; h < kHalves; ++h)
+              fraction |= group_zero[u][c][h] != rintf(group_zero[u][c][h]);
+          if (fraction) add_zero_fraction(a_rows, k, group_zero[u], partial);
         }
         if constexpr (kGroupScaled) {
 #pragma unroll

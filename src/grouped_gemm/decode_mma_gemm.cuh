@@ -16,8 +16,9 @@
 //   j takes pairs 2j (k-slots 2t, 2t+1) and 2j + 1 (2t + 8, 2t + 9); the activations of
 //   the same k are paired with one byte permute.
 // - Scales (and zero points) per (K-group, column) are applied before the MMA as the int4
-//   mainloop does: w = q * s - z * s in one packed FMA (z = 8 without zero points, exact then;
-//   with zero points z * s is rounded once more). A lane's 32 k never straddle a group (groups
+//   mainloop does: q - z exactly (a packed subtraction of 2^7 or 2^10 + z; z = 8 without zero
+//   points), then one rounding of (q - z) * s; zero points that are no small integers take the
+//   fp32 formula instead (for the warp's whole batch). A lane's 32 k never straddle a group (groups
 //   are multiples of 32). Without zero points and with groups of whole 128-long chunks (G = 128,
 //   256, ..., per-channel K), the MMA takes q - 8 exactly and each chunk's fp32 sums are
 //   multiplied by their row's scale instead (one packed operation less per weight pair, and no
@@ -53,6 +54,12 @@ template <>
 struct Packed16<cutlass::bfloat16_t> {
   static constexpr uint32_t kMagic = 0x43004300u;  // (128, 128): q in the low mantissa bits
   static constexpr uint32_t kMinusMagicPlus8 = 0xC308C308u;  // (-136, -136)
+  static constexpr float kMagicValue = 128.0f;
+  // ((lo - 0) * s, (hi - 0) * s) rounded once each, as a pair.
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi, float s) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo * s, hi * s);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  }
   static __device__ __forceinline__ uint32_t fma(uint32_t a, uint32_t b, uint32_t c) {
     uint32_t d;
     asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
@@ -77,6 +84,11 @@ template <>
 struct Packed16<cutlass::half_t> {
   static constexpr uint32_t kMagic = 0x64006400u;  // (1024, 1024)
   static constexpr uint32_t kMinusMagicPlus8 = 0xE408E408u;  // (-1032, -1032)
+  static constexpr float kMagicValue = 1024.0f;
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi, float s) {
+    const __half2 v = __floats2half2_rn(lo * s, hi * s);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  }
   static __device__ __forceinline__ uint32_t fma(uint32_t a, uint32_t b, uint32_t c) {
     uint32_t d;
     asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
@@ -266,6 +278,7 @@ struct MmaKernel {
     uint4 w[kUnroll][kTiles][2];
     uint32_t scale2[kUnroll][kTiles][2];
     uint32_t shift2[kUnroll][kTiles][2];
+    bool exact_fp32;  // a zero point of the batch is no small integer: fp32 conversion, warp-wide
   };
 
   static __device__ __forceinline__ int64_t slice(const Source& src, int64_t c0, int u) {
@@ -273,6 +286,7 @@ struct MmaKernel {
   }
 
   static __device__ __forceinline__ void load(const Source& src, int64_t c0, Operands& o) {
+    o.exact_fp32 = false;
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t k = slice(src, c0, u);
@@ -286,22 +300,41 @@ struct MmaKernel {
                               : make_uint4(0, 0, 0, 0);
           const int64_t at = group * src.scale_ld + src.w_row[t][h];
           const float s = in_k ? to_float(src.scales[at]) : 0.0f;
-          if (src.post_scale) {
-            o.scale2[u][t][h] = __float_as_uint(s);
-            o.shift2[u][t][h] = 0;
-          } else {
-            const float z = src.zeros != nullptr ? to_float(src.zeros[at]) : 8.0f;
-            o.scale2[u][t][h] = Math::splat(s);
-            o.shift2[u][t][h] = Math::splat(-z * s);
-          }
+          const float z = src.zeros != nullptr ? to_float(src.zeros[at]) : 8.0f;
+          o.scale2[u][t][h] = __float_as_uint(s);
+          o.shift2[u][t][h] = __float_as_uint(z);
         }
     }
+    if (src.post_scale) return;  // scale2: s as fp32 bits
+    // Packed: (s, s) and -(2^7 or 2^10 + z) twice, so that q - z is exact and the product is
+    // rounded once (as the reference). Zero points that are no small integers (rare) take the
+    // fp32 formula for the whole batch of the warp (fp32 bits kept).
+    bool odd = false;
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+#pragma unroll
+      for (int t = 0; t < kTiles; ++t)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const float z = __uint_as_float(o.shift2[u][t][h]);
+          odd |= !(z == rintf(z) && fabsf(z) <= 64.0f);
+        }
+    o.exact_fp32 = __any_sync(0xffffffffu, odd);
+    if (o.exact_fp32) return;
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+#pragma unroll
+      for (int t = 0; t < kTiles; ++t)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          o.scale2[u][t][h] = Math::splat(__uint_as_float(o.scale2[u][t][h]));
+          o.shift2[u][t][h] = Math::splat(-(Math::kMagicValue + __uint_as_float(o.shift2[u][t][h])));
+        }
   }
 
   static __device__ __forceinline__ void multiply(const Source& src, int64_t c0,
                                                   const Operands& o,
                                                   float (&acc)[kTiles][kGroups][4]) {
-#pragma unroll
     float partial[kTiles][kGroups][4];  // post_scale: one chunk's sums
 #pragma unroll
     for (int t = 0; t < kTiles; ++t)
@@ -345,9 +378,15 @@ struct MmaKernel {
               const uint32_t biased = ((word >> (4 * (m % 4))) & 0x000F000Fu) | Math::kMagic;
               if (src.post_scale) {
                 afrag[2 * half + h] = Math::fma(biased, Math::one(), Math::kMinusMagicPlus8);
+              } else if (!o.exact_fp32) {
+                const uint32_t q = Math::fma(biased, Math::one(), o.shift2[u][t][h]);  // q - z
+                afrag[2 * half + h] = Math::fma(q, o.scale2[u][t][h], 0u);
               } else {
-                const uint32_t q = Math::fma(biased, Math::one(), Math::kMagic ^ 0x80008000u);
-                afrag[2 * half + h] = Math::fma(q, o.scale2[u][t][h], o.shift2[u][t][h]);
+                const float s = __uint_as_float(o.scale2[u][t][h]);
+                const float z = __uint_as_float(o.shift2[u][t][h]);
+                const uint32_t codes = (word >> (4 * (m % 4))) & 0x000F000Fu;
+                afrag[2 * half + h] = Math::pack(float(codes & 0xFu) - z, float(codes >> 16) - z,
+                                                 s);
               }
             }
           }
