@@ -138,15 +138,16 @@ struct Int4 {
       return;
     }
     // Other zero points: fp32, where q placed in the low mantissa bits of 2^23 is 2^23 + q
-    // exactly.
-    const float bias = 8388608.0f + zero;
+    // exactly; q - z is exact in fp32 (2^23 + z would round a fraction away).
     cutlass::NumericArrayConverter<Element, float, 8> convert;
     CUTLASS_PRAGMA_UNROLL
     for (int w = 0; w < 4; ++w) {
       cutlass::Array<float, 8> v;
       CUTLASS_PRAGMA_UNROLL
       for (int j = 0; j < 8; ++j) {
-        v[j] = (__uint_as_float(0x4B000000u | ((words[w] >> (4 * j)) & 0xFu)) - bias) * scale;
+        const float q =
+            __uint_as_float(0x4B000000u | ((words[w] >> (4 * j)) & 0xFu)) - 8388608.0f;
+        v[j] = (q - zero) * scale;
       }
       *reinterpret_cast<cutlass::Array<Element, 8>*>(&out[w]) = convert(v);
     }
