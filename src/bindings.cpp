@@ -86,6 +86,8 @@ py::dict descriptor_dict(const cutlass_moe::TacticDescriptor& d, int gemm) {
   out["gated"] = d.gated;
   out["split_k"] = d.split_k;
   out["decode"] = d.decode;
+  // 0: any GPU the build targets; 90: sm_90a code, runnable on compute capability 9.0 only.
+  out["required_cc"] = d.required_cc;
   if (d.gated) {
     py::list activations;
     for (int a = 0; a < cutlass_moe::kActivationCount; ++a) {

@@ -76,6 +76,23 @@ bool activation_stage_runs(const MoeProblem& p, bool fused_gemm1, bool has_fc1_b
   return !fused_gemm1 && (p.activation != Activation::kIdentity || has_fc1_bias);
 }
 
+// Kernel workspace (GroupedGemmArgs::kernel_workspace) of tactic t for the most persistent CTAs
+// it may launch; null t: the most any compiled tactic needs. 0 for the tactics without any (every
+// tactic of a build without sm90 tactics).
+size_t kernel_workspace_for(const GemmTactic* t) {
+  if (t != nullptr) {
+    return t->workspace_bytes != nullptr ? t->workspace_bytes(kMaxPersistentCtas) : 0;
+  }
+  static const size_t most = [] {
+    int count = 0;
+    const GemmTactic* const* all = gemm_tactics(&count);
+    size_t bytes = 0;
+    for (int i = 0; i < count; ++i) bytes = std::max(bytes, kernel_workspace_for(all[i]));
+    return bytes;
+  }();
+  return most;
+}
+
 // Which workspace buffers a call's tactics use. Default-constructed: every buffer, which serves
 // any tactic (profiling, and workspace_size without tactic names).
 struct WorkspacePlan {
@@ -85,6 +102,9 @@ struct WorkspacePlan {
   // Bit i: GEMM2 may be split into kSplitFactors[i]; its argument set, and fp32 partial sums
   // for the largest such split (both only where split_k_allowed).
   unsigned split_sets = (1u << kNumSplitFactors) - 1;
+  // Scratch of the GEMM kernels that keep per-CTA state in device memory (sm90 tactics). GEMM1
+  // and GEMM2 share it: GEMM2 starts after GEMM1 has completed (stream order, or PDL's wait).
+  size_t kernel_workspace = kernel_workspace_for(nullptr);
 };
 
 // The plan of a call with GEMM1 tactic t1 and GEMM2 tactic t2 (null: any tactic of that GEMM).
@@ -104,6 +124,7 @@ WorkspacePlan plan_for(const MoeProblem& p, const GemmTactic* t1, const GemmTact
     plan.split_sets = t2->split_k > 1 ? 1u << split_factor_index(t2->split_k) : 0u;
   }
   plan.gathered = plain_gemm1 || unsplit_gemm2;
+  plan.kernel_workspace = std::max(kernel_workspace_for(t1), kernel_workspace_for(t2));
   return plan;
 }
 
@@ -124,6 +145,9 @@ struct WorkspaceLayout {
   size_t fc1_out = 0;   // [T*k, N1]
   size_t act_out = 0;   // [T*k, I]
   size_t fc2_partials = 0;  // fp32 [splits, T*k, H] for the plan's largest split, if any
+  // Last, so that the other buffers keep their offsets: GroupedGemmArgs::kernel_workspace.
+  size_t kernel_workspace = 0;
+  size_t kernel_workspace_bytes = 0;
   size_t total = 0;
 
   static WorkspaceLayout make(const MoeProblem& p, size_t elem_bytes, const WorkspacePlan& plan) {
@@ -170,6 +194,8 @@ struct WorkspaceLayout {
     w.act_out = take(plan.act_out ? rows * static_cast<size_t>(p.inter_size) * elem_bytes : 0);
     w.fc2_partials =
         take(max_splits > 1 ? static_cast<size_t>(max_splits) * rows * hidden * sizeof(float) : 0);
+    w.kernel_workspace_bytes = plan.kernel_workspace;
+    w.kernel_workspace = take(plan.kernel_workspace);
     w.total = cursor;
     return w;
   }
@@ -229,6 +255,8 @@ struct WorkspaceLayout {
     a.ptr_scale = d.ptr_scale;
     a.ptr_zero = d.ptr_zero;
     a.ptr_rows = d.ptr_rows;
+    a.kernel_workspace = kernel_workspace_bytes > 0 ? base + kernel_workspace : nullptr;
+    a.kernel_workspace_bytes = kernel_workspace_bytes;
     return a;
   }
 };
@@ -299,6 +327,7 @@ __global__ void fill_random_kernel(Element* __restrict__ data, int64_t count, ui
 // Shared-memory, occupancy and SM count of one device, computed once per device.
 struct DeviceState {
   int sm_count = 0;
+  int cc = 0;  // compute capability, 10 * major + minor
   std::vector<int> blocks_per_sm;  // per entry of MoeRunner::Impl::tactics
   // Programmatic dependent launch is safe: an sm_90+ GPU running code compiled for sm_90+ (so
   // the kernels carry their griddepcontrol.wait; code JIT-compiled from older PTX does not).
@@ -344,7 +373,17 @@ struct MoeRunner::Impl {
     DeviceState state;
     CUTLASS_MOE_CHECK_CUDA(
         cudaDeviceGetAttribute(&state.sm_count, cudaDevAttrMultiProcessorCount, device));
-    for (const GemmTactic* t : tactics) state.blocks_per_sm.push_back(t->prepare());
+    int major = 0, minor = 0;
+    CUTLASS_MOE_CHECK_CUDA(
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    CUTLASS_MOE_CHECK_CUDA(
+        cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+    state.cc = 10 * major + minor;
+    // Arch-specific tactics (sm_90a) have no code for other GPUs: never prepared there.
+    for (const GemmTactic* t : tactics) {
+      const bool arch_ok = t->required_cc == 0 || t->required_cc == state.cc;
+      state.blocks_per_sm.push_back(arch_ok ? t->prepare() : 0);
+    }
     state.pdl = device_supports_pdl(device);
     return devices.emplace(device, std::move(state)).first->second;
   }
@@ -366,6 +405,13 @@ struct MoeRunner::Impl {
   // As lookup, and checked to run on the current device.
   size_t find(const std::string& name, int gemm, const DeviceState& state) const {
     const size_t i = lookup(name, gemm);
+    const int cc = tactics[i]->required_cc;
+    if (cc != 0 && cc != state.cc) {
+      throw InvalidArgument("tactic '" + name + "' is sm_" + std::to_string(cc) +
+                            "a code for compute capability " + std::to_string(cc / 10) + "." +
+                            std::to_string(cc % 10) + " GPUs only; this GPU is " +
+                            std::to_string(state.cc / 10) + "." + std::to_string(state.cc % 10));
+    }
     if (state.blocks_per_sm[i] <= 0) {
       throw InvalidArgument("tactic '" + name + "' needs " +
                             std::to_string(tactics[i]->smem_bytes) +
@@ -484,6 +530,7 @@ std::vector<TacticDescriptor> MoeRunner::tactics(int gemm, bool runnable_only) c
     d.gated = t->gated;
     d.split_k = t->split_k;
     d.decode = t->decode;
+    d.required_cc = t->required_cc;
     d.runnable = state != nullptr && state->blocks_per_sm[i] > 0;
     if (runnable_only && !d.runnable) continue;
     out.push_back(d);

@@ -13,14 +13,18 @@ for decode; the split factors of one tile share one compiled kernel with fp32 ou
 ``sm80_decode_bf16_int8_m2n16_c4x4_u4`` / ``sm80_decode_gated_bf16_bf16_m1n8_c2x4_u4``
 (weight-streaming decode kernels: up to 2 rows per expert per pass, 16 output columns per work
 item from 4 warps of 4 columns, 4 K-steps of loads in flight; src/grouped_gemm/decode_gemm.cuh).
+With ``--sm90`` (CMake option CUTLASS_MOE_SM90_TACTICS) the Hopper tactics are added, e.g.
+``sm90_bf16_bf16_m128n128k64_c1x1_cooperative`` (CUTLASS 3.x TMA + wgmma grouped GEMM, 128x128x64
+tile, 1x1 cluster, cooperative schedule; src/grouped_gemm/sm90_grouped_gemm.cuh), one per file
+(``sm90_grouped_gemm_*.cu``, compiled for sm_90a only); without it the output is unchanged.
 Instances
 are grouped a few per translation unit: every TU pays a fixed front-end cost, so batching is
 several times cheaper than one TU per tactic, while enough TUs remain to keep a parallel build
 busy.
 
 Usage (CMake runs this at configure time):
-    generate_kernels.py --out-dir DIR [--fast] [--per-file N]   # writes files, prints their paths
-    generate_kernels.py --list [--fast]                          # prints tactic names
+    generate_kernels.py --out-dir DIR [--fast] [--sm90] [--per-file N]  # writes files, prints them
+    generate_kernels.py --list [--fast] [--sm90]                         # prints tactic names
 """
 
 from __future__ import annotations
@@ -364,8 +368,92 @@ def _decode_tactics(fast: bool) -> list[Tactic]:
     return found
 
 
-def tactics(fast: bool = False) -> list[Tactic]:
-    """All tactics of a build, in registry order."""
+# Hopper tactics (sm_90a; src/grouped_gemm/sm90_grouped_gemm.cuh): CUTLASS 3.x grouped GEMM with
+# TMA loads and stores, wgmma and a warp-specialized persistent kernel, 16-bit weights, plain
+# epilogue (GEMM1 and GEMM2; a gated activation runs in the activation kernel after GEMM1).
+# (tile_m, tile_n, tile_k, cluster_m, cluster_n, schedule): cooperative tiles (two consumer warp
+# groups on one tile of at least 128 rows) for prefill, a ping-pong tile (the warp groups on
+# alternate 64-row tiles) for fewer rows per expert; a 2x1 cluster multicasts each weight tile to
+# two row tiles. Pipeline stages: as many as fit (CUTLASS's StageCountAutoCarveout). Compiled only
+# with --sm90; about a minute and 3 GB of memory per instance, so one instance per file.
+SM90_SCHEDULES = ("cooperative", "pingpong")
+FULL_TILES_SM90 = [
+    (128, 128, 64, 1, 1, "cooperative"),
+    (128, 128, 64, 2, 1, "cooperative"),
+    (128, 256, 64, 1, 1, "cooperative"),
+    (64, 128, 64, 1, 1, "pingpong"),
+]
+FAST_TILES_SM90 = [
+    (128, 128, 64, 1, 1, "cooperative"),
+    (64, 128, 64, 1, 1, "pingpong"),
+]
+SM90_PER_FILE = 1
+SM90_TEMPLATE = ("grouped_gemm/sm90_grouped_gemm.cuh", "grouped_gemm::Sm90GroupedGemm")
+
+
+@dataclasses.dataclass(frozen=True)
+class Sm90Tactic:
+    """A Hopper (sm_90a) tactic: 16-bit weights in the activation dtype, both GEMMs."""
+
+    dtype: str
+    tile_m: int
+    tile_n: int
+    tile_k: int
+    cluster_m: int
+    cluster_n: int
+    schedule: str  # an SM90_SCHEDULES entry
+    gemms: int = GEMM1 | GEMM2
+    required_cc: int = 90  # sm_90a code: compute capability 9.0 only (GemmTactic::required_cc)
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SM90_SCHEDULES:
+            raise ValueError(f"unknown sm90 schedule {self.schedule!r}")
+        if self.schedule == "cooperative" and self.tile_m < 128:
+            raise ValueError("cooperative sm90 tiles need at least 128 rows")
+
+    @property
+    def weight_tag(self) -> str:
+        return self.dtype
+
+    @property
+    def weight_enum(self) -> str:
+        return DTYPES[self.dtype][1]
+
+    @property
+    def name(self) -> str:
+        return (f"sm90_{self.dtype}_{self.weight_tag}_m{self.tile_m}n{self.tile_n}k{self.tile_k}"
+                f"_c{self.cluster_m}x{self.cluster_n}_{self.schedule}")
+
+    @property
+    def symbol(self) -> str:
+        return "kTactic_" + self.name
+
+    @property
+    def kernel_alias(self) -> str:
+        return "Kernel_" + self.name
+
+    @property
+    def file_kind(self) -> str:
+        return "sm90"
+
+    @property
+    def warp_group_tile(self) -> tuple[int, int, int]:
+        """One consumer warp group's tile (what the registry records as the warp tile): half the
+        rows of a cooperative tile, a whole ping-pong tile."""
+        rows = self.tile_m // 2 if self.schedule == "cooperative" else self.tile_m
+        return rows, self.tile_n, self.tile_k
+
+
+def sm90_tactics(fast: bool = False) -> list[Sm90Tactic]:
+    """The Hopper tactics that ``--sm90`` adds, in registry order."""
+    tiles = FAST_TILES_SM90 if fast else FULL_TILES_SM90
+    return [Sm90Tactic(dtype, *tile) for dtype in DTYPES for tile in tiles]
+
+
+def tactics(fast: bool = False, sm90: bool = False) -> list[Tactic | Sm90Tactic]:
+    """All tactics of a build, in registry order (the Hopper ones last, only with ``sm90``)."""
+    if sm90:
+        return [*tactics(fast), *sm90_tactics(fast)]
     tiles = FAST_TILES_16BIT if fast else FULL_TILES_16BIT
     tiles_int8 = FAST_TILES_INT8 if fast else FULL_TILES_INT8
     tiles_int4 = FAST_TILES_INT4 if fast else FULL_TILES_INT4
@@ -450,7 +538,39 @@ def _instance_file(group: list[Tactic]) -> str:
     return "\n".join(lines)
 
 
-def _registry_file(all_tactics: list[Tactic]) -> str:
+def _sm90_instance_file(group: list[Sm90Tactic]) -> str:
+    header, template = SM90_TEMPLATE
+    lines = [
+        "// Generated by tools/generate_kernels.py; do not edit.",
+        "// sm_90a only (CMake option CUTLASS_MOE_SM90_TACTICS).",
+        f'#include "{header}"',
+        "",
+        "namespace cutlass_moe {",
+        "namespace generated {",
+        "",
+    ]
+    for t in group:
+        element, dtype_enum = DTYPES[t.dtype]
+        kernel = t.kernel_alias
+        pingpong = _cpp_bool(t.schedule == "pingpong")
+        warp_m, warp_n, warp_k = t.warp_group_tile
+        lines += [
+            (f"using {kernel} = {template}<{element}, {t.tile_m}, {t.tile_n}, {t.tile_k}, "
+             f"{t.cluster_m}, {t.cluster_n}, {pingpong}>;"),
+            f"extern const GemmTactic {t.symbol} = {{",
+            f'    "{t.name}", {dtype_enum}, {t.weight_enum},',
+            f"    {t.tile_m}, {t.tile_n}, {t.tile_k}, {warp_m}, {warp_n}, {warp_k},",
+            f"    {kernel}::kStages, {kernel}::kThreads, {kernel}::kSmemBytes, {t.gemms},",
+            "    false, 1, false,",
+            f"    &{kernel}::prepare, &{kernel}::launch,",
+            f"    {t.required_cc}, &{kernel}::workspace_bytes}};",
+            "",
+        ]
+    lines += ["}  // namespace generated", "}  // namespace cutlass_moe", ""]
+    return "\n".join(lines)
+
+
+def _registry_file(all_tactics: list[Tactic | Sm90Tactic]) -> str:
     lines = [
         "// Generated by tools/generate_kernels.py; do not edit.",
         '#include "cutlass_moe/tactic.h"',
@@ -488,9 +608,9 @@ def _write_if_changed(path: Path, text: str) -> None:
     path.write_text(text)
 
 
-def generate(out_dir: Path, fast: bool, per_file: int) -> list[Path]:
+def generate(out_dir: Path, fast: bool, per_file: int, sm90: bool = False) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    all_tactics = tactics(fast)
+    all_tactics = tactics(fast, sm90)
     names = [t.name for t in all_tactics]
     if len(set(names)) != len(names):
         raise SystemExit("generate_kernels.py: duplicate tactic names")
@@ -504,11 +624,17 @@ def generate(out_dir: Path, fast: bool, per_file: int) -> list[Path]:
             # 16-bit files keep their original names; others carry the weight tag.
             suffix = "" if file_kind == "16bit" else f"_{file_kind}"
             stem = f"sm80_grouped_gemm_{dtype}{suffix}"
-            for index in range(0, len(kernels), per_file):
-                batch = set(kernels[index : index + per_file])
-                path = out_dir / f"{stem}_{index // per_file}.cu"
+            make = _instance_file
+            batch_size = per_file
+            if file_kind == "sm90":
+                # Their own files (CMake compiles sm90_grouped_gemm_*.cu for sm_90a only).
+                stem = f"sm90_grouped_gemm_{dtype}"
+                make, batch_size = _sm90_instance_file, SM90_PER_FILE
+            for index in range(0, len(kernels), batch_size):
+                batch = set(kernels[index : index + batch_size])
+                path = out_dir / f"{stem}_{index // batch_size}.cu"
                 group = [t for t in group_all if t.kernel_alias in batch]
-                _write_if_changed(path, _instance_file(group))
+                _write_if_changed(path, make(group))
                 written.append(path)
     registry = out_dir / "tactic_registry.cu"
     _write_if_changed(registry, _registry_file(all_tactics))
@@ -525,16 +651,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", type=Path, help="where to write the generated .cu files")
     parser.add_argument("--fast", action="store_true", help="one or two tactics per GEMM")
     parser.add_argument("--per-file", type=int, default=3, help="tactics per translation unit")
+    parser.add_argument("--sm90", action="store_true",
+                        help="add the Hopper (sm_90a) tactics, in sm90_grouped_gemm_*.cu files")
     parser.add_argument("--list", action="store_true", help="print tactic names and exit")
     args = parser.parse_args(argv)
     if args.list:
-        print("\n".join(t.name for t in tactics(args.fast)))
+        print("\n".join(t.name for t in tactics(args.fast, args.sm90)))
         return 0
     if args.out_dir is None:
         parser.error("--out-dir is required unless --list is given")
     if args.per_file < 1:
         parser.error("--per-file must be at least 1")
-    files = generate(args.out_dir, args.fast, args.per_file)
+    files = generate(args.out_dir, args.fast, args.per_file, args.sm90)
     sys.stdout.write(";".join(str(p) for p in files))
     return 0
 

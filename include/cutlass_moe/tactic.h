@@ -3,6 +3,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include <cstddef>
 #include <cstdint>
 #include <string>
 
@@ -24,7 +25,8 @@ struct TacticDescriptor {
   bool gated = false;     // fused gated GEMM1 (gather + both halves + SwiGLU/GeGLU)
   int split_k = 1;        // GEMM2 split over K into this many fp32 partial sums (1: no split)
   bool decode = false;    // weight-streaming decode kernel (few rows per expert), not CUTLASS
-  bool runnable = false;  // fits this device's shared memory and occupancy
+  int required_cc = 0;    // GemmTactic::required_cc (90: sm_90a code, compute capability 9.0 only)
+  bool runnable = false;  // fits this device's shared memory and occupancy (and compute capability)
 };
 
 // Device-resident arguments of one grouped GEMM: D_e = A_e (M_e x K, row-major) * B_e (K x N,
@@ -67,7 +69,17 @@ struct GroupedGemmArgs {
   int32_t** ptr_rows = nullptr;  // [problem_count] row indices (gated tactics only)
   GatedEpilogueArgs gated;       // gated tactics only
   bool pdl = false;  // launch as a programmatic dependent of the stream's previous kernel
+  // Device scratch of tactics with GemmTactic::workspace_bytes (the sm90 tactics' per-CTA TMA
+  // descriptor copies), 128-byte aligned; other tactics ignore it. Written by the kernel itself
+  // before it is read, so it needs no initialisation.
+  void* kernel_workspace = nullptr;
+  size_t kernel_workspace_bytes = 0;
 };
+
+// Most persistent CTAs a tactic with kernel workspace launches, and so what the runner reserves
+// kernel workspace for: the SM count of a full GH100 die (no compute capability 9.0 GPU has
+// more; a GPU with more SMs would run such a tactic on this many).
+constexpr int kMaxPersistentCtas = 144;
 
 // Tactics that split GEMM2 over K run only for calls of at most this many expanded rows (T*k):
 // the decode regime, where few output tiles leave SMs idle. Their fp32 partial sums need
@@ -104,6 +116,15 @@ struct GemmTactic {
   int (*prepare)();
   // Launches the grouped kernel with `threadblock_count` persistent blocks.
   void (*launch)(const GroupedGemmArgs& args, int threadblock_count, cudaStream_t stream);
+  // The members below have defaults, so registry entries of tactics without them end at launch.
+  // The one compute capability (10 * major + minor) whose arch-specific code the tactic is, or 0
+  // for every GPU the build targets. 90: sm_90a code (TMA + wgmma: src/grouped_gemm/
+  // sm90_grouped_gemm.cuh), which runs on compute capability 9.0 only; elsewhere the runner
+  // lists it as not runnable and never calls its prepare or launch.
+  int required_cc = 0;
+  // Bytes of GroupedGemmArgs::kernel_workspace the tactic needs for `ctas` persistent CTAs; null
+  // when it needs none. The runner reserves it for kMaxPersistentCtas.
+  size_t (*workspace_bytes)(int ctas) = nullptr;
 };
 
 // Registry generated at build time: every tactic compiled into this build.

@@ -230,7 +230,8 @@ def tactics(
     Each is a dict with keys name, gemm, tile_m, tile_n, tile_k, warp_m, warp_n, warp_k, stages,
     smem_bytes, threads, runnable, act_dtype, weight_dtype ("bf16", "int8", "int4", "fp8",
     "mxfp4", ...), gated,
-    split_k, decode (see include/cutlass_moe/runner.h) and, for
+    split_k, decode, required_cc (0, or 90 for the sm_90a tactics ``sm90_*``, runnable on
+    compute capability 9.0 only; see include/cutlass_moe/tactic.h) and, for
     tactics that serve only some activations (fused gated GEMM1), ``activations``: a frozenset
     of :class:`ActivationType` (the binding's C++ values are converted here, at the boundary).
     Callers must not mutate it.
