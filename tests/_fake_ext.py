@@ -18,7 +18,7 @@ cutlass_moe.fp8 / cutlass_moe.mxfp4), refuse zero points, and expose the tensor-
 ``sm80_<act>_fp8_...`` / ``sm80_<act>_mxfp4_...`` on int4's tiles plus the decode tactics
 ``sm80_decode[_gated]_<act>_<fmt>_...`` (as the build since the fp8/mxfp4 decode kernels). Each
 format's decode tactics include those that ``cutlass_moe.tactics.DEFAULT_DECODE`` names, so CPU
-tests see the measured decode defaults.
+tests see the measured decode defaults (and int4's tensor-core decode tactics, candidates only).
 """
 
 from __future__ import annotations
@@ -72,12 +72,14 @@ INT4_TILES = ((16, 64, 16, 32, 4), (16, 128, 16, 32, 4), (16, 128, 16, 32, 6),
 
 #: The fake builds' decode tactics per weight format: (name with ``{act}``, gated, rows per
 #: pass, output columns per work item), named as the real build names them. Gated ones are
-#: GEMM1's (gated activations only); plain ones serve both GEMMs. Besides an FMA decode tactic
-#: of 2 rows per pass (and its gated twin), every format lists the tactics that
-#: cutlass_moe.tactics.DEFAULT_DECODE names (int4: the tensor-core ``sm80_decode_mma*`` ones).
+#: GEMM1's (gated activations only); plain ones serve both GEMMs. Every format lists an FMA
+#: decode tactic of 2 rows per pass and its gated twin, and the tactics that
+#: cutlass_moe.tactics.DEFAULT_DECODE names (fp8's plain m2n8 among them); int4 also lists
+#: tensor-core ``sm80_decode_mma*`` ones, candidates that DEFAULT_DECODE does not name.
 DECODE_TACTICS = {
     "int4": (("sm80_decode_{act}_int4_m2n8_c2x4_u4", False, 2, 8),
              ("sm80_decode_gated_{act}_int4_m2n8_c2x4_u4", True, 2, 8),
+             ("sm80_decode_{act}_int4_m1n8_c2x4_u4", False, 1, 8),
              ("sm80_decode_mma_{act}_int4_m8n32_k4_u2", False, 8, 32),
              ("sm80_decode_mma_{act}_int4_m16n32_k4_u2", False, 16, 32),
              ("sm80_decode_mma_gated_{act}_int4_m8n16_k4_u2", True, 8, 16)),
@@ -127,8 +129,8 @@ def _tensor_core_descriptors(gemm: int, act: str, fmt: str) -> list[dict[str, An
 def int4_tactic_descriptors(gemm: int, act: str = "bf16") -> list[dict[str, Any]]:
     """The fake int4 runner's tactics, named like the real ones: tensor-core tactics (no
     split-K, no fused gated ones) and the decode tactics of :data:`DECODE_TACTICS` (weight
-    streaming and tensor-core ``sm80_decode_mma*``; GEMM1 also has the gated ones, for gated
-    activations only)."""
+    streaming ones, among them the default m1n8, and tensor-core ``sm80_decode_mma*`` ones;
+    GEMM1 also has the gated ones, for gated activations only)."""
     return _tensor_core_descriptors(gemm, act, "int4") + decode_tactic_descriptors(gemm, act,
                                                                                    "int4")
 

@@ -603,32 +603,41 @@ def test_runner_keys_are_their_own(fake_cpu):
 NARROW_M = "m16n64k64_w16x32x64_s4"
 
 
-def _decode_defaults(fmt, act="bf16"):
-    """DEFAULT_DECODE's fp8 / mxfp4 choice at up to a quarter row per expert: (a gated GEMM1's,
-    GEMM2's and an ungated GEMM1's); mxfp4 has no gated decode default."""
-    plain = f"sm80_decode_{act}_{fmt}_m1n8_c2x4_u4"
-    gated = f"sm80_decode_gated_{act}_fp8_m1n4_c1x4_u4" if fmt == "fp8" else plain
-    return gated, plain
+def _decode_defaults(fmt, rows, act="bf16"):
+    """DEFAULT_DECODE's fp8 / mxfp4 choice at ``rows`` rows per expert (at most half a row):
+    (a gated GEMM1's, GEMM2's and an ungated GEMM1's). fp8: up to a quarter row the gated m1n4
+    and the plain m1n8, up to half a row m2n8; mxfp4: m1n8 (no gated decode default)."""
+    if fmt == "mxfp4":
+        plain = f"sm80_decode_{act}_mxfp4_m1n8_c2x4_u4"
+        return plain, plain
+    if rows <= 0.25:
+        return f"sm80_decode_gated_{act}_fp8_m1n4_c1x4_u4", f"sm80_decode_{act}_fp8_m1n8_c2x4_u4"
+    plain = f"sm80_decode_{act}_fp8_m2n8_c2x4_u4"
+    return plain, plain
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("t,e,tile", [(1, 8, None), (1, 4, NARROW_M), (16, 4, NARROW_M),
-                                      (17, 4, MID_M), (128, 4, MID_M), (129, 4, PREFILL)])
+@pytest.mark.parametrize("t,e,tile", [(1, 8, None), (1, 4, None), (3, 10, NARROW_M),
+                                      (2, 4, NARROW_M), (16, 4, NARROW_M), (17, 4, MID_M),
+                                      (128, 4, MID_M), (129, 4, PREFILL)])
 def test_default_tactics(fake_cpu, fresh_tuner, monkeypatch, fmt, t, e, tile):
-    """By rows per expert T*k/E (k=2): up to a quarter row DEFAULT_DECODE's decode tactics
-    (fp8: the gated one for a gated activation's GEMM1), then the format's table: <= 8 the
-    16x64 tile, <= 64 the 32-row tile, then the prefill tile; the names carry the format."""
+    """By rows per expert T*k/E (k=2): up to half a row DEFAULT_DECODE's decode tactics (fp8 up
+    to a quarter row the gated m1n4 for a gated activation's GEMM1 and m1n8 otherwise, then
+    m2n8; mxfp4 m1n8), then the format's table: <= 8 the 16x64 tile, <= 64 the 32-row tile,
+    then the prefill tile; the names carry the format."""
     monkeypatch.delenv(tactics.DECODE_ENV, raising=False)
     p = _problem(fmt, t=t, e=e, seed=3)
     cutlass_fused_moe(p.x, p.ids, p.router, p.q1, p.q2, BF16, quant_scales=p.scales,
                       **FLAGS[fmt])
     (call,) = _runner(fmt).calls
-    expected = _decode_defaults(fmt) if tile is None else (_name(fmt, tile), _name(fmt, tile))
+    rows = t * K / e
+    expected = (_decode_defaults(fmt, rows) if tile is None
+                else (_name(fmt, tile), _name(fmt, tile)))
     assert (call["tactic1"], call["tactic2"]) == expected
     assert fresh_tuner.last_selection(1).source == "default"
     dtypes = (BF16, fmt, BF16)
     if tile is None:
-        plain = _decode_defaults(fmt)[1]
+        plain = _decode_defaults(fmt, rows)[1]
         # An ungated GEMM1 takes the plain decode tactic, as GEMM2 does.
         assert tactics.default_tactics(dtypes, ActivationType.Relu, CPU, t, K, e) == (plain,
                                                                                         plain)
@@ -644,40 +653,50 @@ def test_tables():
     for table in (tactics.DEFAULT_TABLE_FP8, tactics.DEFAULT_TABLE_MXFP4):
         assert table[0] == (8.0, 16, 64, 4)
         assert table[1:] == tactics.DEFAULT_TABLE_INT4[1:]
-    assert tactics.DEFAULT_DECODE["fp8"] == ((0.25, (
-        "sm80_decode_gated_{act}_fp8_m1n4_c1x4_u4", "sm80_decode_{act}_fp8_m1n8_c2x4_u4")),)
-    assert tactics.DEFAULT_DECODE["mxfp4"] == ((0.25, (
+    assert tactics.DEFAULT_DECODE["fp8"] == (
+        (0.25, ("sm80_decode_gated_{act}_fp8_m1n4_c1x4_u4", "sm80_decode_{act}_fp8_m1n8_c2x4_u4")),
+        (0.5, ("sm80_decode_{act}_fp8_m2n8_c2x4_u4",)))
+    assert tactics.DEFAULT_DECODE["mxfp4"] == ((0.5, (
         "sm80_decode_{act}_mxfp4_m1n8_c2x4_u4",)),)
     # The fast build lacks the 16x64 tile: the 16-row tile it has.
     fast_build = [{"name": _name("fp8", tile), "tile_m": m, "tile_n": 128, "stages": s,
                    "weight_dtype": "fp8"} for tile, m, s in ((SMALL_M, 16, 4), (PREFILL, 128, 3))]
     assert [tactics.default_tactic(fast_build, rows)
-            for rows in (0.25, 1, 8, 9, 64, 65, 4096)] == [
-        _name("fp8", SMALL_M)] * 3 + [_name("fp8", PREFILL)] * 4
+            for rows in (0.25, 0.5, 1, 8, 9, 64, 65, 4096)] == [
+        _name("fp8", SMALL_M)] * 4 + [_name("fp8", PREFILL)] * 4
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_decode_defaults_fall_back_to_the_table(fmt):
-    """Without DEFAULT_DECODE's names among the descriptors (the fast build's decode tactics are
-    others), the table decides; a gated GEMM1 without the gated name takes the plain one."""
+    """Without the names of DEFAULT_DECODE's row for the rows among the descriptors (the fast
+    build has only fp8's m2n8 of them), the table decides; a gated GEMM1 without the gated name
+    takes the plain one."""
     tensor_core = [{"name": _name(fmt, tile), "tile_m": m, "tile_n": n, "stages": 4,
                     "weight_dtype": fmt} for tile, m, n in ((NARROW_M, 16, 64), (MID_M, 32, 128))]
-    gated, plain = _decode_defaults(fmt)
-    other = f"sm80_decode_bf16_{fmt}_m2n8_c2x4_u4"
+    other = f"sm80_decode_bf16_{fmt}_m4n4_c1x4_u2"  # a decode tactic that no row names
 
     def decode(name, is_gated=False):
         return {"name": name, "tile_m": 1, "tile_n": 8, "stages": 4, "weight_dtype": fmt,
                 "decode": True, "gated": is_gated}
 
-    assert tactics.default_tactic(tensor_core + [decode(other)], 0.25) == _name(fmt, NARROW_M)
-    assert tactics.default_tactic(tensor_core + [decode(other), decode(plain)], 0.25) == plain
-    assert tactics.default_tactic(tensor_core + [decode(plain), decode(gated, True)],
-                                  0.25) == gated
-    assert tactics.default_tactic(tensor_core + [decode(plain), decode(gated, True)],
-                                  0.26) == _name(fmt, NARROW_M)
-    # A decode tactic that is not runnable is no default either.
-    assert tactics.default_tactic(tensor_core + [dict(decode(plain), runnable=False)],
-                                  0.1) == _name(fmt, NARROW_M)
+    narrow = _name(fmt, NARROW_M)
+    for rows in (0, 0.25, 0.5):
+        gated, plain = _decode_defaults(fmt, rows)
+        assert tactics.default_tactic(tensor_core + [decode(other)], rows) == narrow
+        assert tactics.default_tactic(tensor_core + [decode(other), decode(plain)], rows) == plain
+        assert tactics.default_tactic(
+            tensor_core + [decode(plain), decode(gated, gated != plain)], rows) == gated
+        # A decode tactic that is not runnable is no default either.
+        assert tactics.default_tactic(tensor_core + [dict(decode(plain), runnable=False)],
+                                      rows) == narrow
+    every = {name for rows in (0.25, 0.5) for name in _decode_defaults(fmt, rows)}
+    named = tensor_core + [decode(name, "gated" in name) for name in sorted(every)]
+    assert tactics.default_tactic(named, 0.6) == narrow
+    if fmt == "fp8":
+        # From a quarter to half a row only m2n8 is named: m1n8 and the gated m1n4 are not.
+        quarter = tensor_core + [decode(name, "gated" in name)
+                                 for name in _decode_defaults(fmt, 0.25)]
+        assert tactics.default_tactic(quarter, 0.26) == narrow
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -686,7 +705,7 @@ def test_candidates_and_decode_tactics(fake_cpu, monkeypatch, fmt):
     dtypes = (BF16, fmt, BF16)
     decode = f"sm80_decode_bf16_{fmt}_m2n8_c2x4_u4"
     gated = f"sm80_decode_gated_bf16_{fmt}_m2n8_c2x4_u4"
-    defaults = set(_decode_defaults(fmt))
+    defaults = set(_decode_defaults(fmt, 0.25)) | set(_decode_defaults(fmt, 0.5))
     monkeypatch.setenv(tactics.DECODE_ENV, "0")
     for gemm in (1, 2):
         descs = tactics.candidates(dtypes, gemm, ActivationType.Swiglu, CPU)
@@ -706,9 +725,12 @@ def test_candidates_and_decode_tactics(fake_cpu, monkeypatch, fmt):
         assert decode in relu and gated not in relu
         gemm2 = tactics.candidate_names(dtypes, 2, ActivationType.Swiglu, CPU)
         assert decode in gemm2 and gated not in gemm2
-        # ... and the measured decode defaults at a quarter row per expert (T=1, E=8)
+        # ... and the measured decode defaults at a quarter and half a row per expert (T=1,
+        # E=8 and E=4)
         assert tactics.default_tactics(dtypes, ActivationType.Swiglu, CPU, 1, K, 8) == (
-            _decode_defaults(fmt))
+            _decode_defaults(fmt, 0.25))
+        assert tactics.default_tactics(dtypes, ActivationType.Swiglu, CPU, 1, K, 4) == (
+            _decode_defaults(fmt, 0.5))
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

@@ -813,60 +813,75 @@ def _int4_descs(fast: bool, act: str = "bf16", weight: str = "int4"):
     ]
 
 
-_MMA8_GATED, _MMA8, _MMA16 = ("decode_mma_gated_{act}_int4_m8n16_k4_u2",
-                              "decode_mma_{act}_int4_m8n32_k4_u2",
-                              "decode_mma_{act}_int4_m16n32_k4_u2")
+_INT4_M1N8 = "decode_{act}_int4_m1n8_c2x4_u4"
+_INT4_SMALL = "{act}_int4_m16n128k64_w16x32x64_s4"
 _INT4_MID, _INT4_PREFILL = "{act}_int4_m32n128k64_w32x32x64_s4", "{act}_int4_m128n128k64_w64x64x64_s3"
 
 
 @pytest.mark.parametrize("act", ["bf16", "fp16"])
-@pytest.mark.parametrize("rows,gemm1,gemm2", [
-    # DEFAULT_DECODE's int4 rows name tactics of the full list: up to 4 rows per expert the
-    # 8-row tensor-core decode tactics (the gated one for a gated activation's GEMM1), up to 16
-    # the 16-row one; then the int4 table: the 32-row tile up to 64, then the 128x128 prefill
-    # tile.
-    (0, _MMA8_GATED, _MMA8), (1, _MMA8_GATED, _MMA8), (4, _MMA8_GATED, _MMA8),
-    (4.5, _MMA16, _MMA16), (8, _MMA16, _MMA16), (16, _MMA16, _MMA16),
-    (17, _INT4_MID, _INT4_MID), (64, _INT4_MID, _INT4_MID),
-    (65, _INT4_PREFILL, _INT4_PREFILL), (8192, _INT4_PREFILL, _INT4_PREFILL),
+@pytest.mark.parametrize("rows,tactic", [
+    # DEFAULT_DECODE's int4 row names a tactic of the full list: up to half a row per expert the
+    # FMA decode m1n8 (GEMM1, gated or not, and GEMM2); then the int4 table: the 16x128 tile up
+    # to 8, the 32-row tile up to 64, then the 128x128 prefill tile. The tensor-core decode
+    # tactics (sm80_decode_mma*) are never a default.
+    (0, _INT4_M1N8), (0.25, _INT4_M1N8), (0.5, _INT4_M1N8),
+    (0.6, _INT4_SMALL), (1, _INT4_SMALL), (4, _INT4_SMALL), (8, _INT4_SMALL),
+    (9, _INT4_MID), (16, _INT4_MID), (64, _INT4_MID),
+    (65, _INT4_PREFILL), (8192, _INT4_PREFILL),
 ])
-def test_default_tactic_on_int4_tactics(act, rows, gemm1, gemm2):
+def test_default_tactic_on_int4_tactics(act, rows, tactic):
     descs = _int4_descs(fast=False, act=act)
     if not descs:
         pytest.skip("tools/generate_kernels.py has no int4 tactics in this checkout")
     assert any(d["decode"] for d in descs)
+    assert any(d["name"].startswith("sm80_decode_mma_") for d in descs)
     assert not any(d["split_k"] > 1 or (d["gated"] and not d["decode"]) for d in descs)
-    assert default_tactic(descs, rows) == "sm80_" + gemm1.format(act=act)
-    # GEMM2 and an ungated activation's GEMM1 (no gated decode tactic) take the plain one.
-    assert default_tactic([d for d in descs if not d["gated"]], rows) == (
-        "sm80_" + gemm2.format(act=act))
+    expected = "sm80_" + tactic.format(act=act)
+    assert default_tactic(descs, rows) == expected
+    # GEMM2 and an ungated activation's GEMM1 (no gated decode tactic) take the same one.
+    assert default_tactic([d for d in descs if not d["gated"]], rows) == expected
     # Decode tactics off (CUTLASS_MOE_DECODE_TACTICS=0): the int4 table alone.
     table = "m16n128k64_w16x32x64_s4" if rows <= 8 else (
         "m32n128k64_w32x32x64_s4" if rows <= 64 else "m128n128k64_w64x64x64_s3")
     assert default_tactic([d for d in descs if not d["decode"]], rows) == (
         f"sm80_{act}_int4_{table}")
+    # Without the m1n8 decode tactic (the fast build's case) the table decides too.
+    without = [d for d in descs if d["name"] != f"sm80_decode_{act}_int4_m1n8_c2x4_u4"]
+    assert default_tactic(without, rows) == f"sm80_{act}_int4_{table}"
+
+
+_NARROW = "m16n64k64_w16x32x64_s4"
 
 
 @pytest.mark.parametrize("act", ["bf16", "fp16"])
 @pytest.mark.parametrize("weight", ["fp8", "mxfp4"])
 @pytest.mark.parametrize("rows,tile", [
-    (0, None), (0.25, None), (0.26, "m16n64k64_w16x32x64_s4"), (1, "m16n64k64_w16x32x64_s4"),
-    (8, "m16n64k64_w16x32x64_s4"), (9, "m32n128k64_w32x32x64_s4"),
+    (0, None), (0.25, None), (0.26, None), (0.5, None), (0.6, _NARROW), (1, _NARROW),
+    (8, _NARROW), (9, "m32n128k64_w32x32x64_s4"),
     (64, "m32n128k64_w32x32x64_s4"), (65, "m128n128k64_w64x64x64_s3"),
 ])
 def test_default_tactic_on_fp8_and_mxfp4_tactics(act, weight, rows, tile):
-    """DEFAULT_DECODE's fp8 / mxfp4 row (up to a quarter row per expert) names tactics of the
-    full list, then the format's table: 16x64 up to 8 rows, 32x128 up to 64, then 128x128."""
+    """DEFAULT_DECODE's fp8 / mxfp4 rows name tactics of the full list: fp8 up to a quarter row
+    per expert the gated m1n4 for a gated GEMM1 and m1n8 otherwise, up to half a row m2n8;
+    mxfp4 up to half a row m1n8 (a gated GEMM1 too). Then the format's table: 16x64 up to 8
+    rows, 32x128 up to 64, then 128x128."""
     descs = _int4_descs(fast=False, act=act, weight=weight)
     if not descs:
         pytest.skip(f"tools/generate_kernels.py has no {weight} tactics in this checkout")
     plain = [d for d in descs if not d["gated"]]
     if tile is None:
-        # mxfp4 has no gated decode default: a gated GEMM1 takes the plain one too.
-        gated_name = (f"sm80_decode_gated_{act}_fp8_m1n4_c1x4_u4" if weight == "fp8"
-                      else f"sm80_decode_{act}_mxfp4_m1n8_c2x4_u4")
+        if weight == "mxfp4":
+            gated_name = plain_name = f"sm80_decode_{act}_mxfp4_m1n8_c2x4_u4"
+        elif rows <= 0.25:
+            gated_name = f"sm80_decode_gated_{act}_fp8_m1n4_c1x4_u4"
+            plain_name = f"sm80_decode_{act}_fp8_m1n8_c2x4_u4"
+        else:
+            gated_name = plain_name = f"sm80_decode_{act}_fp8_m2n8_c2x4_u4"
         assert default_tactic(descs, rows) == gated_name
-        assert default_tactic(plain, rows) == f"sm80_decode_{act}_{weight}_m1n8_c2x4_u4"
+        assert default_tactic(plain, rows) == plain_name
+        # Decode tactics off: the table's 16x64 tile.
+        assert default_tactic([d for d in descs if not d["decode"]], rows) == (
+            f"sm80_{act}_{weight}_{_NARROW}")
     else:
         assert default_tactic(descs, rows) == default_tactic(plain, rows) == (
             f"sm80_{act}_{weight}_{tile}")
@@ -874,18 +889,24 @@ def test_default_tactic_on_fp8_and_mxfp4_tactics(act, weight, rows, tile):
 
 @pytest.mark.parametrize("weight", ["int4", "fp8", "mxfp4"])
 @pytest.mark.parametrize("rows,expected", [
-    (0.25, "m16n128k64_w16x32x64_s4"), (1, "m16n128k64_w16x32x64_s4"),
-    (8, "m16n128k64_w16x32x64_s4"),
+    (0.25, "m16n128k64_w16x32x64_s4"), (0.5, "m16n128k64_w16x32x64_s4"),
+    (1, "m16n128k64_w16x32x64_s4"), (8, "m16n128k64_w16x32x64_s4"),
     (9, "m128n128k64_w64x64x64_s3"), (1000, "m128n128k64_w64x64x64_s3"),
 ])
 def test_default_tactic_on_the_fast_group_scaled_build(weight, rows, expected):
-    """The fast build has none of DEFAULT_DECODE's tactics (its decode tactics are others): the
-    table decides, on the fast build's two tiles."""
+    """The fast build's decode tactics (m2n8 and gated m2n4 per format, int4's first tensor-core
+    decode ones) include one of DEFAULT_DECODE's names only for fp8: m2n8, its default from a
+    quarter to half a row per expert. Otherwise the table decides, on the fast build's two
+    tiles."""
     descs = _int4_descs(fast=True, weight=weight)
     if not descs:
         pytest.skip(f"tools/generate_kernels.py has no {weight} tactics in this checkout")
     assert any(d["decode"] for d in descs)
-    assert default_tactic(descs, rows) == f"sm80_bf16_{weight}_{expected}"
+    if weight == "fp8" and 0.25 < rows <= 0.5:
+        expected_name = "sm80_decode_bf16_fp8_m2n8_c2x4_u4"
+    else:
+        expected_name = f"sm80_bf16_{weight}_{expected}"
+    assert default_tactic(descs, rows) == expected_name
 
 
 def _gemm1_descs_16bit(fast):
@@ -946,15 +967,16 @@ def test_default_choice_cached_per_bound_matches_the_rows(weights):
              "gated": lambda: _gemm1_descs_16bit(fast=False)}[weights]()
     if not descs:
         pytest.skip(f"tools/generate_kernels.py has no {weights} tactics in this checkout")
-    for rows in [0, 0.1, 0.25, 0.26, 0.5, 1, 3, 4, 4.5, 7.9, 8, 8.1, 12, 16, 16.5, 30, 48, 49,
-                 60, 64, 64.5, 100, 5000]:
+    for rows in [0, 0.1, 0.25, 0.26, 0.5, 0.51, 0.6, 1, 3, 4, 4.5, 7.9, 8, 8.1, 12, 16, 16.5,
+                 30, 48, 49, 60, 64, 64.5, 100, 5000]:
         assert default_tactic(descs, _tile_m_target(rows)) == default_tactic(descs, rows), rows
 
 
 def test_tile_m_target_has_the_decode_bounds():
-    assert [tactics.tile_m_target(rows) for rows in (0, 0.1, 0.25, 0.26, 1, 4, 4.5, 8, 9, 16,
-                                                     17, 48, 64, 65)] == [
-        0.25, 0.25, 0.25, 4.0, 4.0, 4.0, 8.0, 8.0, 16.0, 16.0, 48.0, 48.0, 64.0, math.inf]
+    assert [tactics.tile_m_target(rows) for rows in (0, 0.1, 0.25, 0.26, 0.5, 0.6, 1, 4, 4.5, 8,
+                                                     9, 16, 17, 48, 64, 65)] == [
+        0.25, 0.25, 0.25, 0.5, 0.5, 8.0, 8.0, 8.0, 8.0, 8.0, 16.0, 16.0, 48.0, 48.0, 64.0,
+        math.inf]
     bounds = {row[0] for rows in tactics.DEFAULT_DECODE.values() for row in rows}
     assert all(tactics.tile_m_target(bound) == bound for bound in bounds)
 

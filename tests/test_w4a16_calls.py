@@ -41,7 +41,10 @@ MID_M = "sm80_bf16_int4_m32n128k64_w32x32x64_s4"
 PREFILL = "sm80_bf16_int4_m128n128k64_w64x64x64_s3"
 DECODE = "sm80_decode_bf16_int4_m2n8_c2x4_u4"
 DECODE_GATED = "sm80_decode_gated_bf16_int4_m2n8_c2x4_u4"
-# The tensor-core decode tactics that tactics.DEFAULT_DECODE names for int4 weights.
+# The FMA decode tactic that tactics.DEFAULT_DECODE names for int4 weights (both GEMMs, up to
+# half a row per expert).
+M1N8 = "sm80_decode_bf16_int4_m1n8_c2x4_u4"
+# Tensor-core decode tactics: candidates, never a default.
 MMA_GATED = "sm80_decode_mma_gated_bf16_int4_m8n16_k4_u2"
 MMA_8 = "sm80_decode_mma_bf16_int4_m8n32_k4_u2"
 MMA_16 = "sm80_decode_mma_bf16_int4_m16n32_k4_u2"
@@ -456,35 +459,50 @@ def test_int8_typed_bytes_give_the_same_call(fake_cpu):
     assert second["fc1_weights"] == first["fc1_weights"] == p1.data_ptr()
 
 
-@pytest.mark.parametrize("t,expected", [
-    (1, (MMA_GATED, MMA_8)), (2, (MMA_GATED, MMA_8)), (8, (MMA_GATED, MMA_8)),
-    (9, (MMA_16, MMA_16)), (16, (MMA_16, MMA_16)), (32, (MMA_16, MMA_16)),
-    (33, (MID_M, MID_M)), (128, (MID_M, MID_M)), (129, (PREFILL, PREFILL)),
+@pytest.mark.parametrize("t,e,expected", [
+    (1, 8, M1N8), (1, 4, M1N8), (3, 10, SMALL_M), (2, 4, SMALL_M), (16, 4, SMALL_M),
+    (17, 4, MID_M), (128, 4, MID_M), (129, 4, PREFILL),
 ])
-def test_default_tactics(fake_cpu, fresh_tuner, monkeypatch, t, expected):
-    """By rows per expert T*k/E (E=4, k=2): DEFAULT_DECODE's int4 rows (up to 4 the 8-row
-    tensor-core decode tactics, the gated one for a gated activation's GEMM1; up to 16 the
-    16-row one), then the int4 table (up to 64 the 32-row tile, then the prefill tile)."""
+def test_default_tactics(fake_cpu, fresh_tuner, monkeypatch, t, e, expected):
+    """By rows per expert T*k/E (k=2): up to half a row DEFAULT_DECODE's int4 row (the FMA
+    decode m1n8 on both GEMMs, a gated activation's GEMM1 included), then the int4 table (up to
+    8 rows the 16x128 tile, up to 64 the 32-row tile, then the prefill tile). The tensor-core
+    decode tactics are candidates but never a default."""
     monkeypatch.delenv(tactics.DECODE_ENV, raising=False)
-    x, ids, router, p1, p2, quant_scales, _, _ = _problem(t=t, seed=3)
+    x, ids, router, p1, p2, quant_scales, _, _ = _problem(t=t, e=e, seed=3)
     cutlass_fused_moe(x, ids, router, p1, p2, BF16, quant_scales=quant_scales,
                       use_w4_group_scaling=True)
     (call,) = _runner().calls
-    assert (call["tactic1"], call["tactic2"]) == expected
+    assert (call["tactic1"], call["tactic2"]) == (expected, expected)
     assert fresh_tuner.last_selection(1).source == "default"
+    assert {MMA_GATED, MMA_8, MMA_16} <= set(
+        tactics.candidate_names(INT4_DTYPES, 1, ActivationType.Swiglu, CPU))
     # Every decode tactic a candidate: int4's defaults are the same.
     monkeypatch.setenv(tactics.DECODE_ENV, "1")
-    assert tactics.default_tactics(INT4_DTYPES, ActivationType.Swiglu, CPU, t, K, E) == expected
-
-
-@pytest.mark.parametrize("t,expected", [(1, MMA_8), (8, MMA_8), (9, MMA_16), (32, MMA_16),
-                                        (33, MID_M)])
-def test_default_gemm1_of_an_ungated_activation(fake_cpu, monkeypatch, t, expected):
-    """The gated decode tactic serves gated activations only: an ungated GEMM1 takes the plain
-    one, as GEMM2 does."""
-    monkeypatch.delenv(tactics.DECODE_ENV, raising=False)
-    assert tactics.default_tactics(INT4_DTYPES, ActivationType.Relu, CPU, t, K, E) == (
+    assert tactics.default_tactics(INT4_DTYPES, ActivationType.Swiglu, CPU, t, K, e) == (
         expected, expected)
+
+
+@pytest.mark.parametrize("t,e,expected", [(1, 8, M1N8), (1, 4, M1N8), (3, 10, SMALL_M),
+                                          (2, 4, SMALL_M), (16, 4, SMALL_M), (17, 4, MID_M)])
+def test_default_gemm1_of_an_ungated_activation(fake_cpu, monkeypatch, t, e, expected):
+    """The gated decode tactics serve gated activations only; the named m1n8 is a plain one, so
+    an ungated GEMM1 takes what a gated one and GEMM2 take."""
+    monkeypatch.delenv(tactics.DECODE_ENV, raising=False)
+    assert tactics.default_tactics(INT4_DTYPES, ActivationType.Relu, CPU, t, K, e) == (
+        expected, expected)
+
+
+@pytest.mark.parametrize("gemm", [1, 2])
+def test_default_without_the_named_decode_tactic(gemm):
+    """A build without the m1n8 decode tactic (the fast build) falls back to the int4 table's
+    16x128 tile at decode sizes, not to another decode tactic."""
+    from _fake_ext import int4_tactic_descriptors
+
+    descs = int4_tactic_descriptors(gemm)
+    assert tactics.default_tactic(descs, 0.5) == M1N8
+    without = [d for d in descs if d["name"] != M1N8]
+    assert [tactics.default_tactic(without, rows) for rows in (0, 0.25, 0.5, 1)] == [SMALL_M] * 4
 
 
 @pytest.mark.parametrize("t,expected", [(1, SMALL_M), (16, SMALL_M), (17, MID_M), (128, MID_M),
@@ -499,18 +517,17 @@ def test_default_tactics_with_decode_tactics_off(fake_cpu, fresh_tuner, monkeypa
                       use_w4_group_scaling=True)
     (call,) = _runner().calls
     assert (call["tactic1"], call["tactic2"]) == (expected, expected)
-    # The defaults are cached per decode mode: back to auto, the decode defaults return.
+    # The defaults are cached per decode mode: back to auto, the decode default returns.
     monkeypatch.delenv(tactics.DECODE_ENV)
-    if t <= 32:
-        assert tactics.default_tactics(INT4_DTYPES, ActivationType.Swiglu, CPU, t, K, E)[1] in (
-            MMA_8, MMA_16)
+    assert tactics.default_tactics(INT4_DTYPES, ActivationType.Swiglu, CPU, t, K, E) == (
+        (M1N8, M1N8) if t * K / E <= 0.5 else (expected, expected))
 
 
 def test_candidates_and_decode_tactics(fake_cpu, monkeypatch):
     """int4 decode tactics are candidates unless CUTLASS_MOE_DECODE_TACTICS=0; =1 adds no
     other int4 one."""
     monkeypatch.delenv(tactics.DECODE_ENV, raising=False)
-    decode = {DECODE, DECODE_GATED, MMA_GATED, MMA_8, MMA_16}
+    decode = {DECODE, DECODE_GATED, M1N8, MMA_GATED, MMA_8, MMA_16}
     names = tactics.candidate_names(INT4_DTYPES, 1, ActivationType.Swiglu, CPU)
     assert decode <= set(names)
     assert "sm80_bf16_int4_m128n256k64_w64x64x64_s3" not in names  # not runnable
@@ -521,9 +538,10 @@ def test_candidates_and_decode_tactics(fake_cpu, monkeypatch):
         monkeypatch.setenv(tactics.DECODE_ENV, value)
         relu = tactics.candidate_names(INT4_DTYPES, 1, ActivationType.Relu, CPU)
         # the gated ones fuse the activation
-        assert {DECODE, MMA_8, MMA_16} <= set(relu) and not {DECODE_GATED, MMA_GATED} & set(relu)
+        assert {DECODE, M1N8, MMA_8, MMA_16} <= set(relu)
+        assert not {DECODE_GATED, MMA_GATED} & set(relu)
         gemm2 = tactics.candidate_names(INT4_DTYPES, 2, ActivationType.Swiglu, CPU)
-        assert {DECODE, MMA_8, MMA_16} <= set(gemm2)
+        assert {DECODE, M1N8, MMA_8, MMA_16} <= set(gemm2)
         assert not {DECODE_GATED, MMA_GATED} & set(gemm2)
         assert all(d["weight_dtype"] == "int4" and d["split_k"] == 1
                    for d in tactics.candidates(INT4_DTYPES, 2, ActivationType.Swiglu, CPU))

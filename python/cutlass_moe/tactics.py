@@ -26,9 +26,11 @@ weight-streaming ``sm80_decode[_gated]_<act>_fp8|mxfp4_...`` tactics. Their defa
 :data:`DEFAULT_TABLE_FP8` and :data:`DEFAULT_TABLE_MXFP4`.
 
 Decode tactics (descriptors' ``decode`` true) of these three group-scaled formats are tuner
-candidates by default and, at decode sizes, the measured defaults of :data:`DEFAULT_DECODE`;
-those of 16-bit and int8 weights (within a few per cent of the tensor-core tiles) are candidates
-only with ``CUTLASS_MOE_DECODE_TACTICS=1`` and never a default (:data:`DECODE_ENV`).
+candidates by default and, up to half a row per expert, the weight-streaming ones that
+:data:`DEFAULT_DECODE` names are the measured defaults (the tensor-core int4 decode tactics are
+candidates only); those of 16-bit and int8 weights (within a few per cent of the tensor-core
+tiles) are candidates only with ``CUTLASS_MOE_DECODE_TACTICS=1`` and never a default
+(:data:`DECODE_ENV`).
 """
 
 from __future__ import annotations
@@ -72,10 +74,12 @@ DEFAULT_TABLE_INT8 = (
 # weight bytes: up to 8 rows per expert the weight stream dominates (the small-M 16x128 tile, 4
 # stages: also the fast build's), up to 64 the 32-row tile, then the 128x128 prefill tile (3
 # stages, 79 KB: fits sm_86/89; the fast build's other tactic); on an H200 the tuner picked the
-# first row's tactic for Qwen3-30B-A3B at 8 and 64 tokens (tools/PERF_NOTES.md, change 6). Up to
-# 16 rows per expert the decode tactics of DEFAULT_DECODE come first where the build has them
-# (measured: see there). Where a build lacks a row's exact tactic, default_tactic takes the
-# nearest tile_m.
+# first row's tactic for Qwen3-30B-A3B at 8 and 64 tokens (tools/PERF_NOTES.md, change 6), and
+# measured again there (Sm80 kernels, each GEMM alone with the L2 flushed, `cutlass-moe tune` up
+# to 64 tokens) the 16x128 tile won GEMM1 from 1 row per expert on Mixtral-8x7B, Qwen3-30B-A3B
+# and gpt-oss-20b. Up to half a row per expert the decode tactic of DEFAULT_DECODE comes first
+# where the build has it (measured: see there). Where a build lacks a row's exact tactic,
+# default_tactic takes the nearest tile_m.
 DEFAULT_TABLE_INT4 = (
     (8.0, 16, 128, 4),
     (64.0, 32, 128, 4),
@@ -87,8 +91,9 @@ DEFAULT_TABLE_INT4 = (
 # H200 (Sm80 kernels, each GEMM alone with the L2 flushed, Mixtral-8x7B, Qwen3-30B-A3B and
 # gpt-oss-20b at T=1, 8, 32, 64) the narrower 16x64 tile (twice the blocks of 16x128) is as fast
 # or faster up to 8 rows per expert (gpt-oss-20b T=8 mxfp4, GEMM1/GEMM2: 192/100 us against
-# 205/135 us; Mixtral-8x7B fp8 equal). Up to a quarter row per expert the decode tactics of
-# DEFAULT_DECODE come first where the build has them.
+# 205/135 us; Mixtral-8x7B fp8 equal), and it measured within 1 % of the tuner's pick from 1 to
+# 8 rows per expert on Mixtral-8x7B and gpt-oss-20b. Up to half a row per expert the decode
+# tactics of DEFAULT_DECODE come first where the build has them.
 DEFAULT_TABLE_FP8 = (
     (8.0, 16, 64, 4),
     (64.0, 32, 128, 4),
@@ -103,26 +108,39 @@ DEFAULT_TABLE_MXFP4 = (
 # rows per expert, tactic names with the activation tag as "{act}"); the first row whose bound
 # is at or above the rows applies, and its first name among the call's candidates wins (a gated
 # name is only among a gated activation's GEMM1 candidates, so GEMM2 and ungated GEMM1s take the
-# plain one). Where none is a candidate (the fast build, or decode tactics turned off with
-# CUTLASS_MOE_DECODE_TACTICS=0), and above the last bound, the weight type's table applies.
-# Measured on an H200 (Sm80 kernels, each GEMM alone with the L2 flushed, Mixtral-8x7B,
-# Qwen3-30B-A3B and gpt-oss-20b at T=1, 8, 32, 64), the decode tactics beat the tables' tiles by
-# 1.2-4x at these sizes: e.g. Mixtral-8x7B T=1 int4 GEMM2 52 us (decode_mma m16n32) against
-# 216 us (16x128), fp8 GEMM2 68 us (decode m1n8) against 228 us; Qwen3-30B-A3B T=8 int4 GEMM1
-# 64 us (decode_mma gated m8n16) against about 100 us. 16-bit and int8 weights have no entry:
-# their decode tactics are within a few per cent of the tiles.
+# plain one). Where none is a candidate (decode tactics turned off with
+# CUTLASS_MOE_DECODE_TACTICS=0, or the fast build, whose only named one is fp8's m2n8), and
+# above the last bound, the weight type's table applies. Each row is what `cutlass-moe tune`
+# picked on an H200 (Sm80 kernels, each GEMM alone with the L2 flushed, up to 64 tokens;
+# Mixtral-8x7B E=8 k=2, Qwen3-30B-A3B E=128 k=8, gpt-oss-20b E=32 k=4); times are GEMM1/GEMM2:
+# - int4, up to half a row: the FMA decode tactic m1n8 on both GEMMs, a gated GEMM1 included
+#   (Mixtral-8x7B 0.25 and 0.5 rows: 96/52 and 172/90 us, against 221 us and more for the
+#   tensor-core decode tactics on GEMM1; Qwen3-30B-A3B 0.0625 rows: gated m1n4 24.6 us, m1n8
+#   22.7 us). From 1 row the int4 table's 16x128 tile wins GEMM1 everywhere. Mixtral-8x7B
+#   tuned against the former tensor-core decode defaults: T=1 148 us against 339 us, T=32 642
+#   against 2312 us.
+# - fp8, up to a quarter row: gated m1n4 for a gated activation's GEMM1, else m1n8 (Mixtral-8x7B
+#   0.25 rows: 128/77.5 us); up to half a row: m2n8 on both GEMMs (Mixtral-8x7B 0.5 rows:
+#   221/122 us, 1.07x/1.70x over the 16x64 tile).
+# - mxfp4, up to half a row: m1n8 on both GEMMs (Mixtral-8x7B 0.25/0.5 rows: 116/65 and
+#   209/109 us, 1.31x over the 16x64 tile at 0.5; gpt-oss-20b 0.125 rows: 55/33 us).
+# The tensor-core int4 decode kernels (sm80_decode_mma*) measured 1.2-1.6x faster than the FMA
+# decode tactics and the tiles at 1-8 rows per expert in an earlier version, which loaded the
+# activations with the weights; the version in this build reads the activations only when it
+# multiplies (two serialised latencies per batch) and lost that, measuring 2-3x slower than the
+# FMA decode tactics and the tiles. They stay tuner candidates only. 16-bit and int8 weights
+# have no entry: their decode tactics are within a few per cent of the tiles.
 DEFAULT_DECODE: dict[str, tuple[tuple[float, tuple[str, ...]], ...]] = {
     "int4": (
-        (4.0, ("sm80_decode_mma_gated_{act}_int4_m8n16_k4_u2",
-               "sm80_decode_mma_{act}_int4_m8n32_k4_u2")),
-        (16.0, ("sm80_decode_mma_{act}_int4_m16n32_k4_u2",)),
+        (0.5, ("sm80_decode_{act}_int4_m1n8_c2x4_u4",)),
     ),
     "fp8": (
         (0.25, ("sm80_decode_gated_{act}_fp8_m1n4_c1x4_u4",
                 "sm80_decode_{act}_fp8_m1n8_c2x4_u4")),
+        (0.5, ("sm80_decode_{act}_fp8_m2n8_c2x4_u4",)),
     ),
     "mxfp4": (
-        (0.25, ("sm80_decode_{act}_mxfp4_m1n8_c2x4_u4",)),
+        (0.5, ("sm80_decode_{act}_mxfp4_m1n8_c2x4_u4",)),
     ),
 }
 # Fused gated GEMM1 tactics (gather + both halves + activation in one kernel; tile N counts
@@ -163,8 +181,8 @@ def serves_rows(desc: Mapping[str, Any], expanded_rows: int | None) -> bool:
 
 #: Environment variable that says which decode tactics (descriptors' ``decode`` true:
 #: ``sm80_decode*``) are tuner candidates: unset, empty or ``auto``, those of the group-scaled weight
-#: formats (:data:`AUTO_DECODE_WEIGHTS`, whose measured ones are also defaults at decode sizes:
-#: :data:`DEFAULT_DECODE`); ``1``/``true``/``yes``/``on``, every one (16-bit and int8 weights'
+#: formats (:data:`AUTO_DECODE_WEIGHTS`, of which those that :data:`DEFAULT_DECODE` names are
+#: also the defaults up to half a row per expert); ``1``/``true``/``yes``/``on``, every one (16-bit and int8 weights'
 #: too); ``0``/``false``/``no``/``off``, none (and no decode default). A call that names one in
 #: ``tactics=`` runs it whatever the setting.
 DECODE_ENV = "CUTLASS_MOE_DECODE_TACTICS"
