@@ -524,6 +524,19 @@ def test_default_tactic_never_picks_a_decode_tactic():
         default_tactic(decode, 1)
 
 
+def test_default_tactic_never_picks_an_architecture_specific_tactic():
+    """Tactics with ``required_cc`` (the Hopper sm90_* family of a CUTLASS_MOE_SM90_TACTICS=ON
+    build, not yet verified on a GPU) are never a default, even when their tile is the table's;
+    only the tuner (or tactics=) runs them."""
+    descs = _descs(tile_ms=(32, 128))
+    sm90 = [dict(d, name=f"sm90_{d['name']}", required_cc=90) for d in _descs(tile_ms=(16, 64))]
+    for rows in (0, 1, 8, 30, 100):
+        assert default_tactic(descs + sm90, rows) == default_tactic(descs, rows)
+        assert not default_tactic(sm90 + descs, rows).startswith("sm90_")
+    with pytest.raises(RuntimeError, match="no runnable tactic"):
+        default_tactic(sm90, 1)
+
+
 def test_default_tactic_prefers_more_stages_and_skips_unrunnable():
     descs = _descs(tile_ms=(64,), stages=(2, 3, 5), tile_ns=(128,))
     assert default_tactic(descs, 50) == "t_m64_n128_s5"

@@ -321,7 +321,9 @@ def default_tactic(descs: Sequence[Mapping[str, Any]], expected_rows_per_expert:
     """Name of the heuristic default tactic among ``descs`` for a GEMM whose experts are
     expected to get ``expected_rows_per_expert`` rows (``T*k/E_total`` for balanced routing).
 
-    Descriptors with ``runnable`` false are skipped, and so are GEMM2 tactics split over K.
+    Descriptors with ``runnable`` false are skipped, and so are GEMM2 tactics split over K and
+    the architecture-specific tactics (``required_cc`` set: the Hopper ``sm90_*`` ones of a
+    ``CUTLASS_MOE_SM90_TACTICS=ON`` build, not yet verified on a GPU; the tuner may pick them).
     For the group-scaled weight formats (``weight_dtype`` "int4", "fp8", "mxfp4") at decode
     sizes, the measured decode tactics of :data:`DEFAULT_DECODE` come first: the first name of
     the row for these rows that is among ``descs``. Otherwise (other weight types, larger
@@ -337,7 +339,8 @@ def default_tactic(descs: Sequence[Mapping[str, Any]], expected_rows_per_expert:
     considered up to ``GATED_DEFAULT_MAX_ROWS`` rows per expert (with their own table), and only
     the others above it.
     """
-    runnable = [d for d in descs if d.get("runnable", True) and int(d.get("split_k", 1)) == 1]
+    runnable = [d for d in descs if d.get("runnable", True) and int(d.get("split_k", 1)) == 1
+                and not int(d.get("required_cc", 0) or 0)]
     rows = max(float(expected_rows_per_expert), 0.0)
     decode = _decode_default(runnable, rows)
     if decode is not None:
