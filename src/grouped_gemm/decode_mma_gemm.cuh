@@ -18,8 +18,8 @@
 // - Scales (and zero points) per (K-group, column) are applied before the MMA as the int4
 //   mainloop does: q - z exactly (a packed subtraction of 2^7 or 2^10 + z; z = 8 without zero
 //   points), then one rounding of (q - z) * s; zero points that are no small integers take the
-//   fp32 formula instead (for the warp's whole batch). A lane's 32 k never straddle a group (groups
-//   are multiples of 32). Without zero points and with groups of whole 128-long chunks (G = 128,
+//   fp32 formula instead (for the warp's whole batch). A lane's 32 k never straddle a group
+//   (groups are multiples of 32). Without zero points and with groups of whole 128-long chunks (G = 128,
 //   256, ..., per-channel K), the MMA takes q - 8 exactly and each chunk's fp32 sums are
 //   multiplied by their row's scale instead (one packed operation less per weight pair, and no
 //   rounding of the weights at all).
@@ -31,7 +31,9 @@
 //   sums are added in shared memory in warp order (deterministic). Each warp works in batches
 //   of kUnroll chunks: it issues a batch's weight and scale loads, then reads the activations
 //   (cache hits mostly) as it multiplies; kPrefetch variants issue the next batch's weight loads
-//   before multiplying the current one.
+//   before multiplying the current one. Measured on an H200, reading the activations only then
+//   puts two latencies in each batch and is 2-3x slower than loading them with the weights
+//   (docs/architecture.md): these tactics are tuner candidates, not defaults.
 #pragma once
 
 #include <cuda_bf16.h>
