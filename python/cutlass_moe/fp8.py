@@ -45,7 +45,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .int4 import _check_group, group_size_of
+from .int4 import _check_group, _pair, group_size_of
+from .quantization import _BITS_AS_INT, _CHUNK_ELEMENTS, _FLOAT_DTYPES
 
 #: The e4m3 ("fn") dtype of FP8 expert weights.
 FP8_DTYPE = torch.float8_e4m3fn
@@ -62,16 +63,6 @@ DEEPSEEK_BLOCK = (128, 128)
 #: The bit pattern (low 7 bits) of the e4m3fn NaN codes 0x7F and 0xFF.
 _NAN_BITS = 0x7F
 
-#: Elements quantised per step (bounds the float temporaries at ~256 MB in float32).
-_CHUNK_ELEMENTS = 1 << 26
-
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_BITS_AS_INT = {
-    torch.float16: torch.int16,
-    torch.bfloat16: torch.int16,
-    torch.float32: torch.int32,
-    torch.float64: torch.int64,
-}
 
 
 def _describe(x: object) -> str:
@@ -528,15 +519,6 @@ def check_fp8_layer(
                              f"{n}], got {list(s.shape)}")
         groups.append(group_size_of(k, s, name=f"{func}: {label}"))
     return groups[0], groups[1]
-
-
-def _pair(group_size: object) -> tuple:
-    if isinstance(group_size, tuple):
-        if len(group_size) != 2:
-            raise ValueError(f"group_size must be an int, None or a pair (fc1, fc2), got "
-                             f"{group_size!r}")
-        return group_size
-    return group_size, group_size
 
 
 def quantize_moe_weights_fp8(

@@ -39,6 +39,8 @@ from collections.abc import Callable
 
 import torch
 
+from .quantization import _BITS_AS_INT, _CHUNK_ELEMENTS, _FLOAT_DTYPES
+
 #: K (the contiguous weight dimension, H for fc1 and I for fc2) must be a multiple of this.
 INT4_K_ALIGNMENT = 32
 #: N (output rows per expert: 2I or I for fc1, H for fc2) must be a multiple of this.
@@ -50,17 +52,7 @@ INT4_SYMMETRIC_ZERO = 8
 #: Largest nibble value.
 INT4_MAX = 15
 
-#: Elements quantised per step (bounds the float temporaries at ~256 MB in float32).
-_CHUNK_ELEMENTS = 1 << 26
-
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
-_BITS_AS_INT = {
-    torch.float16: torch.int16,
-    torch.bfloat16: torch.int16,
-    torch.float32: torch.int32,
-    torch.float64: torch.int64,
-}
 
 
 def _describe(x: object) -> str:
@@ -103,11 +95,34 @@ def pack_int4(q: torch.Tensor, *, name: str = "q") -> torch.Tensor:
     return (q[..., 0::2] | (q[..., 1::2] << 4)).contiguous()
 
 
-def _as_bytes(packed: object, where: str, name: str) -> torch.Tensor:
+def _as_bytes(packed: object, where: str, name: str, what: str = "packed int4 pairs"
+              ) -> torch.Tensor:
     if not isinstance(packed, torch.Tensor) or packed.dtype not in (torch.uint8, torch.int8):
-        raise ValueError(f"{where}: {name} must be a uint8 tensor of packed int4 pairs "
-                         f"(int8 is read as its bytes), got {_describe(packed)}")
+        raise ValueError(f"{where}: {name} must be a uint8 tensor of {what} (int8 is read as its "
+                         f"bytes), got {_describe(packed)}")
     return packed.view(torch.uint8) if packed.dtype == torch.int8 else packed
+
+
+def _packed_layer_shape(func: str, fc1_weights: object, fc2_weights: object, what: str,
+                       k_alignment: int, n_alignment: int) -> tuple[int, int, int, int]:
+    """``(E, N1, H, I)`` of an MoE layer's packed 4-bit weights (int4 or MXFP4: two codes per
+    byte along K) ``fc1 [E, N1, H/2]`` and ``fc2 [E, H, I/2]``, checked: uint8 (or int8) bytes,
+    3-D, matching E and H, H and I multiples of ``k_alignment`` and N1 of ``n_alignment``.
+    ValueErrors start with ``func``."""
+    w1 = _as_bytes(fc1_weights, func, "fc1_weights", what)
+    w2 = _as_bytes(fc2_weights, func, "fc2_weights", what)
+    for label, w in (("fc1_weights [E, N1, H/2]", w1), ("fc2_weights [E, H, I/2]", w2)):
+        if w.dim() != 3:
+            raise ValueError(f"{func}: {label} must be 3-D, got {list(w.shape)}")
+    num_experts, n1, hidden, inter = w1.shape[0], w1.shape[1], 2 * w1.shape[2], 2 * w2.shape[2]
+    if w2.shape[0] != num_experts or w2.shape[1] != hidden:
+        raise ValueError(f"{func}: fc2_weights must be [E, H, I/2] = [{num_experts}, {hidden}, "
+                         f"I/2] for fc1_weights {list(w1.shape)}, got {list(w2.shape)}")
+    for label, size, align in (("H", hidden, k_alignment), ("I", inter, k_alignment),
+                               ("N1 (fc1's rows)", n1, n_alignment)):
+        if size % align:
+            raise ValueError(f"{func}: {label} = {size} must be a multiple of {align}")
+    return num_experts, n1, hidden, inter
 
 
 def unpack_int4(packed: torch.Tensor, *, name: str = "packed") -> torch.Tensor:
@@ -435,19 +450,9 @@ def check_int4_layer(
 
 
 def _check_layer(fc1_weights, fc2_weights, quant_scales, scale_dtypes) -> tuple[int, int]:
-    w1 = _as_bytes(fc1_weights, "check_int4_layer", "fc1_weights")
-    w2 = _as_bytes(fc2_weights, "check_int4_layer", "fc2_weights")
-    for label, w in (("fc1_weights [E, N1, H/2]", w1), ("fc2_weights [E, H, I/2]", w2)):
-        if w.dim() != 3:
-            raise ValueError(f"check_int4_layer: {label} must be 3-D, got {list(w.shape)}")
-    num_experts, n1, hidden, inter = w1.shape[0], w1.shape[1], 2 * w1.shape[2], 2 * w2.shape[2]
-    if w2.shape[0] != num_experts or w2.shape[1] != hidden:
-        raise ValueError(f"check_int4_layer: fc2_weights must be [E, H, I/2] = [{num_experts}, "
-                         f"{hidden}, I/2] for fc1_weights {list(w1.shape)}, got {list(w2.shape)}")
-    for label, size, align in (("H", hidden, INT4_K_ALIGNMENT), ("I", inter, INT4_K_ALIGNMENT),
-                               ("N1 (fc1's rows)", n1, INT4_N_ALIGNMENT)):
-        if size % align:
-            raise ValueError(f"check_int4_layer: {label} = {size} must be a multiple of {align}")
+    num_experts, n1, hidden, inter = _packed_layer_shape(
+        "check_int4_layer", fc1_weights, fc2_weights, "packed int4 pairs", INT4_K_ALIGNMENT,
+        INT4_N_ALIGNMENT)
     if not isinstance(quant_scales, (list, tuple)) or len(quant_scales) not in (2, 4):
         raise ValueError("check_int4_layer: quant_scales must be [fc31_scales, fc2_scales] or "
                          "[fc31_scales, fc2_scales, fc31_zeros, fc2_zeros]")

@@ -39,7 +39,8 @@ from __future__ import annotations
 import torch
 
 from .fp8 import _check_finite, _float_weights, _where
-from .int4 import unpack_int4
+from .int4 import _as_bytes, _packed_layer_shape, unpack_int4
+from .quantization import _CHUNK_ELEMENTS
 
 #: Elements per MX block (one e8m0 scale each): the group size of MXFP4 weights.
 MXFP4_BLOCK = 32
@@ -59,8 +60,6 @@ E8M0_BIAS = 127
 E8M0_NAN = 255
 
 _INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
-#: Elements quantised per step (bounds the float temporaries).
-_CHUNK_ELEMENTS = 1 << 26
 #: Rounding thresholds between consecutive e2m1 magnitudes, and whether a tie (the exact
 #: midpoint) rounds up: ties go to the code with an even mantissa bit (an even code).
 _MIDPOINTS = ((0.25, False), (0.75, True), (1.25, False), (1.75, True), (2.5, False),
@@ -69,13 +68,6 @@ _MIDPOINTS = ((0.25, False), (0.75, True), (1.25, False), (1.75, True), (2.5, Fa
 
 def _describe(x: object) -> str:
     return str(x.dtype) if isinstance(x, torch.Tensor) else type(x).__name__
-
-
-def _bytes(x: object, func: str, name: str, what: str) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor) or x.dtype not in (torch.uint8, torch.int8):
-        raise ValueError(f"{func}: {name} must be a uint8 tensor of {what} (int8 is read as its "
-                         f"bytes), got {_describe(x)}")
-    return x.view(torch.uint8) if x.dtype == torch.int8 else x
 
 
 # ------------------------------------------------------------------ the codes
@@ -114,7 +106,7 @@ def e8m0_to_float(x: torch.Tensor) -> torch.Tensor:
     Raises:
         ValueError: ``x`` is not a uint8/int8 tensor.
     """
-    x = _bytes(x, "e8m0_to_float", "x", "e8m0 codes").to(torch.int32)
+    x = _as_bytes(x, "e8m0_to_float", "x", "e8m0 codes").to(torch.int32)
     # x >= 1: the float32 whose biased exponent field is x; x = 0: bit 22 (2^22 * 2^-149).
     bits = torch.where(x == 0, torch.full_like(x, 1 << 22), x << 23)
     bits = torch.where(x == E8M0_NAN, torch.full_like(x, 0x7FC00000), bits)
@@ -145,8 +137,8 @@ def dequantize_mxfp4(
         ValueError: a dtype or shape does not match the above (the message names the argument).
     """
     func = "dequantize_mxfp4"
-    packed = _bytes(packed, func, "packed", "packed e2m1 pairs")
-    scales = _bytes(scales, func, "scales", "e8m0 codes")
+    packed = _as_bytes(packed, func, "packed", "packed e2m1 pairs")
+    scales = _as_bytes(scales, func, "scales", "e8m0 codes")
     if packed.dim() not in (2, 3):
         raise ValueError(f"{func}: packed must be [N, K/2] or [E, N, K/2], got shape "
                          f"{list(packed.shape)}")
@@ -276,20 +268,9 @@ def check_mxfp4_layer(
         ValueError: the first rule broken, naming the tensor.
     """
     func = "check_mxfp4_layer"
-    w1 = _bytes(fc1_weights, func, "fc1_weights", "packed e2m1 pairs")
-    w2 = _bytes(fc2_weights, func, "fc2_weights", "packed e2m1 pairs")
-    for label, w in (("fc1_weights [E, N1, H/2]", w1), ("fc2_weights [E, H, I/2]", w2)):
-        if w.dim() != 3:
-            raise ValueError(f"{func}: {label} must be 3-D, got {list(w.shape)}")
-    num_experts, n1, hidden, inter = w1.shape[0], w1.shape[1], 2 * w1.shape[2], 2 * w2.shape[2]
-    if w2.shape[0] != num_experts or w2.shape[1] != hidden:
-        raise ValueError(f"{func}: fc2_weights must be [E, H, I/2] = [{num_experts}, {hidden}, "
-                         f"I/2] for fc1_weights {list(w1.shape)}, got {list(w2.shape)}")
-    for label, size, align in (("H", hidden, MXFP4_K_ALIGNMENT), ("I", inter, MXFP4_K_ALIGNMENT),
-                               ("N1 (fc1's rows)", n1, MXFP4_N_ALIGNMENT)):
-        # (H, fc2's rows, is a multiple of 32 and so of 16.)
-        if size % align:
-            raise ValueError(f"{func}: {label} = {size} must be a multiple of {align}")
+    num_experts, n1, hidden, inter = _packed_layer_shape(
+        func, fc1_weights, fc2_weights, "packed e2m1 pairs", MXFP4_K_ALIGNMENT,
+        MXFP4_N_ALIGNMENT)
     if not isinstance(quant_scales, (list, tuple)) or len(quant_scales) != 2:
         got = (f"{len(quant_scales)} tensors" if isinstance(quant_scales, (list, tuple))
                else _describe(quant_scales))
