@@ -48,6 +48,7 @@ from typing import NamedTuple
 
 import torch
 
+from ._expert_tensors import read_expert_layers, stack_experts
 from .fp8 import (
     DEEPSEEK_BLOCK,
     FP8_DTYPE,
@@ -326,33 +327,12 @@ def load_fp8_experts(
     block = _block_pair(block)
     prefix = prefix.rstrip(".")
     fc1_parts = [up, gate] if gate is not None else [up]
-    projections = (*fc1_parts, down)
-    layers: dict[str, list[Fp8Weight]] = {p: [] for p in projections}
-    first: dict[str, tuple[str, Fp8Weight]] = {}
-    for e in range(num_experts):
-        for proj in projections:
-            where = f"{prefix}.{e}.{proj}"
-            layer = _read(state_dict, where, prefix, fmt, block, group_size)
-            role = "fc2" if proj == down else "fc1"
-            if role in first:
-                name0, ref = first[role]
-                for what, a, b in (("weights", layer.weights, ref.weights),
-                                   ("scales", layer.scales, ref.scales)):
-                    if a.shape != b.shape:
-                        same = down if role == "fc2" else " and ".join(fc1_parts)
-                        raise ValueError(
-                            f"load_fp8_experts: {where} has {what} {list(a.shape)} (kernel "
-                            f"layout) but {name0} has {list(b.shape)}: {same} of every expert "
-                            "must have one shape and group size")
-            else:
-                first[role] = (where, layer)
-            layers[proj].append(layer)
-    fc1_weights = torch.stack([torch.cat([layers[p][e].weights for p in fc1_parts])
-                               for e in range(num_experts)])
-    fc1_scales = torch.stack([torch.cat([layers[p][e].scales for p in fc1_parts], dim=-1)
-                              for e in range(num_experts)])
-    fc2_weights = torch.stack([layer.weights for layer in layers[down]])
-    fc2_scales = torch.stack([layer.scales for layer in layers[down]])
+    layers = read_expert_layers(
+        "load_fp8_experts", prefix, num_experts, fc1_parts, down,
+        lambda where: _read(state_dict, where, prefix, fmt, block, group_size),
+        lambda layer: (("weights", layer.weights), ("scales", layer.scales)))
+    fc1_weights, fc2_weights = stack_experts(layers, fc1_parts, down, lambda x: x.weights)
+    fc1_scales, fc2_scales = stack_experts(layers, fc1_parts, down, lambda x: x.scales, dim=-1)
     try:
         g1, g2 = check_fp8_layer(fc1_weights, fc2_weights, [fc1_scales, fc2_scales])
     except ValueError as exc:

@@ -57,6 +57,7 @@ from typing import NamedTuple
 
 import torch
 
+from ._expert_tensors import read_expert_layers, stack_experts
 from .int4 import (
     INT4_SYMMETRIC_ZERO,
     _check_layer,
@@ -493,32 +494,18 @@ def load_int4_experts(
         raise ValueError(f"dtype must be float16, bfloat16, float32 or float64, got {dtype}")
     prefix = prefix.rstrip(".")
     fc1_parts = [up, gate] if gate is not None else [up]
-    projections = (*fc1_parts, down)
-    layers: dict[str, list[Int4Weight]] = {p: [] for p in projections}
-    first: dict[str, tuple[str, Int4Weight]] = {}
-    for e in range(num_experts):
-        for proj in projections:
-            where = f"{prefix}.{e}.{proj}"
-            layer = _read(state_dict, where, prefix, fmt, checkpoint_format, dtype)
-            # Every expert of a projection alike; up and gate alike (they share fc1's tensors).
-            role = "fc2" if proj == down else "fc1"
-            if role in first:
-                name0, ref = first[role]
-                for what, a, b in (("weights", layer.packed, ref.packed),
-                                   ("scales", layer.scales, ref.scales)):
-                    if a.shape != b.shape:
-                        same = down if role == "fc2" else " and ".join(fc1_parts)
-                        raise ValueError(
-                            f"load_int4_experts: {where} has {what} {list(a.shape)} (kernel "
-                            f"layout) but {name0} has {list(b.shape)}: {same} of every expert "
-                            "must have one shape and group size")
-                if layer.scales.dtype != ref.scales.dtype:
-                    raise ValueError(
-                        f"load_int4_experts: {where} has {layer.scales.dtype} scales but {name0} "
-                        f"has {ref.scales.dtype}; pass dtype= to convert them to one dtype")
-            else:
-                first[role] = (where, layer)
-            layers[proj].append(layer)
+
+    def same_dtype(layer: Int4Weight, ref: Int4Weight, where: str, name0: str) -> None:
+        if layer.scales.dtype != ref.scales.dtype:
+            raise ValueError(
+                f"load_int4_experts: {where} has {layer.scales.dtype} scales but {name0} "
+                f"has {ref.scales.dtype}; pass dtype= to convert them to one dtype")
+
+    # Every expert of a projection alike; up and gate alike (they share fc1's tensors).
+    layers = read_expert_layers(
+        "load_int4_experts", prefix, num_experts, fc1_parts, down,
+        lambda where: _read(state_dict, where, prefix, fmt, checkpoint_format, dtype),
+        lambda layer: (("weights", layer.packed), ("scales", layer.scales)), same_dtype)
     down_dtype = layers[down][0].scales.dtype
     if down_dtype != layers[up][0].scales.dtype:
         raise ValueError(
@@ -531,17 +518,11 @@ def load_int4_experts(
             return layer.zeros
         return torch.full_like(layer.scales, INT4_SYMMETRIC_ZERO)
 
-    fc1_weights = torch.stack([torch.cat([layers[p][e].packed for p in fc1_parts])
-                               for e in range(num_experts)])
-    fc1_scales = torch.stack([torch.cat([layers[p][e].scales for p in fc1_parts], dim=-1)
-                              for e in range(num_experts)])
-    fc2_weights = torch.stack([layer.packed for layer in layers[down]])
-    fc2_scales = torch.stack([layer.scales for layer in layers[down]])
+    fc1_weights, fc2_weights = stack_experts(layers, fc1_parts, down, lambda x: x.packed)
+    fc1_scales, fc2_scales = stack_experts(layers, fc1_parts, down, lambda x: x.scales, dim=-1)
     fc1_zeros = fc2_zeros = None
     if asymmetric:
-        fc1_zeros = torch.stack([torch.cat([zeros_of(layers[p][e]) for p in fc1_parts], dim=-1)
-                                 for e in range(num_experts)])
-        fc2_zeros = torch.stack([zeros_of(layer) for layer in layers[down]])
+        fc1_zeros, fc2_zeros = stack_experts(layers, fc1_parts, down, zeros_of, dim=-1)
     quant = [fc1_scales, fc2_scales] + ([fc1_zeros, fc2_zeros] if asymmetric else [])
     try:
         g1, g2 = _check_layer(fc1_weights, fc2_weights, quant, _SCALE_DTYPES)
