@@ -48,66 +48,60 @@ namespace cutlass_moe {
 namespace grouped_gemm {
 namespace decode {
 
-// Packed 16-bit arithmetic and the MMA per activation dtype.
+// Packed 16-bit arithmetic and the MMA for the activation dtype (bf16 or fp16).
 template <typename Element>
-struct Packed16;
+struct Packed16 {
+  static constexpr bool kBf16 = std::is_same<Element, cutlass::bfloat16_t>::value;
+  static_assert(kBf16 || std::is_same<Element, cutlass::half_t>::value, "bf16 or fp16 only");
+  // (2^7, 2^7) bf16 or (2^10, 2^10) fp16: q in the low mantissa bits reads as the magic + q.
+  static constexpr uint32_t kMagic = kBf16 ? 0x43004300u : 0x64006400u;
+  static constexpr float kMagicValue = kBf16 ? 128.0f : 1024.0f;
+  static constexpr uint32_t kMinusMagicPlus8 = kBf16 ? 0xC308C308u : 0xE408E408u;  // -(magic+8)
+  static __device__ __forceinline__ uint32_t one() { return kBf16 ? 0x3F803F80u : 0x3C003C00u; }
 
-template <>
-struct Packed16<cutlass::bfloat16_t> {
-  static constexpr uint32_t kMagic = 0x43004300u;  // (128, 128): q in the low mantissa bits
-  static constexpr uint32_t kMinusMagicPlus8 = 0xC308C308u;  // (-136, -136)
-  static constexpr float kMagicValue = 128.0f;
-  // ((lo - 0) * s, (hi - 0) * s) rounded once each, as a pair.
-  static __device__ __forceinline__ uint32_t pack(float lo, float hi, float s) {
-    const __nv_bfloat162 v = __floats2bfloat162_rn(lo * s, hi * s);
-    return *reinterpret_cast<const uint32_t*>(&v);
-  }
   static __device__ __forceinline__ uint32_t fma(uint32_t a, uint32_t b, uint32_t c) {
     uint32_t d;
-    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    if constexpr (kBf16) {
+      asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    } else {
+      asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    }
     return d;
   }
-  static __device__ __forceinline__ uint32_t one() { return 0x3F803F80u; }
-  static __device__ __forceinline__ uint32_t splat(float x) {
-    const uint32_t bits = __bfloat16_as_ushort(__float2bfloat16_rn(x));
-    return bits | (bits << 16);
-  }
-  static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
-                                             uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
-        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-};
 
-template <>
-struct Packed16<cutlass::half_t> {
-  static constexpr uint32_t kMagic = 0x64006400u;  // (1024, 1024)
-  static constexpr uint32_t kMinusMagicPlus8 = 0xE408E408u;  // (-1032, -1032)
-  static constexpr float kMagicValue = 1024.0f;
-  static __device__ __forceinline__ uint32_t pack(float lo, float hi, float s) {
-    const __half2 v = __floats2half2_rn(lo * s, hi * s);
-    return *reinterpret_cast<const uint32_t*>(&v);
-  }
-  static __device__ __forceinline__ uint32_t fma(uint32_t a, uint32_t b, uint32_t c) {
-    uint32_t d;
-    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
-    return d;
-  }
-  static __device__ __forceinline__ uint32_t one() { return 0x3C003C00u; }
+  // x twice, rounded once.
   static __device__ __forceinline__ uint32_t splat(float x) {
-    const uint32_t bits = __half_as_ushort(__float2half_rn(x));
+    const uint32_t bits = kBf16 ? __bfloat16_as_ushort(__float2bfloat16_rn(x))
+                                : __half_as_ushort(__float2half_rn(x));
     return bits | (bits << 16);
   }
+
+  // (lo * s, hi * s), each rounded once.
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi, float s) {
+    if constexpr (kBf16) {
+      const __nv_bfloat162 v = __floats2bfloat162_rn(lo * s, hi * s);
+      return *reinterpret_cast<const uint32_t*>(&v);
+    } else {
+      const __half2 v = __floats2half2_rn(lo * s, hi * s);
+      return *reinterpret_cast<const uint32_t*>(&v);
+    }
+  }
+
   static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
                                              uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
-        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    if constexpr (kBf16) {
+      asm volatile(
+          "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+          "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+          : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    } else {
+      asm volatile(
+          "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
+          "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+          : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
   }
 };
 
