@@ -99,11 +99,7 @@ DEFAULT_TABLE_FP8 = (
     (64.0, 32, 128, 4),
     (math.inf, 128, 128, 3),
 )
-DEFAULT_TABLE_MXFP4 = (
-    (8.0, 16, 64, 4),
-    (64.0, 32, 128, 4),
-    (math.inf, 128, 128, 3),
-)
+DEFAULT_TABLE_MXFP4 = DEFAULT_TABLE_FP8
 # Measured decode defaults of the group-scaled weight formats: per weight_dtype, (largest expected
 # rows per expert, tactic names with the activation tag as "{act}"); the first row whose bound
 # is at or above the rows applies, and its first name among the call's candidates wins (a gated

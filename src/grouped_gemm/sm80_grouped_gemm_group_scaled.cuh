@@ -118,6 +118,20 @@ CUTLASS_DEVICE uint4 dequantise8_packed(uint32_t word, typename PackedDequant<El
 // vectors of the activation dtype (`words`: the half's packed bytes as 32-bit words).
 namespace weight_format {
 
+// Four 16-byte vectors of 8 weights each (a column's 32-long K-half) from their fp32 values
+// value(w, j) (vector w, element j), each rounded once to the activation dtype.
+template <typename Element, typename Value>
+CUTLASS_DEVICE void round_to_vectors(Value value, uint4* out) {
+  cutlass::NumericArrayConverter<Element, float, 8> convert;
+  CUTLASS_PRAGMA_UNROLL
+  for (int w = 0; w < 4; ++w) {
+    cutlass::Array<float, 8> v;
+    CUTLASS_PRAGMA_UNROLL
+    for (int j = 0; j < 8; ++j) v[j] = value(w, j);
+    *reinterpret_cast<cutlass::Array<Element, 8>*>(&out[w]) = convert(v);
+  }
+}
+
 // int4: unsigned nibbles, scales in the activation dtype, optional zero points (default 8).
 template <typename Element>
 struct Int4 {
@@ -139,18 +153,13 @@ struct Int4 {
     }
     // Other zero points: fp32, where q placed in the low mantissa bits of 2^23 is 2^23 + q
     // exactly; q - z is exact in fp32 (2^23 + z would round a fraction away).
-    cutlass::NumericArrayConverter<Element, float, 8> convert;
-    CUTLASS_PRAGMA_UNROLL
-    for (int w = 0; w < 4; ++w) {
-      cutlass::Array<float, 8> v;
-      CUTLASS_PRAGMA_UNROLL
-      for (int j = 0; j < 8; ++j) {
-        const float q =
-            __uint_as_float(0x4B000000u | ((words[w] >> (4 * j)) & 0xFu)) - 8388608.0f;
-        v[j] = (q - zero) * scale;
-      }
-      *reinterpret_cast<cutlass::Array<Element, 8>*>(&out[w]) = convert(v);
-    }
+    round_to_vectors<Element>(
+        [&](int w, int j) {
+          const float q =
+              __uint_as_float(0x4B000000u | ((words[w] >> (4 * j)) & 0xFu)) - 8388608.0f;
+          return (q - zero) * scale;
+        },
+        out);
   }
 };
 
@@ -163,16 +172,9 @@ struct Fp8E4m3 {
 
   CUTLASS_DEVICE static void dequantise(const uint32_t* words, Scale scale, const Element*,
                                         uint4* out) {
-    cutlass::NumericArrayConverter<Element, float, 8> convert;
-    CUTLASS_PRAGMA_UNROLL
-    for (int w = 0; w < 4; ++w) {
-      cutlass::Array<float, 8> v;
-      CUTLASS_PRAGMA_UNROLL
-      for (int j = 0; j < 8; ++j) {
-        v[j] = e4m3_value(words[2 * w + j / 4] >> (8 * (j % 4))) * scale;
-      }
-      *reinterpret_cast<cutlass::Array<Element, 8>*>(&out[w]) = convert(v);
-    }
+    round_to_vectors<Element>(
+        [&](int w, int j) { return e4m3_value(words[2 * w + j / 4] >> (8 * (j % 4))) * scale; },
+        out);
   }
 };
 
@@ -187,16 +189,8 @@ struct Mxfp4 {
   CUTLASS_DEVICE static void dequantise(const uint32_t* words, Scale scale_code, const Element*,
                                         uint4* out) {
     const float scale = e8m0_value(scale_code);
-    cutlass::NumericArrayConverter<Element, float, 8> convert;
-    CUTLASS_PRAGMA_UNROLL
-    for (int w = 0; w < 4; ++w) {
-      cutlass::Array<float, 8> v;
-      CUTLASS_PRAGMA_UNROLL
-      for (int j = 0; j < 8; ++j) {
-        v[j] = e2m1_value(words[w] >> (4 * j)) * scale;
-      }
-      *reinterpret_cast<cutlass::Array<Element, 8>*>(&out[w]) = convert(v);
-    }
+    round_to_vectors<Element>([&](int w, int j) { return e2m1_value(words[w] >> (4 * j)) * scale; },
+                              out);
   }
 };
 
