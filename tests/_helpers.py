@@ -216,3 +216,17 @@ def run_in_threads(worker: Callable[..., object], count: int, indexed: bool = Tr
         thread.start()
     for thread in threads:
         thread.join()
+
+
+def captured_graph(call: Callable[[], object]) -> torch.cuda.CUDAGraph:
+    """``call`` captured in a CUDA graph, after one warm-up run on a side stream outside capture
+    (first-call set-up: tuner lookups, workspace and argument caches)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    return graph

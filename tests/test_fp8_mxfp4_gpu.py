@@ -23,7 +23,7 @@ from typing import NamedTuple
 import pytest
 import torch
 
-from _helpers import random_routing, random_tokens, record_error, rel_l2
+from _helpers import captured_graph, random_routing, random_tokens, record_error, rel_l2
 from cutlass_moe import ActivationType, _ext, cutlass_fused_moe, reference_moe
 
 pytestmark = pytest.mark.gpu
@@ -332,14 +332,7 @@ def test_cuda_graph_capture_matches_eager(fmt):
     def call():
         _call(fmt, *static, fc1, fc2, output=static_out)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up outside capture
-        call()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        call()
+    graph = captured_graph(call)
     for seed in (65, 66):
         x, ids, route = random_tokens(64, 384, 8, 2, dtype, seed, DEVICE)
         for dst, src in zip(static, (x, ids, route)):

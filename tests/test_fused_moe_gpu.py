@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from _helpers import (
-    descriptors,
+    captured_graph,
     check_over_tile_groups,
     clamped_swiglu_params,
+    descriptors,
     random_tokens,
     record_error,
     rel_l2,
@@ -543,17 +544,8 @@ def _graph_replays(fc1, fc2, num_tokens, seeds, **kwargs):
     static_x, static_ids, static_scales = x.clone(), ids.clone(), scales.clone()
     static_out = torch.empty(num_tokens, hidden, dtype=dtype, device=DEVICE)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up outside capture (first-call setup)
-        cutlass_fused_moe(static_x, static_ids, static_scales, fc1, fc2, dtype,
-                          output=static_out, **kwargs)
-    torch.cuda.current_stream().wait_stream(side)
-
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        cutlass_fused_moe(static_x, static_ids, static_scales, fc1, fc2, dtype,
-                          output=static_out, **kwargs)
+    graph = captured_graph(lambda: cutlass_fused_moe(static_x, static_ids, static_scales, fc1,
+                                                     fc2, dtype, output=static_out, **kwargs))
 
     for seed in seeds[1:]:
         x, ids, scales = _tokens(num_tokens, hidden, num_experts, 2, dtype, seed=seed)

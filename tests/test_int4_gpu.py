@@ -21,7 +21,7 @@ from typing import NamedTuple
 import pytest
 import torch
 
-from _helpers import descriptors, random_tokens, record_error, rel_l2
+from _helpers import captured_graph, descriptors, random_tokens, record_error, rel_l2
 from cutlass_moe import ActivationType, _ext, cutlass_fused_moe, reference_moe, tactics
 from cutlass_moe.int4 import (
     dequantize_int4,
@@ -213,14 +213,7 @@ def _graph_matches_eager(layer, hidden, dtype, names):
     def call():
         cutlass_fused_moe(*static, *layer.packed, dtype, output=static_out, **kwargs)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up outside capture
-        call()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        call()
+    graph = captured_graph(call)
     for seed in (65, 66):
         x, ids, route = _tokens(64, hidden, 8, 2, dtype, seed)
         for dst, src in zip(static, (x, ids, route)):

@@ -101,6 +101,23 @@ def _names(runner, gemm, decode=None):
     return out
 
 
+def _check_pairs(runner, dtype, case, act, g1, g2, gemm1, gemm2, plain1, plain2, label):
+    """Each GEMM1 tactic of ``gemm1`` ((name, gated) pairs; gated ones only for a gated ``act``)
+    with ``plain2``, and ``plain1`` with each GEMM2 tactic of ``gemm2``, against the case's
+    reference; the failures, labelled."""
+    x, ids, route, fc1, fc2, ref = case
+    gated_act = act in (ActivationType.Swiglu, ActivationType.Geglu)
+    pairs = [(t1, plain2) for t1, gated in gemm1 if gated_act or not gated]
+    pairs += [(plain1, t2) for t2 in gemm2]
+    failures = []
+    for t1, t2 in pairs:
+        out = _run(runner, x, ids, route, fc1, fc2, act, t1, t2, g1, g2)
+        err = record_error(f"int4_{str(dtype)[6:]}", rel_l2(out.float(), ref))
+        if not err <= TOLERANCE[dtype]:
+            failures.append(f"{label} {act.name} {t1} + {t2}: {err:.3g}")
+    return failures
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("asym", [False, True])
 def test_every_int4_tactic(ext, dtype, asym):
@@ -120,16 +137,9 @@ def test_every_int4_tactic(ext, dtype, asym):
             for g1, g2 in ((32, 32), (160, 96), (32, 96)):
                 case = _case(dtype, num_tokens, 160, 96, 6, top_k, act, g1, g2, asym,
                              seed=num_tokens * 31 + g1 + g2)
-                x, ids, route, fc1, fc2, ref = case
-                gated_act = act == ActivationType.Swiglu
-                pairs = [(t1, plain2) for t1, gated in g1_list if gated_act or not gated]
-                pairs += [(plain1, t2) for t2, _ in g2_list]
-                for t1, t2 in pairs:
-                    out = _run(runner, x, ids, route, fc1, fc2, act, t1, t2, g1, g2)
-                    err = record_error(f"int4_{str(dtype)[6:]}", rel_l2(out.float(), ref))
-                    if not err <= TOLERANCE[dtype]:
-                        failures.append(f"T={num_tokens} {act.name} G={g1}/{g2} {t1} + {t2}: "
-                                        f"{err:.3g}")
+                failures += _check_pairs(runner, dtype, case, act, g1, g2, g1_list,
+                                         [t2 for t2, _ in g2_list], plain1, plain2,
+                                         f"T={num_tokens} G={g1}/{g2}")
     assert not failures, "\n".join(failures[:20])
 
 
@@ -186,16 +196,8 @@ def test_int4_decode_tactics_long_k(ext, dtype):
     for num_tokens, hidden, inter, (g1, g2), asym, act in cases:
         case = _case(dtype, num_tokens, hidden, inter, 4, 2, act, g1, g2, asym,
                      seed=num_tokens + g1)
-        x, ids, route, fc1, fc2, ref = case
-        gated = act == swiglu
-        pairs = [(t1, plain2) for t1, g in decode1 if gated or not g]
-        pairs += [(plain1, t2) for t2 in decode2]
-        for t1, t2 in pairs:
-            out = _run(runner, x, ids, route, fc1, fc2, act, t1, t2, g1, g2)
-            err = record_error(f"int4_{str(dtype)[6:]}", rel_l2(out.float(), ref))
-            if not err <= TOLERANCE[dtype]:
-                failures.append(f"T={num_tokens} H={hidden} G={g1}/{g2} asym={asym} "
-                                f"{act.name} {t1} + {t2}: {err:.3g}")
+        failures += _check_pairs(runner, dtype, case, act, g1, g2, decode1, decode2, plain1,
+                                 plain2, f"T={num_tokens} H={hidden} G={g1}/{g2} asym={asym}")
     assert not failures, "\n".join(failures[:20])
 
 

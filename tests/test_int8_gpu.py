@@ -20,9 +20,10 @@ import pytest
 import torch
 
 from _helpers import (
-    descriptors,
+    captured_graph,
     check_over_tile_groups,
     clamped_swiglu_params,
+    descriptors,
     random_tokens,
     record_error,
     rel_l2,
@@ -365,16 +366,9 @@ def test_cuda_graph_capture_and_replay():
     static_out = torch.empty(64, 2048, dtype=dtype, device=DEVICE)
     kwargs = {"quant_scales": layer.scales, "use_int8_woq_per_channel": True}
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up outside capture
-        cutlass_fused_moe(static_x, static_ids, static_scales, *layer.q, dtype, output=static_out,
-                          **kwargs)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        cutlass_fused_moe(static_x, static_ids, static_scales, *layer.q, dtype, output=static_out,
-                          **kwargs)
+    graph = captured_graph(lambda: cutlass_fused_moe(static_x, static_ids, static_scales,
+                                                     *layer.q, dtype, output=static_out,
+                                                     **kwargs))
     for seed in (14, 15):
         x, ids, scales = _tokens(64, 2048, 4, 2, dtype, seed=seed)
         static_x.copy_(x)
