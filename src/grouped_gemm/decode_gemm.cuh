@@ -191,25 +191,6 @@ struct RowChunks {
     return shared.chunk_prefix[num_experts];
   }
 
-  // The block's share of a persistent grid's work items (row chunk, tile of cols_per_item
-  // output columns of the GEMM's N): fn(expert, first row, rows, first column) per item.
-  template <typename Fn>
-  static __device__ void for_each_item(const Params& p, Storage& shared, int cols_per_item,
-                                       Fn&& fn) {
-    const int total_chunks = scan(p, shared);
-    if (total_chunks == 0) return;
-    const int64_t n_total = p.problem_sizes[0].n();  // every problem of a GEMM shares N and K
-    const int col_tiles = static_cast<int>((n_total + cols_per_item - 1) / cols_per_item);
-    const int64_t items = static_cast<int64_t>(total_chunks) * col_tiles;
-    for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
-      const int chunk = static_cast<int>(item / col_tiles);
-      const int col_tile = static_cast<int>(item % col_tiles);
-      int e, first, rows;
-      locate(p, shared, chunk, e, first, rows);
-      fn(e, first, rows, col_tile * cols_per_item);
-    }
-  }
-
   // The expert of `chunk`: the last e with chunk_prefix[e] <= chunk (empty experts share their
   // successor's prefix and are skipped by taking the last); `first` is its first row.
   static __device__ void locate(const Params& p, const Storage& shared, int chunk, int& e,
@@ -271,13 +252,23 @@ struct Kernel {
   using SharedStorage = typename Chunks::Storage;
 
   static __device__ void run(const Params& p, SharedStorage& shared) {
+    const int total_chunks = Chunks::scan(p, shared);
+    if (total_chunks == 0) return;
     const int64_t n_total = p.problem_sizes[0].n();  // every problem of a GEMM shares N and K
     const int64_t k_total = p.problem_sizes[0].k();
+    const int col_tiles = static_cast<int>((n_total + kCols - 1) / kCols);
+    const int64_t items = static_cast<int64_t>(total_chunks) * col_tiles;
     const int warp = static_cast<int>(threadIdx.x) / 32;
     const int lane = static_cast<int>(threadIdx.x) % 32;
-    Chunks::for_each_item(p, shared, kCols, [&](int e, int first, int rows, int col0) {
-      compute(p, e, first, rows, col0 + warp * kColsPerWarp, n_total, k_total, lane);
-    });
+
+    for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
+      const int chunk = static_cast<int>(item / col_tiles);
+      const int col_tile = static_cast<int>(item % col_tiles);
+      int e, first, rows;
+      Chunks::locate(p, shared, chunk, e, first, rows);
+      compute(p, e, first, rows, col_tile * kCols + warp * kColsPerWarp, n_total, k_total,
+              lane);
+    }
   }
 
   // int4 zero points with a fraction: partial sums of q - round(z) become those of q - z by

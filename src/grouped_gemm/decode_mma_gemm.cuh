@@ -128,13 +128,22 @@ struct MmaKernel {
   };
 
   static __device__ void run(const Params& p, SharedStorage& shared) {
+    const int total_chunks = Chunks::scan(p, shared.chunks);
+    if (total_chunks == 0) return;
     const int64_t n_total = p.problem_sizes[0].n();  // every problem of a GEMM shares N and K
     const int64_t k_total = p.problem_sizes[0].k();
+    const int col_tiles = static_cast<int>((n_total + kCols - 1) / kCols);
+    const int64_t items = static_cast<int64_t>(total_chunks) * col_tiles;
     const int warp = static_cast<int>(threadIdx.x) / 32;
     const int lane = static_cast<int>(threadIdx.x) % 32;
-    Chunks::for_each_item(p, shared.chunks, kCols, [&](int e, int first, int rows, int col0) {
+
+    for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
+      const int chunk = static_cast<int>(item / col_tiles);
+      const int col_tile = static_cast<int>(item % col_tiles);
+      int e, first, rows;
+      Chunks::locate(p, shared.chunks, chunk, e, first, rows);
       float acc[kTiles][kGroups][4];
-      compute(p, e, first, rows, col0, n_total, k_total, warp, lane, acc);
+      compute(p, e, first, rows, int64_t(col_tile) * kCols, n_total, k_total, warp, lane, acc);
       // K split over the warps: warp 0 adds the others' sums in warp order, then stores.
       if (warp != 0) {
 #pragma unroll
@@ -156,10 +165,10 @@ struct MmaKernel {
 #pragma unroll
               for (int i = 0; i < 4; ++i)
                 acc[t][g][i] += shared.partial[w][(t * kGroups + g) * 4 + i][lane];
-        store(p, e, first, rows, col0, n_total, lane, acc);
+        store(p, e, first, rows, int64_t(col_tile) * kCols, n_total, lane, acc);
       }
       __syncthreads();  // the partial sums are reused by the next item
-    });
+    }
   }
 
   // Weight row of MMA row r (0..15) of tile t: plain, rows col0 + 16 t + r; gated, 8 up rows
